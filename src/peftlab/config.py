@@ -1,0 +1,164 @@
+"""Adapter configurations: one dataclass per method, sharing the targeting fields.
+
+A config is plain data. It validates itself when built (so a bad value fails before any model is
+touched), round-trips through JSON (``to_dict`` / ``from_dict``), and records which method it is for.
+Methods register their config class with :func:`register_method`; the plumbing never imports a method
+by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from peftlab._version import __version__
+
+BIAS_MODES = ("none", "all")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says which field and what is allowed."""
+
+
+@dataclass
+class AdapterConfig:
+    """Fields shared by every method.
+
+    Args:
+        r: rank of the adapter (number of reflections for HRA).
+        target_modules: which layers to adapt. A list of name suffixes (``["query", "value"]`` matches
+            ``...attention.self.query``), a regex string matched against the full module name, or
+            ``"all-linear"`` (every Linear / Conv1D except the model's output head).
+        exclude_modules: same forms as ``target_modules``; matching modules are skipped.
+        layers_to_transform: only adapt layers with these indices (``layer.3.`` / ``layers.3.`` / ``h.3.``).
+        layers_pattern: the name of the layer list when ``layers_to_transform`` is used
+            (e.g. ``"layer"``); by default common names are tried.
+        rank_pattern: per-module rank, ``{suffix_or_regex: r}``; the first matching key wins.
+        modules_to_save: extra modules (e.g. a new classifier head) trained in full and saved with
+            the adapter.
+        bias: ``"none"``, ``"all"`` (every bias in the model is trained) or ``"<method>_only"``
+            (biases of the adapted layers only).
+    """
+
+    method: ClassVar[str] = ""
+    r: int = 8
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    modules_to_save: list[str] | None = None
+    bias: str = "none"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (tuple, set)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (tuple, set)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+        if isinstance(self.modules_to_save, (tuple, set)):
+            self.modules_to_save = list(self.modules_to_save)
+        self.validate()
+
+    # -- validation -------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first invalid field."""
+        _check_rank("r", self.r)
+        for key, value in self.rank_pattern.items():
+            _check_rank(f"rank_pattern[{key!r}]", value)
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, str):
+                if value != "all-linear":
+                    try:
+                        re.compile(value)
+                    except re.error as err:
+                        raise ConfigError(f"{name}={value!r} is not a valid regular expression: {err}") from err
+            elif not (isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
+                raise ConfigError(
+                    f"{name} must be a list of module-name suffixes, a regex string or 'all-linear'; got {value!r}"
+                )
+        if self.layers_to_transform is not None and not all(
+            isinstance(i, int) and i >= 0 for i in self.layers_to_transform
+        ):
+            raise ConfigError(
+                f"layers_to_transform must be non-negative layer indices; got {self.layers_to_transform!r}"
+            )
+        allowed = (*BIAS_MODES, f"{self.method}_only")
+        if self.bias not in allowed:
+            raise ConfigError(f"bias={self.bias!r} is not supported; use one of {list(allowed)}")
+        if self.modules_to_save is not None and not all(isinstance(m, str) for m in self.modules_to_save):
+            raise ConfigError(f"modules_to_save must be a list of module names; got {self.modules_to_save!r}")
+
+    def rank_for(self, module_name: str) -> int:
+        """The rank for one module: the first ``rank_pattern`` key that matches, else ``r``."""
+        for key, value in self.rank_pattern.items():
+            if module_name == key or module_name.endswith("." + key) or re.fullmatch(key, module_name):
+                return value
+        return self.r
+
+    # -- serialisation ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict that records the method and the peftlab version."""
+        data = {"method": self.method, "peftlab_version": __version__}
+        data.update(dataclasses.asdict(self))
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> AdapterConfig:
+        """Build the config of the method named in ``data["method"]``."""
+        data = dict(data)
+        method = data.pop("method", None)
+        data.pop("peftlab_version", None)
+        if method not in METHODS:
+            raise ConfigError(
+                f"adapter config names method {method!r}, which this peftlab does not know; "
+                f"known methods: {sorted(METHODS)}"
+            )
+        cls = METHODS[method]
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(
+                f"{cls.__name__} has no field(s) {unknown}; valid fields: {sorted(names)}. "
+                "Was the adapter saved by a newer peftlab?"
+            )
+        return cls(**data)
+
+
+METHODS: dict[str, type[AdapterConfig]] = {}
+
+
+def register_method(config_cls: type[AdapterConfig]) -> type[AdapterConfig]:
+    """Class decorator: make a config (and so its method) loadable by name."""
+    if not config_cls.method:
+        raise TypeError(f"{config_cls.__name__} must set the class attribute `method`")
+    METHODS[config_cls.method] = config_cls
+    return config_cls
+
+
+def _check_rank(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer; got {value!r}")
+
+
+def check_nonnegative(name: str, value: float) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is a finite number ≥ 0."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name} must be a finite number >= 0; got {value!r}")
+
+
+def check_probability(name: str, value: float) -> None:
+    """Raise :class:`ConfigError` unless ``0 <= value < 1``."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+        raise ConfigError(f"{name} must be in [0, 1); got {value!r}")

@@ -1,0 +1,298 @@
+"""Finding target modules and wrapping them: written once, for every method.
+
+- :class:`AdapterLayer` wraps one base layer and holds any number of named adapters of any method;
+  its forward composes the active ones (see :mod:`peftlab.methods.base` for the order).
+- :class:`TrainableCopy` wraps a module listed in ``modules_to_save`` and keeps one trainable copy per
+  adapter.
+- :func:`find_targets` turns a config's ``target_modules`` / ``exclude_modules`` /
+  ``layers_to_transform`` into module names, with errors that list what could have been targeted.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from peftlab.config import AdapterConfig
+from peftlab.layers import SUPPORTED_TYPES, LayerView, layer_kind
+from peftlab.methods.base import Adapter
+
+HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "pooler"})
+DEFAULT_LAYER_PATTERNS = ("layers", "layer", "h", "blocks", "block", "down_blocks", "up_blocks")
+
+
+class MergeError(RuntimeError):
+    """Merging would produce an invalid weight, or the merge state does not allow the operation."""
+
+
+class AdapterLayer(nn.Module):
+    """A base layer plus named adapters.
+
+    ``forward(x)`` = base layer with W·H₁⋯H_k (active multiplicative adapters, in order) plus
+    Σ Δᵢ(x) over active additive adapters. Adapters listed in ``merged`` are already in the base weight.
+    """
+
+    def __init__(self, base_layer: nn.Module, name: str = "") -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.layer_name = name
+        self.active: list[str] = []
+        self.merged: list[str] = []
+        self.disabled = False
+        self._view: LayerView | None = None
+
+    @property
+    def view(self) -> LayerView:
+        if self._view is None or self._view.module is not self.base_layer:
+            self._view = LayerView(self.base_layer, self.layer_name)
+        return self._view
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer", "adapters"):
+                raise
+            return getattr(self.base_layer, name)  # e.g. model code that reads `.weight` or `.in_features`
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        names = [] if self.disabled else [n for n in self.active if n not in self.merged]
+        if not names:
+            return self.base_layer(x, *args, **kwargs)
+        adapters = [self.adapters[n] for n in names]
+        mult = [a for a in adapters if a.multiplicative]
+        view = self.view
+        if not mult:
+            y = self.base_layer(x, *args, **kwargs)
+        elif any(a.prefers_weight_path(x, view) for a in mult):
+            weight = view.flat_weight()
+            for a in mult:
+                weight = a.merged_weight(weight)
+            y = view.forward_with_weight(x, weight)
+        else:
+            h = x
+            for a in reversed(mult):  # x·(H₁H₂)ᵀ = (x·H₂ᵀ)·H₁ᵀ
+                h = a.transform_input(h, view)
+            y = self.base_layer(h, *args, **kwargs)
+        for a in adapters:
+            if not a.multiplicative:
+                y = y + a.delta(x, view).to(y.dtype)
+        return y
+
+    # -- merging ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, names: list[str], safe_merge: bool = False, **options: Any) -> list[str]:
+        """Fold ``names`` into the base weight (multiplicative ones first); returns what was merged."""
+        todo = [n for n in names if n in self.adapters and n not in self.merged]
+        if not todo:
+            return []
+        todo.sort(key=lambda n: not self.adapters[n].multiplicative)  # stable: W·H… first, then +ΔW
+        if any(self.adapters[n].multiplicative for n in todo) and any(
+            not self.adapters[n].multiplicative for n in self.merged
+        ):
+            raise MergeError(
+                f"{self.layer_name}: cannot merge a multiplicative adapter on top of merged additive "
+                f"adapters {self.merged}; call unmerge() first and merge them together"
+            )
+        view = self.view
+        base = view.flat_weight()
+        weight = base.float() if base.dtype in (torch.float16, torch.bfloat16) else base.clone()
+        for n in todo:
+            weight = self.adapters[n].merged_weight(weight, **options)
+        if safe_merge and not torch.isfinite(weight).all():
+            raise MergeError(
+                f"merging adapter(s) {todo} into {self.layer_name} gives non-finite values (NaN/inf); "
+                "the weights were left unchanged. Check the adapter weights for NaN."
+            )
+        view.write_flat_weight(weight)
+        self.merged.extend(todo)
+        return todo
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the base weight (up to float rounding) by undoing merges in reverse order."""
+        if not self.merged:
+            return
+        view = self.view
+        base = view.flat_weight()
+        weight = base.float() if base.dtype in (torch.float16, torch.bfloat16) else base.clone()
+        for n in reversed(self.merged):
+            weight = self.adapters[n].unmerged_weight(weight)
+        view.write_flat_weight(weight)
+        self.merged.clear()
+
+
+class TrainableCopy(nn.Module):
+    """A module from ``modules_to_save``: the original, frozen, and one trainable copy per adapter."""
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original = original
+        self.copies = nn.ModuleDict()
+        self.active: list[str] = []
+        self.disabled = False
+
+    def add(self, name: str) -> None:
+        self.copies[name] = copy.deepcopy(self.original)
+
+    def current(self) -> nn.Module:
+        if not self.disabled:
+            for n in self.active:
+                if n in self.copies:
+                    return self.copies[n]
+        return self.original
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original", "copies"):
+                raise
+            return getattr(self.current(), name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.current()(*args, **kwargs)
+
+
+# -- targeting ----------------------------------------------------------------------------------------
+def matches(name: str, spec: list[str] | str | None) -> bool:
+    """Suffix match (list) or full regex match (string) of a module name."""
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == s or name.endswith("." + s) for s in spec)
+
+
+def layer_index(name: str, patterns: list[str] | str | None) -> int | None:
+    """The index in ``...layer.3.attention...``-style names, or ``None``."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    alternatives = "|".join(re.escape(p) for p in (patterns or DEFAULT_LAYER_PATTERNS))
+    found = re.search(rf"(?:^|\.)(?:{alternatives})\.(\d+)(?:\.|$)", name)
+    return int(found.group(1)) if found else None
+
+
+def iter_wrapped(model: nn.Module, kind: type[nn.Module]) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` for every ``AdapterLayer`` / ``TrainableCopy`` in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, kind):
+            yield name, module
+
+
+def _plain_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Named modules as the user sees them: wrapped layers under their original names, no internals."""
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(s) for s in skip):
+            continue
+        if isinstance(module, AdapterLayer):
+            skip.append(name + ".")
+            yield name, module.base_layer
+        elif isinstance(module, TrainableCopy):
+            skip.append(name + ".")
+            yield name, module.original
+        else:
+            yield name, module
+
+
+def _is_head(name: str) -> bool:
+    return bool(HEAD_NAMES.intersection(name.split(".")))
+
+
+def adaptable_names(model: nn.Module) -> list[str]:
+    """Distinct leaf names of the Linear/Conv1D/Conv2d/Embedding layers, for error messages."""
+    seen: dict[str, None] = {}
+    for name, module in _plain_modules(model):
+        if name and layer_kind(module) is not None:
+            seen.setdefault(name.rsplit(".", 1)[-1])
+    return list(seen)
+
+
+def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module]]:
+    """The modules ``config`` selects, as ``(name, base module)``.
+
+    Raises ValueError when nothing matches (listing what could be targeted), or when a matched module
+    is of a type no method can wrap.
+    """
+    spec = config.target_modules
+    if spec is None:
+        raise ValueError(
+            f"{type(config).__name__}.target_modules is not set; name the layers to adapt, e.g. "
+            f"{adaptable_names(model)[:6]}, or use 'all-linear'"
+        )
+    out_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found, containers = [], []
+    for name, module in _plain_modules(model):
+        if not name:
+            continue
+        if spec == "all-linear":
+            if layer_kind(module) not in ("linear", "conv1d") or module is out_head or _is_head(name):
+                continue
+        elif not matches(name, spec):
+            continue
+        if matches(name, config.exclude_modules):
+            continue
+        if config.layers_to_transform is not None:
+            if layer_index(name, config.layers_pattern) not in config.layers_to_transform:
+                continue
+        if layer_kind(module) is None:
+            if list(module.children()):
+                containers.append(name)  # e.g. `attention.output` when targeting "output"
+                continue
+            raise ValueError(
+                f"target_modules={spec!r} matched {name}, a {type(module).__name__}, which peftlab cannot "
+                f"adapt; supported layer types: {SUPPORTED_TYPES}. Name its linear layers instead."
+            )
+        found.append((name, module))
+    if not found:
+        extra = ""
+        if config.layers_to_transform is not None:
+            extra = f" with layers_to_transform={config.layers_to_transform} (layers_pattern={config.layers_pattern!r})"
+        if containers:
+            extra += f" (only the containers {containers[:3]}, which are not layers)"
+        raise ValueError(
+            f"target_modules={spec!r}{extra} matched nothing in {type(model).__name__}; "
+            f"layers that can be adapted: {', '.join(adaptable_names(model))}"
+        )
+    return found
+
+
+def find_modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
+    """Full names of the modules listed in ``modules_to_save`` (suffix match); error if one is missing."""
+    if not names:
+        return []
+    found = []
+    for wanted in names:
+        hits = [n for n, _ in _plain_modules(model) if n and matches(n, [wanted])]
+        if not hits:
+            top = [n for n, _ in model.named_children()]
+            raise ValueError(
+                f"modules_to_save entry {wanted!r} matched no module in {type(model).__name__}; "
+                f"top-level modules: {top}"
+            )
+        found.extend(h for h in hits if not any(h.startswith(f + ".") for f in hits if f != h))
+    return found
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, module)
+
+
+def adapter_parameters_dtype(weight: Tensor) -> torch.dtype:
+    """Adapters train in fp32 (or the base dtype if it is wider), also on a bf16/fp16 model."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def new_adapter(adapter_cls: type[Adapter], view: LayerView, config: AdapterConfig, r: int) -> Adapter:
+    weight = view.module.weight
+    adapter = adapter_cls(view, config, r)
+    return adapter.to(device=weight.device, dtype=adapter_parameters_dtype(weight))

@@ -1,0 +1,118 @@
+"""Saving and loading adapter files: safetensors + JSON, written atomically.
+
+A saved adapter is a folder with ``adapter_config.json`` (the config, the method, the peftlab version)
+and ``adapter_model.safetensors`` (tensors keyed ``<module name>.<parameter>``). Every file is written
+to a temporary file in the same folder and renamed into place, so a crash never leaves a half-written
+adapter. Pickles are never loaded except with ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+
+
+class AdapterLoadError(ValueError):
+    """An adapter folder is missing, corrupt, or does not fit the model it is loaded into."""
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and ``os.replace`` (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file atomically (tensors are copied to contiguous CPU memory)."""
+    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    atomic_write_bytes(path, safetensors_bytes(plain, metadata=metadata))
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterLoadError(f"{path} does not exist; is {path.parent} an adapter folder saved by save_pretrained?")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterLoadError(f"{path} is not valid JSON ({err}); the file is corrupt") from err
+    if not isinstance(data, dict):
+        raise AdapterLoadError(f"{path} should hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def load_tensors(folder: str | os.PathLike) -> dict[str, Tensor]:
+    """The adapter tensors in ``folder``: safetensors, or a PEFT ``.bin`` read with weights_only=True."""
+    folder = Path(folder)
+    path = folder / WEIGHTS_NAME
+    if path.is_file():
+        try:
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise AdapterLoadError(f"{path} is not a readable safetensors file ({err}); the file is corrupt") from err
+    elif (folder / PICKLE_WEIGHTS_NAME).is_file():
+        try:
+            tensors = torch.load(folder / PICKLE_WEIGHTS_NAME, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for bad pickles
+            raise AdapterLoadError(f"{folder / PICKLE_WEIGHTS_NAME} could not be read safely: {err}") from err
+    else:
+        raise AdapterLoadError(f"no {WEIGHTS_NAME} in {folder}; is it an adapter folder saved by save_pretrained?")
+    for key, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise AdapterLoadError(f"{folder}: tensor {key} holds NaN or inf values; the adapter is corrupt")
+    return tensors
+
+
+def check_and_copy(params: dict[str, Tensor], tensors: dict[str, Tensor], source: str | os.PathLike) -> None:
+    """Copy ``tensors`` into ``params`` after checking the key sets and shapes match exactly."""
+    missing = [k for k in params if k not in tensors]
+    unexpected = [k for k in tensors if k not in params]
+    if missing:
+        hint = f" (the file has e.g. {unexpected[0]})" if unexpected else ""
+        raise AdapterLoadError(
+            f"{source} has no tensor for {missing[0]} ({len(missing)} missing){hint}: the adapter was saved "
+            "for a model whose module names differ from this one"
+        )
+    if unexpected:
+        raise AdapterLoadError(
+            f"{source} holds {unexpected[0]} ({len(unexpected)} unexpected), which this model's adapter "
+            "does not have: the adapter was saved for a different model or config"
+        )
+    for key, param in params.items():
+        if tuple(tensors[key].shape) != tuple(param.shape):
+            module = key.rsplit(".", 1)[0]
+            raise AdapterLoadError(
+                f"{source}: module {module}: tensor {key} has shape {tuple(tensors[key].shape)} in the file but "
+                f"{tuple(param.shape)} in this model; the adapter was trained on a different base model"
+            )
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(tensors[key].to(device=param.device, dtype=param.dtype))

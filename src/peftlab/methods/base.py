@@ -1,0 +1,78 @@
+"""What a method supplies to the shared plumbing.
+
+A method is a config class (registered with :func:`peftlab.config.register_method`) and an
+:class:`Adapter` subclass: the trainable tensors of one adapter on one layer. The plumbing
+(:mod:`peftlab.inject`) finds layers, wraps them, switches, merges, saves and loads, for every method.
+
+Two kinds of adapter compose in a wrapped layer with flat weight W (see :mod:`peftlab.layers`):
+
+- *multiplicative* (HRA): W ↦ W·H. It acts on the input, x ↦ x·Hᵀ, before the base layer.
+- *additive* (LoRA, HydraLoRA, MTLoRA): y ↦ y + Δ(x), with Δ computed from the layer's input.
+
+With active adapters [m₁, m₂, a₁, a₂] (m multiplicative, a additive, each group in activation order)
+the layer computes y = x·(W·H₁·H₂)ᵀ + b + Δ₁(x) + Δ₂(x); merging writes exactly that weight.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+from peftlab.config import AdapterConfig
+from peftlab.layers import LayerView
+
+ADAPTERS: dict[str, type[Adapter]] = {}
+
+
+class Adapter(nn.Module):
+    """One adapter on one layer. Subclasses set ``config_class`` and implement the hooks below."""
+
+    config_class: ClassVar[type[AdapterConfig]]
+    multiplicative: ClassVar[bool] = False
+    supported_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d", "conv2d")
+
+    def __init__(self, layer: LayerView, config: AdapterConfig, r: int) -> None:
+        super().__init__()
+        self.r = r
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "config_class" in cls.__dict__:
+            ADAPTERS[cls.config_class.method] = cls
+
+    @classmethod
+    def check_layer(cls, layer: LayerView, r: int) -> str | None:
+        """Why this adapter cannot go on ``layer`` with rank ``r`` (``None`` if it can)."""
+        if layer.kind not in cls.supported_kinds:
+            return f"{cls.config_class.method} supports {list(cls.supported_kinds)} layers, not {layer.kind}"
+        if r > layer.d_in:
+            return f"r={r} exceeds the layer's input width d_in={layer.d_in}; use r <= {layer.d_in}"
+        return None
+
+    # -- forward ------------------------------------------------------------------------------------
+    def transform_input(self, x: Tensor, layer: LayerView) -> Tensor:
+        """Multiplicative adapters: x ↦ x·Hᵀ (so the base layer computes x·(W·H)ᵀ)."""
+        raise NotImplementedError
+
+    def delta(self, x: Tensor, layer: LayerView) -> Tensor:
+        """Additive adapters: Δ(x), added to the base output."""
+        raise NotImplementedError
+
+    def prefers_weight_path(self, x: Tensor, layer: LayerView) -> bool:
+        """Multiplicative adapters: run the layer with ``merged_weight(W)`` instead of ``transform_input``."""
+        return True
+
+    # -- merge ----------------------------------------------------------------------------------------
+    def merged_weight(self, weight: Tensor, **options: Any) -> Tensor:
+        """W ↦ W' (W·H, or W + ΔW). ``weight`` is a flat (d_out, d_in) tensor."""
+        raise NotImplementedError
+
+    def unmerged_weight(self, weight: Tensor) -> Tensor:
+        """The inverse of :meth:`merged_weight`."""
+        raise NotImplementedError
+
+    # -- extras ---------------------------------------------------------------------------------------
+    def extra_loss(self) -> Tensor | None:
+        """A term added to the training loss (already weighted), or ``None``."""
+        return None

@@ -1,0 +1,183 @@
+r"""HRA: Householder Reflection Adaptation (Yuan et al., NeurIPS 2024, arXiv 2405.17484).
+
+The frozen weight W (d_out × d_in) is multiplied on the input side by a chain of r reflections:
+
+    W' = W·H,   H = H₁H₂⋯H_r,   H_i = I − 2·û_i·û_iᵀ,   û_i = u_i / ‖u_i‖          (paper Eq. 2)
+
+with trainable U = [u₁ … u_r] of shape (d_in, r) (PEFT's ``hra_u``). H is orthogonal, so W' keeps the
+singular values of W. In the compact WY form (paper Eq. 3-5) H = I − V·T·Vᵀ with V = Û and T the
+r × r upper-triangular matrix with T⁻¹ = ½·I + strict_upper(VᵀV). The layer therefore never builds a
+d_in × d_in matrix:
+
+    forward   y = (x·Hᵀ)·Wᵀ + b,   x·Hᵀ = x − ((x·V)·Tᵀ)·Vᵀ        ≈ 4·N·d_in·r extra FLOPs, like LoRA
+    merge     W ← W − ((W·V)·T)·Vᵀ                                 O(d_out·d_in·r)
+    unmerge   W ← W·Hᵀ = W − ((W·V)·Tᵀ)·Vᵀ                          (H⁻¹ = Hᵀ)
+
+T is built in fp32 (fp64 for fp64 models) whatever the model's dtype.
+
+Variants: ``apply_GS=True`` (λ = ∞) replaces Û by an orthonormal Q from a QR decomposition, so
+H = I − 2·Q·Qᵀ (T = 2·I); ``orthogonality_weight`` = λ > 0 adds λ·‖I − ÛᵀÛ‖²_F per layer to the loss
+(paper Eq. 6). Initialisation (``init_weights=True``, even r): r/2 Kaiming-uniform columns, each
+repeated twice; equal neighbours cancel (H₂ₖH₂ₖ₊₁ = I), so H = I and the model starts as the base model.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from peftlab.config import AdapterConfig, ConfigError, check_nonnegative, register_method
+from peftlab.layers import LayerView
+from peftlab.methods.base import Adapter
+
+FORWARD_PATHS = ("auto", "activation", "weight")
+
+
+@register_method
+@dataclass
+class HRAConfig(AdapterConfig):
+    """Config for HRA (see the module docstring for the math).
+
+    Args:
+        r: number of Householder reflections per layer (even r allows the identity init).
+        apply_GS: orthonormalise U (λ = ∞ in the paper); H cannot start as the identity then.
+        init_weights: symmetric init so that H = I at the start; ``False`` gives Kaiming-uniform U.
+        orthogonality_weight: λ of the regulariser λ·Σ‖I − ÛᵀÛ‖²_F (paper range 1e-5 … 1e-3).
+        forward_path: ``"activation"`` (x ↦ x·Hᵀ, then the base layer), ``"weight"`` (run the base
+            layer with W·H) or ``"auto"``: the weight path for Conv2d, and in inference when the batch
+            has more tokens than the layer has outputs; the activation path otherwise (in training it
+            avoids the d_out × d_in weight gradient).
+    """
+
+    method: ClassVar[str] = "hra"
+    apply_GS: bool = False
+    init_weights: bool = True
+    orthogonality_weight: float = 0.0
+    forward_path: str = "auto"
+
+    def validate(self) -> None:
+        super().validate()
+        check_nonnegative("orthogonality_weight", self.orthogonality_weight)
+        if self.forward_path not in FORWARD_PATHS:
+            raise ConfigError(f"forward_path={self.forward_path!r}; use one of {list(FORWARD_PATHS)}")
+
+
+# -- the math, as pure functions ------------------------------------------------------------------------
+def normalized_columns(u: Tensor) -> Tensor:
+    """Û = U / ‖U‖ column-wise; a zero column stays zero (its reflection is then the identity)."""
+    return u / u.norm(dim=0, keepdim=True).clamp_min(torch.finfo(u.dtype).tiny)
+
+
+def orthonormal_columns(u: Tensor) -> Tensor:
+    """Gram-Schmidt of U's columns through a QR decomposition, NaN-free also for rank-deficient U.
+
+    A column that depends on the previous ones (e.g. the paired columns of the symmetric init) gets a
+    small nudge (10⁻³ of the largest column norm) along its own QR direction before the final QR, so the
+    result and its gradient stay finite. Q·Qᵀ does not depend on the signs QR picks.
+    """
+    q, r = torch.linalg.qr(u)
+    scale = u.norm(dim=0).max().clamp_min(torch.finfo(u.dtype).tiny)
+    deficient = r.diagonal().abs() <= 1e-5 * scale
+    if bool(deficient.any()):
+        q, _ = torch.linalg.qr(u + 1e-3 * scale * q.detach() * deficient)
+    return q
+
+
+def householder_wy(v: Tensor) -> Tensor:
+    """T of the compact WY form: H₁⋯H_r = I − V·T·Vᵀ for unit columns V, T⁻¹ = ½I + strict_upper(VᵀV)."""
+    r = v.shape[1]
+    eye = torch.eye(r, dtype=v.dtype, device=v.device)
+    t_inv = 0.5 * eye + torch.triu(v.t() @ v, diagonal=1)
+    return torch.linalg.solve_triangular(t_inv, eye, upper=True)
+
+
+def apply_reflections(x: Tensor, v: Tensor, t: Tensor) -> Tensor:
+    """x·Hᵀ = x − ((x·V)·Tᵀ)·Vᵀ for x of shape (..., d_in)."""
+    return x - ((x @ v) @ t.t()) @ v.t()
+
+
+def reflect_weight(w: Tensor, v: Tensor, t: Tensor) -> Tensor:
+    """W·H = W − ((W·V)·T)·Vᵀ."""
+    return w - ((w @ v) @ t) @ v.t()
+
+
+def orthogonality_penalty(u: Tensor) -> Tensor:
+    """‖I − ÛᵀÛ‖²_F (paper Eq. 6, squared Frobenius norm)."""
+    v = normalized_columns(u)
+    eye = torch.eye(v.shape[1], dtype=v.dtype, device=v.device)
+    return (eye - v.t() @ v).pow(2).sum()
+
+
+def init_hra_u(u: Tensor, symmetric: bool) -> None:
+    """Symmetric init (pairs of equal columns, H = I) for even r, else Kaiming-uniform (a = √5)."""
+    d_in, r = u.shape
+    with torch.no_grad():
+        if symmetric and r % 2 == 0:
+            half = torch.empty(d_in, r // 2, dtype=u.dtype, device=u.device)
+            nn.init.kaiming_uniform_(half, a=math.sqrt(5))
+            u.copy_(half.repeat_interleave(2, dim=1))
+            return
+        if symmetric:
+            warnings.warn(
+                f"HRA with odd r={r}: the symmetric init (H = I, the model starts as the base model) needs an "
+                "even r, so U gets a Kaiming init and the adapted model differs from the base model at step 0.",
+                stacklevel=4,
+            )
+        nn.init.kaiming_uniform_(u, a=math.sqrt(5))
+
+
+# -- the adapter ---------------------------------------------------------------------------------------------
+class HRAAdapter(Adapter):
+    """HRA on one layer: the parameter ``hra_u`` (d_in, r)."""
+
+    config_class = HRAConfig
+    multiplicative = True
+
+    def __init__(self, layer: LayerView, config: HRAConfig, r: int) -> None:
+        super().__init__(layer, config, r)
+        self.apply_GS = config.apply_GS
+        self.orthogonality_weight = config.orthogonality_weight
+        self.forward_path = config.forward_path
+        self.hra_u = nn.Parameter(torch.empty(layer.d_in, r))
+        init_hra_u(self.hra_u, symmetric=config.init_weights)
+
+    def reflectors(self) -> tuple[Tensor, Tensor]:
+        """(V, T) with H = I − V·T·Vᵀ, in fp32 or wider."""
+        u = self.hra_u if self.hra_u.dtype in (torch.float32, torch.float64) else self.hra_u.float()
+        if self.apply_GS:
+            v = orthonormal_columns(u)
+            return v, 2.0 * torch.eye(v.shape[1], dtype=v.dtype, device=v.device)
+        v = normalized_columns(u)
+        return v, householder_wy(v)
+
+    def prefers_weight_path(self, x: Tensor, layer: LayerView) -> bool:
+        if layer.kind == "conv2d" or self.forward_path == "weight":
+            return True
+        if self.forward_path == "activation":
+            return False
+        training_u = torch.is_grad_enabled() and self.hra_u.requires_grad
+        return not training_u and layer.num_tokens(x) > layer.d_out
+
+    def transform_input(self, x: Tensor, layer: LayerView) -> Tensor:
+        v, t = self.reflectors()
+        return apply_reflections(x, v.to(x.dtype), t.to(x.dtype))
+
+    def merged_weight(self, weight: Tensor, **options: Any) -> Tensor:
+        v, t = self.reflectors()
+        return reflect_weight(weight.to(v.dtype), v, t).to(weight.dtype)
+
+    def unmerged_weight(self, weight: Tensor) -> Tensor:
+        v, t = self.reflectors()
+        return reflect_weight(weight.to(v.dtype), v, t.t()).to(weight.dtype)
+
+    def orthogonality_loss(self) -> Tensor:
+        """λ·‖I − ÛᵀÛ‖²_F for this layer."""
+        return self.orthogonality_weight * orthogonality_penalty(self.hra_u.float())
+
+    def extra_loss(self) -> Tensor | None:
+        return self.orthogonality_loss() if self.orthogonality_weight > 0 else None

@@ -1,0 +1,103 @@
+"""``peftlab.Trainer``: HF ``Trainer`` that knows about adapters.
+
+It adds every active adapter's extra loss term (HRA's orthogonality regulariser, HydraLoRA's balance
+loss) to the training loss, saves checkpoints as adapter folders (not the whole model), and resumes /
+restores the best checkpoint from them. Everything else (DDP, FSDP, DeepSpeed, schedulers, logging)
+is HF ``Trainer`` unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+from transformers.trainer_utils import can_return_loss
+from transformers.utils import find_labels
+
+from peftlab import io
+from peftlab.model import AdapterModel
+
+TRAINING_ARGS_NAME = "training_args.bin"
+
+
+class Trainer(transformers.Trainer):
+    """A drop-in ``transformers.Trainer`` for :class:`~peftlab.AdapterModel` (and plain models)."""
+
+    def __init__(self, model: nn.Module | None = None, *args: Any, **kwargs: Any) -> None:
+        super().__init__(model, *args, **kwargs)
+        adapter_model = self._adapter_model()
+        if adapter_model is not None:
+            base_cls = adapter_model.base_model.__class__
+            if self.args.label_names is None:
+                self.label_names = find_labels(base_cls)
+            self.can_return_loss = can_return_loss(base_cls)
+            params = inspect.signature(adapter_model.base_model.forward).parameters.values()
+            self.model_accepts_loss_kwargs = getattr(
+                adapter_model.base_model,
+                "accepts_loss_kwargs",
+                any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params),
+            )
+
+    def _adapter_model(self, model: nn.Module | None = None) -> AdapterModel | None:
+        unwrapped = self.accelerator.unwrap_model(model if model is not None else self.model)
+        return unwrapped if isinstance(unwrapped, AdapterModel) else None
+
+    def _set_signature_columns_if_needed(self) -> None:
+        adapter_model = self._adapter_model()
+        if self._signature_columns is None and adapter_model is not None:
+            columns = list(inspect.signature(adapter_model.base_model.forward).parameters)
+            self._signature_columns = columns + list({"label", "label_ids", *self.label_names})
+        super()._set_signature_columns_if_needed()
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """The model's loss plus ``model.extra_loss()`` (only while training)."""
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        adapter_model = self._adapter_model(model)
+        if adapter_model is not None and model.training:
+            extra = adapter_model.extra_loss()
+            if extra.requires_grad:
+                loss = loss + extra.to(loss.device, loss.dtype)
+        return (loss, outputs) if return_outputs else loss
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        adapter_model = self._adapter_model()
+        if adapter_model is None:
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return None
+        os.makedirs(output_dir, exist_ok=True)
+        adapter_model.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        return None
+
+    def _restore_adapters(self, folder: str) -> None:
+        adapter_model = self._adapter_model()
+        for name in adapter_model.peft_config:
+            path = Path(folder) if name == "default" else Path(folder) / name
+            io.check_and_copy(adapter_model._adapter_params(name), io.load_tensors(path), path)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if self._adapter_model(model) is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._restore_adapters(resume_from_checkpoint)
+        return None
+
+    def _load_best_model(self) -> None:
+        if self._adapter_model() is None:
+            return super()._load_best_model()
+        self._restore_adapters(self.state.best_model_checkpoint)
+        return None
