@@ -272,6 +272,15 @@ class AdapterModel(nn.Module):
         terms = [a.orthogonality_loss() for a in self._active_modules() if hasattr(a, "orthogonality_loss")]
         return torch.stack(terms).sum() if terms else torch.zeros(())
 
+    def routing_stats(self) -> dict[str, Tensor]:
+        """Routed methods (HydraLoRA): per adapted layer, the mean router weight ω per head over the last forward."""
+        return {
+            name: layer.adapters[a].routing_stats()
+            for name, layer in self._layers()
+            for a in layer.active
+            if hasattr(layer.adapters[a], "routing_stats")
+        }
+
     # -- parameters ----------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, total) parameter counts; total counts the base model once."""
