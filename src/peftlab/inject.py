@@ -20,14 +20,10 @@ from torch import Tensor, nn
 
 from peftlab.config import AdapterConfig
 from peftlab.layers import SUPPORTED_TYPES, LayerView, layer_kind
-from peftlab.methods.base import Adapter
+from peftlab.methods.base import Adapter, MergeError
 
-HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "pooler"})
+HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs"})
 DEFAULT_LAYER_PATTERNS = ("layers", "layer", "h", "blocks", "block", "down_blocks", "up_blocks")
-
-
-class MergeError(RuntimeError):
-    """Merging would produce an invalid weight, or the merge state does not allow the operation."""
 
 
 class AdapterLayer(nn.Module):
@@ -87,11 +83,11 @@ class AdapterLayer(nn.Module):
 
     # -- merging ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def merge(self, names: list[str], safe_merge: bool = False, **options: Any) -> list[str]:
-        """Fold ``names`` into the base weight (multiplicative ones first); returns what was merged."""
+    def plan_merge(self, names: list[str], **options: Any) -> tuple[list[str], Tensor] | None:
+        """The weight after merging ``names`` (multiplicative ones first), without writing it."""
         todo = [n for n in names if n in self.adapters and n not in self.merged]
         if not todo:
-            return []
+            return None
         todo.sort(key=lambda n: not self.adapters[n].multiplicative)  # stable: W·H… first, then +ΔW
         if any(self.adapters[n].multiplicative for n in todo) and any(
             not self.adapters[n].multiplicative for n in self.merged
@@ -100,31 +96,31 @@ class AdapterLayer(nn.Module):
                 f"{self.layer_name}: cannot merge a multiplicative adapter on top of merged additive "
                 f"adapters {self.merged}; call unmerge() first and merge them together"
             )
-        view = self.view
-        base = view.flat_weight()
-        weight = base.float() if base.dtype in (torch.float16, torch.bfloat16) else base.clone()
+        weight = self._working_weight()
         for n in todo:
             weight = self.adapters[n].merged_weight(weight, **options)
-        if safe_merge and not torch.isfinite(weight).all():
-            raise MergeError(
-                f"merging adapter(s) {todo} into {self.layer_name} gives non-finite values (NaN/inf); "
-                "the weights were left unchanged. Check the adapter weights for NaN."
-            )
-        view.write_flat_weight(weight)
+        return todo, weight
+
+    @torch.no_grad()
+    def commit_merge(self, plan: tuple[list[str], Tensor]) -> None:
+        todo, weight = plan
+        self.view.write_flat_weight(weight)
         self.merged.extend(todo)
-        return todo
+
+    def _working_weight(self) -> Tensor:
+        """A copy of the flat weight to merge into (fp32 for half-precision layers)."""
+        base = self.view.flat_weight().detach()
+        return base.float() if base.dtype in (torch.float16, torch.bfloat16) else base.clone()
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore the base weight (up to float rounding) by undoing merges in reverse order."""
         if not self.merged:
             return
-        view = self.view
-        base = view.flat_weight()
-        weight = base.float() if base.dtype in (torch.float16, torch.bfloat16) else base.clone()
+        weight = self._working_weight()
         for n in reversed(self.merged):
             weight = self.adapters[n].unmerged_weight(weight)
-        view.write_flat_weight(weight)
+        self.view.write_flat_weight(weight)
         self.merged.clear()
 
 

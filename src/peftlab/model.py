@@ -215,15 +215,20 @@ class AdapterModel(nn.Module):
         left as it was. ``options`` go to the method (e.g. HydraLoRA's ``head_weights``).
         """
         names = self.active_adapters if adapter_names is None else list(adapter_names)
-        done: list[AdapterLayer] = []
-        try:
+        if not safe_merge:
             for _, layer in self._layers():
-                if layer.merge(names, safe_merge=safe_merge, **options):
-                    done.append(layer)
-        except Exception:
-            for layer in done:
-                layer.unmerge()
-            raise
+                if plan := layer.plan_merge(names, **options):
+                    layer.commit_merge(plan)
+            return
+        plans = [(name, layer, plan) for name, layer in self._layers() if (plan := layer.plan_merge(names, **options))]
+        for name, _, (todo, weight) in plans:  # check every layer before writing any
+            if not torch.isfinite(weight).all():
+                raise MergeError(
+                    f"merging adapter(s) {todo} into {name} gives non-finite values (NaN/inf); no weight was "
+                    "changed. Check the adapter weights for NaN."
+                )
+        for _, layer, plan in plans:
+            layer.commit_merge(plan)
 
     def unmerge(self) -> None:
         """Undo every merge: the base weights are restored up to float rounding."""
@@ -283,9 +288,9 @@ class AdapterModel(nn.Module):
 
     # -- parameters ----------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, total) parameter counts; total counts the base model once."""
+        """(trainable, total) parameter counts; total includes the adapters and modules_to_save copies."""
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for n, p in self.named_parameters() if ".copies." not in n or p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
         return trainable, total
 
     def print_trainable_parameters(self) -> None:

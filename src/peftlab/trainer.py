@@ -16,8 +16,7 @@ from typing import Any
 import torch
 import transformers
 from torch import nn
-from transformers.trainer_utils import can_return_loss
-from transformers.utils import find_labels
+from transformers.utils.generic import can_return_loss, find_labels
 
 from peftlab import io
 from peftlab.model import AdapterModel

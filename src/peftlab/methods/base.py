@@ -25,6 +25,10 @@ from peftlab.layers import LayerView
 ADAPTERS: dict[str, type[Adapter]] = {}
 
 
+class MergeError(RuntimeError):
+    """Merging would produce an invalid weight, or the merge state does not allow the operation."""
+
+
 class Adapter(nn.Module):
     """One adapter on one layer. Subclasses set ``config_class`` and implement the hooks below."""
 
