@@ -358,3 +358,18 @@ def test_adapter_for_other_module_names_is_refused(bert, tmp_path):
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="matched nothing"):
         AdapterModel.from_pretrained(nn.Sequential(nn.Linear(4, 4)), tmp_path)
+
+
+def test_failed_merge_leaves_no_layer_merged(bert):
+    model = get_adapter_model(bert, LoraConfig(r=2, target_modules=["query"], init_weights=False), "a")
+    model.add_adapter("b", HRAConfig(r=2, target_modules=["value"], init_weights=False))
+    model.set_adapter(["a", "b"])
+    value = model.base_model.bert.encoder.layer[1].attention.self.value.adapters["b"]
+
+    def broken(weight, **options):
+        raise RuntimeError("cannot merge this one")
+
+    value.merged_weight = broken
+    with pytest.raises(RuntimeError, match="cannot merge this one"):
+        model.merge()
+    assert model.merged_adapters == []

@@ -215,10 +215,17 @@ class AdapterModel(nn.Module):
         left as it was. ``options`` go to the method (e.g. HydraLoRA's ``head_weights``).
         """
         names = self.active_adapters if adapter_names is None else list(adapter_names)
-        if not safe_merge:
-            for _, layer in self._layers():
-                if plan := layer.plan_merge(names, **options):
-                    layer.commit_merge(plan)
+        if not safe_merge:  # layer by layer (no second copy of every weight); undone if a layer fails
+            done: list[AdapterLayer] = []
+            try:
+                for _, layer in self._layers():
+                    if plan := layer.plan_merge(names, **options):
+                        layer.commit_merge(plan)
+                        done.append(layer)
+            except Exception:
+                for layer in done:
+                    layer.unmerge()
+                raise
             return
         plans = [(name, layer, plan) for name, layer in self._layers() if (plan := layer.plan_merge(names, **options))]
         for name, _, (todo, weight) in plans:  # check every layer before writing any
