@@ -11,6 +11,7 @@ from peftlab.config import AdapterConfig, ConfigError, register_method
 from peftlab.inject import AdapterLayer, MergeError
 from peftlab.io import AdapterLoadError
 from peftlab.methods.hra import HRAConfig
+from peftlab.methods.hydralora import HydraLoraConfig
 from peftlab.methods.lora import LoraConfig
 from peftlab.model import AdapterModel, get_adapter_model
 
@@ -21,6 +22,7 @@ __all__ = [
     "AdapterModel",
     "ConfigError",
     "HRAConfig",
+    "HydraLoraConfig",
     "LoraConfig",
     "MergeError",
     "Trainer",

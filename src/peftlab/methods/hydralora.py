@@ -1,0 +1,227 @@
+r"""HydraLoRA: a shared A and routed B heads (Tian et al., NeurIPS 2024, arXiv 2404.19245).
+
+Each adapted layer has one shared down-projection A (r × d_in), N up-projection heads B_i (d_out × r)
+and a router W_g (N × d_in, or N × r with ``router_input="lora"``, as the paper writes it). Per token:
+
+    h = A·dropout(x)                                            (computed once for all heads)
+    ω = softmax(W_g·u / T)   u = x (the released code) or h     (fp32; ``top_k``: keep k, renormalise)
+    y = W·x + b + s·Σ_i ω_i·B_i·h,   s = α / r
+
+All heads run in one matrix product: Σ_i ω_i·B_i·h = [B_1 … B_N]·(ω ⊗ h), a (N·r → d_out) GEMM on the
+(…, N·r) tensor ω ⊗ h. With N = 1 this is LoRA; with a fixed ω it is LoRA with B = Σ_i ω_i·B_i.
+
+Initialisation: A and W_g Kaiming-uniform (a = √5), every B_i = 0, so ΔW = 0 at the start (and the
+router's first gradient is 0: heads diverge through routing and dropout).
+
+Merge: ω depends on the token, so ΔW does not exist in general and ``merge()`` refuses. With a fixed
+mixture, ``merge(head_weights=w)`` folds W ← W + s·(Σ_i w_i·B_i)·A; unmerge subtracts the same term.
+
+Load balancing (``balance_loss_weight`` = λ > 0, Switch Transformer style, over the tokens of the last
+forward): loss = λ·N·Σ_i f_i·P_i, f_i = share of tokens whose most probable head is i (no gradient),
+P_i = mean router probability of head i (dense softmax, before ``top_k``). It is 1·λ when routing is
+uniform and N·λ when one head takes everything.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from peftlab.config import AdapterConfig, ConfigError, check_nonnegative, check_probability, register_method
+from peftlab.layers import LayerView
+from peftlab.methods.base import Adapter, MergeError
+
+ROUTER_INPUTS = ("x", "lora")
+
+
+@register_method
+@dataclass
+class HydraLoraConfig(AdapterConfig):
+    """Config for HydraLoRA (see the module docstring for the math).
+
+    Args:
+        alpha: scaling numerator; the update is scaled by alpha / r.
+        dropout: dropout on the adapter's input (training only; one mask shared by all heads).
+        num_heads: N, the number of B heads (``peftlab.hydralora.estimate_num_heads`` suggests one).
+        router_input: ``"x"`` routes on the layer input (the released code), ``"lora"`` on A·dropout(x)
+            (the paper's W_g ∈ R^{r×N}).
+        top_k: keep only the k most probable heads per token and renormalise (``None``: dense routing).
+        router_temperature: T in softmax(W_g·u / T); large T makes ω uniform.
+        balance_loss_weight: λ of the load-balancing loss (0: off; the multimodal code uses 0.05).
+        init_weights: ``True``: every B_i = 0 (ΔW = 0 at start); ``False``: random B_i (for tests).
+    """
+
+    method: ClassVar[str] = "hydralora"
+    alpha: float = 16.0
+    dropout: float = 0.0
+    num_heads: int = 4
+    router_input: str = "x"
+    top_k: int | None = None
+    router_temperature: float = 1.0
+    balance_loss_weight: float = 0.0
+    init_weights: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not math.isfinite(self.alpha):
+            raise ConfigError(f"alpha must be a finite number; got {self.alpha!r}")
+        check_probability("dropout", self.dropout)
+        if isinstance(self.num_heads, bool) or not isinstance(self.num_heads, int) or self.num_heads < 1:
+            raise ConfigError(f"num_heads must be an integer >= 1; got {self.num_heads!r}")
+        if self.router_input not in ROUTER_INPUTS:
+            raise ConfigError(
+                f"router_input={self.router_input!r}; use 'x' (route on the layer input) or 'lora' (route on A·x)"
+            )
+        if self.top_k is not None and (
+            isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_heads
+        ):
+            raise ConfigError(
+                f"top_k must be None (dense routing) or an integer in 1..num_heads={self.num_heads}; got {self.top_k!r}"
+            )
+        t = self.router_temperature
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
+            raise ConfigError(f"router_temperature must be a finite number > 0; got {t!r}")
+        check_nonnegative("balance_loss_weight", self.balance_loss_weight)
+        if not isinstance(self.init_weights, bool):
+            raise ConfigError(f"init_weights must be True or False; got {self.init_weights!r}")
+
+
+# -- the math, as pure functions ------------------------------------------------------------------------
+def routing_weights(logits: Tensor, temperature: float = 1.0, top_k: int | None = None) -> tuple[Tensor, Tensor]:
+    """(ω, p) from router logits (…, N): p = softmax(logits / T) in fp32 (or wider), ω = p or its top-k renormalised."""
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    probs = torch.softmax(logits.to(dtype) / temperature, dim=-1)
+    if top_k is None or top_k >= probs.shape[-1]:
+        return probs, probs
+    kept, index = probs.topk(top_k, dim=-1)
+    weights = torch.zeros_like(probs).scatter(-1, index, kept / kept.sum(-1, keepdim=True))
+    return weights, probs
+
+
+def stacked_heads(heads: Tensor) -> Tensor:
+    """[B_1 … B_N]: heads (N, d_out, r) as one (d_out, N·r) matrix."""
+    n, d_out, r = heads.shape
+    return heads.permute(1, 0, 2).reshape(d_out, n * r)
+
+
+def mix_heads(h: Tensor, weights: Tensor, heads: Tensor) -> Tensor:
+    """Σ_i ω_i·B_i·h = [B_1 … B_N]·(ω ⊗ h) for h (…, r), ω (…, N), heads (N, d_out, r): one GEMM."""
+    mixed = (weights.to(h.dtype).unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)  # (…, N·r)
+    return mixed @ stacked_heads(heads).t()
+
+
+def balance_loss(probs: Tensor) -> Tensor:
+    """Switch-style N·Σ_i f_i·P_i over all tokens of probs (…, N); f from the argmax, P = mean probability."""
+    p = probs.reshape(-1, probs.shape[-1])
+    n = p.shape[-1]
+    f = torch.bincount(p.detach().argmax(-1), minlength=n).to(p.dtype) / p.shape[0]
+    return n * (f * p.mean(0)).sum()
+
+
+# -- the adapter ---------------------------------------------------------------------------------------------
+class HydraLoraAdapter(Adapter):
+    """HydraLoRA on one layer: ``lora_A`` (r, d_in), ``lora_B`` (N, d_out, r), ``router`` Linear(→ N)."""
+
+    config_class = HydraLoraConfig
+    supported_kinds = ("linear", "conv1d")
+
+    def __init__(self, layer: LayerView, config: HydraLoraConfig, r: int) -> None:
+        super().__init__(layer, config, r)
+        self.scaling = config.alpha / r
+        self.num_heads = config.num_heads
+        self.router_input = config.router_input
+        self.top_k = config.top_k
+        self.temperature = float(config.router_temperature)
+        self.balance_loss_weight = float(config.balance_loss_weight)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.lora_A = nn.Parameter(torch.empty(r, layer.d_in))
+        self.lora_B = nn.Parameter(torch.empty(config.num_heads, layer.d_out, r))
+        self.router = nn.Linear(layer.d_in if config.router_input == "x" else r, config.num_heads, bias=False)
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.router.weight, a=math.sqrt(5))
+            for head in self.lora_B:  # init only: each head like LoRA's B
+                nn.init.zeros_(head) if config.init_weights else nn.init.kaiming_uniform_(head, a=math.sqrt(5))
+        self._weights: Tensor | None = None  # ω of the last forward (…, N)
+        self._probs: Tensor | None = None  # dense p of the last forward, with its graph (balance loss)
+        self._merged_head_weights: Tensor | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies (deepcopy, pickle) drop the last forward's ω, which may be part of an autograd graph."""
+        return {**super().__getstate__(), "_weights": None, "_probs": None}
+
+    def route(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """(ω, p) for router input u (…, d_in or r); see :func:`routing_weights`."""
+        return routing_weights(self.router(u), self.temperature, self.top_k)
+
+    def delta(self, x: Tensor, layer: LayerView) -> Tensor:
+        x = x.to(self.lora_A.dtype)
+        h = layer.down(self.dropout(x), self.lora_A)
+        weights, probs = self.route(x if self.router_input == "x" else h)
+        self._weights, self._probs = weights, probs
+        return mix_heads(h, weights, self.lora_B) * self.scaling
+
+    # -- merge ----------------------------------------------------------------------------------------
+    def _head_weights(self, head_weights: Sequence[float] | Tensor | None) -> Tensor:
+        if head_weights is None:
+            raise MergeError(
+                f"HydraLoRA cannot be merged as is: its router picks a mixture of the {self.num_heads} heads per "
+                "token, so the update ΔW depends on the input. To fold a fixed mixture s·(Σ w_i·B_i)·A into W, "
+                f"pass head_weights (non-negative, summing to 1), e.g. the uniform one: model.merge(head_weights=["
+                f"{', '.join([f'1/{self.num_heads}'] * self.num_heads)}]). model.routing_stats() shows the mean "
+                "ω per layer."
+            )
+        w = torch.as_tensor(head_weights, dtype=torch.float64).flatten()
+        if w.numel() != self.num_heads:
+            raise MergeError(f"head_weights has {w.numel()} values; this adapter has num_heads={self.num_heads}")
+        if not torch.isfinite(w).all() or (w < 0).any():
+            raise MergeError(f"head_weights must be finite and non-negative; got {w.tolist()}")
+        if abs(float(w.sum()) - 1.0) > 1e-6:
+            raise MergeError(
+                f"head_weights must sum to 1 (a mixture of heads, like ω); got sum {float(w.sum()):.6g}. "
+                "Divide by the sum if that is what you mean."
+            )
+        return w
+
+    def delta_weight(self, head_weights: Tensor) -> Tensor:
+        """ΔW = s·(Σ_i w_i·B_i)·A for a fixed mixture w, flat (d_out, d_in)."""
+        b = torch.einsum("n,nor->or", head_weights.to(self.lora_B.dtype), self.lora_B)
+        return self.scaling * (b @ self.lora_A)
+
+    def merged_weight(
+        self, weight: Tensor, head_weights: Sequence[float] | Tensor | None = None, **options: Any
+    ) -> Tensor:
+        w = self._head_weights(head_weights)
+        merged = weight + self.delta_weight(w.to(self.lora_B.device)).to(weight.dtype)
+        self._merged_head_weights = w
+        return merged
+
+    def unmerged_weight(self, weight: Tensor) -> Tensor:
+        if self._merged_head_weights is None:
+            raise MergeError("this HydraLoRA adapter was not merged, so there is nothing to unmerge")
+        w, self._merged_head_weights = self._merged_head_weights, None
+        return weight - self.delta_weight(w.to(self.lora_B.device)).to(weight.dtype)
+
+    # -- routing statistics and the balance loss --------------------------------------------------------
+    def routing_stats(self) -> Tensor:
+        """Mean ω per head over the tokens of the last forward, shape (num_heads,), detached."""
+        if self._weights is None:
+            raise RuntimeError("no routing statistics yet: run a forward pass through the model first")
+        return self._weights.detach().reshape(-1, self.num_heads).float().mean(0)
+
+    def extra_loss(self) -> Tensor | None:
+        if self.balance_loss_weight <= 0 or self._probs is None:
+            return None
+        if self.training and self.router.weight.requires_grad and not self._probs.requires_grad:
+            warnings.warn(
+                "HydraLoRA's balance loss has no gradient: the last forward ran without autograd (e.g. reentrant "
+                "gradient checkpointing); use gradient_checkpointing_kwargs={'use_reentrant': False}.",
+                stacklevel=2,
+            )
+        return self.balance_loss_weight * balance_loss(self._probs)
