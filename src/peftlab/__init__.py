@@ -13,6 +13,7 @@ from peftlab.io import AdapterLoadError
 from peftlab.methods.hra import HRAConfig
 from peftlab.methods.hydralora import HydraLoraConfig
 from peftlab.methods.lora import LoraConfig
+from peftlab.methods.mtlora import MTLoraConfig
 from peftlab.model import AdapterModel, get_adapter_model
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "HRAConfig",
     "HydraLoraConfig",
     "LoraConfig",
+    "MTLoraConfig",
     "MergeError",
     "Trainer",
     "__version__",

@@ -105,7 +105,7 @@ class AdapterModel(nn.Module):
         for name, module in targets:  # check everything before touching the model
             view = LayerView(module, name)
             r = config.rank_for(name)
-            problem = adapter_cls.check_layer(view, r)
+            problem = adapter_cls.check_layer(view, r, config)
             if problem:
                 raise ValueError(f"cannot put a {config.method} adapter on {name}: {problem}")
             if not torch.isfinite(view.flat_weight().detach()).all():

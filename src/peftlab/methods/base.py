@@ -46,7 +46,7 @@ class Adapter(nn.Module):
             ADAPTERS[cls.config_class.method] = cls
 
     @classmethod
-    def check_layer(cls, layer: LayerView, r: int) -> str | None:
+    def check_layer(cls, layer: LayerView, r: int, config: AdapterConfig) -> str | None:
         """Why this adapter cannot go on ``layer`` with rank ``r`` (``None`` if it can)."""
         if layer.kind not in cls.supported_kinds:
             return f"{cls.config_class.method} supports {list(cls.supported_kinds)} layers, not {layer.kind}"
