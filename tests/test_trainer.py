@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -102,8 +103,21 @@ def test_two_process_ddp_ends_with_identical_adapters(tmp_path):
         port = str(sock.getsockname()[1])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
     cmd += ["--master_port", port, str(worker)]
-    done = subprocess.run([*cmd, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    proc = subprocess.Popen(
+        [*cmd, str(tmp_path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:  # kill the launcher and both workers, never leave orphans behind
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
     rank0, rank1 = (load_file(tmp_path / f"rank{k}.safetensors") for k in (0, 1))
     assert rank0.keys() == rank1.keys() and any("hra_u" in k for k in rank0)
     for key in rank0:
