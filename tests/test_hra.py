@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import tiny_bert
 from torch import nn
 
-from peftlab import HRAConfig, get_adapter_model
+from peftlab import HRAConfig, LoraConfig, get_adapter_model
 from peftlab.methods.hra import (
     apply_reflections,
     householder_wy,
@@ -69,7 +69,7 @@ def _peft_pair(model: nn.Module, targets: list[str], r: int = 4, **kw):
     return ours, theirs
 
 
-@pytest.mark.parametrize("path", ["activation", "weight"])
+@pytest.mark.parametrize("path", ["activation", "weight", "lowrank"])
 def test_linear_matches_peft_values_and_gradients(path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(24, 16))
@@ -108,30 +108,54 @@ def test_bert_matches_peft(token_batch):
         assert rel_err(g1, g2) <= 1e-5
 
 
-def test_activation_and_weight_paths_agree():
-    torch.manual_seed(0)
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_all_forward_paths_agree(kind):
+    from transformers.pytorch_utils import Conv1D
+
     results = []
-    for path in ("activation", "weight"):
+    for path in ("activation", "weight", "lowrank"):
         torch.manual_seed(1)
-        m = get_adapter_model(
-            nn.Sequential(nn.Linear(20, 12)), HRAConfig(r=5, target_modules=["0"], init_weights=False)
-        )
+        layer = nn.Linear(20, 12) if kind == "linear" else Conv1D(12, 20)
+        m = get_adapter_model(nn.Sequential(layer), HRAConfig(r=5, target_modules=["0"], init_weights=False))
         m.base_model[0].adapters["default"].forward_path = path
         x = torch.randn(30, 20, requires_grad=True)
         y = m(x)
-        results.append((y, *torch.autograd.grad(y.sum(), [x, *hra_params(m)])))
-    for a, b in zip(*results, strict=True):
-        assert torch.allclose(a, b, atol=1e-6)
+        results.append((y, *torch.autograd.grad(y.square().sum(), [x, *hra_params(m)])))
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_auto_path_picks_weight_path_only_without_gradients():
+def test_auto_path_choice():
     m = get_adapter_model(nn.Sequential(nn.Linear(20, 4)), HRAConfig(r=4, target_modules=["0"]))
     layer = m.base_model[0]
     adapter, x = layer.adapters["default"], torch.randn(64, 20)
-    assert not adapter.prefers_weight_path(x, layer.view)  # training: activation side
+    assert adapter.multiplicative_path(x, layer.view) == "lowrank"  # training, 64 tokens > 2r
+    assert adapter.multiplicative_path(x[:8], layer.view) == "activation"  # training, few tokens
     with torch.no_grad():
-        assert adapter.prefers_weight_path(x, layer.view)  # 64 tokens > 4 outputs
-        assert not adapter.prefers_weight_path(x[:2], layer.view)
+        assert adapter.multiplicative_path(x, layer.view) == "weight"  # 64 tokens > 4 outputs
+        assert adapter.multiplicative_path(x[:2], layer.view) == "activation"
+    conv = get_adapter_model(nn.Sequential(nn.Conv2d(2, 3, 3)), HRAConfig(r=4, target_modules=["0"])).base_model[0]
+    assert conv.adapters["default"].multiplicative_path(torch.randn(1, 2, 5, 5), conv.view) == "weight"
+
+
+def test_lowrank_path_with_an_additive_adapter_equals_dense():
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 9)
+    model = get_adapter_model(
+        nn.Sequential(copy.deepcopy(lin)), HRAConfig(r=4, target_modules=["0"], init_weights=False)
+    )
+    model.add_adapter("l", LoraConfig(r=2, target_modules=["0"], init_weights=False))
+    model.set_adapter(["default", "l"])
+    layer = model.base_model[0]
+    u, lora = layer.adapters["default"].hra_u.detach(), layer.adapters["l"]
+    w = (
+        lin.weight.detach().double() @ dense_h(u.double())
+        + (lora.scaling * lora.lora_B @ lora.lora_A).detach().double()
+    )
+    x = torch.randn(40, 12)
+    assert layer.adapters["default"].multiplicative_path(x, layer.view) == "lowrank"
+    assert torch.allclose(model(x), (x.double() @ w.T + lin.bias.double()).float(), atol=1e-5)
 
 
 @pytest.mark.parametrize(

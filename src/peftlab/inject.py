@@ -62,11 +62,15 @@ class AdapterLayer(nn.Module):
         if not names:
             return self.base_layer(x, *args, **kwargs)
         adapters = [self.adapters[n] for n in names]
-        mult = [a for a in adapters if a.multiplicative]
         view = self.view
+        mult = [a for a in adapters if a.multiplicative]
+        paths = [a.multiplicative_path(x, view) for a in mult]
+        added = [a for a in adapters if not a.multiplicative]
+        if paths == ["lowrank"]:  # one multiplicative adapter, written as base(x) + Δ(x)
+            mult, added = [], [*mult, *added]
         if not mult:
             y = self.base_layer(x, *args, **kwargs)
-        elif any(a.prefers_weight_path(x, view) for a in mult):
+        elif "weight" in paths or "lowrank" in paths:
             weight = view.flat_weight()
             for a in mult:
                 weight = a.merged_weight(weight)
@@ -76,9 +80,8 @@ class AdapterLayer(nn.Module):
             for a in reversed(mult):  # x·(H₁H₂)ᵀ = (x·H₂ᵀ)·H₁ᵀ
                 h = a.transform_input(h, view)
             y = self.base_layer(h, *args, **kwargs)
-        for a in adapters:
-            if not a.multiplicative:
-                y = y + a.delta(x, view).to(y.dtype)
+        for a in added:
+            y = y + a.delta(x, view).to(y.dtype)
         return y
 
     # -- merging ----------------------------------------------------------------------------------------

@@ -60,12 +60,17 @@ class Adapter(nn.Module):
         raise NotImplementedError
 
     def delta(self, x: Tensor, layer: LayerView) -> Tensor:
-        """Additive adapters: Δ(x), added to the base output."""
+        """Δ(x), added to the base output (additive adapters; multiplicative ones on the "lowrank" path)."""
         raise NotImplementedError
 
-    def prefers_weight_path(self, x: Tensor, layer: LayerView) -> bool:
-        """Multiplicative adapters: run the layer with ``merged_weight(W)`` instead of ``transform_input``."""
-        return True
+    def multiplicative_path(self, x: Tensor, layer: LayerView) -> str:
+        """Multiplicative adapters: how this forward applies W·H (all three give the same output).
+
+        ``"activation"``: the base layer on ``transform_input(x)``; ``"weight"``: the layer run with
+        ``merged_weight(W)``; ``"lowrank"``: base(x) + ``delta(x)`` with x·(W·H − W)ᵀ written as a
+        low-rank product (used only when this is the layer's one active multiplicative adapter).
+        """
+        return "weight"
 
     # -- merge ----------------------------------------------------------------------------------------
     def merged_weight(self, weight: Tensor, **options: Any) -> Tensor:

@@ -10,6 +10,7 @@ r × r upper-triangular matrix with T⁻¹ = ½·I + strict_upper(VᵀV). The la
 d_in × d_in matrix:
 
     forward   y = (x·Hᵀ)·Wᵀ + b,   x·Hᵀ = x − ((x·V)·Tᵀ)·Vᵀ        ≈ 4·N·d_in·r extra FLOPs, like LoRA
+      or      y = x·Wᵀ + b − ((x·V)·Tᵀ)·(W·V)ᵀ                      (training: no N·d² term in backward)
     merge     W ← W − ((W·V)·T)·Vᵀ                                 O(d_out·d_in·r)
     unmerge   W ← W·Hᵀ = W − ((W·V)·Tᵀ)·Vᵀ                          (H⁻¹ = Hᵀ)
 
@@ -29,13 +30,14 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftlab.config import AdapterConfig, ConfigError, check_nonnegative, register_method
 from peftlab.layers import LayerView
 from peftlab.methods.base import Adapter
 
-FORWARD_PATHS = ("auto", "activation", "weight")
+FORWARD_PATHS = ("auto", "activation", "weight", "lowrank")
 
 
 @register_method
@@ -49,9 +51,10 @@ class HRAConfig(AdapterConfig):
         init_weights: symmetric init so that H = I at the start; ``False`` gives Kaiming-uniform U.
         orthogonality_weight: λ of the regulariser λ·Σ‖I − ÛᵀÛ‖²_F (paper range 1e-5 … 1e-3).
         forward_path: ``"activation"`` (x ↦ x·Hᵀ, then the base layer), ``"weight"`` (run the base
-            layer with W·H) or ``"auto"``: the weight path for Conv2d, and in inference when the batch
-            has more tokens than the layer has outputs; the activation path otherwise (in training it
-            avoids the d_out × d_in weight gradient).
+            layer with W·H), ``"lowrank"`` (base(x) − ((x·V)·Tᵀ)·(W·V)ᵀ) or ``"auto"``: the weight path
+            for Conv2d; in training the low-rank path (it needs no N·d_out·d_in product in backward,
+            which both other paths do) unless the batch has at most 2r tokens; in inference the weight
+            path when the batch has more tokens than the layer has outputs, else the activation path.
     """
 
     method: ClassVar[str] = "hra"
@@ -155,17 +158,28 @@ class HRAAdapter(Adapter):
         v = normalized_columns(u)
         return v, householder_wy(v)
 
-    def prefers_weight_path(self, x: Tensor, layer: LayerView) -> bool:
-        if layer.kind == "conv2d" or self.forward_path == "weight":
-            return True
-        if self.forward_path == "activation":
-            return False
-        training_u = torch.is_grad_enabled() and self.hra_u.requires_grad
-        return not training_u and layer.num_tokens(x) > layer.d_out
+    def multiplicative_path(self, x: Tensor, layer: LayerView) -> str:
+        if layer.kind == "conv2d":
+            return "weight"
+        if self.forward_path != "auto":
+            return self.forward_path
+        n = layer.num_tokens(x)
+        if torch.is_grad_enabled() and self.hra_u.requires_grad:  # training: avoid any N·d_out·d_in backward
+            return "lowrank" if n > 2 * self.r else "activation"
+        return "weight" if n > layer.d_out else "activation"
 
     def transform_input(self, x: Tensor, layer: LayerView) -> Tensor:
+        """x·Hᵀ = x − ((x·V)·Tᵀ)·Vᵀ."""
         v, t = self.reflectors()
-        return apply_reflections(x, v.to(x.dtype), t.to(x.dtype))
+        vt = v.t().to(x.dtype).contiguous()  # (r, d_in): F.linear picks the fast GEMM layouts in backward
+        return x - F.linear(F.linear(F.linear(x, vt), t.to(x.dtype)), vt.t())
+
+    def delta(self, x: Tensor, layer: LayerView) -> Tensor:
+        """x·(W·H)ᵀ − x·Wᵀ = −((x·V)·Tᵀ)·(W·V)ᵀ: like LoRA with B = −W·V·T, A = Vᵀ, no d × d tensor."""
+        v, t = self.reflectors()
+        vt = v.t().to(x.dtype).contiguous()
+        wv_t = F.linear(vt, layer.flat_weight().to(x.dtype))  # (W·V)ᵀ, (r, d_out)
+        return -F.linear(F.linear(F.linear(x, vt), t.to(x.dtype)), wv_t.t())
 
     def merged_weight(self, weight: Tensor, **options: Any) -> Tensor:
         v, t = self.reflectors()
