@@ -1,0 +1,198 @@
+"""Training recipes: thin wiring of data → model → adapter → ``peftlab.Trainer`` → metrics, one file per task.
+
+* ``classification``: sequence classification / regression with GLUE metrics.
+* ``causal_lm``: instruction tuning, loss on the response only, exact match of the final answer and perplexity.
+* ``data_to_text``: E2E-style generation with beam search, BLEU / NIST / ROUGE-L (METEOR / CIDEr when available).
+
+``train(options)`` and ``evaluate(folder)`` pick the recipe by task; ``compare`` trains several methods
+and seeds under one budget and tabulates them. Every run writes ``metrics.json``, the adapter (or model)
+and ``training_curve.png`` into its output folder.
+
+```python
+from peftlab.recipes import RunOptions, train
+metrics = train(RunOptions(model="minilm", data="movie-snippets", method="hra", r=8, output_dir="runs/hra"))
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+import statistics
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from peftlab import io
+from peftlab.recipes.common import (
+    METHOD_SPECS,
+    TASKS,
+    RecipeError,
+    RunOptions,
+    check_output_dir,
+    is_adapter_dir,
+    method_spec,
+    pyplot,
+    saved_run_options,
+    start_output_dir,
+)
+
+__all__ = ["METHOD_SPECS", "TASKS", "RecipeError", "RunOptions", "compare", "evaluate", "recipe", "task_of", "train"]
+
+
+def recipe(task: str) -> ModuleType:
+    """The recipe module of a task."""
+    if task == "classification":
+        from peftlab.recipes import classification as module
+    elif task == "causal-lm":
+        from peftlab.recipes import causal_lm as module
+    elif task == "data-to-text":
+        from peftlab.recipes import data_to_text as module
+    else:
+        raise RecipeError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
+    return module
+
+
+def train(options: RunOptions) -> dict[str, Any]:
+    """Run the recipe of ``options.task``; returns its metrics (also written to ``metrics.json``)."""
+    return recipe(options.task).train(options)
+
+
+def task_of(folder: str | os.PathLike, task: str | None = None) -> str:
+    """The task of a trained run: given, recorded in ``run_config.json``, or guessed from the saved files."""
+    folder = Path(folder)
+    if task:
+        return task
+    if not folder.is_dir():
+        raise RecipeError(f"{folder} is not a folder; pass a run's output folder (adapter or model)")
+    options = saved_run_options(folder)
+    if options is not None:
+        return options.task
+    if is_adapter_dir(folder):
+        heads = [k for k in io.load_tensors(folder) if k.split(".")[0] in ("classifier", "score", "pre_classifier")]
+        return "classification" if heads else "causal-lm"
+    if (folder / "config.json").is_file():
+        archs = io.read_json(folder / "config.json").get("architectures") or [""]
+        return "classification" if archs[0].endswith("SequenceClassification") else "causal-lm"
+    raise RecipeError(f"{folder} holds neither an adapter ({io.CONFIG_NAME}) nor a model (config.json)")
+
+
+def evaluate(folder: str | os.PathLike, task: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Metrics of a trained run (``peftlab eval``): see each recipe's ``evaluate`` for ``kwargs``."""
+    return recipe(task_of(folder, task)).evaluate(folder, **kwargs)
+
+
+# -- compare -----------------------------------------------------------------------------------------------------
+def compare(
+    options: RunOptions, methods: list[str], seeds: list[int], lrs: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """Train every method with every seed under the same budget (``options``) and tabulate the test metric.
+
+    Each run goes to ``<output_dir>/<method>/seed-<seed>``; the learning rate is ``lrs[method]``, else
+    ``options.lr``, else the method's default. Writes ``compare.json``, ``compare.md`` and ``compare.png``
+    (metric against trainable parameters) into ``options.output_dir`` and returns the summary.
+    """
+    if not methods:
+        raise RecipeError("--methods is empty; name at least one method, e.g. hra,lora,full,linear-probe")
+    for method in methods:
+        method_spec(method)
+    unknown = sorted(set(lrs or {}) - set(methods))
+    if unknown:
+        raise RecipeError(f"--lrs names method(s) {unknown} that are not in --methods {methods}")
+    if not seeds:
+        raise RecipeError("--seeds must be at least 1")
+    base = dataclasses.replace(options, method=methods[0]).resolved()
+    check_output_dir(base, kind="compare")
+    out = start_output_dir(base, kind="compare", extra={"methods": methods, "seeds": seeds, "lrs": lrs or {}})
+    runs: list[dict[str, Any]] = []
+    for method in methods:
+        for seed in seeds:
+            lr = (lrs or {}).get(method) or options.lr
+            run = dataclasses.replace(options, method=method, seed=seed, lr=lr, overwrite=False, resume=False,
+                                      output_dir=str(out / method / f"seed-{seed}"), keep_checkpoints=False)
+            print(f"\n=== compare: {method}, seed {seed} ===", flush=True)
+            gc.collect()
+            metrics = train(run)
+            runs.append({
+                "method": method, "seed": seed, "lr": run.resolved().lr, "metric": metrics["metric"],
+                "value": metrics["test"].get(metrics["metric"]), "trainable_params": metrics["trainable_params"],
+                "total_params": metrics["total_params"], "seconds_per_step": metrics["seconds_per_step"],
+                "peak_memory_mb": metrics["peak_memory_mb"], "peak_memory_kind": metrics["peak_memory_kind"],
+            })
+    rows = summarize(runs, methods)
+    table = markdown_table(rows, runs[0]["metric"], budget(base))
+    result = {"budget": budget(base), "metric": runs[0]["metric"], "rows": rows, "runs": runs}
+    io.atomic_write_json(out / "compare.json", result)
+    (out / "compare.md").write_text(table + "\n")
+    plot_comparison(rows, runs[0]["metric"], out / "compare.png")
+    print("\n" + table, flush=True)
+    print(f"\nwrote {out / 'compare.md'}, {out / 'compare.json'} and {out / 'compare.png'}", flush=True)
+    return result
+
+
+def budget(options: RunOptions) -> dict[str, Any]:
+    """What every method of a comparison shares."""
+    keys = ("task", "model", "data", "r", "epochs", "max_steps", "batch_size", "max_length", "max_train_samples")
+    shared = {k: getattr(options, k) for k in keys}
+    if options.max_steps:  # max_steps overrides epochs
+        del shared["epochs"]
+    return shared
+
+
+def summarize(runs: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
+    """Per method: mean ± sample std of the metric over seeds, and the mean cost figures."""
+    rows = []
+    for method in methods:
+        mine = [r for r in runs if r["method"] == method]
+        values = [float(r["value"]) for r in mine if r["value"] is not None]
+        rows.append({
+            "method": method,
+            "lr": mine[0]["lr"],
+            "seeds": len(mine),
+            "mean": statistics.fmean(values) if values else None,
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "trainable_params": mine[0]["trainable_params"],
+            "trainable_percent": 100 * mine[0]["trainable_params"] / mine[0]["total_params"],
+            "seconds_per_step": statistics.fmean(r["seconds_per_step"] for r in mine),
+            "peak_memory_mb": max(r["peak_memory_mb"] for r in mine),
+            "peak_memory_kind": mine[0]["peak_memory_kind"],
+        })
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]], metric: str, shared: dict[str, Any]) -> str:
+    """The comparison as a Markdown table (test metric mean ± std over seeds)."""
+    memory = "peak GPU mem (MB)" if rows and rows[0]["peak_memory_kind"].startswith("cuda") else "peak RSS (MB)"
+    lines = [
+        f"| method | lr | test {metric} (mean ± std) | seeds | trainable params | trainable % | s/step | {memory} |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        value = "n/a" if r["mean"] is None else f"{r['mean']:.4f} ± {r['std']:.4f}"
+        lines.append(f"| {r['method']} | {r['lr']:g} | {value} | {r['seeds']} | {r['trainable_params']:,} | "
+                     f"{r['trainable_percent']:.3f} | {r['seconds_per_step']:.3f} | {r['peak_memory_mb']:.0f} |")
+    settings = ", ".join(f"{k}={v}" for k, v in shared.items() if v is not None)
+    return "\n".join([f"Same budget for every method: {settings}.", "", *lines])
+
+
+def plot_comparison(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
+    """Test metric (mean ± std) against trainable parameters (log scale), one labelled point per method."""
+    plt = pyplot()
+    if plt is None:
+        return
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        if r["mean"] is None:
+            continue
+        ax.errorbar(r["trainable_params"], r["mean"], yerr=r["std"], fmt="o", capsize=4)
+        ax.annotate(r["method"], (r["trainable_params"], r["mean"]), textcoords="offset points", xytext=(6, 6))
+    ax.set_xscale("log")
+    ax.margins(x=0.15)  # room for the labels of the outermost points
+    ax.set(xlabel="trainable parameters (log scale)", ylabel=f"test {metric}",
+           title=f"test {metric} vs trainable parameters")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

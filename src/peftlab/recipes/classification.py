@@ -1,0 +1,309 @@
+"""Sequence classification and regression (GLUE-style): data → model → adapter → ``peftlab.Trainer`` → metrics.
+
+Data come from ``peftlab.data.load_dataset`` (named offline sets, CSV/TSV/JSON/JSONL/parquet files, Hub
+names) with fixed, seeded train/validation/test splits. The model is ``AutoModelForSequenceClassification``
+with a new head, which trains with the adapter (``modules_to_save``). Metrics are ``peftlab.metrics``'
+(scikit-learn / scipy): a GLUE task name (``glue_task``) selects its metrics (Matthews for CoLA,
+accuracy + F1 for MRPC/QQP, Pearson + Spearman for STS-B, accuracy otherwise); other data report
+accuracy + macro F1, or Pearson + Spearman for a real-valued label. Model selection uses the validation
+split; the reported numbers are on the held-out test split.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftlab import io
+from peftlab.metrics import GLUE_TASKS, trainer_compute_metrics
+from peftlab.model import AdapterModel
+from peftlab.recipes.common import (
+    CURVE_FILE,
+    METRICS_FILE,
+    RecipeError,
+    RunOptions,
+    check_output_dir,
+    count_parameters,
+    finish_run,
+    fmt,
+    is_adapter_dir,
+    log,
+    prepare_model,
+    quiet_datasets,
+    read_run,
+    run_training,
+    saved_run_options,
+    select,
+    start_output_dir,
+    strip_prefix,
+    training_arguments,
+    with_length,
+)
+
+
+# -- data --------------------------------------------------------------------------------------------------------
+def _text_columns(options: RunOptions) -> str | list[str] | None:
+    if options.text_column:
+        columns = [c.strip() for c in options.text_column.split(",") if c.strip()]
+        return columns[0] if len(columns) == 1 else columns
+    if options.glue_task:
+        return list(GLUE_TASKS[options.glue_task].text_columns)
+    return None
+
+
+def load_data(options: RunOptions, model_labels: list[str] | None = None, num_model_labels: int | None = None):
+    """The data as a ``DatasetDict`` (``text`` [, ``text_pair``], ``label``) and its label names (``None``: regression).
+
+    ``model_labels`` (the labels a trained model knows) maps the data's labels onto the model's by name;
+    ``num_model_labels`` / ``options.num_labels`` bound the label values. Out-of-range labels, unknown
+    label names and empty splits raise ``RecipeError``.
+    """
+    import datasets as hf
+
+    from peftlab.data import label_names, load_dataset
+
+    if options.glue_task is not None and options.glue_task not in GLUE_TASKS:
+        raise RecipeError(f"unknown GLUE task {options.glue_task!r}; known: {', '.join(GLUE_TASKS)}")
+    data = load_dataset(options.data, text_column=_text_columns(options), label_column=options.label_column,
+                        seed=options.split_seed)
+    names = label_names(data)
+    if not len(data["train"]) and not model_labels:
+        raise RecipeError(f"{options.data}: the training split is empty; the data set needs more rows")
+    limit = num_model_labels or options.num_labels
+    if names is None:
+        return data, None
+    mapping: list[int] | None = None
+    if model_labels is not None and names != model_labels:
+        unknown = [n for n in names if n not in model_labels]
+        if unknown:
+            raise RecipeError(
+                f"{options.data}: label value(s) {unknown[:5]} out of range: the model was trained on the labels "
+                f"{model_labels}"
+            )
+        mapping = [model_labels.index(n) for n in names]
+        names = list(model_labels)
+    elif limit is not None:
+        if all(_is_int(n) for n in names):  # integer labels keep their values 0..K-1
+            values = [int(n) for n in names]
+            bad = [v for v in values if not 0 <= v < limit]
+            if bad:
+                raise RecipeError(
+                    f"{options.data}: label value(s) {bad[:5]} out of range for {limit} classes (labels must be "
+                    f"0..{limit - 1})"
+                )
+            mapping, names = values, [str(i) for i in range(limit)]
+        elif len(names) > limit:
+            raise RecipeError(
+                f"{options.data}: {len(names)} distinct labels {names[:10]} but only {limit} classes; labels out of "
+                "range (check --num-labels and --label-column)"
+            )
+    if mapping is not None:
+        with quiet_datasets():
+            if mapping != list(range(len(mapping))):
+                data = data.cast_column("label", hf.Value("int64"))
+                data = data.map(lambda b: {"label": [mapping[v] for v in b["label"]]}, batched=True)
+            data = data.cast_column("label", hf.ClassLabel(names=names))
+    return data, names
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def tokenize(data, tokenizer, max_length: int, sort: bool = False):
+    """Token ids (truncated to ``max_length``; padding is per batch), ``label`` and ``length`` (``sort``: by length)."""
+
+    def encode(batch: dict[str, list]) -> dict[str, Any]:
+        return tokenizer(batch["text"], batch.get("text_pair"), truncation=True, max_length=max_length)
+
+    with quiet_datasets():
+        encoded = data.map(encode, batched=True, remove_columns=[c for c in data.column_names if c != "label"])
+    return with_length(encoded, sort=sort)
+
+
+def metric_task(options: RunOptions, regression: bool) -> str | None:
+    """The ``peftlab.metrics`` task: the GLUE task, ``"stsb"`` (Pearson/Spearman) for regression, else ``None``."""
+    return options.glue_task or ("stsb" if regression else None)
+
+
+def main_metric(options: RunOptions, regression: bool) -> str:
+    task = metric_task(options, regression)
+    return GLUE_TASKS[task].metrics[0] if task else "accuracy"
+
+
+# -- training ----------------------------------------------------------------------------------------------------
+def train(options: RunOptions) -> dict[str, Any]:
+    """Train ``options.method`` on ``options.data``; write adapter, ``metrics.json`` and the curve; return metrics."""
+    from transformers import DataCollatorWithPadding, set_seed
+
+    from peftlab.models import load_classifier
+    from peftlab.trainer import Trainer
+
+    options = options.resolved()
+    checkpoint = check_output_dir(options)
+    data, names = load_data(options)
+    regression = names is None
+    num_labels = 1 if regression else len(names)
+    set_seed(options.seed)  # the new head and the adapter are initialised from this seed
+    model, tokenizer = load_classifier(options.model, num_labels, label_names=names)
+    if regression:
+        model.config.problem_type = "regression"
+    model = prepare_model(model, options, classification=True)
+    trainable, total = count_parameters(model)
+
+    train_set = tokenize(select(data["train"], options.max_train_samples, options.split_seed), tokenizer,
+                         options.max_length)
+    val_set = tokenize(select(data["validation"], options.max_eval_samples, options.split_seed), tokenizer,
+                       options.max_length, sort=True)
+    test_set = tokenize(select(data["test"], options.max_test_samples, options.split_seed), tokenizer,
+                        options.max_length, sort=True)
+    metric = main_metric(options, regression)
+    args = training_arguments(options, len(train_set), metric, greater_is_better=True,
+                              label_smoothing_factor=options.label_smoothing)
+    with args.main_process_first(local=False):
+        out = start_output_dir(options, main_process=args.process_index == 0, extra={"labels": names})
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=val_set,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=trainer_compute_metrics(metric_task(options, regression)),
+    )
+    main = trainer.is_world_process_zero()
+    log(f"peftlab train: {options.method} (r={options.r}, lr={options.lr:g}) on {options.model}, {options.data}: "
+        f"{len(train_set)} train / {len(val_set)} validation / {len(test_set)} test examples; trainable params "
+        f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)", main)
+    initial = None
+    if options.initial_eval and checkpoint is None:
+        initial = strip_prefix(trainer.evaluate(test_set, metric_key_prefix="test"), "test")
+        log(f"test {metric} before training (step 0): {fmt(initial[metric])}", main)
+    if checkpoint:
+        log(f"resuming from {checkpoint}", main)
+    training = run_training(trainer, checkpoint)
+    test = strip_prefix(trainer.evaluate(test_set, metric_key_prefix="test"), "test")
+    metrics = {
+        "task": "classification",
+        "method": options.method,
+        "model": options.model,
+        "data": options.data,
+        "metric": metric,
+        "labels": names,
+        "num_train": len(train_set),
+        "num_validation": len(val_set),
+        "num_test": len(test_set),
+        "trainable_params": trainable,
+        "total_params": total,
+        "initial_test": initial,
+        "test": test,
+        **training,
+    }
+    finish_run(trainer, out, metrics, metric, options.keep_checkpoints)
+    log(f"test {metric} after training: {fmt(test[metric])} (best validation {metric} "
+        f"{fmt(training['best_validation_metric'])} at {Path(training['best_checkpoint'] or '-').name}; "
+        f"{training['seconds_per_step']:.2f} s/step)", main)
+    what = "adapter" if isinstance(model, AdapterModel) else "model"
+    log(f"wrote {out / METRICS_FILE}, {out / CURVE_FILE} and the {what} to {out}", main)
+    return metrics
+
+
+# -- loading a trained run ---------------------------------------------------------------------------------------
+def _labels_from_tensors(path: Path) -> int | None:
+    """The class count of a saved head (its last weight's rows), when the run did not record its labels."""
+    keys = [k for k in io.load_tensors(path) if k.split(".")[0] in ("classifier", "score") and k.endswith("weight")]
+    return int(io.load_tensors(path)[max(keys)].shape[0]) if keys else None
+
+
+def saved_labels(path: str | os.PathLike) -> tuple[list[str] | None, int]:
+    """(label names or ``None``, number of outputs) of a trained classification run or model folder."""
+    path = Path(path)
+    run = read_run(path) or {}
+    if "labels" in run:
+        names = run["labels"]
+        return names, 1 if names is None else len(names)
+    if is_adapter_dir(path):
+        count = _labels_from_tensors(path)
+        if count is None:
+            raise RecipeError(f"{path}: cannot tell how many classes the adapter's head has; pass --num-labels")
+        return None, count
+    if (path / "config.json").is_file():
+        config = io.read_json(path / "config.json")
+        id2label = config.get("id2label") or {}
+        names = [id2label[str(i)] for i in range(len(id2label))] if id2label else None
+        return names, len(id2label) or int(config.get("num_labels", 2))
+    raise RecipeError(f"{path} is neither a peftlab adapter folder nor a saved model")
+
+
+def load_trained(path: str | os.PathLike, model_name: str | None = None, num_labels: int | None = None):
+    """(model, tokenizer, label names) of a trained run: the base model with the adapter, or the saved model."""
+    from peftlab.models import load_classifier
+    from peftlab.recipes.common import base_model_name
+
+    names, count = saved_labels(path)
+    count = num_labels or count
+    if names is not None and len(names) != count:
+        names = None
+    if is_adapter_dir(path):
+        model, tokenizer = load_classifier(base_model_name(path, model_name), count, label_names=names)
+        try:
+            return AdapterModel.from_pretrained(model, path), tokenizer, names
+        except ValueError as err:
+            raise RecipeError(str(err)) from None
+    model, tokenizer = load_classifier(str(path), count, label_names=names)
+    return model.eval(), tokenizer, names
+
+
+def evaluate(
+    adapter: str | os.PathLike,
+    model: str | None = None,
+    data: str | None = None,
+    split: str = "test",
+    max_samples: int | None = None,
+    batch_size: int | None = None,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Metrics of a trained run (adapter folder, or a full model folder) on a split of the data.
+
+    Without arguments it uses the options the run was trained with (``run_config.json``), so the
+    numbers equal the ``test`` entry of its ``metrics.json``.
+    """
+    from transformers import DataCollatorWithPadding, TrainingArguments
+
+    from peftlab.trainer import Trainer
+
+    options = saved_run_options(adapter) or RunOptions(task="classification", model=model, data=data)
+    changes = {k: v for k, v in {"model": model, "data": data, **overrides}.items() if v is not None}
+    options = RunOptions.from_dict(
+        {**options.to_dict(), **changes, "output_dir": str(adapter), "resume": False, "overwrite": False}
+    ).resolved()
+    if split not in ("train", "validation", "test"):
+        raise RecipeError(f"unknown split {split!r}; use train, validation or test")
+    names, count = saved_labels(adapter)
+    data_set, data_names = load_data(options, model_labels=names, num_model_labels=count)
+    if (data_names is None) != (count == 1):
+        raise RecipeError(f"{options.data} has {'real-valued' if data_names is None else 'class'} labels but the "
+                          f"model in {adapter} has {count} output(s)")
+    net, tokenizer, _ = load_trained(adapter, options.model, count)
+    limit = max_samples or {"test": options.max_test_samples, "validation": options.max_eval_samples}.get(split)
+    rows = tokenize(select(data_set[split], limit, options.split_seed), tokenizer, options.max_length, sort=True)
+    if not len(rows):
+        raise RecipeError(f"{options.data}: the {split} split is empty")
+    regression = data_names is None
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(output_dir=tmp, per_device_eval_batch_size=batch_size or options.eval_batch_size,
+                                 report_to="none", disable_tqdm=True, dataloader_pin_memory=torch.cuda.is_available())
+        trainer = Trainer(model=net, args=args, processing_class=tokenizer,
+                          data_collator=DataCollatorWithPadding(tokenizer),
+                          compute_metrics=trainer_compute_metrics(metric_task(options, regression)))
+        metrics = strip_prefix(trainer.evaluate(rows, metric_key_prefix=split), split)
+    return {"task": "classification", "adapter": str(adapter), "model": options.model, "data": options.data,
+            "split": split, "num_examples": len(rows), "metric": main_metric(options, regression), split: metrics}
