@@ -278,3 +278,20 @@ def test_inspect_prints_config_parameters_and_orthogonality(trained, capsys):
                 and "hra_u" not in x)
     assert float(line.split()[-1]) == pytest.approx(expected, abs=1e-4)
     assert "metrics: test accuracy" in out
+
+
+def test_hydralora_num_heads_auto_uses_estimate_num_heads(tiny, tmp_path, capsys):
+    """Texts from two disjoint vocabularies: --num-heads auto must build 2 heads, saved in the config."""
+    rng = random.Random(0)
+    topics = ["alpha beta gamma delta epsilon zeta".split(), "red green blue cyan magenta yellow".split()]
+    lines = ["text,label"] + [f"{' '.join(rng.choices(topics[i % 2], k=6))},{i % 2}" for i in range(120)]
+    data = tmp_path / "two_topics.csv"
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "hydra"
+    code = main(["train", "--model", str(tiny["model"]), "--data", str(data), "--method", "hydralora", "--r", "4",
+                 "--num-heads", "auto", "--max-steps", "2", "--batch-size", "8", "--output-dir", str(out)])
+    assert code == 0
+    assert "estimate_num_heads found 2 cluster(s)" in capsys.readouterr().out
+    assert json.loads((out / "adapter_config.json").read_text())["num_heads"] == 2
+    assert main(["train", "--model", str(tiny["model"]), "--data", str(data), "--method", "hydralora",
+                 "--num-heads", "0", "--output-dir", str(tmp_path / "bad")]) == 2

@@ -47,6 +47,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _num_heads(text: str) -> int | str:
+    return "auto" if text == "auto" else _positive_int(text)
+
+
 def _key_value(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -84,6 +88,8 @@ def _add_run_options(p: argparse.ArgumentParser, compare: bool = False) -> None:
     method.add_argument("--r", type=_positive_int, help="adapter rank / number of reflections (default 8)")
     method.add_argument("--target-modules", help="comma-separated layer names, a regex or 'all-linear' "
                         "(default: the attention query/value projections)")
+    method.add_argument("--num-heads", type=_num_heads,
+                        help="HydraLoRA heads: a number, or 'auto' (estimate_num_heads on the training texts)")
     method.add_argument("--adapter-arg", action="append", type=_key_value, metavar="KEY=VALUE",
                         help="another field of the method's config, e.g. alpha=16 or orthogonality_weight=1e-4 "
                         "(repeatable)")
@@ -250,9 +256,12 @@ def run_options(args: argparse.Namespace, **fixed: Any):
 
     values = {k: v for k, v in vars(args).items() if v is not None}
     values.update(fixed)
-    adapter_args = values.pop("adapter_arg", None)
+    adapter_args = dict(values.pop("adapter_arg", None) or [])
+    num_heads = values.pop("num_heads", None)
+    if num_heads is not None:
+        adapter_args["num_heads"] = num_heads
     if adapter_args:
-        values["adapter_args"] = dict(adapter_args)
+        values["adapter_args"] = adapter_args
     return RunOptions.from_dict(values)
 
 

@@ -242,7 +242,8 @@ def setup(options: RunOptions, records, prompt_fn, response_fn):
     model, tokenizer = load_causal_lm(options.model)
     tokenizer.padding_side = "right"
     eos_id(tokenizer)
-    model = prepare_model(model, options, classification=False)
+    texts = [prompt_fn(row) for row in records["train"]] if options.adapter_args.get("num_heads") == "auto" else None
+    model = prepare_model(model, options, classification=False, texts=texts)
     train_set = encode_records(select(records["train"], options.max_train_samples, options.split_seed), tokenizer,
                                options.max_length, prompt_fn, response_fn)
     val_set = encode_records(select(records["validation"], options.max_eval_samples, options.split_seed), tokenizer,

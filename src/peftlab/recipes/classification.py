@@ -156,7 +156,7 @@ def train(options: RunOptions) -> dict[str, Any]:
     model, tokenizer = load_classifier(options.model, num_labels, label_names=names)
     if regression:
         model.config.problem_type = "regression"
-    model = prepare_model(model, options, classification=True)
+    model = prepare_model(model, options, classification=True, texts=list(data["train"]["text"]))
     trainable, total = count_parameters(model)
 
     train_set = tokenize(select(data["train"], options.max_train_samples, options.split_seed), tokenizer,

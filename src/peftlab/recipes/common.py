@@ -274,12 +274,28 @@ def build_adapter_config(
         raise RecipeError(f"{method}: {err}") from None
 
 
-def prepare_model(model: nn.Module, options: RunOptions, classification: bool) -> nn.Module:
+def resolve_num_heads(options: RunOptions, texts: list[str] | None) -> RunOptions:
+    """``num_heads=auto`` (HydraLoRA): the head count ``estimate_num_heads`` finds in the training texts."""
+    if options.adapter_args.get("num_heads") != "auto":
+        return options
+    if not texts:
+        raise RecipeError("num_heads=auto needs training texts to cluster; give a number instead")
+    from peftlab.hydralora import estimate_num_heads
+
+    n, _ = estimate_num_heads(texts, max_heads=8, seed=options.seed)
+    print(f"num_heads=auto: estimate_num_heads found {n} cluster(s) in the training texts")
+    return dataclasses.replace(options, adapter_args={**options.adapter_args, "num_heads": n})
+
+
+def prepare_model(
+    model: nn.Module, options: RunOptions, classification: bool, texts: list[str] | None = None
+) -> nn.Module:
     """Put the method on ``model``: wrap it with an adapter, unfreeze all (``full``) or only the head.
 
     For classification the new head (``classifier`` / ``score``) is trained with the adapter
-    (``modules_to_save``) and saved with it.
+    (``modules_to_save``) and saved with it. ``texts`` (training inputs) serve ``num_heads=auto``.
     """
+    options = resolve_num_heads(options, texts)
     heads = head_modules(model) if classification else []
     if classification and not heads and options.method != FULL:
         raise RecipeError(f"{type(model).__name__} has no classification head named one of {HEAD_NAMES}")
