@@ -124,3 +124,18 @@ def test_two_process_ddp_ends_with_identical_adapters(tmp_path):
         assert torch.equal(rank0[key], rank1[key]), key
     initial = get_adapter_model(tiny_bert(), HRAConfig(r=4, target_modules=["query", "value"])).adapter_state_dict()
     assert any(not torch.equal(rank0[k], initial[k]) for k in initial)  # it trained
+
+
+def test_label_smoothing_shifts_labels_for_a_wrapped_causal_lm(tmp_path):
+    from conftest import tiny_gpt2
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    model = get_adapter_model(tiny_gpt2(), HRAConfig(r=4, target_modules=["c_attn"], init_weights=False))
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=1, label_smoothing_factor=0.1))
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    loss = trainer.compute_loss(model, {"input_ids": ids, "labels": ids})
+    logits = model(input_ids=ids).logits
+    shifted = LabelSmoother(epsilon=0.1)({"logits": logits}, ids, shift_labels=True)
+    unshifted = LabelSmoother(epsilon=0.1)({"logits": logits}, ids, shift_labels=False)
+    assert torch.allclose(loss, shifted) and not torch.allclose(loss, unshifted)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import transformers
 from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils.generic import can_return_loss, find_labels
 
 from peftlab import io
@@ -61,13 +62,31 @@ class Trainer(transformers.Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """The model's loss plus ``model.extra_loss()`` (only while training)."""
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         adapter_model = self._adapter_model(model)
+        if adapter_model is not None and self.label_smoother is not None and self.compute_loss_func is None:
+            loss, outputs = self._smoothed_loss(model, adapter_model, inputs, num_items_in_batch)
+        else:
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
         if adapter_model is not None and model.training:
             extra = adapter_model.extra_loss()
             if extra.requires_grad:
                 loss = loss + extra.to(loss.device, loss.dtype)
         return (loss, outputs) if return_outputs else loss
+
+    def _smoothed_loss(
+        self, model: nn.Module, adapter_model: AdapterModel, inputs: dict[str, Any], num_items_in_batch: Any
+    ) -> tuple[torch.Tensor, Any]:
+        """Label smoothing as HF Trainer does it, with the shift decided by the *wrapped* model's class
+        (HF decides by the class name of the model it is given, which for an AdapterModel is never a causal LM)."""
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            inputs["num_items_in_batch"] = num_items_in_batch
+        outputs = model(**inputs)
+        shift = adapter_model.base_model._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        return self.label_smoother(outputs, labels, shift_labels=shift, num_items_in_batch=num_items_in_batch), outputs
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         adapter_model = self._adapter_model()
