@@ -1,0 +1,227 @@
+"""HydraLoRA against LoRA and HRA on heterogeneous data: sentiment-4domains (movie, tweets, amazon, nyt), MiniLM.
+
+Variants: HydraLoRA r = 8 with N = ``estimate_num_heads`` (training texts) heads, LoRA r = 8, LoRA with the
+rank whose trainable parameter count is closest to HydraLoRA's, HRA r = 8. Every variant and seed gets the
+same budget: the same training subset, 1 epoch, batch 32, max_length 64, linear schedule with 6 % warm-up,
+the method's learning rate from ``peftlab.recipes`` (hra 1e-2, lora / hydralora 3e-3), adapters on
+query, value (or ``--targets``) plus the classifier head (``modules_to_save``), ``peftlab.Trainer``, no
+evaluation or model selection during training. Measured on the test split (mean ± std over seeds):
+
+- accuracy, overall and per domain (scikit-learn);
+- trainable parameters (adapter + classifier head);
+- training seconds per optimizer step (Trainer ``train_runtime`` / steps);
+- HydraLoRA only, routing per domain: each domain's test examples go through the trained model in
+  length-sorted batches (little padding); after each batch ``model.routing_stats()`` gives every adapted
+  layer's mean router weight ω per head; ω is averaged over layers and batches (domain × head table).
+  "layer spread" = mean over layers of the total-variation distance between the domain's ω and the mean ω
+  of all domains in that layer: 0 when all domains are routed alike, even where averaging layers hides it.
+
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/hydralora_domains.py [--seeds 3] [--quick] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import accuracy_score
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding, set_seed
+from transformers.trainer_callback import PrinterCallback
+
+from peftlab.data import load_dataset
+from peftlab.hydralora import estimate_num_heads
+from peftlab.models import load_classifier
+from peftlab.recipes.classification import tokenize
+from peftlab.recipes.common import (
+    RunOptions,
+    count_parameters,
+    prepare_model,
+    quiet_datasets,
+    select,
+    training_arguments,
+)
+from peftlab.trainer import Trainer
+
+DATA, DOMAINS = "sentiment-4domains", ("movie", "tweets", "amazon", "nyt")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").is_file():
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), cpu)
+    import transformers
+
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"transformers {transformers.__version__}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+
+
+def run_options(method: str, r: int, seed: int, args: argparse.Namespace, heads: int | None = None) -> RunOptions:
+    extra = {"num_heads": heads} if method == "hydralora" else {}
+    return RunOptions(task="classification", model="minilm", data=DATA, method=method, r=r, seed=seed,
+                      epochs=1.0, batch_size=32, max_length=64, target_modules=args.targets, adapter_args=extra,
+                      output_dir=tempfile.gettempdir()).resolved()
+
+
+def build(options: RunOptions):
+    """(model with the adapter, tokenizer); head and adapter initialised from the seed, as in the recipe."""
+    set_seed(options.seed)
+    model, tokenizer = load_classifier(options.model, 2)
+    return prepare_model(model, options, classification=True), tokenizer
+
+
+def trainable(method: str, r: int, args: argparse.Namespace, heads: int | None = None) -> int:
+    return count_parameters(build(run_options(method, r, 0, args, heads))[0])[0]
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, test_sets: dict, batch_size: int = 64) -> tuple[dict, dict]:
+    """Predictions per domain, and per domain the routing ω (layers, heads) averaged over batches (HydraLoRA)."""
+    model.eval()
+    collate = DataCollatorWithPadding(tokenizer)
+    preds, routing = {}, {}
+    for domain, rows in test_sets.items():
+        loader = DataLoader(rows.remove_columns(["label", "length"]), batch_size=batch_size, collate_fn=collate)
+        out, stats = [], []
+        for batch in loader:
+            out.append(model(**batch).logits.argmax(-1))
+            if layers := model.routing_stats():
+                stats.append(torch.stack(list(layers.values())))
+        preds[domain] = torch.cat(out).numpy()
+        if stats:
+            routing[domain] = torch.stack(stats).mean(0).numpy()
+    return preds, routing
+
+
+def train_and_test(options: RunOptions, train_set, test_sets: dict) -> dict:
+    model, tokenizer = build(options)
+    with tempfile.TemporaryDirectory() as tmp:
+        targs = training_arguments(dataclasses.replace(options, output_dir=tmp), len(train_set), "accuracy", True)
+        targs = dataclasses.replace(targs, eval_strategy="no", save_strategy="no", load_best_model_at_end=False,
+                                    logging_strategy="no", disable_tqdm=True)
+        trainer = Trainer(model=model, args=targs, train_dataset=train_set, processing_class=tokenizer,
+                          data_collator=DataCollatorWithPadding(tokenizer))
+        trainer.remove_callback(PrinterCallback)
+        result = trainer.train()
+    preds, routing = evaluate(model, tokenizer, test_sets)
+    labels = {d: np.asarray(test_sets[d]["label"]) for d in test_sets}
+    acc = {d: accuracy_score(labels[d], preds[d]) for d in test_sets}
+    acc["overall"] = accuracy_score(np.concatenate(list(labels.values())), np.concatenate(list(preds.values())))
+    return {"acc": acc, "params": count_parameters(model)[0], "loss": result.training_loss,
+            "s_per_step": result.metrics["train_runtime"] / max(1, result.global_step), "routing": routing}
+
+
+def pm(values, scale: float = 1.0, digits: int = 1) -> str:
+    v = scale * np.asarray(values, dtype=float)
+    return f"{v.mean():.{digits}f}" + (f" ± {v.std(ddof=1):.{digits}f}" if v.size > 1 else "")
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 (default 3)")
+    p.add_argument("--max-train-samples", type=int, default=4000)
+    p.add_argument("--max-test-samples", type=int, default=None, help="default: the whole test split")
+    p.add_argument("--targets", default="query,value")
+    p.add_argument("--num-heads", type=int, help="HydraLoRA's N (default: estimate_num_heads on the training texts)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 300 train and 200 test samples")
+    p.add_argument("--out", type=Path, help="also write the Markdown report to this file")
+    args = p.parse_args()
+    if args.quick:
+        args.seeds, args.max_train_samples, args.max_test_samples = 1, 300, 200
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    head = ["# HydraLoRA on heterogeneous data (sentiment-4domains, MiniLM)", "",
+            f"- command: `{shlex.join(['python', *sys.argv])}`", f"- machine: {machine()}"]
+    print("\n".join(head), flush=True)
+
+    data = load_dataset(DATA)
+    train_rows = select(data["train"], args.max_train_samples, 0)
+    test_rows = select(data["test"], args.max_test_samples, 0)
+    _, tokenizer = load_classifier("minilm", 2)
+    train_set = tokenize(train_rows, tokenizer, 64)
+    with quiet_datasets():
+        test_sets = {d: tokenize(test_rows.filter(lambda x, d=d: x == d, input_columns="domain"), tokenizer, 64,
+                                 sort=True) for d in DOMAINS}
+
+    estimate, clusters = estimate_num_heads(list(train_rows["text"]), max_heads=8)
+    heads = args.num_heads or estimate
+    n_hydra = trainable("hydralora", 8, args, heads)
+    n1, n2 = trainable("lora", 1, args), trainable("lora", 2, args)  # LoRA: head + r · per_rank
+    per_rank, head_params = n2 - n1, n1 - (n2 - n1)
+    matched = max(1, round((n_hydra - head_params) / per_rank))
+    lines = head + [
+        f"- data: {len(train_set)} train examples (1 epoch, batch 32, max_length 64), test "
+        + ", ".join(f"{d} {len(s)}" for d, s in test_sets.items()) + f"; targets {args.targets} + classifier head; "
+        f"seeds 0..{args.seeds - 1}",
+        f"- estimate_num_heads(training texts, max_heads=8) → N = {estimate}"
+        + (f"; overridden by --num-heads {heads}" if args.num_heads else ""),
+        f"- parameter match: HydraLoRA r=8, N={heads}: {n_hydra:,} trainable; LoRA: {head_params:,} (head) + "
+        f"{per_rank:,}·r → r = {(n_hydra - head_params) / per_rank:.2f}, rounded to r = {matched} "
+        f"({head_params + matched * per_rank:,})",
+        "", "## estimate_num_heads clusters × domains (training texts)", "",
+    ]
+    counts = Counter(zip(clusters.tolist(), train_rows["domain"], strict=True))
+    lines += table(["cluster", *DOMAINS], [[str(c), *(str(counts[c, d]) for d in DOMAINS)]
+                                           for c in sorted(set(clusters.tolist()))])
+    print("\n".join(lines[len(head):]), flush=True)
+
+    variants = {f"HydraLoRA r=8, N={heads}": ("hydralora", 8), "LoRA r=8": ("lora", 8),
+                f"LoRA r={matched} (param-matched)": ("lora", matched), "HRA r=8": ("hra", 8)}
+    if matched == 8:  # LoRA r=8 is already the closest match: train it once
+        del variants["LoRA r=8"]
+    results: dict[str, list[dict]] = {}
+    for seed in range(args.seeds):
+        for name, (method, r) in variants.items():
+            options = run_options(method, r, seed, args, heads)
+            t0 = time.perf_counter()
+            res = train_and_test(options, train_set, test_sets)
+            results.setdefault(name, []).append({**res, "lr": options.lr})
+            print(f"[{time.perf_counter() - t0:6.1f} s] seed {seed} {name}: accuracy {res['acc']['overall']:.4f}, "
+                  f"{res['s_per_step']:.3f} s/step, train loss {res['loss']:.4f}", flush=True)
+
+    lines += ["", f"## Test accuracy (%), mean ± std over {args.seeds} seed(s)", ""]
+    rows = []
+    for name, runs in results.items():
+        acc = [pm([run["acc"][k] for run in runs], 100) for k in ("overall", *DOMAINS)]
+        rows.append([name, f"{runs[0]['lr']:g}", f"{runs[0]['params']:,}", *acc,
+                     pm([run["s_per_step"] for run in runs], digits=3)])
+    lines += table(["variant", "lr", "trainable params", "overall", *DOMAINS, "train s/step"], rows)
+
+    hydra = results[next(iter(variants))]
+    lines += ["", "## HydraLoRA routing per domain: mean ω per head over layers and test batches", ""]
+    rows = []
+    for d in DOMAINS:
+        omega = [run["routing"][d] for run in hydra]  # per seed: (layers, heads)
+        mean = [np.mean([run["routing"][e] for e in DOMAINS], 0) for run in hydra]
+        spread = [0.5 * np.abs(w - m).sum(-1).mean() for w, m in zip(omega, mean, strict=True)]
+        rows.append([d, *(pm([w.mean(0)[h] for w in omega], digits=3) for h in range(heads)), pm(spread, digits=3)])
+    lines += table(["domain", *(f"head {h}" for h in range(heads)), "layer spread"], rows)
+    lines += ["", f"Total time: {time.perf_counter() - started:.0f} s"]
+
+    report = "\n".join(lines) + "\n"
+    print("\n" + report, end="")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
