@@ -177,9 +177,11 @@ class HRAAdapter(Adapter):
     def delta(self, x: Tensor, layer: LayerView) -> Tensor:
         """x·(W·H)ᵀ − x·Wᵀ = −((x·V)·Tᵀ)·(W·V)ᵀ: like LoRA with B = −W·V·T, A = Vᵀ, no d × d tensor."""
         v, t = self.reflectors()
-        vt = v.t().to(x.dtype).contiguous()
-        wv_t = F.linear(vt, layer.flat_weight().to(x.dtype))  # (W·V)ᵀ, (r, d_out)
-        return -F.linear(F.linear(F.linear(x, vt), t.to(x.dtype)), wv_t.t())
+        vt = v.t().to(x.dtype).contiguous()  # A = Vᵀ, (r, d_in)
+        weight = layer.flat_weight()
+        wv_t = F.linear(vt.to(weight.dtype), weight)  # (W·V)ᵀ, (r, d_out)
+        b = -(wv_t.t().to(t.dtype) @ t)  # B = −W·V·T, (d_out, r): the sign and T act on r-wide tensors only
+        return F.linear(F.linear(x, vt), b.to(x.dtype))
 
     def merged_weight(self, weight: Tensor, **options: Any) -> Tensor:
         v, t = self.reflectors()

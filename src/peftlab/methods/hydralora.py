@@ -165,7 +165,7 @@ class HydraLoraAdapter(Adapter):
         h = layer.down(self.dropout(x), self.lora_A)
         weights, probs = self.route(x if self.router_input == "x" else h)
         self._weights, self._probs = weights, probs
-        return mix_heads(h, weights, self.lora_B) * self.scaling
+        return mix_heads(h * self.scaling, weights, self.lora_B)  # s scales the r-wide features
 
     # -- merge ----------------------------------------------------------------------------------------
     def _head_weights(self, head_weights: Sequence[float] | Tensor | None) -> Tensor:

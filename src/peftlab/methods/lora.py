@@ -79,7 +79,7 @@ class LoraAdapter(Adapter):
     def delta(self, x: Tensor, layer: LayerView) -> Tensor:
         if x.is_floating_point():
             x = self.dropout(x.to(self.lora_A.dtype))
-        return layer.up(layer.down(x, self.lora_A), self.lora_B) * self.scaling
+        return layer.up(layer.down(x, self.lora_A) * self.scaling, self.lora_B)  # s scales the r-wide features
 
     def delta_weight(self) -> Tensor:
         """ΔW = s·B·A, flat (d_out, d_in)."""

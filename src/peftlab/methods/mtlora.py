@@ -210,11 +210,11 @@ class MTLoraAdapter(Adapter):
             h = torch.einsum("...js,jrs->...jr", h.unflatten(-1, (self.slices, self.r)), t).flatten(-2)
         else:
             h = h @ t.mT
+        h = h * self.scaling  # s scales the r-wide features, not the d_out-wide output
         if self.slices == 1:
-            return layer.up(h, self.lora_B) * self.scaling
+            return layer.up(h, self.lora_B)
         b = self.lora_B.view(self.slices, -1, self.r)  # B_j, (d_out/k, r)
-        y = torch.einsum("...jr,jor->...jo", h.unflatten(-1, (self.slices, self.r)), b).flatten(-2)
-        return y * self.scaling
+        return torch.einsum("...jr,jor->...jo", h.unflatten(-1, (self.slices, self.r)), b).flatten(-2)
 
     def delta_weight(self) -> Tensor:
         """ΔW = s·B·T·A, flat (d_out, d_in), with B and (per slice) T block-diagonal on fused layers."""
