@@ -295,3 +295,20 @@ def test_hydralora_num_heads_auto_uses_estimate_num_heads(tiny, tmp_path, capsys
     assert json.loads((out / "adapter_config.json").read_text())["num_heads"] == 2
     assert main(["train", "--model", str(tiny["model"]), "--data", str(data), "--method", "hydralora",
                  "--num-heads", "0", "--output-dir", str(tmp_path / "bad")]) == 2
+
+
+def test_compare_runs_method_variants_with_their_config_fields(tiny, tmp_path, capsys):
+    out = tmp_path / "variants"
+    code = main(["compare", "--model", str(tiny["model"]), "--data", str(tiny["small"]),
+                 "--methods", "lora,lora:alpha=32:dropout=0.1", "--seeds", "1", "--max-steps", "1",
+                 "--batch-size", "16", "--no-initial-eval", "--output-dir", str(out)])
+    assert code == 0
+    rows = {r["method"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    assert set(rows) == {"lora", "lora:alpha=32:dropout=0.1"}
+    plain = json.loads((out / "lora" / "seed-0" / "adapter_config.json").read_text())
+    variant = json.loads((out / "lora_alpha_32_dropout_0.1" / "seed-0" / "adapter_config.json").read_text())
+    assert (plain["alpha"], plain["dropout"]) == (8.0, 0.0) and (variant["alpha"], variant["dropout"]) == (32, 0.1)
+    capsys.readouterr()
+    bad = main(["compare", "--model", str(tiny["model"]), "--data", str(tiny["small"]), "--methods",
+                "lora,lora:alhpa=2", "--output-dir", str(tmp_path / "bad")])
+    assert bad == 2 and "alhpa" in error_line(capsys) and not (tmp_path / "bad").exists()

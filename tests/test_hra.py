@@ -16,6 +16,7 @@ from peftlab import HRAConfig, LoraConfig, get_adapter_model
 from peftlab.methods.hra import (
     apply_reflections,
     householder_wy,
+    lowrank_factors,
     normalized_columns,
     orthogonality_penalty,
     orthonormal_columns,
@@ -53,6 +54,24 @@ def test_wy_form_equals_explicit_product(r):
     assert torch.allclose(apply_reflections(x, v, t), x @ dense_h(u).T, atol=1e-12)
     assert torch.allclose(reflect_weight(w, v, t), w @ dense_h(u), atol=1e-12)
     assert torch.allclose(reflect_weight(reflect_weight(w, v, t), v, t.T), w, atol=1e-12)  # H⁻¹ = Hᵀ
+
+
+@pytest.mark.parametrize("transposed", [False, True])  # Conv1D's flat weight is a transposed view
+def test_lowrank_factors_match_autograd_of_the_definition(transposed):
+    torch.manual_seed(3)
+    u = torch.randn(20, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(20, 12, dtype=torch.float64).t() if transposed else torch.randn(12, 20, dtype=torch.float64)
+    a, b = lowrank_factors(u, w)
+    v = normalized_columns(u)
+    assert torch.allclose(a, v.T, atol=1e-12)
+    assert torch.allclose(b, -(w @ v @ householder_wy(v)), atol=1e-12)
+    x = torch.randn(9, 20, dtype=torch.float64)
+    assert torch.allclose(x @ w.T + (x @ a.T) @ b.T, x @ (w @ dense_h(u.detach())).T, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda u: lowrank_factors(u, w), (u,))  # the hand-written backward
+    ga, gb = torch.randn_like(a), torch.randn_like(b)  # against autograd through the plain formulas
+    (g1,) = torch.autograd.grad((a * ga).sum() + (b * gb).sum(), u)
+    (g2,) = torch.autograd.grad((v.T * ga).sum() + (-(w @ v @ householder_wy(v)) * gb).sum(), u)
+    assert torch.allclose(g1, g2, atol=1e-10)
 
 
 def _peft_pair(model: nn.Module, targets: list[str], r: int = 4, **kw):

@@ -164,7 +164,8 @@ def build_parser() -> Parser:
                        "table (test metric mean ± std, trainable parameters, time per step, peak memory) and write "
                        "compare.md, compare.json and compare.png (metric vs trainable parameters).")
     _add_config(p)
-    p.add_argument("--methods", help="comma-separated methods (default hra,lora,full,linear-probe)")
+    p.add_argument("--methods", help="comma-separated methods (default hra,lora,full,linear-probe); a method may carry "
+                   "config fields as METHOD:KEY=VALUE[:KEY=VALUE], e.g. mtlora-shim:init=identity")
     p.add_argument("--seeds", type=_positive_int, help="number of seeds, starting at --seed (default 3)")
     p.add_argument("--seed", type=int, help="first seed (default 0)")
     p.add_argument("--lrs", help="per-method learning rates, e.g. hra=5e-3,lora=1e-3 (others: --lr or defaults)")

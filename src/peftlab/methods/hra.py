@@ -109,6 +109,52 @@ def reflect_weight(w: Tensor, v: Tensor, t: Tensor) -> Tensor:
     return w - ((w @ v) @ t) @ v.t()
 
 
+class _LowRankFactors(torch.autograd.Function):
+    """(A, B) = (Vᵀ, −W·V·T) from U and a frozen W, with a hand-written backward.
+
+    The low-rank training path runs this every step on every adapted layer. Autograd would record some
+    twenty small ops (norms, triu, a triangular solve, their backward nodes) whose fixed cost rivals the
+    GEMMs on small layers; this backward does the same math in a handful of ops:
+
+        B = −W·V·T        ḡ_V  = −Wᵀ·ḡ_B·Tᵀ,   ḡ_T = −(W·V)ᵀ·ḡ_B
+        T = S⁻¹            ḡ_S  = −Tᵀ·ḡ_T·Tᵀ
+        S = ½I + strict_upper(VᵀV)              ḡ_V += V·(G + Gᵀ),  G = strict_upper(ḡ_S)
+        V = U / ‖U‖ (columns)                   ḡ_U  = (ḡ_V − V·diag(Vᵀḡ_V)) / ‖U‖
+    """
+
+    @staticmethod
+    def forward(ctx, u: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        norms = u.norm(dim=0).clamp_min(torch.finfo(u.dtype).tiny)
+        v = u / norms
+        s = torch.triu(v.t() @ v, diagonal=1)
+        s.diagonal().fill_(0.5)
+        t = torch.linalg.solve_triangular(s, torch.eye(s.shape[0], dtype=s.dtype, device=s.device), upper=True)
+        a = v.t().contiguous()  # Vᵀ, (r, d_in)
+        wv_t = F.linear(a.to(weight.dtype), weight).to(v.dtype)  # (W·V)ᵀ, (r, d_out): the fast GEMM layout on CPU
+        ctx.save_for_backward(v, norms, t, wv_t, weight)
+        return a, -(wv_t.t() @ t)
+
+    @staticmethod
+    def backward(ctx, g_a: Tensor | None, g_b: Tensor | None) -> tuple[Tensor, None]:  # type: ignore[override]
+        v, norms, t, wv_t, weight = ctx.saved_tensors
+        g_v = torch.zeros_like(v) if g_a is None else g_a.t().to(v.dtype)
+        if g_b is not None:
+            g_b = g_b.to(v.dtype)
+            g_v = g_v - ((t @ g_b.t()).to(weight.dtype) @ weight).t().to(v.dtype)  # Wᵀ·ḡ_B·Tᵀ as (T·ḡ_Bᵀ·W)ᵀ
+            g_s = t.t() @ (wv_t @ g_b) @ t.t()  # −Tᵀ·ḡ_T·Tᵀ with ḡ_T = −(W·V)ᵀ·ḡ_B
+            g = torch.triu(g_s, diagonal=1)
+            g_v = g_v + v @ (g + g.t())
+        return (g_v - v * (v * g_v).sum(0)) / norms, None
+
+
+def lowrank_factors(u: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(A, B) with x·(W·H)ᵀ = x·Wᵀ + (x·Aᵀ)·Bᵀ: A = Vᵀ (r, d_in), B = −W·V·T (d_out, r), in U's dtype.
+
+    Differentiable in U (hand-written backward); W must be frozen (use the autograd path otherwise).
+    """
+    return _LowRankFactors.apply(u, weight)
+
+
 def orthogonality_penalty(u: Tensor) -> Tensor:
     """‖I − ÛᵀÛ‖²_F (paper Eq. 6, squared Frobenius norm)."""
     v = normalized_columns(u)
@@ -176,12 +222,15 @@ class HRAAdapter(Adapter):
 
     def delta(self, x: Tensor, layer: LayerView) -> Tensor:
         """x·(W·H)ᵀ − x·Wᵀ = −((x·V)·Tᵀ)·(W·V)ᵀ: like LoRA with B = −W·V·T, A = Vᵀ, no d × d tensor."""
-        v, t = self.reflectors()
-        vt = v.t().to(x.dtype).contiguous()  # A = Vᵀ, (r, d_in)
         weight = layer.flat_weight()
-        wv_t = F.linear(vt.to(weight.dtype), weight)  # (W·V)ᵀ, (r, d_out)
-        b = -(wv_t.t().to(t.dtype) @ t)  # B = −W·V·T, (d_out, r): the sign and T act on r-wide tensors only
-        return F.linear(F.linear(x, vt), b.to(x.dtype))
+        if self.apply_GS or weight.requires_grad:  # plain autograd (T = 2I for GS; W may train)
+            v, t = self.reflectors()
+            wv = (weight @ v.to(weight.dtype)).to(v.dtype)
+            a, b = v.t(), -(wv @ t)
+        else:
+            u = self.hra_u if self.hra_u.dtype in (torch.float32, torch.float64) else self.hra_u.float()
+            a, b = lowrank_factors(u, weight)
+        return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))  # B acts on r-wide features only
 
     def merged_weight(self, weight: Tensor, **options: Any) -> Tensor:
         v, t = self.reflectors()

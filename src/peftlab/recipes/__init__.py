@@ -19,12 +19,14 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
+import re
 import statistics
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from peftlab import io
+from peftlab.config import METHODS, ConfigError
 from peftlab.recipes.common import (
     METHOD_SPECS,
     TASKS,
@@ -95,27 +97,30 @@ def compare(
     """
     if not methods:
         raise RecipeError("--methods is empty; name at least one method, e.g. hra,lora,full,linear-probe")
-    for method in methods:
-        method_spec(method)
-    unknown = sorted(set(lrs or {}) - set(methods))
+    if len(set(methods)) != len(methods):
+        raise RecipeError(f"--methods names a variant twice: {methods}")
+    variants = {label: parse_variant(label) for label in methods}
+    unknown = sorted(set(lrs or {}) - set(methods) - {method for method, _ in variants.values()})
     if unknown:
         raise RecipeError(f"--lrs names method(s) {unknown} that are not in --methods {methods}")
     if not seeds:
         raise RecipeError("--seeds must be at least 1")
-    base = dataclasses.replace(options, method=methods[0]).resolved()
+    base = dataclasses.replace(options, method=variants[methods[0]][0]).resolved()
     check_output_dir(base, kind="compare")
     out = start_output_dir(base, kind="compare", extra={"methods": methods, "seeds": seeds, "lrs": lrs or {}})
     runs: list[dict[str, Any]] = []
-    for method in methods:
+    for label, (method, fields) in variants.items():
         for seed in seeds:
-            lr = (lrs or {}).get(method) or options.lr
+            lr = (lrs or {}).get(label) or (lrs or {}).get(method) or options.lr
+            folder = out / re.sub(r"[^\w.-]+", "_", label) / f"seed-{seed}"
             run = dataclasses.replace(options, method=method, seed=seed, lr=lr, overwrite=False, resume=False,
-                                      output_dir=str(out / method / f"seed-{seed}"), keep_checkpoints=False)
-            print(f"\n=== compare: {method}, seed {seed} ===", flush=True)
+                                      adapter_args={**options.adapter_args, **fields},
+                                      output_dir=str(folder), keep_checkpoints=False)
+            print(f"\n=== compare: {label}, seed {seed} ===", flush=True)
             gc.collect()
             metrics = train(run)
             runs.append({
-                "method": method, "seed": seed, "lr": run.resolved().lr, "metric": metrics["metric"],
+                "method": label, "seed": seed, "lr": run.resolved().lr, "metric": metrics["metric"],
                 "value": metrics["test"].get(metrics["metric"]), "trainable_params": metrics["trainable_params"],
                 "total_params": metrics["total_params"], "seconds_per_step": metrics["seconds_per_step"],
                 "peak_memory_mb": metrics["peak_memory_mb"], "peak_memory_kind": metrics["peak_memory_kind"],
@@ -129,6 +134,34 @@ def compare(
     print("\n" + table, flush=True)
     print(f"\nwrote {out / 'compare.md'}, {out / 'compare.json'} and {out / 'compare.png'}", flush=True)
     return result
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``"mtlora-shim:init=identity:alpha=8"`` → ``("mtlora-shim", {"init": "identity", "alpha": 8})``.
+
+    A compared variant is a method name, optionally followed by ``:KEY=VALUE`` fields of its config (values
+    read as YAML scalars), so one comparison can hold the same method with different settings.
+    """
+    import yaml
+
+    method, *pairs = text.split(":")
+    spec = method_spec(method.strip())
+    fields: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"method variant {text!r}: expected METHOD:KEY=VALUE[:KEY=VALUE...], got {pair!r}")
+        fields[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    if fields and spec.config_method is None:
+        raise RecipeError(f"method variant {text!r}: {spec.name} has no adapter config to set {sorted(fields)} on")
+    if fields:  # fail before the first run, not after hours of training
+        cls = METHODS[spec.config_method]
+        values = {k: v for k, v in {**spec.fixed, **fields}.items() if v != "auto"}
+        try:
+            cls(**values)
+        except (ConfigError, TypeError) as err:
+            raise RecipeError(f"method variant {text!r}: {err}") from None
+    return spec.name, fields
 
 
 def budget(options: RunOptions) -> dict[str, Any]:
