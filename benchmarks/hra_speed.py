@@ -502,13 +502,25 @@ def where(res: LinearResult) -> str:
     return f"d={res.d}, tokens={res.tokens}, r={res.r}"
 
 
+def flop_ratio(res: LinearResult, input_grad: bool) -> float:
+    """HRA / LoRA fwd+bwd FLOPs on Linear(d, d): the ratio a perfect implementation of either would show.
+
+    Frozen base: 2·N·d² forward (+ 2·N·d² for the input's gradient). LoRA: 4·N·d·r forward, 6·N·d·r backward
+    (grads of B, of A·x and of A; + 2·N·d·r for the input). HRA's low-rank path adds 4·d²·r: W·V in the
+    forward and Wᵀ·(ḡ_B·Tᵀ) in the backward (everything else is r × r or d × r).
+    """
+    n, d, r = res.tokens, res.d, res.r
+    lora = 2 * n * d * d * (1 + input_grad) + n * d * r * (10 + 2 * input_grad)
+    return (lora + 4 * d * d * r) / lora
+
+
 def peft_over_lora(res: LinearResult) -> str:
     """PEFT HRA time / LoRA time: the speed-up over PEFT that LoRA itself gets, for reference."""
     peft_ms, lora = res.timings.median_ms("peft_hra/fwd_bwd"), res.timings.median_ms("lora/fwd_bwd")
     return f"{peft_ms / lora:.1f}×" if peft_ms is not None and lora else "—"
 
 
-def summary_lines(results: list[LinearResult], model: ModelResult | None) -> list[str]:
+def summary_lines(results: list[LinearResult], model: ModelResult | None, input_grad: bool = False) -> list[str]:
     lines = []
     worst = None
     for res in results:
@@ -520,9 +532,14 @@ def summary_lines(results: list[LinearResult], model: ModelResult | None) -> lis
         lines.append(f"peftlab HRA fwd+bwd ≤ {GOAL_VS_LORA}× LoRA at every size: not measured")
     else:
         ok = "yes" if worst[0] <= GOAL_VS_LORA else "no"
+        over = [res for res in results if res.timings.median_ms("hra/fwd_bwd") and res.timings.median_ms(
+            "lora/fwd_bwd") and res.timings.median_ms("hra/fwd_bwd") / res.timings.median_ms("lora/fwd_bwd")
+            > GOAL_VS_LORA]
         lines.append(
             f"peftlab HRA fwd+bwd ≤ {GOAL_VS_LORA}× LoRA at every size: {ok} "
-            f"(worst {worst[0]:.2f}× at {where(worst[1])})"
+            f"(worst {worst[0]:.2f}× at {where(worst[1])}, where the FLOP ratio is "
+            f"{flop_ratio(worst[1], input_grad):.2f}×; {len(over)} of {len(results)} sizes above {GOAL_VS_LORA}×"
+            + (f": {'; '.join(where(r) for r in over)}" if over else "") + ")"
         )
 
     speedups = []
@@ -699,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
         ] + model_table(model)
     lines += ["", "## Goals", ""] + [f"- {s}" for s in summary_lines(sections[0][1], model)]
     if len(sections) > 1:
-        lines += [f"- (input requires grad) {s}" for s in summary_lines(sections[1][1], None)[:1]]
+        lines += [f"- (input requires grad) {s}" for s in summary_lines(sections[1][1], None, input_grad=True)[:1]]
     lines += ["", f"Total benchmark time: {time.perf_counter() - started:.0f} s"]
 
     report = "\n".join(lines) + "\n"

@@ -218,7 +218,7 @@ def test_compare_tabulates_every_method(tiny, tmp_path, capsys):
                  "--methods", "hra,lora,full,linear-probe", "--seeds", "2", "--max-steps", "1", "--batch-size", "16",
                  "--no-initial-eval", "--output-dir", str(out)])
     assert code == 0
-    table = capsys.readouterr().out.split("| method |", 1)[1]
+    table = capsys.readouterr().out.split("| method |", 1)[1].split("\n\n", 1)[0]  # the main table
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
     assert set(rows) == {"hra", "lora", "full", "linear-probe"}
     assert all("±" in line for line in rows.values())

@@ -13,7 +13,7 @@ from conftest import tiny_bert, tiny_gpt2
 
 from peftlab import AdapterModel
 from peftlab.cli import main
-from peftlab.recipes import causal_lm, markdown_table, summarize
+from peftlab.recipes import causal_lm, markdown_table, other_metrics, summarize
 from peftlab.recipes.common import METHOD_SPECS, RecipeError, RunOptions, default_targets, prepare_model
 
 
@@ -186,3 +186,17 @@ def test_compare_summary_reports_mean_and_sample_std():
     assert rows[1]["std"] == 0.0
     table = markdown_table(rows, "accuracy", {"max_steps": 10})
     assert "| hra | 0.001 | 0.8500 ± 0.0707 | 2 | 10 | 1.000 |" in table and "max_steps=10" in table
+
+
+def test_compare_tabulates_the_other_test_metrics_per_task():
+    test = {"exact_match": 0.5, "loss": 1.2, "perplexity": 3.3, "skipped": {"cider": "why"},
+            "exact_match_by_task": {"arithmetic": 0.25, "format": 0.75}}
+    assert other_metrics(test, "exact_match") == {"perplexity": 3.3, "exact_match/arithmetic": 0.25,
+                                                  "exact_match/format": 0.75}
+    runs = [{"method": "lora", "seed": s, "lr": 1e-3, "metric": "exact_match", "value": 0.5, "trainable_params": 5,
+             "total_params": 10, "seconds_per_step": 1.0, "peak_memory_mb": 1.0, "peak_memory_kind": "rss",
+             "other_metrics": {"exact_match/format": v}} for s, v in ((0, 0.6), (1, 0.8))]
+    rows = summarize(runs, ["lora"])
+    assert rows[0]["other_metrics"]["exact_match/format"] == pytest.approx((0.7, 0.1414214), abs=1e-6)
+    table = markdown_table(rows, "exact_match", {})
+    assert "| method | exact_match/format |" in table and "| lora | 0.7000 ± 0.1414 |" in table

@@ -124,6 +124,7 @@ def compare(
                 "value": metrics["test"].get(metrics["metric"]), "trainable_params": metrics["trainable_params"],
                 "total_params": metrics["total_params"], "seconds_per_step": metrics["seconds_per_step"],
                 "peak_memory_mb": metrics["peak_memory_mb"], "peak_memory_kind": metrics["peak_memory_kind"],
+                "other_metrics": other_metrics(metrics["test"], metrics["metric"]),
             })
     rows = summarize(runs, methods)
     table = markdown_table(rows, runs[0]["metric"], budget(base))
@@ -173,12 +174,37 @@ def budget(options: RunOptions) -> dict[str, Any]:
     return shared
 
 
+SKIPPED_METRICS = frozenset({"loss", "perplexity_bound"})
+
+
+def other_metrics(test: dict[str, Any], main: str) -> dict[str, float]:
+    """The test metrics besides the main one, flat: ``{"f1": …, "exact_match/arithmetic": …, "bleu": …}``.
+
+    Nested per-group scores (``exact_match_by_task``) become ``<metric>/<group>``; the loss and
+    non-numeric entries (the list of skipped metrics) are left out.
+    """
+    flat: dict[str, float] = {}
+    for key, value in test.items():
+        if key == main or key in SKIPPED_METRICS:
+            continue
+        if isinstance(value, dict) and key.endswith("_by_task"):
+            flat.update({f"{key.removesuffix('_by_task')}/{k}": float(v) for k, v in value.items()
+                         if isinstance(v, (int, float))})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[key] = float(value)
+    return flat
+
+
 def summarize(runs: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
-    """Per method: mean ± sample std of the metric over seeds, and the mean cost figures."""
+    """Per method: mean ± sample std of the metric (and of the other test metrics) over seeds; mean cost figures."""
     rows = []
     for method in methods:
         mine = [r for r in runs if r["method"] == method]
         values = [float(r["value"]) for r in mine if r["value"] is not None]
+        others: dict[str, list[float]] = {}
+        for r in mine:
+            for key, value in r.get("other_metrics", {}).items():
+                others.setdefault(key, []).append(value)
         rows.append({
             "method": method,
             "lr": mine[0]["lr"],
@@ -190,6 +216,8 @@ def summarize(runs: list[dict[str, Any]], methods: list[str]) -> list[dict[str, 
             "seconds_per_step": statistics.fmean(r["seconds_per_step"] for r in mine),
             "peak_memory_mb": max(r["peak_memory_mb"] for r in mine),
             "peak_memory_kind": mine[0]["peak_memory_kind"],
+            "other_metrics": {k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
+                              for k, v in others.items()},
         })
     return rows
 
@@ -206,7 +234,16 @@ def markdown_table(rows: list[dict[str, Any]], metric: str, shared: dict[str, An
         lines.append(f"| {r['method']} | {r['lr']:g} | {value} | {r['seeds']} | {r['trainable_params']:,} | "
                      f"{r['trainable_percent']:.3f} | {r['seconds_per_step']:.3f} | {r['peak_memory_mb']:.0f} |")
     settings = ", ".join(f"{k}={v}" for k, v in shared.items() if v is not None)
-    return "\n".join([f"Same budget for every method: {settings}.", "", *lines])
+    out = [f"Same budget for every method: {settings}.", "", *lines]
+    names = list(dict.fromkeys(k for r in rows for k in r.get("other_metrics", {})))
+    if names:  # the other test metrics, one column each (per-task exact match, BLEU / NIST / ROUGE-L, F1, ...)
+        out += ["", "Other test metrics (mean ± std over seeds):", "",
+                "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for r in rows:
+            cells = [f"{m:.4f} ± {s:.4f}" if (m, s) != (None, None) else "n/a"
+                     for m, s in (r.get("other_metrics", {}).get(n, (None, None)) for n in names)]
+            out.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def plot_comparison(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
