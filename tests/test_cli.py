@@ -280,6 +280,20 @@ def test_inspect_prints_config_parameters_and_orthogonality(trained, capsys):
     assert "metrics: test accuracy" in out
 
 
+def test_mtlora_structure_flag_reaches_the_config(tiny, tmp_path, capsys):
+    out = tmp_path / "mtlora"
+    code = main(["train", "--model", str(tiny["model"]), "--data", str(tiny["small"]), "--method", "mtlora",
+                 "--structure", "dtsm", "--adapter-arg", "init=identity", "--max-steps", "1", "--batch-size", "16",
+                 "--no-initial-eval", "--output-dir", str(out)])
+    assert code == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["method"], config["structure"], config["init"]) == ("mtlora", "dtsm", "identity")
+    capsys.readouterr()
+    clash = main(["train", "--model", str(tiny["model"]), "--data", str(tiny["small"]), "--method", "mtlora-icfm",
+                  "--structure", "dtsm", "--output-dir", str(tmp_path / "clash")])
+    assert clash == 2 and "mtlora-icfm means structure='icfm'" in error_line(capsys)
+
+
 def test_hydralora_num_heads_auto_uses_estimate_num_heads(tiny, tmp_path, capsys):
     """Texts from two disjoint vocabularies: --num-heads auto must build 2 heads, saved in the config."""
     rng = random.Random(0)

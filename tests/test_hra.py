@@ -151,6 +151,8 @@ def test_auto_path_choice():
     adapter, x = layer.adapters["default"], torch.randn(64, 20)
     assert adapter.multiplicative_path(x, layer.view) == "lowrank"  # training, 64 tokens > 2r
     assert adapter.multiplicative_path(x[:8], layer.view) == "activation"  # training, few tokens
+    assert adapter.multiplicative_path(x.requires_grad_(), layer.view) == "activation"  # ḡ·W is computed anyway
+    x = x.detach()
     with torch.no_grad():
         assert adapter.multiplicative_path(x, layer.view) == "weight"  # 64 tokens > 4 outputs
         assert adapter.multiplicative_path(x[:2], layer.view) == "activation"

@@ -90,6 +90,8 @@ def _add_run_options(p: argparse.ArgumentParser, compare: bool = False) -> None:
                         "(default: the attention query/value projections)")
     method.add_argument("--num-heads", type=_num_heads,
                         help="HydraLoRA heads: a number, or 'auto' (estimate_num_heads on the training texts)")
+    method.add_argument("--structure", choices=("shim", "icfm", "ctcm", "dtsm"),
+                        help="MTLoRA's transformation T: shim C, icfm C·Cᵀ, ctcm C·D, dtsm C + D (default shim)")
     method.add_argument("--adapter-arg", action="append", type=_key_value, metavar="KEY=VALUE",
                         help="another field of the method's config, e.g. alpha=16 or orthogonality_weight=1e-4 "
                         "(repeatable)")
@@ -258,9 +260,10 @@ def run_options(args: argparse.Namespace, **fixed: Any):
     values = {k: v for k, v in vars(args).items() if v is not None}
     values.update(fixed)
     adapter_args = dict(values.pop("adapter_arg", None) or [])
-    num_heads = values.pop("num_heads", None)
-    if num_heads is not None:
-        adapter_args["num_heads"] = num_heads
+    for name in ("num_heads", "structure"):  # method options with a flag of their own
+        value = values.pop(name, None)
+        if value is not None:
+            adapter_args[name] = value
     if adapter_args:
         values["adapter_args"] = adapter_args
     return RunOptions.from_dict(values)

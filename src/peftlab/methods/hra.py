@@ -52,9 +52,12 @@ class HRAConfig(AdapterConfig):
         orthogonality_weight: λ of the regulariser λ·Σ‖I − ÛᵀÛ‖²_F (paper range 1e-5 … 1e-3).
         forward_path: ``"activation"`` (x ↦ x·Hᵀ, then the base layer), ``"weight"`` (run the base
             layer with W·H), ``"lowrank"`` (base(x) − ((x·V)·Tᵀ)·(W·V)ᵀ) or ``"auto"``: the weight path
-            for Conv2d; in training the low-rank path (it needs no N·d_out·d_in product in backward,
-            which both other paths do) unless the batch has at most 2r tokens; in inference the weight
-            path when the batch has more tokens than the layer has outputs, else the activation path.
+            for Conv2d. In training, the activation path when the input requires grad (the base layer's
+            input gradient ḡ·W, which the activation path needs, is computed anyway, so the adapter costs
+            what LoRA costs); otherwise the low-rank path (4·d_out·d_in·r extra FLOPs for W·V and its
+            gradient, instead of the 2·N·d_out·d_in input gradient) unless the batch has at most 2r
+            tokens. In inference, the weight path when the batch has more tokens than the layer has
+            outputs, else the activation path.
     """
 
     method: ClassVar[str] = "hra"
@@ -210,8 +213,10 @@ class HRAAdapter(Adapter):
         if self.forward_path != "auto":
             return self.forward_path
         n = layer.num_tokens(x)
-        if torch.is_grad_enabled() and self.hra_u.requires_grad:  # training: avoid any N·d_out·d_in backward
-            return "lowrank" if n > 2 * self.r else "activation"
+        if torch.is_grad_enabled() and self.hra_u.requires_grad:  # training: avoid any extra N·d_out·d_in GEMM
+            if x.requires_grad:  # the base layer computes ḡ_x' = ḡ_y·W anyway: x·Hᵀ then costs what LoRA does
+                return "activation"
+            return "lowrank" if n > 2 * self.r else "activation"  # 4·d_out·d_in·r FLOPs vs 2·N·d_out·d_in
         return "weight" if n > layer.d_out else "activation"
 
     def transform_input(self, x: Tensor, layer: LayerView) -> Tensor:

@@ -262,7 +262,13 @@ def build_adapter_config(
         return None
     cls = METHODS[spec.config_method]
     fields = {f.name for f in dataclasses.fields(cls)} - {"r", "target_modules", "modules_to_save"}
-    options = {**spec.fixed, **(options or {})}
+    options = options or {}
+    clash = {k: v for k, v in spec.fixed.items() if k in options and options[k] != v}
+    if clash:
+        key = next(iter(clash))
+        raise RecipeError(f"method {method} means {key}={clash[key]!r}, but {key}={options[key]!r} was given; "
+                          f"use --method {spec.config_method} with {key}={options[key]!r}, or drop the option")
+    options = {**spec.fixed, **options}
     unknown = sorted(set(options) - fields)
     if unknown:
         valid = ", ".join(sorted(fields))
