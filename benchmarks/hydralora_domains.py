@@ -1,7 +1,8 @@
 """HydraLoRA against LoRA and HRA on heterogeneous data: sentiment-4domains (movie, tweets, amazon, nyt), MiniLM.
 
-Variants: HydraLoRA r = 8 with N = ``estimate_num_heads`` (training texts) heads, LoRA r = 8, LoRA with the
-rank whose trainable parameter count is closest to HydraLoRA's, HRA r = 8. Every variant and seed gets the
+Variants: HydraLoRA r = 8 with N = ``estimate_num_heads`` (training texts) heads and with N = 4 (one per
+domain, the paper's default; ``--num-heads`` sets the list), LoRA r = 8, LoRA with the rank whose trainable
+parameter count is closest to the largest HydraLoRA's, HRA r = 8. Every variant and seed gets the
 same budget: the same training subset, 1 epoch, batch 32, max_length 64, linear schedule with 6 % warm-up,
 the method's learning rate from ``peftlab.recipes`` (hra 1e-2, lora / hydralora 3e-3), adapters on
 query, value (or ``--targets``) plus the classifier head (``modules_to_save``), ``peftlab.Trainer``, no
@@ -10,7 +11,7 @@ evaluation or model selection during training. Measured on the test split (mean 
 - accuracy, overall and per domain (scikit-learn);
 - trainable parameters (adapter + classifier head);
 - training seconds per optimizer step (Trainer ``train_runtime`` / steps);
-- HydraLoRA only, routing per domain: each domain's test examples go through the trained model in
+- HydraLoRA with N > 1, routing per domain: each domain's test examples go through the trained model in
   length-sorted batches (little padding); after each batch ``model.routing_stats()`` gives every adapted
   layer's mean router weight ω per head; ω is averaged over layers and batches (domain × head table).
   "layer spread" = mean over layers of the total-variation distance between the domain's ω and the mean ω
@@ -137,7 +138,8 @@ def main() -> None:
     p.add_argument("--max-train-samples", type=int, default=4000)
     p.add_argument("--max-test-samples", type=int, default=None, help="default: the whole test split")
     p.add_argument("--targets", default="query,value")
-    p.add_argument("--num-heads", type=int, help="HydraLoRA's N (default: estimate_num_heads on the training texts)")
+    p.add_argument("--num-heads", default="auto,4",
+                   help="HydraLoRA's N values, comma-separated; 'auto' = estimate_num_heads on the training texts")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 300 train and 200 test samples")
     p.add_argument("--out", type=Path, help="also write the Markdown report to this file")
@@ -161,7 +163,8 @@ def main() -> None:
                                  sort=True) for d in DOMAINS}
 
     estimate, clusters = estimate_num_heads(list(train_rows["text"]), max_heads=8)
-    heads = args.num_heads or estimate
+    head_counts = list(dict.fromkeys(estimate if h.strip() == "auto" else int(h) for h in args.num_heads.split(",")))
+    heads = max(head_counts)
     n_hydra = trainable("hydralora", 8, args, heads)
     n1, n2 = trainable("lora", 1, args), trainable("lora", 2, args)  # LoRA: head + r · per_rank
     per_rank, head_params = n2 - n1, n1 - (n2 - n1)
@@ -170,8 +173,9 @@ def main() -> None:
         f"- data: {len(train_set)} train examples (1 epoch, batch 32, max_length 64), test "
         + ", ".join(f"{d} {len(s)}" for d, s in test_sets.items()) + f"; targets {args.targets} + classifier head; "
         f"seeds 0..{args.seeds - 1}",
-        f"- estimate_num_heads(training texts, max_heads=8) → N = {estimate}"
-        + (f"; overridden by --num-heads {heads}" if args.num_heads else ""),
+        f"- estimate_num_heads(training texts, max_heads=8) → N = {estimate}; HydraLoRA runs with N in "
+        f"{head_counts} (--num-heads {args.num_heads})"
+        + (" (N = 1 is LoRA with one head and a router that always outputs 1)" if 1 in head_counts else ""),
         f"- parameter match: HydraLoRA r=8, N={heads}: {n_hydra:,} trainable; LoRA: {head_params:,} (head) + "
         f"{per_rank:,}·r → r = {(n_hydra - head_params) / per_rank:.2f}, rounded to r = {matched} "
         f"({head_params + matched * per_rank:,})",
@@ -182,14 +186,16 @@ def main() -> None:
                                            for c in sorted(set(clusters.tolist()))])
     print("\n".join(lines[len(head):]), flush=True)
 
-    variants = {f"HydraLoRA r=8, N={heads}": ("hydralora", 8), "LoRA r=8": ("lora", 8),
-                f"LoRA r={matched} (param-matched)": ("lora", matched), "HRA r=8": ("hra", 8)}
+    variants = {f"HydraLoRA r=8, N={n}" + (" (estimated)" if n == estimate else ""): ("hydralora", 8, n)
+                for n in head_counts}
+    variants.update({"LoRA r=8": ("lora", 8, None), f"LoRA r={matched} (param-matched to N={heads})":
+                     ("lora", matched, None), "HRA r=8": ("hra", 8, None)})
     if matched == 8:  # LoRA r=8 is already the closest match: train it once
         del variants["LoRA r=8"]
     results: dict[str, list[dict]] = {}
     for seed in range(args.seeds):
-        for name, (method, r) in variants.items():
-            options = run_options(method, r, seed, args, heads)
+        for name, (method, r, n) in variants.items():
+            options = run_options(method, r, seed, args, n)
             t0 = time.perf_counter()
             res = train_and_test(options, train_set, test_sets)
             results.setdefault(name, []).append({**res, "lr": options.lr})
@@ -204,15 +210,18 @@ def main() -> None:
                      pm([run["s_per_step"] for run in runs], digits=3)])
     lines += table(["variant", "lr", "trainable params", "overall", *DOMAINS, "train s/step"], rows)
 
-    hydra = results[next(iter(variants))]
-    lines += ["", "## HydraLoRA routing per domain: mean ω per head over layers and test batches", ""]
-    rows = []
-    for d in DOMAINS:
-        omega = [run["routing"][d] for run in hydra]  # per seed: (layers, heads)
-        mean = [np.mean([run["routing"][e] for e in DOMAINS], 0) for run in hydra]
-        spread = [0.5 * np.abs(w - m).sum(-1).mean() for w, m in zip(omega, mean, strict=True)]
-        rows.append([d, *(pm([w.mean(0)[h] for w in omega], digits=3) for h in range(heads)), pm(spread, digits=3)])
-    lines += table(["domain", *(f"head {h}" for h in range(heads)), "layer spread"], rows)
+    for name, (method, _, n) in variants.items():
+        if method != "hydralora" or n < 2:
+            continue
+        hydra = results[name]
+        lines += ["", f"## {name}: routing per domain, mean ω per head over layers and test batches", ""]
+        rows = []
+        for d in DOMAINS:
+            omega = [run["routing"][d] for run in hydra]  # per seed: (layers, heads)
+            mean = [np.mean([run["routing"][e] for e in DOMAINS], 0) for run in hydra]
+            spread = [0.5 * np.abs(w - m).sum(-1).mean() for w, m in zip(omega, mean, strict=True)]
+            rows.append([d, *(pm([w.mean(0)[h] for w in omega], digits=3) for h in range(n)), pm(spread, digits=3)])
+        lines += table(["domain", *(f"head {h}" for h in range(n)), "layer spread"], rows)
     lines += ["", f"Total time: {time.perf_counter() - started:.0f} s"]
 
     report = "\n".join(lines) + "\n"
