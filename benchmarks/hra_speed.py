@@ -123,7 +123,7 @@ def header_lines() -> list[str]:
     return busy + [
         f"command: `{command_line()}`",
         f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs, torch threads = {torch.get_num_threads()}, "
-        f"load average at start = {load}",
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, load average at start = {load}",
         f"versions: python {platform.python_version()}, torch {torch.__version__}, transformers "
         f"{transformers.__version__}, peft {peft.__version__}, peftlab {peftlab.__version__} @ {git_revision()}",
     ]

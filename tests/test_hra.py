@@ -21,6 +21,7 @@ from peftlab.methods.hra import (
     orthogonality_penalty,
     orthonormal_columns,
     reflect_weight,
+    wy_factors,
 )
 
 
@@ -56,22 +57,27 @@ def test_wy_form_equals_explicit_product(r):
     assert torch.allclose(reflect_weight(reflect_weight(w, v, t), v, t.T), w, atol=1e-12)  # H⁻¹ = Hᵀ
 
 
-@pytest.mark.parametrize("transposed", [False, True])  # Conv1D's flat weight is a transposed view
-def test_lowrank_factors_match_autograd_of_the_definition(transposed):
+def test_wy_factors_match_the_definition_values_and_gradients():
     torch.manual_seed(3)
     u = torch.randn(20, 6, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(20, 12, dtype=torch.float64).t() if transposed else torch.randn(12, 20, dtype=torch.float64)
-    a, b = lowrank_factors(u, w)
+    vt, t = wy_factors(u)
     v = normalized_columns(u)
-    assert torch.allclose(a, v.T, atol=1e-12)
-    assert torch.allclose(b, -(w @ v @ householder_wy(v)), atol=1e-12)
-    x = torch.randn(9, 20, dtype=torch.float64)
-    assert torch.allclose(x @ w.T + (x @ a.T) @ b.T, x @ (w @ dense_h(u.detach())).T, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda u: lowrank_factors(u, w), (u,))  # the hand-written backward
-    ga, gb = torch.randn_like(a), torch.randn_like(b)  # against autograd through the plain formulas
-    (g1,) = torch.autograd.grad((a * ga).sum() + (b * gb).sum(), u)
-    (g2,) = torch.autograd.grad((v.T * ga).sum() + (-(w @ v @ householder_wy(v)) * gb).sum(), u)
+    assert torch.allclose(vt, v.T, atol=1e-12) and torch.allclose(t, householder_wy(v), atol=1e-12)
+    assert torch.autograd.gradcheck(wy_factors, (u,))  # the hand-written backward, numerically
+    g_vt, g_t = torch.randn_like(vt), torch.randn_like(t)  # and against autograd through the plain formulas
+    (g1,) = torch.autograd.grad((vt * g_vt).sum() + (t * g_t).sum(), u)
+    (g2,) = torch.autograd.grad((v.T * g_vt).sum() + (householder_wy(v) * g_t).sum(), u)
     assert torch.allclose(g1, g2, atol=1e-10)
+
+
+@pytest.mark.parametrize("transposed", [False, True])  # Conv1D's flat weight is a transposed view
+def test_lowrank_factors_give_x_times_wh(transposed):
+    torch.manual_seed(4)
+    u = torch.randn(20, 6, dtype=torch.float64)
+    w = torch.randn(20, 12, dtype=torch.float64).t() if transposed else torch.randn(12, 20, dtype=torch.float64)
+    a, b = lowrank_factors(*wy_factors(u), w)
+    x = torch.randn(9, 20, dtype=torch.float64)
+    assert torch.allclose(x @ w.T + (x @ a.T) @ b.T, x @ (w @ dense_h(u)).T, atol=1e-12)
 
 
 def _peft_pair(model: nn.Module, targets: list[str], r: int = 4, **kw):

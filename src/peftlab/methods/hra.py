@@ -112,50 +112,51 @@ def reflect_weight(w: Tensor, v: Tensor, t: Tensor) -> Tensor:
     return w - ((w @ v) @ t) @ v.t()
 
 
-class _LowRankFactors(torch.autograd.Function):
-    """(A, B) = (Vᵀ, −W·V·T) from U and a frozen W, with a hand-written backward.
+class _WYFactors(torch.autograd.Function):
+    """(Vᵀ, T) of the compact WY form from U, with a hand-written backward.
 
-    The low-rank training path runs this every step on every adapted layer. Autograd would record some
-    twenty small ops (norms, triu, a triangular solve, their backward nodes) whose fixed cost rivals the
-    GEMMs on small layers; this backward does the same math in a handful of ops:
+    Every training forward of every HRA layer starts here. Autograd would record some twenty small ops
+    (norms, triu, a triangular solve, their backward nodes) whose fixed cost rivals the GEMMs of a small
+    layer; this backward does the same math in a handful of ops:
 
-        B = −W·V·T        ḡ_V  = −Wᵀ·ḡ_B·Tᵀ,   ḡ_T = −(W·V)ᵀ·ḡ_B
-        T = S⁻¹            ḡ_S  = −Tᵀ·ḡ_T·Tᵀ
-        S = ½I + strict_upper(VᵀV)              ḡ_V += V·(G + Gᵀ),  G = strict_upper(ḡ_S)
-        V = U / ‖U‖ (columns)                   ḡ_U  = (ḡ_V − V·diag(Vᵀḡ_V)) / ‖U‖
+        T = S⁻¹                          ḡ_S = −Tᵀ·ḡ_T·Tᵀ
+        S = ½I + strict_upper(VᵀV)       ḡ_V += V·(G + Gᵀ),  G = strict_upper(ḡ_S)
+        V = U / ‖U‖ (columns)            ḡ_U = (ḡ_V − V·diag(Vᵀ·ḡ_V)) / ‖U‖
     """
 
     @staticmethod
-    def forward(ctx, u: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+    def forward(ctx, u: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         norms = u.norm(dim=0).clamp_min(torch.finfo(u.dtype).tiny)
         v = u / norms
         s = torch.triu(v.t() @ v, diagonal=1)
         s.diagonal().fill_(0.5)
         t = torch.linalg.solve_triangular(s, torch.eye(s.shape[0], dtype=s.dtype, device=s.device), upper=True)
-        a = v.t().contiguous()  # Vᵀ, (r, d_in)
-        wv_t = F.linear(a.to(weight.dtype), weight).to(v.dtype)  # (W·V)ᵀ, (r, d_out): the fast GEMM layout on CPU
-        ctx.save_for_backward(v, norms, t, wv_t, weight)
-        return a, -(wv_t.t() @ t)
+        ctx.save_for_backward(v, norms, t)
+        return v.t().contiguous(), t  # Vᵀ (r, d_in): the layout F.linear wants
 
     @staticmethod
-    def backward(ctx, g_a: Tensor | None, g_b: Tensor | None) -> tuple[Tensor, None]:  # type: ignore[override]
-        v, norms, t, wv_t, weight = ctx.saved_tensors
-        g_v = torch.zeros_like(v) if g_a is None else g_a.t().to(v.dtype)
-        if g_b is not None:
-            g_b = g_b.to(v.dtype)
-            g_v = g_v - ((t @ g_b.t()).to(weight.dtype) @ weight).t().to(v.dtype)  # Wᵀ·ḡ_B·Tᵀ as (T·ḡ_Bᵀ·W)ᵀ
-            g_s = t.t() @ (wv_t @ g_b) @ t.t()  # −Tᵀ·ḡ_T·Tᵀ with ḡ_T = −(W·V)ᵀ·ḡ_B
-            g = torch.triu(g_s, diagonal=1)
+    def backward(ctx, g_vt: Tensor | None, g_t: Tensor | None) -> Tensor:  # type: ignore[override]
+        v, norms, t = ctx.saved_tensors
+        g_v = torch.zeros_like(v) if g_vt is None else g_vt.t()
+        if g_t is not None:
+            g = torch.triu(-(t.t() @ g_t @ t.t()), diagonal=1)
             g_v = g_v + v @ (g + g.t())
-        return (g_v - v * (v * g_v).sum(0)) / norms, None
+        return (g_v - v * (v * g_v).sum(0)) / norms
 
 
-def lowrank_factors(u: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """(A, B) with x·(W·H)ᵀ = x·Wᵀ + (x·Aᵀ)·Bᵀ: A = Vᵀ (r, d_in), B = −W·V·T (d_out, r), in U's dtype.
+def wy_factors(u: Tensor) -> tuple[Tensor, Tensor]:
+    """(Vᵀ, T) with H₁⋯H_r = I − V·T·Vᵀ, V = U / ‖U‖ column-wise; the same values as
+    ``normalized_columns`` and ``householder_wy``, differentiable in U through a hand-written backward."""
+    return _WYFactors.apply(u)
 
-    Differentiable in U (hand-written backward); W must be frozen (use the autograd path otherwise).
+
+def lowrank_factors(vt: Tensor, t: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(A, B) with x·(W·H)ᵀ = x·Wᵀ + (x·Aᵀ)·Bᵀ: A = Vᵀ (r, d_in), B = −W·V·T (d_out, r), in V's dtype.
+
+    (W·V)ᵀ is computed as Vᵀ·Wᵀ, whose gradient Vᵀ-side product ḡ·W is the fast GEMM layout on CPU.
     """
-    return _LowRankFactors.apply(u, weight)
+    wv_t = F.linear(vt.to(weight.dtype), weight).to(vt.dtype)  # (W·V)ᵀ, (r, d_out)
+    return vt, -(wv_t.t() @ t)
 
 
 def orthogonality_penalty(u: Tensor) -> Tensor:
@@ -204,8 +205,8 @@ class HRAAdapter(Adapter):
         if self.apply_GS:
             v = orthonormal_columns(u)
             return v, 2.0 * torch.eye(v.shape[1], dtype=v.dtype, device=v.device)
-        v = normalized_columns(u)
-        return v, householder_wy(v)
+        vt, t = wy_factors(u)
+        return vt.t(), t
 
     def multiplicative_path(self, x: Tensor, layer: LayerView) -> str:
         if layer.kind == "conv2d":
@@ -227,14 +228,8 @@ class HRAAdapter(Adapter):
 
     def delta(self, x: Tensor, layer: LayerView) -> Tensor:
         """x·(W·H)ᵀ − x·Wᵀ = −((x·V)·Tᵀ)·(W·V)ᵀ: like LoRA with B = −W·V·T, A = Vᵀ, no d × d tensor."""
-        weight = layer.flat_weight()
-        if self.apply_GS or weight.requires_grad:  # plain autograd (T = 2I for GS; W may train)
-            v, t = self.reflectors()
-            wv = (weight @ v.to(weight.dtype)).to(v.dtype)
-            a, b = v.t(), -(wv @ t)
-        else:
-            u = self.hra_u if self.hra_u.dtype in (torch.float32, torch.float64) else self.hra_u.float()
-            a, b = lowrank_factors(u, weight)
+        v, t = self.reflectors()
+        a, b = lowrank_factors(v.t(), t, layer.flat_weight())
         return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))  # B acts on r-wide features only
 
     def merged_weight(self, weight: Tensor, **options: Any) -> Tensor:
