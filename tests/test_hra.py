@@ -63,6 +63,7 @@ def test_wy_factors_match_the_definition_values_and_gradients():
     vt, t = wy_factors(u)
     v = normalized_columns(u)
     assert torch.allclose(vt, v.T, atol=1e-12) and torch.allclose(t, householder_wy(v), atol=1e-12)
+    assert torch.allclose(torch.eye(20, dtype=u.dtype) - vt.T @ t @ vt, dense_h(u.detach()), atol=1e-12)
     assert torch.autograd.gradcheck(wy_factors, (u,))  # the hand-written backward, numerically
     g_vt, g_t = torch.randn_like(vt), torch.randn_like(t)  # and against autograd through the plain formulas
     (g1,) = torch.autograd.grad((vt * g_vt).sum() + (t * g_t).sum(), u)

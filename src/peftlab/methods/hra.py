@@ -128,9 +128,7 @@ class _WYFactors(torch.autograd.Function):
     def forward(ctx, u: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         norms = u.norm(dim=0).clamp_min(torch.finfo(u.dtype).tiny)
         v = u / norms
-        s = torch.triu(v.t() @ v, diagonal=1)
-        s.diagonal().fill_(0.5)
-        t = torch.linalg.solve_triangular(s, torch.eye(s.shape[0], dtype=s.dtype, device=s.device), upper=True)
+        t = householder_wy(v)
         ctx.save_for_backward(v, norms, t)
         return v.t().contiguous(), t  # Vᵀ (r, d_in): the layout F.linear wants
 
