@@ -326,3 +326,7 @@ def test_compare_runs_method_variants_with_their_config_fields(tiny, tmp_path, c
     bad = main(["compare", "--model", str(tiny["model"]), "--data", str(tiny["small"]), "--methods",
                 "lora,lora:alhpa=2", "--output-dir", str(tmp_path / "bad")])
     assert bad == 2 and "alhpa" in error_line(capsys) and not (tmp_path / "bad").exists()
+    clash = main(["compare", "--model", str(tiny["model"]), "--data", str(tiny["small"]), "--methods",
+                  "lora,mtlora-icfm:structure=shim", "--output-dir", str(tmp_path / "clash")])
+    assert clash == 2 and "mtlora-icfm means structure='icfm'" in error_line(capsys)
+    assert not (tmp_path / "clash").exists()  # refused before the first run

@@ -26,12 +26,13 @@ from types import ModuleType
 from typing import Any
 
 from peftlab import io
-from peftlab.config import METHODS, ConfigError
+from peftlab.config import ConfigError
 from peftlab.recipes.common import (
     METHOD_SPECS,
     TASKS,
     RecipeError,
     RunOptions,
+    adapter_options,
     check_output_dir,
     is_adapter_dir,
     method_spec,
@@ -156,11 +157,10 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
     if fields and spec.config_method is None:
         raise RecipeError(f"method variant {text!r}: {spec.name} has no adapter config to set {sorted(fields)} on")
     if fields:  # fail before the first run, not after hours of training
-        cls = METHODS[spec.config_method]
-        values = {k: v for k, v in {**spec.fixed, **fields}.items() if v != "auto"}
         try:
-            cls(**values)
-        except (ConfigError, TypeError) as err:
+            cls, values = adapter_options(spec.name, fields)
+            cls(**{k: v for k, v in values.items() if v != "auto"})
+        except (RecipeError, ConfigError, TypeError) as err:
             raise RecipeError(f"method variant {text!r}: {err}") from None
     return spec.name, fields
 

@@ -244,22 +244,13 @@ def head_modules(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_children() if name in HEAD_NAMES]
 
 
-def build_adapter_config(
-    method: str,
-    model: nn.Module,
-    r: int,
-    target_modules: list[str] | str | None = None,
-    modules_to_save: list[str] | None = None,
-    options: dict[str, Any] | None = None,
-) -> AdapterConfig | None:
-    """The adapter config for ``method`` on ``model`` (``None`` for ``full`` / ``linear-probe``).
+def adapter_options(method: str, options: dict[str, Any] | None) -> tuple[type[AdapterConfig], dict[str, Any]]:
+    """The config class of ``method`` and its fields: the method's fixed fields plus ``options``, checked.
 
-    Targets default to the query/value projections (``default_targets``); ``options`` are further fields
-    of the method's config class, checked by name.
+    Raises ``RecipeError`` when an option contradicts a fixed field (``mtlora-icfm`` with ``structure=shim``)
+    or names no field of the config class. ``r``, ``target_modules`` and ``modules_to_save`` are not options.
     """
     spec = method_spec(method)
-    if spec.config_method is None:
-        return None
     cls = METHODS[spec.config_method]
     fields = {f.name for f in dataclasses.fields(cls)} - {"r", "target_modules", "modules_to_save"}
     options = options or {}
@@ -273,6 +264,25 @@ def build_adapter_config(
     if unknown:
         valid = ", ".join(sorted(fields))
         raise RecipeError(f"{cls.__name__} has no field(s) {unknown}; --adapter-arg accepts: {valid}")
+    return cls, options
+
+
+def build_adapter_config(
+    method: str,
+    model: nn.Module,
+    r: int,
+    target_modules: list[str] | str | None = None,
+    modules_to_save: list[str] | None = None,
+    options: dict[str, Any] | None = None,
+) -> AdapterConfig | None:
+    """The adapter config for ``method`` on ``model`` (``None`` for ``full`` / ``linear-probe``).
+
+    Targets default to the query/value projections (``default_targets``); ``options`` are further fields
+    of the method's config class, checked by name.
+    """
+    if method_spec(method).config_method is None:
+        return None
+    cls, options = adapter_options(method, options)
     try:
         return cls(r=r, target_modules=target_modules or default_targets(model),
                    modules_to_save=modules_to_save or None, **options)
