@@ -18,6 +18,8 @@ from pathlib import Path
 from sacrebleu.metrics import BLEU
 from sacrebleu.significance import PairedTest
 
+from peftlab.metrics import reference_streams
+
 
 def read_predictions(path: Path) -> tuple[list[str], list[str], list[list[str]]]:
     """Return (mrs, hypotheses, references) from a predictions.jsonl file."""
@@ -40,9 +42,7 @@ def main() -> None:
     mrs_b, hyps_b, _ = read_predictions(args.system)
     if mrs_a != mrs_b:
         raise SystemExit("the two files do not hold the same test MRs in the same order; compare runs on one test set")
-    depth = max(map(len, refs))
-    streams = [[rs[k] if k < len(rs) else None for rs in refs] for k in range(depth)]
-    test = PairedTest([("baseline", hyps_a), ("system", hyps_b)], {"BLEU": BLEU()}, streams,
+    test = PairedTest([("baseline", hyps_a), ("system", hyps_b)], {"BLEU": BLEU()}, reference_streams(refs),
                       test_type="bs", n_samples=args.samples)
     _, scores = test()
     print(f"{len(hyps_a)} test MRs, {args.samples} paired bootstrap samples")

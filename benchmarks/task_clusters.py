@@ -15,7 +15,7 @@ import argparse
 from collections import Counter
 
 from peftlab.hydralora import estimate_num_heads
-from peftlab.recipes.causal_lm import format_prompt, load_records
+from peftlab.recipes.causal_lm import load_records, record_prompt
 
 
 def main() -> None:
@@ -29,7 +29,7 @@ def main() -> None:
     train = load_records(args.data)["train"]
     if "task" not in train.column_names:
         raise SystemExit(f"{args.data}: the records carry no `task` field to compare the clusters with")
-    texts = [format_prompt(row["instruction"], row.get("input") or "") for row in train]
+    texts = [record_prompt(row) for row in train]
     n, labels = estimate_num_heads(texts, max_heads=args.max_heads, method=args.method, seed=args.seed)
     clusters = sorted(set(int(c) for c in labels))
     counts = Counter(zip(train["task"], (int(c) for c in labels), strict=True))

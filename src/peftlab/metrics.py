@@ -114,6 +114,13 @@ def _cider(hyps: list[str], refs: list[list[str]]) -> float | str:
     return float(Cider().compute_score(gts, res)[0])
 
 
+def reference_streams(references_list: Sequence[Sequence[str]]) -> list[list[str | None]]:
+    """Per-hypothesis reference lists → sacrebleu's reference streams (stream k holds every hypothesis's k-th
+    reference, ``None`` where a hypothesis has fewer than k + 1)."""
+    depth = max(map(len, references_list))
+    return [[rs[k] if k < len(rs) else None for rs in references_list] for k in range(depth)]
+
+
 def generation_metrics(hypotheses: Sequence[str], references_list: Sequence[Sequence[str]]) -> dict:
     """Corpus metrics of generated texts, each scored against one or more references.
 
@@ -131,9 +138,7 @@ def generation_metrics(hypotheses: Sequence[str], references_list: Sequence[Sequ
         raise ValueError(f"Need one reference list per hypothesis; got {len(hyps)} and {len(refs)}.")
     if any(not rs for rs in refs):
         raise ValueError("Every hypothesis needs at least one reference.")
-    depth = max(map(len, refs))
-    streams = [[rs[k] if k < len(rs) else None for rs in refs] for k in range(depth)]
-    result: dict = {"bleu": sacrebleu.corpus_bleu(hyps, streams).score}
+    result: dict = {"bleu": sacrebleu.corpus_bleu(hyps, reference_streams(refs)).score}
 
     tokenize = Tokenizer13a()
     hyp_tokens = [tokenize(h).split() for h in hyps]

@@ -139,7 +139,8 @@ def encode_records(records, tokenizer, max_length: int, prompt_fn, response_fn):
     return with_length(kept)
 
 
-def _instruction_prompt(row: dict[str, Any]) -> str:
+def record_prompt(row: dict[str, Any]) -> str:
+    """The prompt of one ``{instruction, input, ...}`` record (what training, testing and ``num_heads=auto`` see)."""
     return format_prompt(row["instruction"], row.get("input") or "")
 
 
@@ -264,7 +265,7 @@ def make_trainer(options: RunOptions, model, tokenizer, args, train_set, val_set
 
 def evaluate_answers(model, tokenizer, records, options: RunOptions) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Exact match of greedy generations on ``records`` (and the prediction rows)."""
-    prompts = [_instruction_prompt(r) for r in records]
+    prompts = [record_prompt(r) for r in records]
     predictions = generate(model, tokenizer, prompts, options.eval_batch_size, options.max_new_tokens,
                            num_beams=options.num_beams, length_penalty=options.length_penalty,
                            no_repeat_ngram_size=options.no_repeat_ngram_size, max_prompt_length=options.max_length)
@@ -280,9 +281,9 @@ def train(options: RunOptions) -> dict[str, Any]:
     options = options.resolved()
     checkpoint = check_output_dir(options)
     records = load_records(options.data, options.split_seed)
-    model, tokenizer, train_set, val_set, args = setup(options, records, _instruction_prompt, _output)
+    model, tokenizer, train_set, val_set, args = setup(options, records, record_prompt, _output)
     test_records = select(records["test"], options.max_test_samples, options.split_seed)
-    test_set = encode_records(test_records, tokenizer, options.max_length, _instruction_prompt, _output)
+    test_set = encode_records(test_records, tokenizer, options.max_length, record_prompt, _output)
     trainable, total = count_parameters(model)
     with args.main_process_first(local=False):
         out = start_output_dir(options, main_process=args.process_index == 0)
@@ -349,7 +350,7 @@ def evaluate(
     if not len(rows):
         raise RecipeError(f"{options.data}: the {split} split is empty")
     metrics, _ = evaluate_answers(net, tokenizer, rows, options)
-    loss = mean_loss(net, tokenizer, encode_records(rows, tokenizer, options.max_length, _instruction_prompt, _output),
+    loss = mean_loss(net, tokenizer, encode_records(rows, tokenizer, options.max_length, record_prompt, _output),
                      options.eval_batch_size)
     metrics.update(loss=loss, perplexity=perplexity(loss))
     return {"task": "causal-lm", "adapter": str(adapter), "model": options.model, "data": options.data,
