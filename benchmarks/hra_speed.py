@@ -514,27 +514,27 @@ def flop_ratio(res: LinearResult, input_grad: bool) -> float:
     return (lora + 4 * d * d * r) / lora
 
 
+def time_ratio(res: LinearResult, num: str, den: str) -> float | None:
+    """Median fwd+bwd time of variant ``num`` over that of ``den`` at one size; ``None`` if either is missing."""
+    a, b = res.timings.median_ms(f"{num}/fwd_bwd"), res.timings.median_ms(f"{den}/fwd_bwd")
+    return a / b if a is not None and b else None
+
+
 def peft_over_lora(res: LinearResult) -> str:
     """PEFT HRA time / LoRA time: the speed-up over PEFT that LoRA itself gets, for reference."""
-    peft_ms, lora = res.timings.median_ms("peft_hra/fwd_bwd"), res.timings.median_ms("lora/fwd_bwd")
-    return f"{peft_ms / lora:.1f}×" if peft_ms is not None and lora else "—"
+    x = time_ratio(res, "peft_hra", "lora")
+    return f"{x:.1f}×" if x is not None else "—"
 
 
 def summary_lines(results: list[LinearResult], model: ModelResult | None, input_grad: bool = False) -> list[str]:
     lines = []
-    worst = None
-    for res in results:
-        hra, lora = res.timings.median_ms("hra/fwd_bwd"), res.timings.median_ms("lora/fwd_bwd")
-        if hra is not None and lora:
-            if worst is None or hra / lora > worst[0]:
-                worst = (hra / lora, res)
-    if worst is None:
+    vs_lora = [(x, res) for res in results if (x := time_ratio(res, "hra", "lora")) is not None]
+    if not vs_lora:
         lines.append(f"peftlab HRA fwd+bwd ≤ {GOAL_VS_LORA}× LoRA at every size: not measured")
     else:
+        worst = max(vs_lora, key=lambda s: s[0])
         ok = "yes" if worst[0] <= GOAL_VS_LORA else "no"
-        over = [res for res in results if res.timings.median_ms("hra/fwd_bwd") and res.timings.median_ms(
-            "lora/fwd_bwd") and res.timings.median_ms("hra/fwd_bwd") / res.timings.median_ms("lora/fwd_bwd")
-            > GOAL_VS_LORA]
+        over = [res for x, res in vs_lora if x > GOAL_VS_LORA]
         lines.append(
             f"peftlab HRA fwd+bwd ≤ {GOAL_VS_LORA}× LoRA at every size: {ok} "
             f"(worst {worst[0]:.2f}× at {where(worst[1])}, where the FLOP ratio is "
@@ -542,13 +542,8 @@ def summary_lines(results: list[LinearResult], model: ModelResult | None, input_
             + (f": {'; '.join(where(r) for r in over)}" if over else "") + ")"
         )
 
-    speedups = []
-    for res in results:
-        if res.d != GOAL_PEFT_DIM:
-            continue
-        hra, peft_ms = res.timings.median_ms("hra/fwd_bwd"), res.timings.median_ms("peft_hra/fwd_bwd")
-        if hra and peft_ms is not None:
-            speedups.append((peft_ms / hra, res))
+    speedups = [(x, res) for res in results
+                if res.d == GOAL_PEFT_DIM and (x := time_ratio(res, "peft_hra", "hra")) is not None]
     if not speedups:
         lines.append(f"≥ {GOAL_VS_PEFT:.0f}× faster than PEFT HRA at d={GOAL_PEFT_DIM}: not measured in this run")
     else:
@@ -556,14 +551,10 @@ def summary_lines(results: list[LinearResult], model: ModelResult | None, input_
         ok = "yes" if low[0] >= GOAL_VS_PEFT else "no"
         # Where LoRA itself is not GOAL_VS_PEFT× faster than PEFT HRA, the frozen layer's own N·d² GEMM (which
         # every adapter runs) bounds the speed-up: the goal is then out of reach for any method.
-        short = [(x, res) for x, res in speedups if x < GOAL_VS_PEFT]
-        lora_ms = {id(res): res.timings.median_ms("lora/fwd_bwd") for _, res in speedups}
-        if short and all(
-            (res.timings.median_ms("peft_hra/fwd_bwd") or 0) / (lora_ms[id(res)] or 1) < GOAL_VS_PEFT
-            for _, res in short
-        ):
+        short = [res for x, res in speedups if x < GOAL_VS_PEFT]
+        if short and all((time_ratio(res, "peft_hra", "lora") or 0) < GOAL_VS_PEFT for res in short):
             ok = (
-                f"yes where any adapter can reach it; not at {', '.join(where(res) for _, res in short)}, where even "
+                f"yes where any adapter can reach it; not at {', '.join(where(res) for res in short)}, where even "
                 "LoRA is not (the base layer's GEMM dominates)"
             )
         each = "; ".join(
