@@ -7,9 +7,19 @@ model = get_adapter_model(base_model, HRAConfig(r=8, target_modules=["query", "v
 """
 
 from peftlab._version import __version__
-from peftlab.config import AdapterConfig, ConfigError, register_method
-from peftlab.inject import AdapterLayer, MergeError
-from peftlab.io import AdapterLoadError
+from peftlab.config import AdapterConfig, register_method
+from peftlab.errors import (
+    AdapterError,
+    AdapterLoadError,
+    ConfigError,
+    DataError,
+    MergeError,
+    ModelError,
+    PeftlabError,
+    RecipeError,
+    TargetError,
+)
+from peftlab.inject import AdapterLayer
 from peftlab.methods.hra import HRAConfig
 from peftlab.methods.hydralora import HydraLoraConfig
 from peftlab.methods.lora import LoraConfig
@@ -18,15 +28,21 @@ from peftlab.model import AdapterModel, get_adapter_model
 
 __all__ = [
     "AdapterConfig",
+    "AdapterError",
     "AdapterLayer",
     "AdapterLoadError",
     "AdapterModel",
     "ConfigError",
+    "DataError",
     "HRAConfig",
     "HydraLoraConfig",
     "LoraConfig",
     "MTLoraConfig",
     "MergeError",
+    "ModelError",
+    "PeftlabError",
+    "RecipeError",
+    "TargetError",
     "Trainer",
     "__version__",
     "get_adapter_model",

@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from peftlab._version import __version__
+from peftlab.errors import PeftlabError
+from peftlab.errors import UsageError as CLIError
 
 EXIT_BAD_INPUT = 2
 
 
-class CLIError(ValueError):
-    """Bad command-line input (reported as one line, exit code 2)."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -447,17 +447,10 @@ def _fmt(value: Any) -> str:
 
 
 # -- entry point --------------------------------------------------------------------------------------------------
-def _bad_input_errors() -> tuple[type[BaseException], ...]:
+def yaml_error() -> type[Exception]:
     import yaml
 
-    from peftlab.config import ConfigError
-    from peftlab.data import DataError
-    from peftlab.inject import MergeError
-    from peftlab.io import AdapterLoadError
-    from peftlab.models import ModelError
-    from peftlab.recipes.common import RecipeError
-
-    return CLIError, RecipeError, DataError, ModelError, ConfigError, AdapterLoadError, MergeError, yaml.YAMLError
+    return yaml.YAMLError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -473,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{command}: interrupted; `peftlab train --resume` continues from the last checkpoint", file=sys.stderr)
         return 130
-    except _bad_input_errors() as err:
+    except (PeftlabError, yaml_error()) as err:
         message = " ".join(str(err).split()) or type(err).__name__
         print(f"{command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -16,12 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from peftlab._version import __version__
+from peftlab.errors import ConfigError
 
 BIAS_MODES = ("none", "all")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message says which field and what is allowed."""
 
 
 @dataclass

@@ -19,8 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from peftlab.config import AdapterConfig
+from peftlab.errors import MergeError, TargetError
 from peftlab.layers import SUPPORTED_TYPES, LayerView, layer_kind
-from peftlab.methods.base import Adapter, MergeError
+from peftlab.methods.base import Adapter
 
 HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs"})
 DEFAULT_LAYER_PATTERNS = ("layers", "layer", "h", "blocks", "block", "down_blocks", "up_blocks")
@@ -217,12 +218,12 @@ def adaptable_names(model: nn.Module) -> list[str]:
 def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.Module]]:
     """The modules ``config`` selects, as ``(name, base module)``.
 
-    Raises ValueError when nothing matches (listing what could be targeted), or when a matched module
+    Raises TargetError when nothing matches (listing what could be targeted), or when a matched module
     is of a type no method can wrap.
     """
     spec = config.target_modules
     if spec is None:
-        raise ValueError(
+        raise TargetError(
             f"{type(config).__name__}.target_modules is not set; name the layers to adapt, e.g. "
             f"{adaptable_names(model)[:6]}, or use 'all-linear'"
         )
@@ -245,7 +246,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
             if list(module.children()):
                 containers.append(name)  # e.g. `attention.output` when targeting "output"
                 continue
-            raise ValueError(
+            raise TargetError(
                 f"target_modules={spec!r} matched {name}, a {type(module).__name__}, which peftlab cannot "
                 f"adapt; supported layer types: {SUPPORTED_TYPES}. Name its linear layers instead."
             )
@@ -256,7 +257,7 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
             extra = f" with layers_to_transform={config.layers_to_transform} (layers_pattern={config.layers_pattern!r})"
         if containers:
             extra += f" (only the containers {containers[:3]}, which are not layers)"
-        raise ValueError(
+        raise TargetError(
             f"target_modules={spec!r}{extra} matched nothing in {type(model).__name__}; "
             f"layers that can be adapted: {', '.join(adaptable_names(model))}"
         )
@@ -272,7 +273,7 @@ def find_modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]
         hits = [n for n, _ in _plain_modules(model) if n and matches(n, [wanted])]
         if not hits:
             top = [n for n, _ in model.named_children()]
-            raise ValueError(
+            raise TargetError(
                 f"modules_to_save entry {wanted!r} matched no module in {type(model).__name__}; "
                 f"top-level modules: {top}"
             )

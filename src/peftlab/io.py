@@ -20,13 +20,11 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
+from peftlab.errors import AdapterLoadError
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
-
-
-class AdapterLoadError(ValueError):
-    """An adapter folder is missing, corrupt, or does not fit the model it is loaded into."""
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

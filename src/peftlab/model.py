@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from peftlab import io
-from peftlab.config import AdapterConfig, ConfigError
+from peftlab.config import AdapterConfig
+from peftlab.errors import AdapterError, ConfigError, TargetError
 from peftlab.inject import (
     AdapterLayer,
     MergeError,
@@ -90,9 +91,9 @@ class AdapterModel(nn.Module):
         if not isinstance(config, AdapterConfig):
             raise TypeError(f"config must be an AdapterConfig (e.g. HRAConfig), got {type(config).__name__}")
         if not adapter_name or "." in adapter_name:
-            raise ValueError(f"adapter name {adapter_name!r} must be non-empty and contain no '.'")
+            raise AdapterError(f"adapter name {adapter_name!r} must be non-empty and contain no '.'")
         if adapter_name in self.peft_config:
-            raise ValueError(
+            raise AdapterError(
                 f"an adapter named {adapter_name!r} exists already; delete_adapter() it or pick a new name"
             )
         adapter_cls = ADAPTERS.get(config.method)
@@ -107,9 +108,9 @@ class AdapterModel(nn.Module):
             r = config.rank_for(name)
             problem = adapter_cls.check_layer(view, r, config)
             if problem:
-                raise ValueError(f"cannot put a {config.method} adapter on {name}: {problem}")
+                raise TargetError(f"cannot put a {config.method} adapter on {name}: {problem}")
             if not torch.isfinite(view.flat_weight().detach()).all():
-                raise ValueError(f"{name}'s weight holds NaN or inf values; the base model is corrupt")
+                raise TargetError(f"{name}'s weight holds NaN or inf values; the base model is corrupt")
             plans.append((name, module, view, r))
         for name, module, view, r in plans:
             layer = self.base_model.get_submodule(name)
@@ -131,7 +132,7 @@ class AdapterModel(nn.Module):
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
-            raise ValueError(f"no adapter named {unknown[0]!r}; adapters: {list(self.peft_config)}")
+            raise AdapterError(f"no adapter named {unknown[0]!r}; adapters: {list(self.peft_config)}")
         for _, layer in self._layers():
             if layer.merged:
                 raise MergeError("cannot switch adapters while some are merged; call unmerge() first")
@@ -145,7 +146,7 @@ class AdapterModel(nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter everywhere; layers left with no adapter become plain layers again."""
         if adapter_name not in self.peft_config:
-            raise ValueError(f"no adapter named {adapter_name!r}; adapters: {list(self.peft_config)}")
+            raise AdapterError(f"no adapter named {adapter_name!r}; adapters: {list(self.peft_config)}")
         for name, layer in list(self._layers()):
             if adapter_name in layer.merged:
                 raise MergeError(f"adapter {adapter_name!r} is merged into {name}; call unmerge() first")
@@ -312,7 +313,7 @@ class AdapterModel(nn.Module):
         """
         adapter_name = adapter_name or self.active_adapter
         if adapter_name not in self.peft_config:
-            raise ValueError(f"no adapter named {adapter_name!r}; adapters: {list(self.peft_config)}")
+            raise AdapterError(f"no adapter named {adapter_name!r}; adapters: {list(self.peft_config)}")
         state: dict[str, Tensor] = {}
         for layer_name, layer in self._layers():
             if adapter_name in layer.adapters:
@@ -364,7 +365,7 @@ class AdapterModel(nn.Module):
         if not is_main_process:
             return
         if format not in ("peftlab", "peft"):
-            raise ValueError(f"format={format!r}: use 'peftlab' or 'peft'")
+            raise ConfigError(f"format={format!r}: use 'peftlab' or 'peft'")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
             folder = Path(save_directory) if name == "default" else Path(save_directory) / name

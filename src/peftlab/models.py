@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from peftlab.errors import ModelError
+
 from .data.cache import atomic_save_dir, cache_dir
 
 KNOWN_MODELS: dict[str, str] = {
@@ -29,10 +31,6 @@ KNOWN_MODELS: dict[str, str] = {
 }
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 logger = logging.getLogger(__name__)
-
-
-class ModelError(ValueError):
-    """A model name or path could not be resolved or loaded; the message says what to do."""
 
 
 @contextlib.contextmanager

@@ -19,9 +19,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-
-class DataError(ValueError):
-    """A data set could not be fetched, read or understood; the message says what to do."""
+from peftlab.errors import DataError  # noqa: F401  (re-exported by peftlab.data)
 
 
 @dataclass(frozen=True)

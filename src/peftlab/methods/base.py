@@ -20,13 +20,10 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from peftlab.config import AdapterConfig
+from peftlab.errors import MergeError  # noqa: F401  (re-exported: methods raise it)
 from peftlab.layers import LayerView
 
 ADAPTERS: dict[str, type[Adapter]] = {}
-
-
-class MergeError(RuntimeError):
-    """Merging would produce an invalid weight, or the merge state does not allow the operation."""
 
 
 class Adapter(nn.Module):

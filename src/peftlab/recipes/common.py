@@ -36,6 +36,7 @@ from torch import nn
 from peftlab import io
 from peftlab._version import __version__
 from peftlab.config import METHODS, AdapterConfig, ConfigError
+from peftlab.errors import RecipeError
 from peftlab.model import AdapterModel, get_adapter_model
 
 RUN_FILE = "run_config.json"
@@ -52,10 +53,6 @@ DEFAULT_TARGETS: tuple[tuple[str, ...], ...] = (
     ("q_lin", "v_lin"),  # DistilBERT
     ("c_attn",),  # GPT-2 (fused q|k|v)
 )
-
-
-class RecipeError(ValueError):
-    """Bad input to a recipe (options, data or output folder); the message says what to do."""
 
 
 @dataclass(frozen=True)
