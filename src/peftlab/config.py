@@ -12,6 +12,8 @@ import dataclasses
 import json
 import math
 import re
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -41,7 +43,14 @@ class AdapterConfig:
             (biases of the adapted layers only).
     """
 
+    # What the rest of peftlab needs to know about the method (the CLI, the recipes, PEFT interop):
     method: ClassVar[str] = ""
+    description: ClassVar[str] = ""  # one line for --help
+    default_lr: ClassVar[float] = 1e-3  # learning rate used when the user gives none
+    cli_fields: ClassVar[tuple[str, ...]] = ()  # fields with a flag of their own (--num-heads); help from metadata
+    variants: ClassVar[dict[str, dict[str, Any]]] = {}  # more names: {"mtlora-shim": {"structure": "shim"}}
+    peft_type: ClassVar[str | None] = None  # HF PEFT's name of the method, if PEFT has it (see from_peft / to_peft)
+
     r: int = 8
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
@@ -101,6 +110,28 @@ class AdapterConfig:
                 return value
         return self.r
 
+    # -- data-dependent fields -----------------------------------------------------------------------------
+    def unresolved_fields(self) -> list[str]:
+        """Fields whose value must be computed from the training data before a model is built (e.g.
+        HydraLoRA's ``num_heads="auto"``); :meth:`resolve` fills them."""
+        return []
+
+    def resolve(self, texts: Callable[[], Sequence[str]] | None, seed: int = 0) -> AdapterConfig:
+        """A copy with every :meth:`unresolved_fields` entry computed from ``texts()`` (the training inputs)."""
+        return self
+
+    # -- HF PEFT ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_peft(cls, data: dict[str, Any], common: dict[str, Any]) -> AdapterConfig:
+        """The config equivalent to a PEFT ``adapter_config.json`` of type ``peft_type``.
+
+        ``common`` holds the targeting fields already translated (r, target_modules, ...)."""
+        raise NotImplementedError(f"HF PEFT has no {cls.method} method")
+
+    def to_peft(self) -> dict[str, Any]:
+        """This method's own fields in PEFT's ``adapter_config.json`` names (targeting fields excluded)."""
+        raise NotImplementedError(f"HF PEFT has no {self.method} method; only {peft_methods()} export to it")
+
     # -- serialisation ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict that records the method and the peftlab version."""
@@ -117,12 +148,13 @@ class AdapterConfig:
         data = dict(data)
         method = data.pop("method", None)
         data.pop("peftlab_version", None)
-        if method not in METHODS:
+        methods = registered_methods()
+        if method not in methods:
             raise ConfigError(
                 f"adapter config names method {method!r}, which this peftlab does not know; "
-                f"known methods: {sorted(METHODS)}"
+                f"known methods: {sorted(methods)}"
             )
-        cls = METHODS[method]
+        cls = methods[method]
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -134,19 +166,62 @@ class AdapterConfig:
 
 
 METHODS: dict[str, type[AdapterConfig]] = {}
+ENTRY_POINT_GROUP = "peftlab.methods"
+_plugins_loaded = False
 
 
 def register_method(config_cls: type[AdapterConfig]) -> type[AdapterConfig]:
-    """Class decorator: make a config (and so its method) loadable by name."""
+    """Class decorator: make a config (and so its method) known by name to loading, the CLI and recipes."""
     if not config_cls.method:
         raise TypeError(f"{config_cls.__name__} must set the class attribute `method`")
     METHODS[config_cls.method] = config_cls
     return config_cls
 
 
+def registered_methods() -> dict[str, type[AdapterConfig]]:
+    """Every known method: the built-in ones, those registered in code, and third-party ones.
+
+    A package adds a method by registering its config module under the ``peftlab.methods`` entry point
+    group (``[project.entry-points."peftlab.methods"] mymethod = "mypkg.mymethod"``); the module is
+    imported here once, and its ``@register_method`` does the rest. A plugin that fails to import is
+    reported with a warning and skipped.
+    """
+    global _plugins_loaded
+    import peftlab.methods  # noqa: F401  (registers the built-in methods)
+
+    if not _plugins_loaded:
+        _plugins_loaded = True
+        from importlib.metadata import entry_points
+
+        for entry in entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                entry.load()
+            except Exception as err:  # a broken plugin must not break peftlab
+                warnings.warn(f"peftlab: method plugin {entry.name!r} ({entry.value}) failed to load: {err}",
+                              stacklevel=2)
+    return METHODS
+
+
+def peft_methods() -> list[str]:
+    """Methods that HF PEFT has too (they load from and export to its format)."""
+    return sorted(name for name, cls in registered_methods().items() if cls.peft_type)
+
+
 def _check_rank(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{name} must be a positive integer; got {value!r}")
+
+
+def check_positive_int(name: str, value: Any, hint: str = "") -> None:
+    """Raise :class:`ConfigError` unless ``value`` is an int ≥ 1 (``bool`` is refused)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer{' ' + hint if hint else ''}; got {value!r}")
+
+
+def check_finite(name: str, value: Any) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is a finite int or float (``bool`` is refused)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number; got {value!r}")
 
 
 def check_nonnegative(name: str, value: float) -> None:

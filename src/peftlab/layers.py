@@ -134,3 +134,9 @@ class LayerView:
         if self.kind == "embedding":
             return x.numel()
         return x.numel() // self.d_in
+
+
+# Head modules as transformers names them: a sequence-classification head (trained in full next to an
+# adapter), and every output head (never adapted by target_modules="all-linear").
+CLASSIFIER_HEADS = ("pre_classifier", "classifier", "score")
+OUTPUT_HEADS = (*CLASSIFIER_HEADS, "lm_head", "qa_outputs")

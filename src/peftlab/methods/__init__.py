@@ -1,3 +1,4 @@
 """Adapter methods. Importing this package registers every built-in method."""
 
-from peftlab.methods import hra, hydralora, lora, mtlora  # noqa: F401  (registration side effects)
+from peftlab.methods import hra, lora  # noqa: F401, I001  (registration side effects; this order is --help's)
+from peftlab.methods import hydralora, mtlora  # noqa: F401

@@ -82,3 +82,9 @@ class Adapter(nn.Module):
     def extra_loss(self) -> Tensor | None:
         """A term added to the training loss (already weighted), or ``None``."""
         return None
+
+    @classmethod
+    def diagnostics(cls, state: dict[str, Tensor]) -> dict[str, float]:
+        """Numbers worth reporting about one layer's adapter, from its saved tensors (``peftlab inspect``
+        prints them per layer); ``state`` maps parameter names (``hra_u``) to tensors."""
+        return {}

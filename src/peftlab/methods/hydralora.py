@@ -26,18 +26,27 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from peftlab.config import AdapterConfig, ConfigError, check_nonnegative, check_probability, register_method
+from peftlab.config import (
+    AdapterConfig,
+    ConfigError,
+    check_finite,
+    check_nonnegative,
+    check_positive_int,
+    check_probability,
+    register_method,
+)
 from peftlab.layers import LayerView
 from peftlab.methods.base import Adapter, MergeError
 
 ROUTER_INPUTS = ("x", "lora")
+AUTO = "auto"  # num_heads="auto": resolved from the training texts before the model is built
 
 
 @register_method
@@ -58,9 +67,13 @@ class HydraLoraConfig(AdapterConfig):
     """
 
     method: ClassVar[str] = "hydralora"
+    description: ClassVar[str] = "HydraLoRA: shared A, routed B heads"
+    default_lr: ClassVar[float] = 3e-3
+    cli_fields: ClassVar[tuple[str, ...]] = ("num_heads",)
     alpha: float = 16.0
     dropout: float = 0.0
-    num_heads: int = 4
+    num_heads: int | str = field(default=4, metadata={
+        "help": "HydraLoRA's number of B heads N: a number, or 'auto' (estimate_num_heads on the training texts)"})
     router_input: str = "x"
     top_k: int | None = None
     router_temperature: float = 1.0
@@ -69,17 +82,18 @@ class HydraLoraConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not math.isfinite(self.alpha):
-            raise ConfigError(f"alpha must be a finite number; got {self.alpha!r}")
+        check_finite("alpha", self.alpha)
         check_probability("dropout", self.dropout)
-        if isinstance(self.num_heads, bool) or not isinstance(self.num_heads, int) or self.num_heads < 1:
-            raise ConfigError(f"num_heads must be an integer >= 1; got {self.num_heads!r}")
+        if self.num_heads != AUTO:
+            check_positive_int("num_heads", self.num_heads, hint="or 'auto' to estimate it from the training texts")
         if self.router_input not in ROUTER_INPUTS:
             raise ConfigError(
                 f"router_input={self.router_input!r}; use 'x' (route on the layer input) or 'lora' (route on A·x)"
             )
         if self.top_k is not None and (
-            isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_heads
+            isinstance(self.top_k, bool)
+            or not isinstance(self.top_k, int)
+            or not 1 <= self.top_k <= (self.top_k if self.num_heads == AUTO else self.num_heads)
         ):
             raise ConfigError(
                 f"top_k must be None (dense routing) or an integer in 1..num_heads={self.num_heads}; got {self.top_k!r}"
@@ -90,6 +104,22 @@ class HydraLoraConfig(AdapterConfig):
         check_nonnegative("balance_loss_weight", self.balance_loss_weight)
         if not isinstance(self.init_weights, bool):
             raise ConfigError(f"init_weights must be True or False; got {self.init_weights!r}")
+
+
+    def unresolved_fields(self) -> list[str]:
+        return ["num_heads"] if self.num_heads == AUTO else []
+
+    def resolve(self, texts: Callable[[], Sequence[str]] | None, seed: int = 0) -> HydraLoraConfig:
+        """``num_heads="auto"``: the cluster count :func:`peftlab.estimate_num_heads` finds in ``texts()``."""
+        if self.num_heads != AUTO:
+            return self
+        if texts is None:
+            raise ConfigError("num_heads='auto' needs the training texts to cluster; give a number instead")
+        from peftlab.data.clusters import estimate_num_heads
+
+        n, _ = estimate_num_heads(list(texts()), max_heads=8, seed=seed)
+        print(f"num_heads=auto: estimate_num_heads found {n} cluster(s) in the training texts", flush=True)
+        return replace(self, num_heads=n)
 
 
 # -- the math, as pure functions ------------------------------------------------------------------------

@@ -17,9 +17,17 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from peftlab.config import AdapterConfig, check_probability, register_method
+from peftlab.config import AdapterConfig, check_finite, check_probability, register_method
 from peftlab.layers import LayerView
 from peftlab.methods.base import Adapter
+
+PEFT_UNSUPPORTED = {  # PEFT LoRA options peftlab does not implement: loading such an adapter is refused
+    "use_dora": "DoRA",
+    "lora_bias": "a LoRA bias on B",
+    "layer_replication": "layer replication",
+    "alpha_pattern": "per-module alpha (alpha_pattern)",
+    "target_parameters": "target_parameters",
+}
 
 
 @register_method
@@ -35,6 +43,9 @@ class LoraConfig(AdapterConfig):
     """
 
     method: ClassVar[str] = "lora"
+    description: ClassVar[str] = "LoRA, W + (α/r)·B·A"
+    default_lr: ClassVar[float] = 3e-3
+    peft_type: ClassVar[str | None] = "LORA"
     alpha: float = 8.0
     dropout: float = 0.0
     use_rslora: bool = False
@@ -42,7 +53,21 @@ class LoraConfig(AdapterConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_finite("alpha", self.alpha)
         check_probability("dropout", self.dropout)
+
+    @classmethod
+    def from_peft(cls, data: dict[str, Any], common: dict[str, Any]) -> LoraConfig:
+        for key, what in PEFT_UNSUPPORTED.items():
+            if data.get(key):
+                raise NotImplementedError(f"this PEFT LoRA adapter uses {what} ({key}), which peftlab does not support")
+        return cls(alpha=data.get("lora_alpha", 8), dropout=data.get("lora_dropout", 0.0),
+                   use_rslora=bool(data.get("use_rslora", False)), rank_pattern=data.get("rank_pattern") or {},
+                   bias=data.get("bias", "none"), **common)
+
+    def to_peft(self) -> dict[str, Any]:
+        return {"lora_alpha": self.alpha, "lora_dropout": self.dropout, "use_rslora": self.use_rslora,
+                "alpha_pattern": {}, "fan_in_fan_out": False, "init_lora_weights": True, "use_dora": False}
 
     def scaling(self, r: int) -> float:
         return self.alpha / math.sqrt(r) if self.use_rslora else self.alpha / r

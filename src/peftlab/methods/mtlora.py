@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -84,9 +84,16 @@ class MTLoraConfig(AdapterConfig):
     """
 
     method: ClassVar[str] = "mtlora"
+    description: ClassVar[str] = "MTLoRA, W + s·B·T·A (T from C, D by structure)"
+    default_lr: ClassVar[float] = 3e-3
+    cli_fields: ClassVar[tuple[str, ...]] = ("structure",)
+    variants: ClassVar[dict[str, dict[str, Any]]] = {
+        f"mtlora-{s}": {"structure": s} for s in ("shim", "icfm", "ctcm", "dtsm")
+    }
     alpha: float = 16.0
     dropout: float = 0.0
-    structure: str = "shim"
+    structure: str = field(default="shim", metadata={
+        "help": "MTLoRA's transformation T: shim C, icfm C·Cᵀ, ctcm C·D, dtsm C + D", "choices": STRUCTURES})
     init: str = "reference"
     fused: str = "dense"
     fused_slices: int | dict[str, int] | None = None
