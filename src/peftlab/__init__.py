@@ -45,12 +45,17 @@ __all__ = [
     "TargetError",
     "Trainer",
     "__version__",
+    "estimate_num_heads",
     "get_adapter_model",
     "register_method",
 ]
 
 
 def __getattr__(name: str):
+    if name == "estimate_num_heads":  # imported lazily: it pulls in scikit-learn
+        from peftlab.data.clusters import estimate_num_heads
+
+        return estimate_num_heads
     if name == "Trainer":  # imported lazily: transformers' Trainer is slow to import
         from peftlab.trainer import Trainer
 

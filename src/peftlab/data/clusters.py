@@ -1,4 +1,4 @@
-r"""HydraLoRA's public helpers: the method (re-exported) and choosing the number of heads N.
+r"""Choosing HydraLoRA's number of heads N by clustering the training texts (``estimate_num_heads``).
 
 The paper (appendix) picks N by clustering the training texts: TF-IDF vectors → k-means for
 K = 1 … max_heads → the elbow of the inertia (SSE) curve, or the cluster count of DBSCAN. No code was
@@ -26,27 +26,11 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import sparse
 
-from peftlab.methods.hydralora import (
-    HydraLoraAdapter,
-    HydraLoraConfig,
-    balance_loss,
-    mix_heads,
-    routing_weights,
-    stacked_heads,
-)
+from peftlab.errors import DataError
 
-__all__ = [
-    "HydraLoraAdapter",
-    "HydraLoraConfig",
-    "balance_loss",
-    "elbow_from_gains",
-    "estimate_num_heads",
-    "mix_heads",
-    "routing_weights",
-    "stacked_heads",
-]
+__all__ = ["elbow_from_gains", "estimate_num_heads"]
 
-METHODS = ("kmeans", "dbscan")
+CLUSTERINGS = ("kmeans", "dbscan")
 
 
 def elbow_from_gains(inertia: Sequence[float], null_inertia: Sequence[float], noise_factor: float = 2.0) -> int:
@@ -121,15 +105,15 @@ def estimate_num_heads(
         raise TypeError("texts must be a sequence of strings, not one string; wrap it in a list")
     texts = list(texts)
     if not texts:
-        raise ValueError("texts is empty: estimate_num_heads needs the training texts to cluster")
+        raise DataError("texts is empty: estimate_num_heads needs the training texts to cluster")
     if not all(isinstance(t, str) for t in texts):
         raise TypeError("texts must all be strings")
     if isinstance(max_heads, bool) or not isinstance(max_heads, int) or max_heads < 1:
-        raise ValueError(f"max_heads must be an integer >= 1; got {max_heads!r}")
-    if method not in METHODS:
-        raise ValueError(f"method={method!r}; use one of {list(METHODS)}")
+        raise DataError(f"max_heads must be an integer >= 1; got {max_heads!r}")
+    if method not in CLUSTERINGS:
+        raise DataError(f"method={method!r}; use one of {list(CLUSTERINGS)}")
     if not (isinstance(noise_factor, (int, float)) and math.isfinite(noise_factor) and noise_factor > 0):
-        raise ValueError(f"noise_factor must be a finite number > 0; got {noise_factor!r}")
+        raise DataError(f"noise_factor must be a finite number > 0; got {noise_factor!r}")
     from sklearn.feature_extraction.text import CountVectorizer, TfidfTransformer
 
     rng = np.random.default_rng(seed)
@@ -140,7 +124,7 @@ def estimate_num_heads(
     try:
         counts = vectorizer.fit_transform(sample)
     except ValueError as err:  # sklearn: "empty vocabulary"
-        raise ValueError(f"the texts contain no words to cluster (only stop words or symbols?): {err}") from err
+        raise DataError(f"the texts contain no words to cluster (only stop words or symbols?): {err}") from err
     tfidf = TfidfTransformer(sublinear_tf=True).fit(counts)
     x = tfidf.transform(counts)
 
