@@ -13,8 +13,11 @@ from conftest import tiny_bert, tiny_gpt2
 
 from peftlab import AdapterModel
 from peftlab.cli import main
-from peftlab.recipes import causal_lm, markdown_table, other_metrics, summarize
-from peftlab.recipes.common import METHOD_SPECS, RecipeError, RunOptions, default_targets, prepare_model
+from peftlab.errors import RecipeError
+from peftlab.recipes import causal_lm, lm
+from peftlab.recipes.adapters import default_targets, method_specs, prepare_model
+from peftlab.recipes.compare import markdown_table, other_metrics, summarize
+from peftlab.recipes.options import RunOptions
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +48,11 @@ def tiny_lm(tmp_path_factory) -> Path:
 
 
 # -- methods ---------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", sorted(METHOD_SPECS))
+@pytest.mark.parametrize("method", sorted(method_specs()))
 def test_every_method_name_builds_its_model(method):
     model = prepare_model(tiny_bert(), RunOptions(method=method, r=4).resolved(), classification=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    spec = METHOD_SPECS[method]
+    spec = method_specs()[method]
     if method == "full":
         assert trainable == {n for n, _ in model.named_parameters()}
     elif method == "linear-probe":
@@ -57,7 +60,7 @@ def test_every_method_name_builds_its_model(method):
     else:
         assert isinstance(model, AdapterModel)
         config = model.peft_config["default"]
-        assert config.method == spec.config_method and config.r == 4
+        assert type(config) is spec.config_class and config.r == 4
         assert config.target_modules == ["query", "value"] and config.modules_to_save == ["classifier"]
         for key, value in spec.fixed.items():  # mtlora-icfm → structure="icfm"
             assert getattr(config, key) == value
@@ -88,16 +91,16 @@ def test_loss_is_masked_on_the_prompt(tiny_lm):
     _, tokenizer = load_causal_lm(str(tiny_lm))  # as the recipe loads it: pad token = EOS
     prompt = causal_lm.format_prompt("Tom has 3 apples and gets 4 more. How many?")
     response = "Tom has 3 + 4 = 7 apples.\nThe answer is: 7"
-    row = causal_lm.encode_pair(tokenizer, prompt, response, max_length=512)
+    row = lm.encode_pair(tokenizer, prompt, response, max_length=512)
     n_prompt = len(tokenizer(prompt)["input_ids"])
     assert row["labels"][:n_prompt] == [-100] * n_prompt
     assert row["labels"][n_prompt:] == row["input_ids"][n_prompt:]
     assert row["input_ids"][-1] == tokenizer.eos_token_id and row["labels"][-1] == tokenizer.eos_token_id
     assert tokenizer.decode(row["input_ids"][n_prompt:-1]) == response
 
-    cut = causal_lm.encode_pair(tokenizer, prompt, response, max_length=n_prompt + 2)
+    cut = lm.encode_pair(tokenizer, prompt, response, max_length=n_prompt + 2)
     assert len(cut["input_ids"]) == n_prompt + 2 and cut["labels"][-2:] == cut["input_ids"][-2:]
-    batch = causal_lm.collator(tokenizer)([row, cut])  # padded labels are ignored too
+    batch = lm.collator(tokenizer)([row, cut])  # padded labels are ignored too
     assert batch["labels"].shape == batch["input_ids"].shape
     assert (batch["labels"][1, n_prompt + 2:] == -100).all() and (batch["attention_mask"][1, n_prompt + 2:] == 0).all()
 
@@ -108,11 +111,11 @@ def test_causal_loss_shifts_labels_and_smooths_only_in_training():
     labels = ids.clone()
     labels[:, :4] = -100
     outputs = model(input_ids=ids, labels=labels)
-    torch.testing.assert_close(causal_lm.CausalLoss(model, 0.1)(outputs, labels), outputs.loss)  # eval: plain NLL
+    torch.testing.assert_close(lm.CausalLoss(model, 0.1)(outputs, labels), outputs.loss)  # eval: plain NLL
     model.train()
     logits = outputs.logits[:, :-1].reshape(-1, outputs.logits.shape[-1])  # position i predicts token i + 1
     expected = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), label_smoothing=0.1)
-    torch.testing.assert_close(causal_lm.CausalLoss(model, 0.1)(outputs, labels), expected)
+    torch.testing.assert_close(lm.CausalLoss(model, 0.1)(outputs, labels), expected)
 
 
 def test_exact_match_reads_the_final_answer_per_task():

@@ -4,8 +4,11 @@
 * ``causal_lm``: instruction tuning, loss on the response only, exact match of the final answer and perplexity.
 * ``data_to_text``: E2E-style generation with beam search, BLEU / NIST / ROUGE-L (METEOR / CIDEr when available).
 
-``train(options)`` and ``evaluate(folder)`` pick the recipe by task; ``compare`` trains several methods
-and seeds under one budget and tabulates them. Every run writes ``metrics.json``, the adapter (or model)
+``train(options)`` and ``evaluate(folder)`` pick the recipe by task; ``compare`` (:mod:`.compare`) trains
+several methods and seeds under one budget and tabulates them. The shared parts, one concern per module:
+``options`` (``RunOptions``), ``adapters`` (method names → adapted model), ``rundir`` (the run folder),
+``training`` (HF ``Trainer`` arguments, the run, peak memory, outputs), ``lm`` (prompt → response
+fine-tuning), ``generation`` (decoding). Every run writes ``metrics.json``, the adapter (or model)
 and ``training_curve.png`` into its output folder.
 
 ```python
@@ -16,32 +19,23 @@ metrics = train(RunOptions(model="minilm", data="movie-snippets", method="hra", 
 
 from __future__ import annotations
 
-import dataclasses
-import gc
 import os
-import re
-import statistics
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from peftlab import io
-from peftlab.config import ConfigError
-from peftlab.recipes.common import (
-    METHOD_SPECS,
-    TASKS,
-    RecipeError,
-    RunOptions,
-    adapter_options,
-    check_output_dir,
-    is_adapter_dir,
-    method_spec,
-    pyplot,
-    saved_run_options,
-    start_output_dir,
-)
+from peftlab.errors import RecipeError
+from peftlab.layers import CLASSIFIER_HEADS
+from peftlab.recipes.adapters import method_spec, method_specs
+from peftlab.recipes.compare import compare
+from peftlab.recipes.options import TASKS, RunOptions
+from peftlab.recipes.rundir import is_adapter_dir, saved_run_options
 
-__all__ = ["METHOD_SPECS", "TASKS", "RecipeError", "RunOptions", "compare", "evaluate", "recipe", "task_of", "train"]
+__all__ = [
+    "TASKS", "RecipeError", "RunOptions", "compare", "evaluate", "method_spec", "method_specs", "recipe", "task_of",
+    "train",
+]
 
 
 def recipe(task: str) -> ModuleType:
@@ -73,7 +67,7 @@ def task_of(folder: str | os.PathLike, task: str | None = None) -> str:
     if options is not None:
         return options.task
     if is_adapter_dir(folder):
-        heads = [k for k in io.load_tensors(folder) if k.split(".")[0] in ("classifier", "score", "pre_classifier")]
+        heads = [k for k in io.load_tensors(folder) if k.split(".")[0] in CLASSIFIER_HEADS]
         return "classification" if heads else "causal-lm"
     if (folder / "config.json").is_file():
         archs = io.read_json(folder / "config.json").get("architectures") or [""]
@@ -84,185 +78,3 @@ def task_of(folder: str | os.PathLike, task: str | None = None) -> str:
 def evaluate(folder: str | os.PathLike, task: str | None = None, **kwargs: Any) -> dict[str, Any]:
     """Metrics of a trained run (``peftlab eval``): see each recipe's ``evaluate`` for ``kwargs``."""
     return recipe(task_of(folder, task)).evaluate(folder, **kwargs)
-
-
-# -- compare -----------------------------------------------------------------------------------------------------
-def compare(
-    options: RunOptions, methods: list[str], seeds: list[int], lrs: dict[str, float] | None = None
-) -> dict[str, Any]:
-    """Train every method with every seed under the same budget (``options``) and tabulate the test metric.
-
-    Each run goes to ``<output_dir>/<method>/seed-<seed>``; the learning rate is ``lrs[method]``, else
-    ``options.lr``, else the method's default. Writes ``compare.json``, ``compare.md`` and ``compare.png``
-    (metric against trainable parameters) into ``options.output_dir`` and returns the summary.
-    """
-    if not methods:
-        raise RecipeError("--methods is empty; name at least one method, e.g. hra,lora,full,linear-probe")
-    if len(set(methods)) != len(methods):
-        raise RecipeError(f"--methods names a variant twice: {methods}")
-    variants = {label: parse_variant(label) for label in methods}
-    unknown = sorted(set(lrs or {}) - set(methods) - {method for method, _ in variants.values()})
-    if unknown:
-        raise RecipeError(f"--lrs names method(s) {unknown} that are not in --methods {methods}")
-    if not seeds:
-        raise RecipeError("--seeds must be at least 1")
-    base = dataclasses.replace(options, method=variants[methods[0]][0]).resolved()
-    check_output_dir(base, kind="compare")
-    out = start_output_dir(base, kind="compare", extra={"methods": methods, "seeds": seeds, "lrs": lrs or {}})
-    runs: list[dict[str, Any]] = []
-    for label, (method, fields) in variants.items():
-        for seed in seeds:
-            lr = (lrs or {}).get(label) or (lrs or {}).get(method) or options.lr
-            folder = out / re.sub(r"[^\w.-]+", "_", label) / f"seed-{seed}"
-            run = dataclasses.replace(options, method=method, seed=seed, lr=lr, overwrite=False, resume=False,
-                                      adapter_args={**options.adapter_args, **fields},
-                                      output_dir=str(folder), keep_checkpoints=False)
-            print(f"\n=== compare: {label}, seed {seed} ===", flush=True)
-            gc.collect()
-            metrics = train(run)
-            runs.append({
-                "method": label, "seed": seed, "lr": run.resolved().lr, "metric": metrics["metric"],
-                "value": metrics["test"].get(metrics["metric"]), "trainable_params": metrics["trainable_params"],
-                "total_params": metrics["total_params"], "seconds_per_step": metrics["seconds_per_step"],
-                "peak_memory_mb": metrics["peak_memory_mb"], "peak_memory_kind": metrics["peak_memory_kind"],
-                "other_metrics": other_metrics(metrics["test"], metrics["metric"]),
-            })
-    rows = summarize(runs, methods)
-    table = markdown_table(rows, runs[0]["metric"], budget(base))
-    result = {"budget": budget(base), "metric": runs[0]["metric"], "rows": rows, "runs": runs}
-    io.atomic_write_json(out / "compare.json", result)
-    (out / "compare.md").write_text(table + "\n")
-    plot_comparison(rows, runs[0]["metric"], out / "compare.png")
-    print("\n" + table, flush=True)
-    print(f"\nwrote {out / 'compare.md'}, {out / 'compare.json'} and {out / 'compare.png'}", flush=True)
-    return result
-
-
-def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
-    """``"mtlora-shim:init=identity:alpha=8"`` → ``("mtlora-shim", {"init": "identity", "alpha": 8})``.
-
-    A compared variant is a method name, optionally followed by ``:KEY=VALUE`` fields of its config (values
-    read as YAML scalars), so one comparison can hold the same method with different settings.
-    """
-    import yaml
-
-    method, *pairs = text.split(":")
-    spec = method_spec(method.strip())
-    fields: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise RecipeError(f"method variant {text!r}: expected METHOD:KEY=VALUE[:KEY=VALUE...], got {pair!r}")
-        fields[key.strip().replace("-", "_")] = yaml.safe_load(value)
-    if fields and spec.config_method is None:
-        raise RecipeError(f"method variant {text!r}: {spec.name} has no adapter config to set {sorted(fields)} on")
-    if fields:  # fail before the first run, not after hours of training
-        try:
-            cls, values = adapter_options(spec.name, fields)
-            cls(**{k: v for k, v in values.items() if v != "auto"})
-        except (RecipeError, ConfigError, TypeError) as err:
-            raise RecipeError(f"method variant {text!r}: {err}") from None
-    return spec.name, fields
-
-
-def budget(options: RunOptions) -> dict[str, Any]:
-    """What every method of a comparison shares."""
-    keys = ("task", "model", "data", "r", "epochs", "max_steps", "batch_size", "max_length", "max_train_samples")
-    shared = {k: getattr(options, k) for k in keys}
-    if options.max_steps:  # max_steps overrides epochs
-        del shared["epochs"]
-    return shared
-
-
-SKIPPED_METRICS = frozenset({"loss", "perplexity_bound"})
-
-
-def other_metrics(test: dict[str, Any], main: str) -> dict[str, float]:
-    """The test metrics besides the main one, flat: ``{"f1": …, "exact_match/arithmetic": …, "bleu": …}``.
-
-    Nested per-group scores (``exact_match_by_task``) become ``<metric>/<group>``; the loss and
-    non-numeric entries (the list of skipped metrics) are left out.
-    """
-    flat: dict[str, float] = {}
-    for key, value in test.items():
-        if key == main or key in SKIPPED_METRICS:
-            continue
-        if isinstance(value, dict) and key.endswith("_by_task"):
-            flat.update({f"{key.removesuffix('_by_task')}/{k}": float(v) for k, v in value.items()
-                         if isinstance(v, (int, float))})
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[key] = float(value)
-    return flat
-
-
-def summarize(runs: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:
-    """Per method: mean ± sample std of the metric (and of the other test metrics) over seeds; mean cost figures."""
-    rows = []
-    for method in methods:
-        mine = [r for r in runs if r["method"] == method]
-        values = [float(r["value"]) for r in mine if r["value"] is not None]
-        others: dict[str, list[float]] = {}
-        for r in mine:
-            for key, value in r.get("other_metrics", {}).items():
-                others.setdefault(key, []).append(value)
-        rows.append({
-            "method": method,
-            "lr": mine[0]["lr"],
-            "seeds": len(mine),
-            "mean": statistics.fmean(values) if values else None,
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "trainable_params": mine[0]["trainable_params"],
-            "trainable_percent": 100 * mine[0]["trainable_params"] / mine[0]["total_params"],
-            "seconds_per_step": statistics.fmean(r["seconds_per_step"] for r in mine),
-            "peak_memory_mb": max(r["peak_memory_mb"] for r in mine),
-            "peak_memory_kind": mine[0]["peak_memory_kind"],
-            "other_metrics": {k: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
-                              for k, v in others.items()},
-        })
-    return rows
-
-
-def markdown_table(rows: list[dict[str, Any]], metric: str, shared: dict[str, Any]) -> str:
-    """The comparison as a Markdown table (test metric mean ± std over seeds)."""
-    memory = "peak GPU mem (MB)" if rows and rows[0]["peak_memory_kind"].startswith("cuda") else "peak RSS (MB)"
-    lines = [
-        f"| method | lr | test {metric} (mean ± std) | seeds | trainable params | trainable % | s/step | {memory} |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        value = "n/a" if r["mean"] is None else f"{r['mean']:.4f} ± {r['std']:.4f}"
-        lines.append(f"| {r['method']} | {r['lr']:g} | {value} | {r['seeds']} | {r['trainable_params']:,} | "
-                     f"{r['trainable_percent']:.3f} | {r['seconds_per_step']:.3f} | {r['peak_memory_mb']:.0f} |")
-    settings = ", ".join(f"{k}={v}" for k, v in shared.items() if v is not None)
-    out = [f"Same budget for every method: {settings}.", "", *lines]
-    names = list(dict.fromkeys(k for r in rows for k in r.get("other_metrics", {})))
-    if names:  # the other test metrics, one column each (per-task exact match, BLEU / NIST / ROUGE-L, F1, ...)
-        out += ["", "Other test metrics (mean ± std over seeds):", "",
-                "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        for r in rows:
-            cells = [f"{m:.4f} ± {s:.4f}" if (m, s) != (None, None) else "n/a"
-                     for m, s in (r.get("other_metrics", {}).get(n, (None, None)) for n in names)]
-            out.append(f"| {r['method']} | " + " | ".join(cells) + " |")
-    return "\n".join(out)
-
-
-def plot_comparison(rows: list[dict[str, Any]], metric: str, path: Path) -> None:
-    """Test metric (mean ± std) against trainable parameters (log scale), one labelled point per method."""
-    plt = pyplot()
-    if plt is None:
-        return
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        if r["mean"] is None:
-            continue
-        ax.errorbar(r["trainable_params"], r["mean"], yerr=r["std"], fmt="o", capsize=4)
-        ax.annotate(r["method"], (r["trainable_params"], r["mean"]), textcoords="offset points", xytext=(6, 6))
-    ax.set_xscale("log")
-    ax.margins(x=0.15)  # room for the labels of the outermost points
-    ax.set(xlabel="trainable parameters (log scale)", ylabel=f"test {metric}",
-           title=f"test {metric} vs trainable parameters")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -19,26 +19,29 @@ from typing import Any
 import torch
 
 from peftlab import io
+from peftlab.errors import PeftlabError, RecipeError
+from peftlab.layers import CLASSIFIER_HEADS
 from peftlab.metrics import GLUE_TASKS, trainer_compute_metrics
 from peftlab.model import AdapterModel
-from peftlab.recipes.common import (
+from peftlab.recipes.adapters import count_parameters, prepare_model
+from peftlab.recipes.options import RunOptions, check_split, eval_options
+from peftlab.recipes.rundir import (
     CURVE_FILE,
     METRICS_FILE,
-    RecipeError,
-    RunOptions,
+    base_model_name,
     check_output_dir,
-    count_parameters,
+    is_adapter_dir,
+    read_run,
+    saved_run_options,
+    start_output_dir,
+)
+from peftlab.recipes.training import (
     finish_run,
     fmt,
-    is_adapter_dir,
     log,
-    prepare_model,
     quiet_datasets,
-    read_run,
     run_training,
-    saved_run_options,
     select,
-    start_output_dir,
     strip_prefix,
     training_arguments,
     with_length,
@@ -156,7 +159,7 @@ def train(options: RunOptions) -> dict[str, Any]:
     model, tokenizer = load_classifier(options.model, num_labels, label_names=names)
     if regression:
         model.config.problem_type = "regression"
-    model = prepare_model(model, options, classification=True, texts=list(data["train"]["text"]))
+    model = prepare_model(model, options, classification=True, texts=lambda: list(data["train"]["text"]))
     trainable, total = count_parameters(model)
 
     train_set = tokenize(select(data["train"], options.max_train_samples, options.split_seed), tokenizer,
@@ -219,8 +222,9 @@ def train(options: RunOptions) -> dict[str, Any]:
 # -- loading a trained run ---------------------------------------------------------------------------------------
 def _labels_from_tensors(path: Path) -> int | None:
     """The class count of a saved head (its last weight's rows), when the run did not record its labels."""
-    keys = [k for k in io.load_tensors(path) if k.split(".")[0] in ("classifier", "score") and k.endswith("weight")]
-    return int(io.load_tensors(path)[max(keys)].shape[0]) if keys else None
+    tensors = io.load_tensors(path)
+    keys = [k for k in tensors if k.split(".")[0] in CLASSIFIER_HEADS[1:] and k.endswith("weight")]
+    return int(tensors[max(keys)].shape[0]) if keys else None
 
 
 def saved_labels(path: str | os.PathLike) -> tuple[list[str] | None, int]:
@@ -246,7 +250,6 @@ def saved_labels(path: str | os.PathLike) -> tuple[list[str] | None, int]:
 def load_trained(path: str | os.PathLike, model_name: str | None = None, num_labels: int | None = None):
     """(model, tokenizer, label names) of a trained run: the base model with the adapter, or the saved model."""
     from peftlab.models import load_classifier
-    from peftlab.recipes.common import base_model_name
 
     names, count = saved_labels(path)
     count = num_labels or count
@@ -256,7 +259,7 @@ def load_trained(path: str | os.PathLike, model_name: str | None = None, num_lab
         model, tokenizer = load_classifier(base_model_name(path, model_name), count, label_names=names)
         try:
             return AdapterModel.from_pretrained(model, path), tokenizer, names
-        except ValueError as err:
+        except PeftlabError as err:
             raise RecipeError(str(err)) from None
     model, tokenizer = load_classifier(str(path), count, label_names=names)
     return model.eval(), tokenizer, names
@@ -280,13 +283,9 @@ def evaluate(
 
     from peftlab.trainer import Trainer
 
-    options = saved_run_options(adapter) or RunOptions(task="classification", model=model, data=data)
-    changes = {k: v for k, v in {"model": model, "data": data, **overrides}.items() if v is not None}
-    options = RunOptions.from_dict(
-        {**options.to_dict(), **changes, "output_dir": str(adapter), "resume": False, "overwrite": False}
-    ).resolved()
-    if split not in ("train", "validation", "test"):
-        raise RecipeError(f"unknown split {split!r}; use train, validation or test")
+    options = eval_options(adapter, "classification", saved_run_options(adapter),
+                           {"model": model, "data": data, **overrides})
+    check_split(split)
     names, count = saved_labels(adapter)
     data_set, data_names = load_data(options, model_labels=names, num_model_labels=count)
     if (data_names is None) != (count == 1):

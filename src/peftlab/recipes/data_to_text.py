@@ -16,20 +16,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from peftlab.recipes import causal_lm
-from peftlab.recipes.common import (
-    CURVE_FILE,
-    METRICS_FILE,
-    RecipeError,
-    RunOptions,
-    check_output_dir,
-    count_parameters,
-    finish_run,
-    log,
-    run_training,
-    start_output_dir,
-    strip_prefix,
-)
+from peftlab.errors import RecipeError
+from peftlab.recipes.adapters import count_parameters
+from peftlab.recipes.generation import generate, write_jsonl
+from peftlab.recipes.lm import encode_records, load_trained, make_trainer, setup
+from peftlab.recipes.options import RunOptions, check_split, eval_options
+from peftlab.recipes.rundir import CURVE_FILE, METRICS_FILE, check_output_dir, saved_run_options, start_output_dir
+from peftlab.recipes.training import finish_run, log, run_training, strip_prefix
 
 GENERATED_MRS = 400  # distinct MRs of ``e2e-synthetic`` (2-3 references each)
 NAMED_DATA = {"e2e-synthetic": "seeded synthetic restaurant MRs in the E2E format, 2-3 references each"}
@@ -70,7 +63,7 @@ def evaluate_generations(model, tokenizer, pairs, options: RunOptions) -> tuple[
     from peftlab.metrics import generation_metrics
 
     grouped = group_references(pairs)
-    hypotheses = causal_lm.generate(
+    hypotheses = generate(
         model, tokenizer, [prompt_for(mr) for mr in grouped["mr"]], options.eval_batch_size,
         options.max_new_tokens, num_beams=options.num_beams, length_penalty=options.length_penalty,
         no_repeat_ngram_size=options.no_repeat_ngram_size, max_prompt_length=options.max_length,
@@ -97,13 +90,13 @@ def train(options: RunOptions) -> dict[str, Any]:
     options = options.resolved()
     checkpoint = check_output_dir(options)
     pairs = load_pairs(options.data, options.split_seed)
-    model, tokenizer, train_set, val_set, args = causal_lm.setup(options, pairs, _prompt, _reference)
+    model, tokenizer, train_set, val_set, args = setup(options, pairs, _prompt, _reference)
     test_pairs = _test_pairs(pairs["test"], options.max_test_samples, options.split_seed)
-    test_set = causal_lm.encode_records(test_pairs, tokenizer, options.max_length, _prompt, _reference)
+    test_set = encode_records(test_pairs, tokenizer, options.max_length, _prompt, _reference)
     trainable, total = count_parameters(model)
     with args.main_process_first(local=False):
         out = start_output_dir(options, main_process=args.process_index == 0)
-    trainer = causal_lm.make_trainer(options, model, tokenizer, args, train_set, val_set)
+    trainer = make_trainer(options, model, tokenizer, args, train_set, val_set)
     main = trainer.is_world_process_zero()
     log(f"peftlab train: {options.method} (r={options.r}, lr={options.lr:g}) on {options.model}, {options.data}: "
         f"{len(train_set)} train / {len(val_set)} validation pairs, {len(set(test_pairs['mr']))} test MRs; trainable "
@@ -121,7 +114,7 @@ def train(options: RunOptions) -> dict[str, Any]:
     if main:
         scores, rows = evaluate_generations(trainer.model, tokenizer, test_pairs, options)
         test.update(scores)
-        causal_lm.write_jsonl(out / "predictions.jsonl", rows)
+        write_jsonl(out / "predictions.jsonl", rows)
     metrics["test"] = test
     finish_run(trainer, out, metrics, "loss", options.keep_checkpoints)
     log(f"test: {summary(test)}", main)
@@ -149,13 +142,14 @@ def evaluate(
     **overrides: Any,
 ) -> dict[str, Any]:
     """Generation metrics of a trained run on a split (the run's own options unless overridden)."""
-    options = causal_lm.eval_options(adapter, "data-to-text", model, data, batch_size, overrides)
-    causal_lm.check_split(split)
+    options = eval_options(adapter, "data-to-text", saved_run_options(adapter),
+                           {"model": model, "data": data, "eval_batch_size": batch_size, **overrides})
+    check_split(split)
     pairs = load_pairs(options.data, options.split_seed)
     rows = _test_pairs(pairs[split], max_samples or options.max_test_samples, options.split_seed)
     if not len(rows):
         raise RecipeError(f"{options.data}: the {split} split is empty")
-    net, tokenizer = causal_lm.load_trained(adapter, options.model)
+    net, tokenizer = load_trained(adapter, options.model)
     scores, _ = evaluate_generations(net, tokenizer, rows, options)
     return {"task": "data-to-text", "adapter": str(adapter), "model": options.model, "data": options.data,
             "split": split, "num_mrs": len(set(rows["mr"])), "metric": "bleu", split: scores}

@@ -1,0 +1,134 @@
+"""Prompt → response fine-tuning of a causal LM, shared by the causal-LM and data-to-text recipes.
+
+Each example is ``prompt + response + EOS`` with labels -100 on the prompt, so the loss is on the
+response only; the two parts are tokenised separately, so the boundary is exact. ``setup`` loads the
+model, puts the method on it and tokenises the splits; ``make_trainer`` wires ``peftlab.Trainer``;
+``mean_loss`` scores a split; ``load_trained`` loads a finished run for evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from peftlab.errors import PeftlabError, RecipeError
+from peftlab.model import AdapterModel
+from peftlab.recipes.adapters import prepare_model
+from peftlab.recipes.generation import eos_id
+from peftlab.recipes.options import RunOptions
+from peftlab.recipes.rundir import base_model_name, is_adapter_dir
+from peftlab.recipes.training import quiet_datasets, select, training_arguments, with_length
+
+
+def encode_pair(tokenizer, prompt: str, response: str, max_length: int) -> dict[str, list[int]]:
+    """Token ids of prompt + response + EOS, with labels -100 on the prompt (loss on the response only).
+
+    The two parts are tokenised separately, so the boundary is exact; the result is cut at ``max_length``.
+    """
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [eos_id(tokenizer)]
+    input_ids = (prompt_ids + response_ids)[:max_length]
+    labels = ([-100] * len(prompt_ids) + response_ids)[:max_length]
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+def encode_records(records, tokenizer, max_length: int, prompt_fn, response_fn):
+    """Tokenise prompt/response pairs; rows whose response is cut off entirely are dropped."""
+
+    def encode(row: dict[str, Any]) -> dict[str, list[int]]:
+        return encode_pair(tokenizer, prompt_fn(row), response_fn(row), max_length)
+
+    with quiet_datasets():
+        encoded = records.map(encode, remove_columns=records.column_names)
+        kept = encoded.filter(lambda row: any(label != -100 for label in row["labels"]))
+    if len(records) and not len(kept):
+        raise RecipeError(f"every response is cut off at --max-length {max_length}; raise --max-length")
+    return with_length(kept)
+
+
+def collator(tokenizer):
+    """Pads input ids with the pad token and labels with -100 (HF ``DataCollatorForSeq2Seq``, decoder-only use)."""
+    from transformers import DataCollatorForSeq2Seq
+
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
+
+
+class CausalLoss:
+    """Next-token loss with label smoothing (HF ``LabelSmoother``, labels shifted) in training, plain in evaluation.
+
+    ``transformers.Trainer``'s own ``label_smoothing_factor`` shifts labels only for models whose class name
+    is a causal LM, which an ``AdapterModel`` wrapper is not; this ``compute_loss_func`` always shifts.
+    """
+
+    def __init__(self, model: torch.nn.Module, epsilon: float) -> None:
+        from transformers.trainer_pt_utils import LabelSmoother
+
+        self.model = model
+        self.smooth, self.plain = LabelSmoother(epsilon=epsilon), LabelSmoother(epsilon=0.0)
+
+    def __call__(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+        smoother = self.smooth if self.model.training else self.plain
+        return smoother(outputs, labels, shift_labels=True)
+
+
+def setup(options: RunOptions, records, prompt_fn, response_fn):
+    """Model with the method, tokenizer, tokenised train/validation sets, ``TrainingArguments`` (also data-to-text)."""
+    from transformers import set_seed
+
+    from peftlab.models import load_causal_lm
+
+    set_seed(options.seed)
+    model, tokenizer = load_causal_lm(options.model)
+    tokenizer.padding_side = "right"
+    eos_id(tokenizer)
+    model = prepare_model(model, options, classification=False,
+                          texts=lambda: [prompt_fn(row) for row in records["train"]])
+    train_set = encode_records(select(records["train"], options.max_train_samples, options.split_seed), tokenizer,
+                               options.max_length, prompt_fn, response_fn)
+    val_set = encode_records(select(records["validation"], options.max_eval_samples, options.split_seed), tokenizer,
+                             options.max_length, prompt_fn, response_fn)
+    if not len(train_set):
+        raise RecipeError(f"{options.data}: the training split is empty")
+    args = training_arguments(options, len(train_set), "loss", greater_is_better=False)
+    return model, tokenizer, train_set, val_set, args
+
+
+def make_trainer(options: RunOptions, model, tokenizer, args, train_set, val_set):
+    from peftlab.trainer import Trainer
+
+    loss = CausalLoss(model, options.label_smoothing) if options.label_smoothing > 0 else None
+    return Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set, processing_class=tokenizer,
+                   data_collator=collator(tokenizer), compute_loss_func=loss)
+
+
+def load_trained(path: str | os.PathLike, model_name: str | None = None):
+    """(model, tokenizer) of a trained run: the base causal LM with the adapter, or the saved full model."""
+    from peftlab.models import load_causal_lm
+
+    if is_adapter_dir(path):
+        model, tokenizer = load_causal_lm(base_model_name(path, model_name))
+        try:
+            return AdapterModel.from_pretrained(model, path), tokenizer
+        except PeftlabError as err:
+            raise RecipeError(str(err)) from None
+    model, tokenizer = load_causal_lm(str(path))
+    return model.eval(), tokenizer
+
+
+@torch.no_grad()
+@torch.no_grad()
+def mean_loss(model, tokenizer, encoded, batch_size: int) -> float:
+    """Mean response loss (nats per token, averaged over batches) of ``encoded`` rows, via the Trainer's eval loop."""
+    import tempfile
+
+    from transformers import TrainingArguments
+
+    from peftlab.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(output_dir=tmp, per_device_eval_batch_size=batch_size, report_to="none",
+                                 disable_tqdm=True, dataloader_pin_memory=torch.cuda.is_available())
+        trainer = Trainer(model=model, args=args, processing_class=tokenizer, data_collator=collator(tokenizer))
+        return float(trainer.evaluate(encoded)["eval_loss"])

@@ -1,0 +1,161 @@
+"""``RunOptions``: every option of a training run, with per-task defaults, checked in one place.
+
+Each field carries its command-line help in its metadata (``help``, ``group``, and ``flag`` where the flag
+is not ``--field-name``); :mod:`peftlab.cli` generates the flags of ``peftlab train`` / ``compare`` / ``eval``
+from them, as ``HfArgumentParser`` does, so an option is declared once. ``None`` means "the task's
+default" (``TASK_DEFAULTS``) or "the method's default" (``lr``). A run saves its options as
+``run_config.json``; ``peftlab eval`` reads them back (:func:`eval_options`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peftlab.errors import RecipeError
+
+TASKS = ("classification", "causal-lm", "data-to-text")
+SPLITS = ("test", "validation", "train")
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "classification": {"model": "minilm", "data": "movie-snippets", "max_length": 64, "batch_size": 32,
+                       "num_beams": 1},
+    "causal-lm": {"model": "smollm2-135m", "data": "arithmetic", "max_length": 256, "batch_size": 8,
+                  "max_test_samples": 200, "num_beams": 1},
+    "data-to-text": {"model": "smollm2-135m", "data": "e2e-synthetic", "max_length": 128, "batch_size": 8,
+                     "max_test_samples": 100, "num_beams": 10},
+}
+# Options that do not change what a run computes until it stops: they may differ when resuming.
+NOT_IDENTITY = frozenset({
+    "output_dir", "resume", "overwrite", "epochs", "max_steps", "eval_steps", "max_eval_samples",
+    "max_test_samples", "eval_batch_size", "max_new_tokens", "num_beams", "length_penalty",
+    "no_repeat_ngram_size", "initial_eval", "keep_checkpoints",
+})
+POSITIVE_INTS = ("r", "batch_size", "eval_batch_size", "eval_steps", "max_length", "max_new_tokens", "max_steps",
+                 "max_train_samples", "max_eval_samples", "max_test_samples", "num_labels", "num_beams")
+DATA, METHOD, TRAINING, GENERATION = "data and model", "method", "training", "generation (causal-lm, data-to-text)"
+
+
+def option(default: Any, help: str, group: str, **metadata: Any) -> Any:
+    """A ``RunOptions`` field with its command-line help (``flag``: a flag name other than ``--field-name``)."""
+    factory = {"default_factory": default} if callable(default) else {"default": default}
+    return field(**factory, metadata={"help": help, "group": group, **metadata})
+
+
+@dataclass
+class RunOptions:
+    """Every option of a training run (the flags of ``peftlab train``; ``None`` = the task's default).
+
+    Budget: ``epochs`` (default 1) unless ``max_steps`` is set. Evaluation and checkpoints every
+    ``eval_steps``; the best checkpoint (by the task's main metric) is restored at the end.
+    ``adapter_args`` are extra fields of the method's config (e.g. ``{"alpha": 16}``).
+    """
+
+    task: str = option("classification", "what to train", DATA, choices=TASKS)
+    model: str | None = option(None, "model name (minilm, smollm2-135m), local folder or Hub name", DATA)
+    data: str | None = option(None, "data set name or file", DATA)
+    text_column: str | None = option(None, "text column(s) of a data file, e.g. 'sentence1,sentence2' "
+                                     "(default text)", DATA)
+    label_column: str | None = option(None, "label column of a data file (default label)", DATA)
+    num_labels: int | None = option(None, "number of classes; labels must be 0..N-1", DATA)
+    glue_task: str | None = option(None, "GLUE task name: its text columns and metrics (cola, sst2, mrpc, stsb, ...)",
+                                   DATA)
+    max_length: int | None = option(None, "tokens per example", DATA)
+    max_train_samples: int | None = option(None, "use at most N training examples", DATA)
+    max_eval_samples: int | None = option(500, "validation examples per evaluation", DATA)
+    max_test_samples: int | None = option(None, "test examples (or MRs) scored at the end", DATA)
+    split_seed: int = option(0, "seed of the train/validation/test split", DATA)
+
+    method: str = option("hra", "adapter method", METHOD)
+    r: int = option(8, "adapter rank / number of reflections", METHOD)
+    target_modules: list[str] | str | None = option(
+        None, "comma-separated layer names, a regex or 'all-linear' (default: the attention query/value "
+        "projections)", METHOD)
+    adapter_args: dict[str, Any] = option(
+        dict, "another field of the method's config, e.g. alpha=16 or orthogonality_weight=1e-4 (repeatable)",
+        METHOD, flag="--adapter-arg")
+
+    lr: float | None = option(None, "learning rate (default: the method's, e.g. hra 1e-2, lora 3e-3)", TRAINING)
+    epochs: float = option(1.0, "epochs, unless --max-steps is given", TRAINING)
+    max_steps: int | None = option(None, "optimizer steps (overrides --epochs)", TRAINING)
+    batch_size: int | None = option(None, "per-device batch size", TRAINING)
+    eval_batch_size: int | None = option(None, "evaluation batch size (default 2x batch size)", TRAINING)
+    eval_steps: int = option(50, "evaluate and checkpoint every N steps", TRAINING)
+    warmup: float = option(0.06, "warm-up steps, or a fraction of the run if < 1", TRAINING)
+    weight_decay: float = option(0.0, "AdamW weight decay", TRAINING)
+    label_smoothing: float = option(0.0, "label smoothing (MTLoRA on E2E: 0.1)", TRAINING)
+    seed: int = option(0, "seed of initialisation and data order", TRAINING)
+    resume: bool = option(False, "continue from the last checkpoint in --output-dir", TRAINING)
+    output_dir: str | None = option(None, "where the run goes (default runs/<task>-<method>-<data>)", TRAINING)
+    overwrite: bool = option(False, "replace an earlier run in --output-dir (never done without it)", TRAINING)
+    initial_eval: bool = option(True, "skip the step-0 evaluation of the untrained model", TRAINING,
+                                flag="--no-initial-eval")
+    keep_checkpoints: bool = option(True, "", TRAINING, cli=False)
+
+    max_new_tokens: int = option(64, "tokens generated per example", GENERATION)
+    num_beams: int | None = option(None, "beam size", GENERATION)
+    length_penalty: float = option(0.9, "beam-search length penalty", GENERATION)
+    no_repeat_ngram_size: int = option(4, "forbid repeated n-grams in beam search", GENERATION)
+
+    def resolved(self) -> RunOptions:
+        """A copy with the task's defaults filled in and every value checked."""
+        from peftlab.recipes.adapters import LINEAR_PROBE, method_spec
+
+        if self.task not in TASKS:
+            raise RecipeError(f"unknown task {self.task!r}; known tasks: {', '.join(TASKS)}")
+        out = dataclasses.replace(self, adapter_args=dict(self.adapter_args))
+        for key, value in TASK_DEFAULTS[self.task].items():
+            if getattr(out, key) is None:
+                setattr(out, key, value)
+        if out.output_dir is None:
+            out.output_dir = str(Path("runs") / f"{out.task}-{out.method}-{Path(str(out.data)).stem}")
+        spec = method_spec(out.method)
+        if out.lr is None:
+            out.lr = spec.lr
+        if out.eval_batch_size is None:
+            out.eval_batch_size = 2 * out.batch_size
+        if isinstance(out.target_modules, str) and re.fullmatch(r"[\w.-]+(\s*,\s*[\w.-]+)*", out.target_modules):
+            if out.target_modules != "all-linear":  # plain names are suffixes ("query,value"); else a regex
+                out.target_modules = [t.strip() for t in out.target_modules.split(",")]
+        for name in POSITIVE_INTS:
+            value = getattr(out, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise RecipeError(f"--{name.replace('_', '-')} must be a positive integer; got {value!r}")
+        if not (isinstance(out.lr, (int, float)) and math.isfinite(out.lr) and out.lr > 0):
+            raise RecipeError(f"--lr must be a number > 0; got {out.lr!r}")
+        for name, low, high in (("warmup", 0, math.inf), ("weight_decay", 0, math.inf), ("label_smoothing", 0, 1),
+                                ("no_repeat_ngram_size", 0, math.inf), ("length_penalty", -math.inf, math.inf)):
+            value = getattr(out, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value < high):
+                raise RecipeError(f"--{name.replace('_', '-')} must be a number in [{low}, {high}); got {value!r}")
+        if out.max_steps is None and not out.epochs > 0:
+            raise RecipeError(f"--epochs must be > 0 (or give --max-steps); got {out.epochs!r}")
+        if out.resume and out.overwrite:
+            raise RecipeError("--resume continues the run in the output folder and --overwrite deletes it: pick one")
+        if out.method == LINEAR_PROBE and out.task != "classification":
+            raise RecipeError("linear-probe trains only a classification head; it needs --task classification")
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunOptions:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def eval_options(folder: Any, task: str, saved: RunOptions | None, changes: dict[str, Any]) -> RunOptions:
+    """The options a run was trained with (``saved``), updated by the evaluation's own (``None`` = keep)."""
+    options = saved or RunOptions(task=task)
+    changes = {k: v for k, v in changes.items() if v is not None}
+    return RunOptions.from_dict({**options.to_dict(), **changes, "output_dir": str(folder), "resume": False,
+                                 "overwrite": False}).resolved()
+
+
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise RecipeError(f"unknown split {split!r}; use {', '.join(SPLITS)}")

@@ -1,0 +1,129 @@
+"""The run folder: what a training run writes, and the rules that keep an earlier result from being lost.
+
+A run folder holds ``run_config.json`` (the options, written first), ``checkpoint-*`` folders (HF
+``Trainer``), and at the end the adapter (or model), ``metrics.json`` and ``training_curve.png``.
+``check_output_dir`` decides, before anything is written, whether a run may use a folder: an existing
+folder is refused unless it is empty, or ``overwrite`` is set and it holds a peftlab run (a folder
+peftlab did not write is never deleted), or ``resume`` is set and it holds the same run with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from peftlab import io
+from peftlab._version import __version__
+from peftlab.errors import RecipeError
+from peftlab.recipes.options import NOT_IDENTITY, RunOptions
+
+RUN_FILE = "run_config.json"
+METRICS_FILE = "metrics.json"
+CURVE_FILE = "training_curve.png"
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / io.CONFIG_NAME).is_file()
+
+
+def read_run(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``run_config.json`` of a run folder, or ``None``."""
+    file = Path(path) / RUN_FILE
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RecipeError(f"{file} is not valid JSON; the run folder is damaged") from None
+    return data if isinstance(data, dict) else None
+
+
+def saved_run_options(path: str | os.PathLike) -> RunOptions | None:
+    """The options a saved run was trained with (``None`` for a folder not written by a recipe)."""
+    data = read_run(path)
+    return RunOptions.from_dict(data["options"]) if data and "options" in data else None
+
+
+def base_model_name(adapter_dir: str | os.PathLike, model: str | None = None) -> str:
+    """The base model of a saved adapter: ``model`` if given, else the run's ``--model``, else the adapter config's."""
+    if model:
+        return model
+    options = saved_run_options(adapter_dir)
+    if options is not None and options.model:
+        return options.model
+    if is_adapter_dir(adapter_dir):
+        name = io.read_json(Path(adapter_dir) / io.CONFIG_NAME).get("base_model_name_or_path")
+        if name:
+            return str(name)
+    raise RecipeError(f"{adapter_dir} does not record its base model; pass --model")
+
+
+def _describe(options: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={options.get(k)}" for k in ("task", "method", "model", "data", "r", "seed"))
+
+
+def check_output_dir(options: RunOptions, kind: str = "train") -> str | None:
+    """Check that the run may use ``options.output_dir``; return the checkpoint to resume from.
+
+    Read-only (safe on every rank of a distributed run). An existing folder is refused unless it is
+    empty, or ``overwrite`` is set and it holds a peftlab run (a folder peftlab did not write is never
+    deleted), or ``resume`` is set and it holds the same run with a checkpoint.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = Path(options.output_dir)
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"--output-dir {out} exists and is a file, not a folder")
+    empty = not out.exists() or not any(out.iterdir())
+    if options.resume and kind != "train":
+        raise RecipeError(f"--resume is not supported by peftlab {kind}")
+    if empty:
+        if options.resume:
+            raise RecipeError(f"--resume: {out} holds no run to resume; start it without --resume")
+        return None
+    previous = read_run(out)
+    if options.resume:
+        if previous is None or "options" not in previous:
+            raise RecipeError(f"--resume: {out} holds no peftlab run (no {RUN_FILE}); nothing to resume")
+        old, new = previous["options"], options.to_dict()
+        diffs = [k for k in new if k not in NOT_IDENTITY and old.get(k) != new[k]]
+        if diffs:
+            changes = "; ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in diffs)
+            raise RecipeError(f"--resume: {out} holds a different run ({changes}); resume it with its own options")
+        checkpoint = get_last_checkpoint(str(out))
+        if checkpoint is None:
+            raise RecipeError(f"--resume: {out} has no checkpoint-* folder yet; rerun with --overwrite to start again")
+        return checkpoint
+    if previous is None:
+        raise RecipeError(
+            f"--output-dir {out} is not empty and holds no peftlab run; choose another folder "
+            "(peftlab never deletes a folder it did not write, even with --overwrite)"
+        )
+    if not options.overwrite:
+        same = previous.get("options", {}).get("method") == options.method and previous.get("kind") == kind
+        what = "an earlier result of this method" if same else "a different run"
+        raise RecipeError(
+            f"--output-dir {out} already holds {what} ({_describe(previous.get('options', {}))}); pass --overwrite "
+            "to replace it, --resume to continue it, or choose another --output-dir"
+        )
+    return None
+
+
+def start_output_dir(
+    options: RunOptions, kind: str = "train", main_process: bool = True, extra: dict[str, Any] | None = None
+) -> Path:
+    """Clear the folder (when overwriting) and write ``run_config.json`` (+ ``extra``); only on the main process."""
+    out = Path(options.output_dir)
+    if main_process:
+        if options.overwrite and out.is_dir() and read_run(out) is not None:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        record = {"kind": kind, "peftlab_version": __version__, "options": options.to_dict(), **(extra or {})}
+        if options.resume and (previous := read_run(out)):
+            record["resumed"] = [*previous.get("resumed", []), time.strftime("%Y-%m-%d %H:%M:%S")]
+        io.atomic_write_json(out / RUN_FILE, record)
+    return out

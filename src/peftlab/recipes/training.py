@@ -1,0 +1,251 @@
+"""Training a recipe's model with HF ``Trainer``: arguments, the run itself, peak memory, data selection, outputs.
+
+``training_arguments`` builds HF ``TrainingArguments`` (evaluate and save every N steps, keep the best
+checkpoint, ``load_best_model_at_end``, seeded), so ``torchrun`` / ``accelerate launch`` work unchanged.
+``run_training`` times the run and measures its peak memory; ``finish_run`` writes ``metrics.json``,
+the adapter (or model) and ``training_curve.png`` into the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftlab import io
+from peftlab.recipes.options import RunOptions
+from peftlab.recipes.rundir import CURVE_FILE, METRICS_FILE
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def total_steps(options: RunOptions, num_train: int) -> int:
+    """Optimizer steps of the whole run (for capping the evaluation interval)."""
+    if options.max_steps:
+        return options.max_steps
+    per_epoch = math.ceil(num_train / (options.batch_size * world_size()))
+    return max(1, math.ceil(per_epoch * options.epochs))
+
+
+def training_arguments(options: RunOptions, num_train: int, metric: str, greater_is_better: bool, **extra: Any):
+    """HF ``TrainingArguments``: linear schedule with warm-up, eval + checkpoint every ``eval_steps``
+    (capped at the run's length), the best checkpoint kept and restored at the end, seeded."""
+    from transformers import TrainingArguments
+
+    every = min(options.eval_steps, total_steps(options, num_train))
+    if world_size() > 1 and not torch.cuda.is_available():  # torchrun on CPU: HF needs use_cpu for gloo DDP
+        extra = {"use_cpu": True, "ddp_backend": "gloo", **extra}
+    return TrainingArguments(
+        output_dir=options.output_dir,
+        per_device_train_batch_size=options.batch_size,
+        per_device_eval_batch_size=options.eval_batch_size,
+        learning_rate=options.lr,
+        num_train_epochs=options.epochs,
+        max_steps=options.max_steps or -1,
+        warmup_steps=options.warmup,
+        weight_decay=options.weight_decay,
+        lr_scheduler_type="linear",
+        eval_strategy="steps",
+        eval_steps=every,
+        save_strategy="steps",
+        save_steps=every,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model=metric,
+        greater_is_better=greater_is_better,
+        logging_steps=max(1, min(10, every)),
+        report_to="none",
+        seed=options.seed,
+        data_seed=options.seed,
+        dataloader_num_workers=0,
+        train_sampling_strategy="group_by_length",  # batches of similar length: less padding, same data
+        disable_tqdm=False,
+        **{"dataloader_pin_memory": torch.cuda.is_available(), **extra},
+    )
+
+
+class PeakMemory:
+    """Peak memory of a block: ``torch.cuda.max_memory_allocated`` on GPU, else the process RSS (sampled)."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.peak_bytes = 0
+        self.kind = "cuda_max_allocated" if torch.cuda.is_available() else "rss"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        import psutil
+
+        process = psutil.Process()
+        while True:
+            self.peak_bytes = max(self.peak_bytes, process.memory_info().rss)
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> PeakMemory:
+        if self.kind == "rss":
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        else:
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        else:
+            self.peak_bytes = torch.cuda.max_memory_allocated()
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak_bytes / 2**20
+
+
+def resumed_from_step(checkpoint: str | None) -> int:
+    """The global step stored in a checkpoint folder (0 without one)."""
+    if checkpoint is None:
+        return 0
+    state = Path(checkpoint) / "trainer_state.json"
+    return int(json.loads(state.read_text()).get("global_step", 0)) if state.is_file() else 0
+
+
+def run_training(trainer: Any, checkpoint: str | None) -> dict[str, Any]:
+    """``trainer.train()`` (resumed from ``checkpoint``), timed, with peak memory; the best model is loaded after."""
+    start_step = resumed_from_step(checkpoint)
+    with PeakMemory() as memory:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    steps = max(1, result.global_step - start_step)
+    runtime = float(result.metrics.get("train_runtime", 0.0))
+    return {
+        "global_step": result.global_step,
+        "resumed_from_step": start_step,
+        "steps_this_run": result.global_step - start_step,
+        "train_runtime_s": runtime,
+        "seconds_per_step": runtime / steps,
+        "train_loss": result.metrics.get("train_loss"),
+        "peak_memory_mb": round(memory.peak_mb, 1),
+        "peak_memory_kind": memory.kind,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "best_validation_metric": trainer.state.best_metric,
+    }
+
+
+def strip_prefix(metrics: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """``{"test_accuracy": x, "test_runtime": ...}`` → ``{"accuracy": x}`` (timing entries dropped)."""
+    skip = ("runtime", "samples_per_second", "steps_per_second", "epoch", "preparation_time")
+    return {k[len(prefix) + 1:]: v for k, v in metrics.items() if k.startswith(prefix + "_") and not k.endswith(skip)}
+
+
+def select(data: Any, limit: int | None, seed: int) -> Any:
+    """At most ``limit`` rows of a ``datasets.Dataset``, a seeded random subset (all rows without a limit)."""
+    if limit is None or limit >= len(data):
+        return data
+    return data.shuffle(seed=seed).select(range(limit))
+
+
+def with_length(data: Any, sort: bool = False) -> Any:
+    """Add a ``length`` column (tokens per row) for length-grouped batches; ``sort`` orders the rows by it.
+
+    Sorting an evaluation set only removes padding: the metrics do not depend on the order.
+    """
+    with quiet_datasets():
+        data = data.map(lambda batch: {"length": [len(ids) for ids in batch["input_ids"]]}, batched=True)
+    return data.select(sorted(range(len(data)), key=data["length"].__getitem__)) if sort else data
+
+
+@contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """No ``Map: 100%`` bars from ``datasets`` (the Trainer's progress bar stays)."""
+    from datasets.utils import logging as ds_logging
+
+    enabled = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            ds_logging.enable_progress_bar()
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend, or ``None`` (with a note) when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("peftlab: matplotlib is not installed, so no PNG is written (pip install 'peftlab[plot]')", flush=True)
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_training_curve(log_history: list[dict[str, Any]], path: str | os.PathLike, metric: str) -> None:
+    """Training loss and the validation metric against the step, as a PNG (matplotlib, Agg)."""
+    plt = pyplot()
+    if plt is None:
+        return
+
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
+    evals = [(e["step"], e[f"eval_{metric}"]) for e in log_history if f"eval_{metric}" in e]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    if train:
+        ax1.plot(*zip(*train, strict=True), label="train loss")
+    ax1.set(xlabel="step", ylabel="loss", title="training loss")
+    if evals:
+        ax2.plot(*zip(*evals, strict=True), marker="o", color="tab:orange")
+    ax2.set(xlabel="step", ylabel=metric, title=f"validation {metric}")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def finish_run(trainer: Any, out: Path, metrics: dict[str, Any], metric: str, keep_checkpoints: bool = True) -> None:
+    """Write the adapter (or full model) + tokenizer, ``metrics.json`` and the training curve (main process)."""
+    trainer.save_model(str(out))
+    if not trainer.is_world_process_zero():
+        return
+    trainer.save_state()
+    io.atomic_write_json(out / METRICS_FILE, _jsonable(metrics))
+    plot_training_curve(trainer.state.log_history, out / CURVE_FILE, metric)
+    if not keep_checkpoints:
+        for checkpoint in out.glob("checkpoint-*"):
+            shutil.rmtree(checkpoint, ignore_errors=True)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    return value
+
+
+def log(message: str, enabled: bool = True) -> None:
+    """Print one progress line (main process only)."""
+    if enabled:
+        print(message, flush=True)
+
+
+def fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
