@@ -16,6 +16,7 @@ and ``accelerate launch -m peftlab.cli train ...`` run it distributed unchanged.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -28,6 +29,7 @@ from peftlab.errors import PeftlabError
 from peftlab.errors import UsageError as CLIError
 
 EXIT_BAD_INPUT = 2
+GENERATION_FIELDS = ("max_new_tokens", "num_beams", "length_penalty", "no_repeat_ngram_size")
 
 
 
@@ -39,7 +41,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-# -- options ------------------------------------------------------------------------------------------------------
+# -- flags generated from dataclass fields -----------------------------------------------------------------------
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -47,83 +49,104 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _num_heads(text: str) -> int | str:
-    return "auto" if text == "auto" else _positive_int(text)
+def _yaml_value(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
 
 
 def _key_value(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    import yaml
-
-    return key.strip().replace("-", "_"), yaml.safe_load(value)
+    return key.strip().replace("-", "_"), _yaml_value(value)
 
 
-def _add_run_options(p: argparse.ArgumentParser, compare: bool = False) -> None:
-    """The options of a training run (``RunOptions``); every default is ``None`` = the task's default."""
-    from peftlab.recipes.common import METHOD_SPECS, TASK_DEFAULTS, TASKS
+def _default_text(f: dataclasses.Field) -> str:
+    """``(default 8)``, or the per-task defaults of a field whose default is ``None``."""
+    from peftlab.recipes.options import TASK_DEFAULTS
 
-    data = p.add_argument_group("data and model")
-    data.add_argument("--task", choices=TASKS, help="what to train (default: classification)")
-    models = ", ".join(f"{t}: {d['model']}" for t, d in TASK_DEFAULTS.items())
-    datas = ", ".join(f"{t}: {d['data']}" for t, d in TASK_DEFAULTS.items())
-    data.add_argument("--model", help=f"model name (minilm, smollm2-135m), local folder or Hub name (default {models})")
-    data.add_argument("--data", help=f"data set name or file (default {datas})")
-    data.add_argument("--text-column", help="text column(s) of a data file, e.g. 'sentence1,sentence2' (default text)")
-    data.add_argument("--label-column", help="label column of a data file (default label)")
-    data.add_argument("--num-labels", type=_positive_int, help="number of classes; labels must be 0..N-1")
-    data.add_argument("--glue-task", help="GLUE task name: its text columns and metrics (cola, sst2, mrpc, stsb, ...)")
-    data.add_argument("--max-length", type=_positive_int, help="tokens per example (default 64 / 256 / 128 by task)")
-    data.add_argument("--max-train-samples", type=_positive_int, help="use at most N training examples")
-    data.add_argument("--max-eval-samples", type=_positive_int, help="validation examples per evaluation (default 500)")
-    data.add_argument("--max-test-samples", type=_positive_int, help="test examples (or MRs) scored at the end")
-    data.add_argument("--split-seed", type=int, help="seed of the train/validation/test split (default 0)")
-
-    method = p.add_argument_group("method")
-    if not compare:
-        method.add_argument("--method", choices=list(METHOD_SPECS),
-                            help="adapter method (default hra): " + "; ".join(
-                                f"{n}: {s.description} (lr {s.lr:g})" for n, s in METHOD_SPECS.items()))
-    method.add_argument("--r", type=_positive_int, help="adapter rank / number of reflections (default 8)")
-    method.add_argument("--target-modules", help="comma-separated layer names, a regex or 'all-linear' "
-                        "(default: the attention query/value projections)")
-    method.add_argument("--num-heads", type=_num_heads,
-                        help="HydraLoRA heads: a number, or 'auto' (estimate_num_heads on the training texts)")
-    method.add_argument("--structure", choices=("shim", "icfm", "ctcm", "dtsm"),
-                        help="MTLoRA's transformation T: shim C, icfm C·Cᵀ, ctcm C·D, dtsm C + D (default shim)")
-    method.add_argument("--adapter-arg", action="append", type=_key_value, metavar="KEY=VALUE",
-                        help="another field of the method's config, e.g. alpha=16 or orthogonality_weight=1e-4 "
-                        "(repeatable)")
-
-    budget = p.add_argument_group("training")
-    budget.add_argument("--lr", type=float, help="learning rate (default: the method's, e.g. hra 1e-2, lora 3e-3)")
-    budget.add_argument("--epochs", type=float, help="epochs (default 1) unless --max-steps is given")
-    budget.add_argument("--max-steps", type=_positive_int, help="optimizer steps (overrides --epochs)")
-    budget.add_argument("--batch-size", type=_positive_int, help="per-device batch size (default 32 / 8 / 8 by task)")
-    budget.add_argument("--eval-batch-size", type=_positive_int, help="evaluation batch size (default 2x batch size)")
-    budget.add_argument("--eval-steps", type=_positive_int, help="evaluate and checkpoint every N steps (default 50)")
-    budget.add_argument("--warmup", type=float, help="warm-up steps, or a fraction of the run if < 1 (default 0.06)")
-    budget.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
-    budget.add_argument("--label-smoothing", type=float, help="label smoothing (default 0; MTLoRA on E2E: 0.1)")
-    if not compare:
-        budget.add_argument("--seed", type=int, help="seed of initialisation and data order (default 0)")
-        budget.add_argument("--resume", action="store_true", default=None,
-                            help="continue from the last checkpoint in --output-dir")
-    budget.add_argument("--output-dir", help="where the run goes (default runs/<task>-<method>-<data>)")
-    budget.add_argument("--overwrite", action="store_true", default=None,
-                        help="replace an earlier run in --output-dir (never done without it)")
-    budget.add_argument("--no-initial-eval", dest="initial_eval", action="store_false", default=None,
-                        help="skip the step-0 evaluation of the untrained model")
-    _add_generation_options(p)
+    if f.default is None or f.default is dataclasses.MISSING:
+        by_task = {task: d[f.name] for task, d in TASK_DEFAULTS.items() if f.name in d}
+        if not by_task:
+            return ""
+        if len(set(map(str, by_task.values()))) == 1:
+            return f" (default {next(iter(by_task.values()))})"
+        return " (default " + ", ".join(f"{t}: {v}" for t, v in by_task.items()) + ")"
+    if isinstance(f.default, bool):
+        return ""
+    return f" (default {f.default})"
 
 
-def _add_generation_options(p: argparse.ArgumentParser) -> None:
-    gen = p.add_argument_group("generation (causal-lm, data-to-text)")
-    gen.add_argument("--max-new-tokens", type=_positive_int, help="tokens generated per example (default 64)")
-    gen.add_argument("--num-beams", type=_positive_int, help="beam size (default 1; data-to-text 10)")
-    gen.add_argument("--length-penalty", type=float, help="beam-search length penalty (default 0.9)")
-    gen.add_argument("--no-repeat-ngram-size", type=int, help="forbid repeated n-grams in beam search (default 4)")
+def add_field_flags(
+    parser: argparse.ArgumentParser,
+    cls: type,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    help: dict[str, str] | None = None,
+) -> None:
+    """One flag per dataclass field (``--field-name``), typed from the annotation, help and group from the
+    field's metadata (as ``HfArgumentParser`` does). Every default is ``None``: "not given"."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in include or list(fields):
+        f = fields[name]
+        meta = f.metadata
+        if name in exclude or meta.get("cli") is False:
+            continue
+        group_name = meta.get("group", "options")
+        group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(group_name))
+        flag = meta.get("flag") or "--" + name.replace("_", "-")
+        text = (help or {}).get(name) or meta.get("help", "") + _default_text(f)
+        kind = str(f.type)
+        if kind == "bool":
+            negated = flag.startswith("--no-")
+            group.add_argument(flag, dest=name, action="store_false" if negated else "store_true", default=None,
+                               help=text)
+            continue
+        if kind.startswith("dict"):
+            group.add_argument(flag, dest=name, action="append", type=_key_value, metavar="KEY=VALUE", help=text)
+            continue
+        choices = meta.get("choices")
+        convert = _positive_int if name in _positive_fields() else {"int": int, "float": float}.get(
+            kind.split(" | ")[0], str)
+        group.add_argument(flag, dest=name, type=convert, choices=choices() if callable(choices) else choices,
+                           help=text)
+
+
+def _positive_fields() -> tuple[str, ...]:
+    from peftlab.recipes.options import POSITIVE_INTS
+
+    return POSITIVE_INTS
+
+
+def add_method_flags(parser: argparse.ArgumentParser) -> None:
+    """``--method`` (every registered method and variant) and the flags each method's config exposes
+    (``cli_fields``, e.g. ``--num-heads``, ``--structure``); their values go to the method's config."""
+    from peftlab.config import registered_methods
+    from peftlab.recipes.adapters import method_specs
+
+    group = parser.add_argument_group("method")
+    specs = method_specs()
+    group.add_argument("--method", choices=list(specs), help="adapter method (default hra): " + "; ".join(
+        f"{n}: {s.description} (lr {s.lr:g})" for n, s in specs.items()))
+    seen: dict[str, list[str]] = {}
+    for method, cls in registered_methods().items():
+        for name in cls.cli_fields:
+            seen.setdefault(name, []).append(method)
+    for name, methods in seen.items():
+        f = next(f for f in dataclasses.fields(registered_methods()[methods[0]]) if f.name == name)
+        choices = f.metadata.get("choices")
+        group.add_argument("--" + name.replace("_", "-"), dest=f"method_field_{name}", type=_yaml_value,
+                           metavar=name.upper() if not choices else "{" + ",".join(choices) + "}",
+                           help=f"{f.metadata.get('help', name)} ({', '.join(methods)}; default {f.default})")
+
+
+def _run_flags(parser: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> None:
+    from peftlab.recipes.options import RunOptions
+
+    add_method_flags(parser)
+    add_field_flags(parser, RunOptions, exclude=("method", *exclude))
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -133,6 +156,8 @@ def _add_config(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> Parser:
     """The ``peftlab`` argument parser with its subcommands."""
+    from peftlab.recipes.options import SPLITS, RunOptions
+
     parser = Parser(prog="peftlab", description="Parameter-efficient fine-tuning: HRA, HydraLoRA, MTLoRA, LoRA.")
     parser.add_argument("--version", action="version", version=f"peftlab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser, required=True)
@@ -141,24 +166,22 @@ def build_parser() -> Parser:
                        description="Train one method on one data set; writes the adapter, metrics.json and "
                        "training_curve.png to --output-dir, with checkpoints to --resume from.")
     _add_config(p)
-    _add_run_options(p)
+    _run_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="metrics of a saved adapter (or model)",
                        description="Evaluate a trained run; by default with the model, data and split options it "
                        "was trained with, on the test split.")
     _add_config(p)
-    p.add_argument("--adapter", required=False, help="the run's output folder (adapter or full model)")
-    p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
-    p.add_argument("--data", help="data set name or file (default: the training data's test split)")
+    p.add_argument("--adapter", help="the run's output folder (adapter or full model)")
     p.add_argument("--task", help="task, when the folder does not record it")
-    p.add_argument("--split", choices=("test", "validation", "train"), help="split to score (default test)")
+    p.add_argument("--split", choices=SPLITS, help="split to score (default test)")
     p.add_argument("--max-samples", type=_positive_int, help="score at most N examples")
     p.add_argument("--batch-size", type=_positive_int, help="evaluation batch size")
-    p.add_argument("--text-column", help="text column(s) of a data file")
-    p.add_argument("--label-column", help="label column of a data file")
     p.add_argument("--output", metavar="FILE.json", help="also write the metrics to this JSON file")
-    _add_generation_options(p)
+    add_field_flags(p, RunOptions, include=("model", "data", "text_column", "label_column", *GENERATION_FIELDS),
+                    help={"model": "base model (default: the one the adapter was trained on)",
+                          "data": "data set name or file (default: the training data's test split)"})
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compare", help="several methods and seeds under one budget: a Markdown table and a chart",
@@ -171,7 +194,7 @@ def build_parser() -> Parser:
     p.add_argument("--seeds", type=_positive_int, help="number of seeds, starting at --seed (default 3)")
     p.add_argument("--seed", type=int, help="first seed (default 0)")
     p.add_argument("--lrs", help="per-method learning rates, e.g. hra=5e-3,lora=1e-3 (others: --lr or defaults)")
-    _add_run_options(p, compare=True)
+    add_field_flags(p, RunOptions, exclude=("method", "seed", "resume"))
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("merge", help="fold an adapter into its base model: a plain transformers checkpoint",
@@ -186,7 +209,7 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("export", help="write an adapter in another format (HF PEFT)",
                        description="Write the adapter so that peft.PeftModel.from_pretrained(base, OUT) loads it "
-                       "(HRA and LoRA). The base model comes from --model or the adapter's config.")
+                       "(methods HF PEFT has too). The base model comes from --model or the adapter's config.")
     _add_config(p)
     p.add_argument("--adapter", help="adapter folder")
     p.add_argument("--format", choices=("peft",), help="output format (default peft)")
@@ -195,9 +218,10 @@ def build_parser() -> Parser:
     p.add_argument("--overwrite", action="store_true", default=None, help="write into a non-empty --out")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("inspect", help="config, parameters per module, HRA orthogonality of a saved adapter",
-                       description="Print an adapter's config, its parameter count per module and, for HRA, the "
-                       "orthogonality ‖I − ÛᵀÛ‖_F of each layer's reflection vectors; with the run's metrics.")
+    p = sub.add_parser("inspect", help="config, parameters per module and the method's diagnostics of an adapter",
+                       description="Print an adapter's config, its parameter count per module and the method's own "
+                       "per-layer diagnostics (for HRA the orthogonality ‖I − ÛᵀÛ‖_F of each layer's reflection "
+                       "vectors); with the run's metrics.")
     p.add_argument("folder", help="adapter folder (or a run's output folder)")
     p.set_defaults(func=cmd_inspect)
     return parser
@@ -243,33 +267,34 @@ def _read_config(path: str, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
-        if name == "adapter_args" and isinstance(value, dict) and "adapter_arg" in valid:
-            name, value = "adapter_arg", [(str(k), v) for k, v in value.items()]
+        if name in ("adapter_args", "adapter_arg") and isinstance(value, dict) and "adapter_args" in valid:
+            name, value = "adapter_args", [(str(k), v) for k, v in value.items()]
+        elif f"method_field_{name}" in valid:  # a method's own flag (num_heads: auto)
+            name = f"method_field_{name}"
         elif name == "no_initial_eval" and "initial_eval" in valid:
             name, value = "initial_eval", not value
         if name not in valid:
-            raise CLIError(f"--config {path}: unknown option {key!r}; valid: {', '.join(sorted(valid))}")
+            shown = sorted(v.removeprefix("method_field_") for v in valid)
+            raise CLIError(f"--config {path}: unknown option {key!r}; valid: {', '.join(shown)}")
         out[name] = value
     return out
 
 
 def run_options(args: argparse.Namespace, **fixed: Any):
     """``RunOptions`` from the parsed flags (only those given; the rest keep their defaults)."""
-    from peftlab.recipes.common import RunOptions
+    from peftlab.recipes.options import RunOptions
 
     values = {k: v for k, v in vars(args).items() if v is not None}
     values.update(fixed)
-    adapter_args = dict(values.pop("adapter_arg", None) or [])
-    for name in ("num_heads", "structure"):  # method options with a flag of their own
-        value = values.pop(name, None)
-        if value is not None:
-            adapter_args[name] = value
+    adapter_args = dict(values.pop("adapter_args", None) or [])
+    for key in [k for k in values if k.startswith("method_field_")]:  # a method's own flags (--num-heads)
+        adapter_args[key.removeprefix("method_field_")] = values.pop(key)
     if adapter_args:
         values["adapter_args"] = adapter_args
     return RunOptions.from_dict(values)
 
 
-# -- commands -----------------------------------------------------------------------------------------------------
+# -- commands: parse, call the library, print -------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
     from peftlab.recipes import train
 
@@ -280,19 +305,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from peftlab.recipes import evaluate
 
-    names = ("text_column", "label_column", "max_new_tokens", "num_beams", "length_penalty", "no_repeat_ngram_size")
+    names = ("text_column", "label_column", *GENERATION_FIELDS)
     overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     metrics = evaluate(args.adapter, task=args.task, model=args.model, data=args.data, split=args.split or "test",
                        max_samples=args.max_samples, batch_size=args.batch_size, **overrides)
     split = metrics["split"]
-    scores = metrics[split]
+    value = metrics[split].get(metrics["metric"])
     print(json.dumps(metrics, indent=2, default=str))
-    main_metric = metrics["metric"]
-    print(f"{split} {main_metric} of {args.adapter} on {metrics['data']}: "
-          f"{_fmt(scores.get(main_metric))} ({metrics.get('num_examples', metrics.get('num_mrs'))} examples)")
+    print(f"{split} {metrics['metric']} of {args.adapter} on {metrics['data']}: "
+          f"{f'{value:.4f}' if isinstance(value, float) else value} "
+          f"({metrics.get('num_examples', metrics.get('num_mrs'))} examples)")
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+        from peftlab import io
+
+        io.atomic_write_json(args.output, metrics)
     return 0
 
 
@@ -322,128 +348,28 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_out(out: str, overwrite: bool | None) -> Path:
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise CLIError(f"--out {out} exists and is a file, not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise CLIError(f"--out {out} is not empty; pass --overwrite to write into it, or choose another folder")
-    return path
-
-
-def _load_for_inference(adapter: str, model: str | None):
-    """(model with adapter, tokenizer) of an adapter folder, with the task's model class."""
-    from peftlab.recipes import common, task_of
-
-    if not common.is_adapter_dir(adapter):
-        what = "a full model" if (Path(adapter) / "config.json").is_file() else "no adapter_config.json"
-        raise CLIError(f"{adapter} holds no adapter ({what}); merge and export need an adapter folder "
-                       "written by peftlab train")
-    task = task_of(adapter)
-    if task == "classification":
-        from peftlab.recipes.classification import load_trained
-
-        net, tokenizer, _ = load_trained(adapter, model)
-    else:
-        from peftlab.recipes.causal_lm import load_trained
-
-        net, tokenizer = load_trained(adapter, model)
-    return net, tokenizer
-
-
 def cmd_merge(args: argparse.Namespace) -> int:
-    out = _check_out(args.out, args.overwrite)
-    from peftlab.models import quiet_transformers
+    from peftlab.recipes import saved
 
-    net, tokenizer = _load_for_inference(args.adapter, args.model)
-    merged = net.merge_and_unload(safe_merge=True)
-    with quiet_transformers():
-        merged.save_pretrained(out)
-        tokenizer.save_pretrained(out)
-    print(f"merged {args.adapter} into {type(merged).__name__}; wrote a plain transformers checkpoint to {out}")
+    merged = saved.merge(args.adapter, args.out, args.model, args.overwrite)
+    print(f"merged {args.adapter} into {type(merged).__name__}; wrote a plain transformers checkpoint to {args.out}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    out = _check_out(args.out, args.overwrite)
-    net, _ = _load_for_inference(args.adapter, args.model)
-    try:
-        net.save_pretrained(out, format=args.format or "peft")
-    except NotImplementedError as err:
-        raise CLIError(str(err)) from None
-    print(f"exported {args.adapter} in {args.format or 'peft'} format to {out}; load it with "
+    from peftlab.recipes import saved
+
+    saved.export(args.adapter, args.out, args.format or "peft", args.model, args.overwrite)
+    print(f"exported {args.adapter} in {args.format or 'peft'} format to {args.out}; load it with "
           "peft.PeftModel.from_pretrained(base_model, out)")
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from peftlab import io
-    from peftlab.recipes import common
+    from peftlab.recipes import saved
 
-    folder = Path(args.folder)
-    if not folder.is_dir():
-        raise CLIError(f"{folder} is not a folder")
-    run = common.read_run(folder)
-    if run and "options" in run:
-        o = run["options"]
-        print(f"run: task={o.get('task')} method={o.get('method')} model={o.get('model')} data={o.get('data')} "
-              f"r={o.get('r')} lr={o.get('lr')} seed={o.get('seed')}")
-    if common.is_adapter_dir(folder):
-        config = io.read_json(folder / io.CONFIG_NAME)
-        tensors = io.load_tensors(folder)
-        print("adapter config:")
-        for key in sorted(config):
-            print(f"  {key}: {json.dumps(config[key])}")
-    elif (folder / "config.json").is_file():
-        from safetensors.torch import load_file
-
-        config = io.read_json(folder / "config.json")
-        print(f"full model: {', '.join(config.get('architectures') or [config.get('model_type', '?')])}")
-        tensors = {}
-        for file in sorted(folder.glob("*.safetensors")):
-            tensors.update(load_file(str(file)))
-    else:
-        raise CLIError(f"{folder} holds neither an adapter ({io.CONFIG_NAME}) nor a model (config.json)")
-    _print_parameters(tensors, full=not common.is_adapter_dir(folder))
-    if common.is_adapter_dir(folder) and config.get("method") == "hra":
-        _print_orthogonality(tensors)
-    metrics_file = folder / common.METRICS_FILE
-    if metrics_file.is_file():
-        metrics = json.loads(metrics_file.read_text())
-        metric = metrics.get("metric")
-        test = metrics.get("test") or {}
-        print(f"metrics: test {metric} = {_fmt(test.get(metric))}, trainable params "
-              f"{metrics.get('trainable_params'):,}, global step {metrics.get('global_step')}")
+    print("\n".join(saved.describe(args.folder)))
     return 0
-
-
-def _print_parameters(tensors: dict[str, Any], full: bool) -> None:
-    groups: dict[str, list[tuple[str, tuple[int, ...], int]]] = {}
-    for key in sorted(tensors):
-        module, _, name = key.rpartition(".")
-        if full:  # a whole model: group by the first two levels of the module name
-            module = ".".join(key.split(".")[:-1][:2]) or key
-        groups.setdefault(module, []).append((name, tuple(tensors[key].shape), tensors[key].numel()))
-    total = sum(n for entries in groups.values() for *_, n in entries)
-    print(f"parameters per module ({len(groups)} modules, {total:,} in all):")
-    width = max(map(len, groups), default=0)
-    for module, entries in groups.items():
-        detail = ", ".join(f"{name} {list(shape)}" for name, shape, _ in entries) if not full else ""
-        print(f"  {module:<{width}}  {sum(n for *_, n in entries):>12,}  {detail}".rstrip())
-
-
-def _print_orthogonality(tensors: dict[str, Any]) -> None:
-    from peftlab.methods.hra import orthogonality_penalty
-
-    print("HRA orthogonality ‖I − ÛᵀÛ‖_F per layer (0 = orthonormal reflection vectors):")
-    layers = {k.rpartition(".")[0]: v for k, v in tensors.items() if k.endswith(".hra_u")}
-    width = max(map(len, layers), default=0)
-    for name, u in layers.items():
-        print(f"  {name:<{width}}  {float(orthogonality_penalty(u.float()).sqrt()):.4f}")
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 # -- entry point --------------------------------------------------------------------------------------------------
