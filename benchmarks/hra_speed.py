@@ -25,6 +25,7 @@ Memory on CPU is reported as what autograd saves for backward, recorded with
 split into *new* tensors (allocated by the forward: the real extra memory a training step holds) and
 *shared* ones (views of the parameters or of the input, which exist anyway). "largest" is the shape of
 the biggest new saved tensor; "d×d" says whether a new weight-shaped (d × d) tensor is kept for backward.
+The header, the interleaved timing, the saved-tensor accounting and the tables come from ``_harness.py``.
 
     .venv/bin/python benchmarks/hra_speed.py                 # full run (~5-10 min on 2 cores)
     .venv/bin/python benchmarks/hra_speed.py --quick         # smoke run (< 1 min)
@@ -37,22 +38,34 @@ import argparse
 import copy
 import gc
 import os
-import platform
-import shlex
-import statistics
-import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from _harness import (  # noqa: E402
+    CLOCKS,
+    Saved,
+    Timings,
+    add_run_options,
+    apply_run_options,
+    emit_report,
+    fmt_mb,
+    fmt_ms,
+    header_lines,
+    markdown_table,
+    measure_saved,
+    parse_ints,
+    ratio,
+    ratio_of,
+    run_interleaved,
+)
 from torch import Tensor, nn  # noqa: E402
 
 from peftlab import HRAConfig, LoraConfig, get_adapter_model  # noqa: E402
@@ -69,192 +82,6 @@ LABELS = {
 GOAL_VS_LORA = 1.15
 GOAL_VS_PEFT = 15.0
 GOAL_PEFT_DIM = 4096
-MB = 1024 * 1024
-
-
-# -- machine and command -------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_revision() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "src"], cwd=root, capture_output=True, text=True
-        ).stdout.strip()
-        return rev + (" (src/ modified)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def command_line() -> str:
-    exe = sys.executable
-    try:
-        rel = os.path.relpath(exe)
-        exe = rel if not rel.startswith("..") else exe
-    except ValueError:
-        pass
-    return shlex.join([exe, *sys.argv])
-
-
-def header_lines() -> list[str]:
-    import peft
-    import transformers
-
-    import peftlab
-
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    busy = []
-    if hasattr(os, "getloadavg") and os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
-        busy = [
-            "WARNING: other jobs are running (load average above half the CPUs): wall-clock timings will be "
-            "noisy; `--threads 1 --clock cpu` gives steadier ratios"
-        ]
-    return busy + [
-        f"command: `{command_line()}`",
-        f"machine: {cpu_model()}, {os.cpu_count()} logical CPUs, torch threads = {torch.get_num_threads()}, "
-        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, load average at start = {load}",
-        f"versions: python {platform.python_version()}, torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, peft {peft.__version__}, peftlab {peftlab.__version__} @ {git_revision()}",
-    ]
-
-
-# -- saved-for-backward accounting -----------------------------------------------------------------------------
-@dataclass
-class Saved:
-    """What autograd keeps for backward after one forward."""
-
-    new_bytes: int = 0  # storages allocated by the forward
-    shared_bytes: int = 0  # views of parameters, buffers or the input
-    largest: tuple[int, ...] | None = None  # shape of the biggest new saved tensor
-    square: bool = False  # a new (d × d) weight-shaped tensor is saved
-
-    def describe_largest(self) -> str:
-        return "—" if self.largest is None else "×".join(str(s) for s in self.largest)
-
-
-def measure_saved(fn: Callable[[], object], shared: Iterable[Tensor], square_dims: set[int] | None = None) -> Saved:
-    """Run ``fn`` and account the tensors autograd saves for backward (see the module docstring)."""
-    records: list[Tensor] = []
-
-    def pack(t: Tensor) -> Tensor:
-        records.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()  # the graph (and what it saved) lives until `records` is dropped
-    shared_ptrs = {t.untyped_storage().data_ptr() for t in shared}
-    result = Saved()
-    seen: dict[int, int] = {}
-    largest_bytes = -1
-    for t in records:
-        if not isinstance(t, Tensor) or t.numel() == 0:
-            continue
-        storage = t.untyped_storage()
-        ptr, nbytes = storage.data_ptr(), storage.nbytes()
-        is_shared = ptr in shared_ptrs
-        if ptr not in seen:
-            seen[ptr] = nbytes
-            if is_shared:
-                result.shared_bytes += nbytes
-            else:
-                result.new_bytes += nbytes
-        if is_shared:
-            continue
-        if nbytes > largest_bytes:
-            largest_bytes, result.largest = nbytes, tuple(t.shape)
-        # a view of a 3-D activation (tokens folded into rows) is not weight-shaped, whatever its 2-D shape
-        base = t._base if t._base is not None else t
-        if square_dims and base.dim() == 2 and set(base.shape) <= square_dims:
-            result.square = True
-    return result
-
-
-# -- timing --------------------------------------------------------------------------------------------------------
-@dataclass
-class Timings:
-    samples: dict[str, list[float]] = field(default_factory=dict)
-
-    def add(self, key: str, seconds: float) -> None:
-        self.samples.setdefault(key, []).append(seconds)
-
-    def median_ms(self, key: str) -> float | None:
-        s = self.samples.get(key)
-        return 1000 * statistics.median(s) if s else None
-
-    def count(self, key: str) -> int:
-        return len(self.samples.get(key, []))
-
-    def spread(self, key: str) -> float | None:
-        """(max − min) / median of the kept samples: a rough noise indicator."""
-        s = self.samples.get(key)
-        if not s or len(s) < 2:
-            return None
-        return (max(s) - min(s)) / statistics.median(s)
-
-
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-_clock = CLOCKS["wall"]
-
-
-def clock(fn: Callable[[], object]) -> float:
-    t0 = _clock()
-    fn()
-    return _clock() - t0
-
-
-def run_interleaved(
-    jobs: dict[str, dict[str, Callable[[], object]]],
-    reps: dict[str, int],
-    warmups: dict[str, int],
-    timings: Timings,
-    cleanup: Callable[[str], None],
-) -> None:
-    """Time every (variant, measurement) job; variants alternate, their order rotating every round.
-
-    ``jobs[variant][measurement]`` is a callable. Variant v runs in rounds 0 … warmups[v] + reps[v] − 1 and
-    keeps the timings of all but its first ``warmups[v]`` rounds (variants with fewer rounds stop early).
-    ``cleanup(variant)`` runs untimed after each call (it zeroes the grads).
-    """
-    names = list(jobs)
-    for rnd in range(max(warmups[n] + reps[n] for n in names)):
-        shift = rnd % len(names)
-        for name in names[shift:] + names[:shift]:
-            if rnd >= warmups[name] + reps[name]:
-                continue
-            for what, fn in jobs[name].items():
-                seconds = clock(fn)
-                cleanup(name)
-                if rnd >= warmups[name]:
-                    timings.add(f"{name}/{what}", seconds)
-
-
-def ratio(value: float | None, ref: float | None) -> str:
-    if value is None or ref is None or ref == 0:
-        return "—"
-    return f"{value / ref:.2f}×"
-
-
-def fmt_ms(value: float | None) -> str:
-    if value is None:
-        return "—"
-    return f"{value:,.1f}" if value < 100 else f"{value:,.0f}"
-
-
-def fmt_mb(nbytes: int | None) -> str:
-    if nbytes is None:
-        return "—"
-    return f"{nbytes / MB:,.2f}" if nbytes < 100 * MB else f"{nbytes / MB:,.0f}"
 
 
 # -- the single-Linear benchmark ------------------------------------------------------------------------------------
@@ -373,7 +200,7 @@ def bench_linear(d: int, tokens: int, r: int, args: argparse.Namespace, input_gr
         x.grad = None
 
     timings = Timings()
-    run_interleaved(jobs, reps, warmups, timings, cleanup)
+    run_interleaved(jobs, reps, warmups, timings, cleanup, clock=CLOCKS[args.clock])
     return LinearResult(d, tokens, r, timings, saved, max_rel_err)
 
 
@@ -445,18 +272,12 @@ def bench_minilm(args: argparse.Namespace) -> ModelResult:
     jobs = {name: {"step": (lambda name=name: step(name))} for name in models}
     timings = Timings()
     reps = {name: args.model_reps for name in models}
-    run_interleaved(jobs, reps, {name: args.model_warmup for name in models}, timings, lambda _: None)
+    warmups = {name: args.model_warmup for name in models}
+    run_interleaved(jobs, reps, warmups, timings, clock=CLOCKS[args.clock])
     return ModelResult(args.batch, args.seq_len, r, timings, saved, n_trainable)
 
 
 # -- report ----------------------------------------------------------------------------------------------------------
-def markdown_table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
-    align = ["---:" if i in right else "---" for i in range(len(header))]
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines
-
-
 def linear_table(results: list[LinearResult]) -> list[str]:
     header = [
         "d", "tokens", "r", "variant", "fwd ms", "fwd ×LoRA", "fwd+bwd ms", "fwd+bwd ×LoRA",
@@ -516,14 +337,13 @@ def flop_ratio(res: LinearResult, input_grad: bool) -> float:
 
 def time_ratio(res: LinearResult, num: str, den: str) -> float | None:
     """Median fwd+bwd time of variant ``num`` over that of ``den`` at one size; ``None`` if either is missing."""
-    a, b = res.timings.median_ms(f"{num}/fwd_bwd"), res.timings.median_ms(f"{den}/fwd_bwd")
-    return a / b if a is not None and b else None
+    return ratio_of(res.timings.median_ms(f"{num}/fwd_bwd"), res.timings.median_ms(f"{den}/fwd_bwd"))
 
 
 def peft_over_lora(res: LinearResult) -> str:
     """PEFT HRA time / LoRA time: the speed-up over PEFT that LoRA itself gets, for reference."""
-    x = time_ratio(res, "peft_hra", "lora")
-    return f"{x:.1f}×" if x is not None else "—"
+    t = res.timings
+    return ratio(t.median_ms("peft_hra/fwd_bwd"), t.median_ms("lora/fwd_bwd"), digits=1)
 
 
 def summary_lines(results: list[LinearResult], model: ModelResult | None, input_grad: bool = False) -> list[str]:
@@ -589,15 +409,10 @@ def summary_lines(results: list[LinearResult], model: ModelResult | None, input_
     return lines
 
 
-def parse_ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run (< 1 min): d=768, 512 tokens, tiny MiniLM batch")
-    p.add_argument("--out", type=Path, help="also write the Markdown report to this file")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
+    add_run_options(p, clock=True)
     p.add_argument("--dims", type=parse_ints, help="Linear widths d (default 768,1024,4096)")
     p.add_argument("--tokens", type=parse_ints, help="tokens per batch (default 512,4096)")
     p.add_argument("--ranks", type=parse_ints, help="r values (default 8,32)")
@@ -614,13 +429,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-r", type=int, default=8, help="adapter rank in MiniLM (default 8)")
     p.add_argument("--model-reps", type=int, help="kept MiniLM steps per variant (default 5)")
     p.add_argument("--model-warmup", type=int, help="discarded MiniLM steps per variant (default 1)")
-    p.add_argument(
-        "--clock",
-        choices=sorted(CLOCKS),
-        default="wall",
-        help="wall: elapsed time (default); cpu: process CPU time summed over threads, less sensitive to\n"
-        "other jobs on a busy machine (most stable with --threads 1)",
-    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     full = {"dims": [768, 1024, 4096], "tokens": [512, 4096], "ranks": [8, 32], "reps": 5, "warmup": 1,
@@ -634,15 +442,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global _clock
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    _clock = CLOCKS[args.clock]
+    apply_run_options(args)
     warnings.filterwarnings("ignore", category=FutureWarning)
     started = time.perf_counter()
     lines = ["# HRA speed benchmark", ""]
-    head = header_lines()
+    head = header_lines(("transformers", "peft"), busy_hint="`--threads 1 --clock cpu` gives steadier ratios")
     for line in head:
         print(line, flush=True)
     lines += [f"- {line}" for line in head]
@@ -710,13 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         lines += [f"- (input requires grad) {s}" for s in summary_lines(sections[1][1], None, input_grad=True)[:1]]
     lines += ["", f"Total benchmark time: {time.perf_counter() - started:.0f} s"]
 
-    report = "\n".join(lines) + "\n"
-    print()
-    print(report, end="")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
-        print(f"wrote {args.out}")
+    emit_report(lines, args.out)
     return 0
 
 

@@ -24,17 +24,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import platform
-import shlex
-import sys
 import tempfile
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import torch
+from _harness import add_run_options, apply_run_options, emit_report, header_lines, markdown_table
 from sklearn.metrics import accuracy_score
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, set_seed
@@ -55,17 +51,6 @@ from peftlab.recipes.common import (
 from peftlab.trainer import Trainer
 
 DATA, DOMAINS = "sentiment-4domains", ("movie", "tweets", "amazon", "nyt")
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").is_file():
-        info = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), cpu)
-    import transformers
-
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"transformers {transformers.__version__}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
 
 
 def run_options(method: str, r: int, seed: int, args: argparse.Namespace, heads: int | None = None) -> RunOptions:
@@ -128,10 +113,6 @@ def pm(values, scale: float = 1.0, digits: int = 1) -> str:
     return f"{v.mean():.{digits}f}" + (f" ± {v.std(ddof=1):.{digits}f}" if v.size > 1 else "")
 
 
-def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 (default 3)")
@@ -140,17 +121,15 @@ def main() -> None:
     p.add_argument("--targets", default="query,value")
     p.add_argument("--num-heads", default="auto,4",
                    help="HydraLoRA's N values, comma-separated; 'auto' = estimate_num_heads on the training texts")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 300 train and 200 test samples")
-    p.add_argument("--out", type=Path, help="also write the Markdown report to this file")
+    add_run_options(p)
     args = p.parse_args()
     if args.quick:
         args.seeds, args.max_train_samples, args.max_test_samples = 1, 300, 200
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_run_options(args)
     started = time.perf_counter()
     head = ["# HydraLoRA on heterogeneous data (sentiment-4domains, MiniLM)", "",
-            f"- command: `{shlex.join(['python', *sys.argv])}`", f"- machine: {machine()}"]
+            *(f"- {line}" for line in header_lines(("transformers",)))]
     print("\n".join(head), flush=True)
 
     data = load_dataset(DATA)
@@ -182,8 +161,8 @@ def main() -> None:
         "", "## estimate_num_heads clusters × domains (training texts)", "",
     ]
     counts = Counter(zip(clusters.tolist(), train_rows["domain"], strict=True))
-    lines += table(["cluster", *DOMAINS], [[str(c), *(str(counts[c, d]) for d in DOMAINS)]
-                                           for c in sorted(set(clusters.tolist()))])
+    lines += markdown_table(["cluster", *DOMAINS], [[str(c), *(str(counts[c, d]) for d in DOMAINS)]
+                                                    for c in sorted(set(clusters.tolist()))])
     print("\n".join(lines[len(head):]), flush=True)
 
     variants = {f"HydraLoRA r=8, N={n}" + (" (estimated)" if n == estimate else ""): ("hydralora", 8, n)
@@ -208,7 +187,7 @@ def main() -> None:
         acc = [pm([run["acc"][k] for run in runs], 100) for k in ("overall", *DOMAINS)]
         rows.append([name, f"{runs[0]['lr']:g}", f"{runs[0]['params']:,}", *acc,
                      pm([run["s_per_step"] for run in runs], digits=3)])
-    lines += table(["variant", "lr", "trainable params", "overall", *DOMAINS, "train s/step"], rows)
+    lines += markdown_table(["variant", "lr", "trainable params", "overall", *DOMAINS, "train s/step"], rows)
 
     for name, (method, _, n) in variants.items():
         if method != "hydralora" or n < 2:
@@ -221,15 +200,10 @@ def main() -> None:
             mean = [np.mean([run["routing"][e] for e in DOMAINS], 0) for run in hydra]
             spread = [0.5 * np.abs(w - m).sum(-1).mean() for w, m in zip(omega, mean, strict=True)]
             rows.append([d, *(pm([w.mean(0)[h] for w in omega], digits=3) for h in range(n)), pm(spread, digits=3)])
-        lines += table(["domain", *(f"head {h}" for h in range(n)), "layer spread"], rows)
+        lines += markdown_table(["domain", *(f"head {h}" for h in range(n)), "layer spread"], rows)
     lines += ["", f"Total time: {time.perf_counter() - started:.0f} s"]
 
-    report = "\n".join(lines) + "\n"
-    print("\n" + report, end="")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
-        print(f"wrote {args.out}")
+    emit_report(lines, args.out)
 
 
 if __name__ == "__main__":

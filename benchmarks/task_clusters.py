@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
+from _harness import markdown_table
+
 from peftlab.hydralora import estimate_num_heads
 from peftlab.recipes.causal_lm import load_records, record_prompt
 
@@ -34,10 +36,9 @@ def main() -> None:
     clusters = sorted(set(int(c) for c in labels))
     counts = Counter(zip(train["task"], (int(c) for c in labels), strict=True))
     print(f"{args.data}: {len(texts)} training prompts, estimate_num_heads ({args.method}) -> N = {n}\n")
-    print("| task | " + " | ".join(f"cluster {c}" for c in clusters) + " |")
-    print("|---|" + "---:|" * len(clusters))
-    for task in sorted(set(train["task"])):
-        print(f"| {task} | " + " | ".join(str(counts.get((task, c), 0)) for c in clusters) + " |")
+    header = ["task", *(f"cluster {c}" for c in clusters)]
+    rows = [[task, *(str(counts.get((task, c), 0)) for c in clusters)] for task in sorted(set(train["task"]))]
+    print("\n".join(markdown_table(header, rows, right=set(range(1, len(header))))))
 
 
 if __name__ == "__main__":
