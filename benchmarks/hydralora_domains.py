@@ -39,15 +39,10 @@ from transformers.trainer_callback import PrinterCallback
 from peftlab.data import load_dataset
 from peftlab.hydralora import estimate_num_heads
 from peftlab.models import load_classifier
+from peftlab.recipes.adapters import count_parameters, prepare_model
 from peftlab.recipes.classification import tokenize
-from peftlab.recipes.common import (
-    RunOptions,
-    count_parameters,
-    prepare_model,
-    quiet_datasets,
-    select,
-    training_arguments,
-)
+from peftlab.recipes.options import RunOptions
+from peftlab.recipes.training import quiet_datasets, select, training_arguments
 from peftlab.trainer import Trainer
 
 DATA, DOMAINS = "sentiment-4domains", ("movie", "tweets", "amazon", "nyt")
