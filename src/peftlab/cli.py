@@ -154,6 +154,15 @@ def _add_config(p: argparse.ArgumentParser) -> None:
                    "flags on the command line override it")
 
 
+def _adapter_to_folder_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of commands that read an adapter folder and write another folder (merge, export)."""
+    _add_config(p)
+    p.add_argument("--adapter", help="adapter folder")
+    p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
+    p.add_argument("--out", help="output folder")
+    p.add_argument("--overwrite", action="store_true", default=None, help="write into a non-empty --out")
+
+
 def build_parser() -> Parser:
     """The ``peftlab`` argument parser with its subcommands."""
     from peftlab.recipes.options import SPLITS, RunOptions
@@ -200,22 +209,14 @@ def build_parser() -> Parser:
     p = sub.add_parser("merge", help="fold an adapter into its base model: a plain transformers checkpoint",
                        description="Merge the adapter into the base weights (merge_and_unload) and save a plain "
                        "transformers model with its tokenizer, loadable with AutoModel*.from_pretrained.")
-    _add_config(p)
-    p.add_argument("--adapter", help="adapter folder")
-    p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
-    p.add_argument("--out", help="output folder")
-    p.add_argument("--overwrite", action="store_true", default=None, help="write into a non-empty --out")
+    _adapter_to_folder_flags(p)
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("export", help="write an adapter in another format (HF PEFT)",
                        description="Write the adapter so that peft.PeftModel.from_pretrained(base, OUT) loads it "
                        "(methods HF PEFT has too). The base model comes from --model or the adapter's config.")
-    _add_config(p)
-    p.add_argument("--adapter", help="adapter folder")
+    _adapter_to_folder_flags(p)
     p.add_argument("--format", choices=("peft",), help="output format (default peft)")
-    p.add_argument("--model", help="base model (default: base_model_name_or_path of the adapter config)")
-    p.add_argument("--out", help="output folder")
-    p.add_argument("--overwrite", action="store_true", default=None, help="write into a non-empty --out")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("inspect", help="config, parameters per module and the method's diagnostics of an adapter",
