@@ -20,7 +20,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -149,39 +149,17 @@ def _run_flags(parser: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> 
     add_field_flags(parser, RunOptions, exclude=("method", *exclude))
 
 
-def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE.yaml", help="YAML file of options (long option names as keys); "
-                   "flags on the command line override it")
-
-
 def _adapter_to_folder_flags(p: argparse.ArgumentParser) -> None:
     """The flags of commands that read an adapter folder and write another folder (merge, export)."""
-    _add_config(p)
     p.add_argument("--adapter", help="adapter folder")
     p.add_argument("--model", help="base model (default: the one the adapter was trained on)")
     p.add_argument("--out", help="output folder")
     p.add_argument("--overwrite", action="store_true", default=None, help="write into a non-empty --out")
 
 
-def build_parser() -> Parser:
-    """The ``peftlab`` argument parser with its subcommands."""
+def _eval_flags(p: argparse.ArgumentParser) -> None:
     from peftlab.recipes.options import SPLITS, RunOptions
 
-    parser = Parser(prog="peftlab", description="Parameter-efficient fine-tuning: HRA, HydraLoRA, MTLoRA, LoRA.")
-    parser.add_argument("--version", action="version", version=f"peftlab {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser, required=True)
-
-    p = sub.add_parser("train", help="train an adapter (or full fine-tuning / a linear probe)",
-                       description="Train one method on one data set; writes the adapter, metrics.json and "
-                       "training_curve.png to --output-dir, with checkpoints to --resume from.")
-    _add_config(p)
-    _run_flags(p)
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("eval", help="metrics of a saved adapter (or model)",
-                       description="Evaluate a trained run; by default with the model, data and split options it "
-                       "was trained with, on the test split.")
-    _add_config(p)
     p.add_argument("--adapter", help="the run's output folder (adapter or full model)")
     p.add_argument("--task", help="task, when the folder does not record it")
     p.add_argument("--split", choices=SPLITS, help="split to score (default test)")
@@ -191,40 +169,55 @@ def build_parser() -> Parser:
     add_field_flags(p, RunOptions, include=("model", "data", "text_column", "label_column", *GENERATION_FIELDS),
                     help={"model": "base model (default: the one the adapter was trained on)",
                           "data": "data set name or file (default: the training data's test split)"})
-    p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("compare", help="several methods and seeds under one budget: a Markdown table and a chart",
-                       description="Train every method with every seed under the same budget; print a Markdown "
-                       "table (test metric mean ± std, trainable parameters, time per step, peak memory) and write "
-                       "compare.md, compare.json and compare.png (metric vs trainable parameters).")
-    _add_config(p)
+
+def _compare_flags(p: argparse.ArgumentParser) -> None:
+    from peftlab.recipes.options import RunOptions
+
     p.add_argument("--methods", help="comma-separated methods (default hra,lora,full,linear-probe); a method may carry "
                    "config fields as METHOD:KEY=VALUE[:KEY=VALUE], e.g. mtlora-shim:init=identity")
     p.add_argument("--seeds", type=_positive_int, help="number of seeds, starting at --seed (default 3)")
     p.add_argument("--seed", type=int, help="first seed (default 0)")
     p.add_argument("--lrs", help="per-method learning rates, e.g. hra=5e-3,lora=1e-3 (others: --lr or defaults)")
     add_field_flags(p, RunOptions, exclude=("method", "seed", "resume"))
-    p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("merge", help="fold an adapter into its base model: a plain transformers checkpoint",
-                       description="Merge the adapter into the base weights (merge_and_unload) and save a plain "
-                       "transformers model with its tokenizer, loadable with AutoModel*.from_pretrained.")
-    _adapter_to_folder_flags(p)
-    p.set_defaults(func=cmd_merge)
 
-    p = sub.add_parser("export", help="write an adapter in another format (HF PEFT)",
-                       description="Write the adapter so that peft.PeftModel.from_pretrained(base, OUT) loads it "
-                       "(methods HF PEFT has too). The base model comes from --model or the adapter's config.")
+def _export_flags(p: argparse.ArgumentParser) -> None:
     _adapter_to_folder_flags(p)
     p.add_argument("--format", choices=("peft",), help="output format (default peft)")
-    p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("inspect", help="config, parameters per module and the method's diagnostics of an adapter",
-                       description="Print an adapter's config, its parameter count per module and the method's own "
-                       "per-layer diagnostics (for HRA the orthogonality ‖I − ÛᵀÛ‖_F of each layer's reflection "
-                       "vectors); with the run's metrics.")
+
+def _inspect_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder", help="adapter folder (or a run's output folder)")
-    p.set_defaults(func=cmd_inspect)
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], bool]] = {}
+
+
+def command(flags: Callable[[argparse.ArgumentParser], None], config: bool = True) -> Callable:
+    """Register ``cmd_NAME`` as the subcommand ``NAME``: its docstring is the help (first line) and the
+    description (the rest), ``flags`` adds its options, ``config`` adds ``--config FILE.yaml``."""
+
+    def register(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[func.__name__.removeprefix("cmd_")] = (func, flags, config)
+        return func
+
+    return register
+
+
+def build_parser() -> Parser:
+    """The ``peftlab`` argument parser: one subcommand per registered ``cmd_*`` function."""
+    parser = Parser(prog="peftlab", description="Parameter-efficient fine-tuning: HRA, HydraLoRA, MTLoRA, LoRA.")
+    parser.add_argument("--version", action="version", version=f"peftlab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser, required=True)
+    for name, (func, flags, config) in COMMANDS.items():
+        summary, _, description = (func.__doc__ or "").strip().partition("\n")
+        p = sub.add_parser(name, help=summary, description=" ".join(description.split()))
+        if config:
+            p.add_argument("--config", metavar="FILE.yaml", help="YAML file of options (long option names as "
+                           "keys); flags on the command line override it")
+        flags(p)
+        p.set_defaults(func=func)
     return parser
 
 
@@ -296,14 +289,26 @@ def run_options(args: argparse.Namespace, **fixed: Any):
 
 
 # -- commands: parse, call the library, print -------------------------------------------------------------------
+@command(_run_flags)
 def cmd_train(args: argparse.Namespace) -> int:
+    """train an adapter (or full fine-tuning / a linear probe)
+
+    Train one method on one data set; writes the adapter, metrics.json and training_curve.png to
+    --output-dir, with checkpoints to --resume from.
+    """
     from peftlab.recipes import train
 
     train(run_options(args))
     return 0
 
 
+@command(_eval_flags)
 def cmd_eval(args: argparse.Namespace) -> int:
+    """metrics of a saved adapter (or model)
+
+    Evaluate a trained run; by default with the model, data and split options it was trained with,
+    on the test split.
+    """
     from peftlab.recipes import evaluate
 
     names = ("text_column", "label_column", *GENERATION_FIELDS)
@@ -323,7 +328,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+@command(_compare_flags)
 def cmd_compare(args: argparse.Namespace) -> int:
+    """several methods and seeds under one budget: a Markdown table and a chart
+
+    Train every method with every seed under the same budget; print a Markdown table (test metric
+    mean ± std, trainable parameters, time per step, peak memory) and write compare.md, compare.json
+    and compare.png (metric vs trainable parameters).
+    """
     from peftlab.recipes import compare
 
     methods = args.methods or "hra,lora,full,linear-probe"  # a YAML config may give a list
@@ -349,7 +361,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+@command(_adapter_to_folder_flags)
 def cmd_merge(args: argparse.Namespace) -> int:
+    """fold an adapter into its base model: a plain transformers checkpoint
+
+    Merge the adapter into the base weights (merge_and_unload) and save a plain transformers model
+    with its tokenizer, loadable with AutoModel*.from_pretrained.
+    """
     from peftlab.recipes import saved
 
     merged = saved.merge(args.adapter, args.out, args.model, args.overwrite)
@@ -357,7 +375,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+@command(_export_flags)
 def cmd_export(args: argparse.Namespace) -> int:
+    """write an adapter in another format (HF PEFT)
+
+    Write the adapter so that peft.PeftModel.from_pretrained(base, OUT) loads it (methods HF PEFT
+    has too). The base model comes from --model or the adapter's config.
+    """
     from peftlab.recipes import saved
 
     saved.export(args.adapter, args.out, args.format or "peft", args.model, args.overwrite)
@@ -366,7 +390,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+@command(_inspect_flags, config=False)
 def cmd_inspect(args: argparse.Namespace) -> int:
+    """config, parameters per module and the method's diagnostics of an adapter
+
+    Print an adapter's config, its parameter count per module and the method's own per-layer
+    diagnostics (for HRA the orthogonality ‖I − ÛᵀÛ‖_F of each layer's reflection vectors); with the
+    run's metrics.
+    """
     from peftlab.recipes import saved
 
     print("\n".join(saved.describe(args.folder)))
