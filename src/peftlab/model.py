@@ -7,7 +7,7 @@ attribute it does not define) to the wrapped model, so HF ``Trainer`` and user l
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -167,9 +167,12 @@ class AdapterModel(nn.Module):
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the base model alone inside the block (merged adapters are unmerged, then re-merged)."""
-        merged = sorted({n for _, layer in self._layers() for n in layer.merged})
-        self.unmerge()
+        """Run the base model alone inside the block.
+
+        Merged adapters are unmerged on entry and merged again on exit with the options they were merged
+        with (e.g. HydraLoRA's ``head_weights``).
+        """
+        records = [(layer, layer.unmerge()) for _, layer in self._layers()]
         modules = [m for _, m in (*self._layers(), *self._copies())]
         for m in modules:
             m.disabled = True
@@ -178,8 +181,7 @@ class AdapterModel(nn.Module):
         finally:
             for m in modules:
                 m.disabled = False
-            if merged:
-                self.merge(merged)
+            self._commit_merges((layer, layer.plan_merge(record)) for layer, record in records if record)
 
     def _trainable_biases(self) -> set[str]:
         """Names (as in the wrapped model) of the biases the active adapters train."""
@@ -213,30 +215,45 @@ class AdapterModel(nn.Module):
         """Fold adapters (default: the active ones) into the base weights.
 
         With ``safe_merge=True`` a result holding NaN/inf raises :class:`MergeError` and every layer is
-        left as it was. ``options`` go to the method (e.g. HydraLoRA's ``head_weights``).
+        left as it was. ``options`` go to the methods that declare them (e.g. HydraLoRA's ``head_weights``);
+        each layer records them, so unmerge and ``disable_adapter`` use the same ones.
         """
         names = self.active_adapters if adapter_names is None else list(adapter_names)
-        if not safe_merge:  # layer by layer (no second copy of every weight); undone if a layer fails
-            done: list[AdapterLayer] = []
-            try:
-                for _, layer in self._layers():
-                    if plan := layer.plan_merge(names, **options):
-                        layer.commit_merge(plan)
-                        done.append(layer)
-            except Exception:
-                for layer in done:
-                    layer.unmerge()
-                raise
+        methods = {self.peft_config[n].method for n in names if n in self.peft_config}
+        accepted = {option for method in methods for option in ADAPTERS[method].merge_options}
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            raise MergeError(
+                f"merge option(s) {unknown} are not used by adapter(s) {names}; options their methods take: "
+                f"{sorted(accepted) or 'none'}"
+            )
+        merges = {n: options for n in names}
+        if not safe_merge:  # layer by layer (no second copy of every weight)
+            self._commit_merges((layer, layer.plan_merge(merges)) for _, layer in self._layers())
             return
-        plans = [(name, layer, plan) for name, layer in self._layers() if (plan := layer.plan_merge(names, **options))]
-        for name, _, (todo, weight) in plans:  # check every layer before writing any
+        plans = [(name, layer, plan) for name, layer in self._layers() if (plan := layer.plan_merge(merges))]
+        for name, _, (record, weight) in plans:  # check every layer before writing any
             if not torch.isfinite(weight).all():
                 raise MergeError(
-                    f"merging adapter(s) {todo} into {name} gives non-finite values (NaN/inf); no weight was "
-                    "changed. Check the adapter weights for NaN."
+                    f"merging adapter(s) {list(record)} into {name} gives non-finite values (NaN/inf); no weight "
+                    "was changed. Check the adapter weights for NaN."
                 )
         for _, layer, plan in plans:
             layer.commit_merge(plan)
+
+    @staticmethod
+    def _commit_merges(plans: Iterable[tuple[AdapterLayer, Any]]) -> None:
+        """Commit ``(layer, plan)`` pairs as they come (plans may be built lazily); undone if one fails."""
+        done: list[AdapterLayer] = []
+        try:
+            for layer, plan in plans:
+                if plan:
+                    layer.commit_merge(plan)
+                    done.append(layer)
+        except Exception:
+            for layer in done:
+                layer.unmerge()
+            raise
 
     def unmerge(self) -> None:
         """Undo every merge: the base weights are restored up to float rounding."""
