@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_bert
+from conftest import tiny_bert, tiny_gpt2
 
-from peftlab import HydraLoraConfig, MergeError, get_adapter_model
+from peftlab import AdapterModel, HydraLoraConfig, LoraConfig, MergeError, get_adapter_model
 from peftlab.methods.base import Adapter
 
 
@@ -39,3 +39,72 @@ def test_unknown_merge_options_are_refused(token_batch):
         model.merge(head_weight=[0.5, 0.5])
     assert model.merged_adapters == []
 
+
+
+# -- B: plain transformers.Trainer -------------------------------------------------------------------------------
+def _token_rows(n: int, causal: bool) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 100, (n, 10), generator=g)
+    rows = []
+    for row in ids:
+        labels = row.clone() if causal else (row[0] > 50).long()
+        rows.append({"input_ids": row, "attention_mask": torch.ones(10, dtype=torch.long), "labels": labels,
+                     "text": "a column the model does not take"})
+    return rows
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bert-classifier", "gpt2-causal-lm"])
+@pytest.mark.parametrize("as_datasets", [False, True], ids=["torch-rows", "datasets.Dataset"])
+def test_plain_hf_trainer_trains_only_the_adapter(tmp_path, causal, as_datasets):
+    import transformers
+
+    base = tiny_gpt2() if causal else tiny_bert()
+    frozen = {n: p.detach().clone() for n, p in base.named_parameters()}
+    targets = ["c_attn"] if causal else ["query", "value"]
+    model = get_adapter_model(base, LoraConfig(r=2, target_modules=targets, init_weights=False))
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    rows = _token_rows(16, causal)
+    if as_datasets:
+        import datasets
+
+        rows = datasets.Dataset.from_list([{k: v.tolist() if torch.is_tensor(v) else v for k, v in r.items()}
+                                           for r in rows])
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=16, learning_rate=2e-2, max_steps=8, logging_steps=1,
+        report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0,
+    )
+    assert args.remove_unused_columns
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows)
+    assert trainer.label_names == ["labels"]
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate()["eval_loss"]
+    assert after < before
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    assert all(not torch.equal(p, start[n]) for n, p in model.named_parameters() if n in start)
+    for name, param in model.base_model.named_parameters():
+        key = name.replace(".base_layer", "")
+        if key in frozen:
+            assert torch.equal(param, frozen[key]), name
+
+
+def test_forward_signature_is_the_wrapped_models(bert):
+    import inspect
+
+    model = get_adapter_model(bert, LoraConfig(r=2, target_modules=["query"]))
+    params = list(inspect.signature(model.forward).parameters)
+    assert params == list(inspect.signature(tiny_bert().forward).parameters)
+    assert "labels" in params
+
+
+def test_adapter_model_pickles_and_deep_copies(bert, token_batch):
+    import copy
+    import pickle
+
+    model = get_adapter_model(bert, LoraConfig(r=2, target_modules=["query"], init_weights=False))
+    expected = model(**token_batch).logits
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert type(clone) is type(model) and isinstance(clone, AdapterModel)
+        torch.testing.assert_close(clone(**token_batch).logits, expected)
+    assert type(model).__name__ == "AdapterModel[BertForSequenceClassification]"

@@ -2,10 +2,16 @@
 
 ``AdapterModel`` is an ``nn.Module`` that forwards every call (``forward``, ``generate`` and any
 attribute it does not define) to the wrapped model, so HF ``Trainer`` and user loops work unchanged.
+Its ``forward`` has the wrapped model's signature, on the instance and on the class (an
+``AdapterModel`` around a ``BertForSequenceClassification`` is an ``AdapterModel[BertForSequenceClassification]``,
+a subclass made once per wrapped class): HF ``Trainer`` reads it to keep dataset columns
+(``remove_unused_columns``), to find the label names and to know whether the model returns a loss.
 """
 
 from __future__ import annotations
 
+import copyreg
+import inspect
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -50,6 +56,7 @@ class AdapterModel(nn.Module):
         super().__init__()
         if isinstance(model, AdapterModel):
             raise TypeError("model is already an AdapterModel; use model.add_adapter(name, config) instead")
+        self.__class__ = _with_forward_of(type(self), type(model))
         self.base_model = model
         self.peft_config: dict[str, AdapterConfig] = {}
         self.active_adapters: list[str] = []
@@ -67,7 +74,16 @@ class AdapterModel(nn.Module):
             return getattr(self.base_model, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's forward (with its signature: see the module docstring)."""
         return self.base_model(*args, **kwargs)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Pickle and deepcopy rebuild the per-wrapped-class subclass instead of looking it up by name."""
+        reduced = super().__reduce_ex__(protocol)
+        cls = type(self)
+        if "_forward_of" not in vars(cls) or reduced[0] is not copyreg.__newobj__:
+            return reduced
+        return (_new_with_forward_of, (cls.__base__, cls._forward_of), *reduced[2:])
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model.generate(*args, **kwargs)
@@ -430,6 +446,36 @@ class AdapterModel(nn.Module):
         if not is_trainable:
             wrapped.eval()
         return wrapped
+
+
+_FORWARD_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _with_forward_of(adapter_cls: type[AdapterModel], wrapped_cls: type[nn.Module]) -> type[AdapterModel]:
+    """The subclass of ``adapter_cls`` whose ``forward`` has ``wrapped_cls.forward``'s signature (made once)."""
+    while "_forward_of" in vars(adapter_cls):  # re-wrapping: start again from the user-facing class
+        adapter_cls = adapter_cls.__base__
+    key = (adapter_cls, wrapped_cls)
+    if key not in _FORWARD_CLASSES:
+
+        def forward(self: AdapterModel, *args: Any, **kwargs: Any) -> Any:
+            return self.base_model(*args, **kwargs)
+
+        forward.__doc__ = f"{wrapped_cls.__name__}.forward, with the active adapters."
+        try:
+            forward.__signature__ = inspect.signature(wrapped_cls.forward)  # type: ignore[attr-defined]
+        except (TypeError, ValueError):  # a forward inspect cannot read keeps (*args, **kwargs)
+            pass
+        name = f"{adapter_cls.__name__}[{wrapped_cls.__name__}]"
+        attrs = {"forward": forward, "_forward_of": wrapped_cls, "__module__": adapter_cls.__module__}
+        _FORWARD_CLASSES[key] = type(name, (adapter_cls,), {**attrs, "__qualname__": name})
+    return _FORWARD_CLASSES[key]
+
+
+def _new_with_forward_of(adapter_cls: type[AdapterModel], wrapped_cls: type[nn.Module]) -> AdapterModel:
+    """An empty instance of the subclass (for unpickling; the state is set afterwards)."""
+    cls = _with_forward_of(adapter_cls, wrapped_cls)
+    return cls.__new__(cls)
 
 
 def get_adapter_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> AdapterModel:
