@@ -108,3 +108,27 @@ def test_adapter_model_pickles_and_deep_copies(bert, token_batch):
         assert type(clone) is type(model) and isinstance(clone, AdapterModel)
         torch.testing.assert_close(clone(**token_batch).logits, expected)
     assert type(model).__name__ == "AdapterModel[BertForSequenceClassification]"
+
+
+# -- C: deleting the active adapter activates a remaining one -------------------------------------------------------
+def test_deleting_the_active_adapter_activates_the_first_remaining_one(bert, token_batch):
+    base_out = bert(**token_batch).logits
+    model = get_adapter_model(bert, LoraConfig(r=2, target_modules=["query"], init_weights=False), "a")
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["value"], init_weights=False))
+    model.add_adapter("c", LoraConfig(r=2, target_modules=["key"], init_weights=False))
+    model.set_adapter("b")
+    out_b = model(**token_batch).logits
+    model.set_adapter("a")
+    with pytest.warns(UserWarning, match="'a'.*deleted.*'b'"):
+        model.delete_adapter("a")
+    assert model.active_adapters == ["b"] and model.active_adapter == "b"
+    torch.testing.assert_close(model(**token_batch).logits, out_b)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if ".adapters.b." in n
+    }
+    model.set_adapter(["b", "c"])
+    model.delete_adapter("b")  # another active adapter remains: it stays the only active one
+    assert model.active_adapters == ["c"]
+    model.delete_adapter("c")
+    assert model.active_adapters == [] and model.peft_config == {}
+    torch.testing.assert_close(model(**token_batch).logits, base_out)

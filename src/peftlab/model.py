@@ -13,6 +13,7 @@ from __future__ import annotations
 import copyreg
 import inspect
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -152,6 +153,9 @@ class AdapterModel(nn.Module):
         for _, layer in self._layers():
             if layer.merged:
                 raise MergeError("cannot switch adapters while some are merged; call unmerge() first")
+        self._activate(names)
+
+    def _activate(self, names: list[str]) -> None:
         self.active_adapters = names
         for _, module in (*self._layers(), *self._copies()):
             module.active = [
@@ -160,7 +164,12 @@ class AdapterModel(nn.Module):
         self._update_trainable()
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter everywhere; layers left with no adapter become plain layers again."""
+        """Remove an adapter everywhere; layers left with no adapter become plain layers again.
+
+        If it was active, the other active adapters stay active; if it was the only active one, the first
+        remaining adapter (in the order they were added) becomes active, with a warning, as in HF PEFT.
+        With no adapter left, the model runs as the base model.
+        """
         if adapter_name not in self.peft_config:
             raise AdapterError(f"no adapter named {adapter_name!r}; adapters: {list(self.peft_config)}")
         for name, layer in list(self._layers()):
@@ -178,8 +187,15 @@ class AdapterModel(nn.Module):
             if not len(wrapper.copies):
                 set_submodule(self.base_model, name, wrapper.original)
         del self.peft_config[adapter_name]
-        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
-        self._update_trainable()
+        active = [n for n in self.active_adapters if n != adapter_name]
+        if not active and adapter_name in self.active_adapters and self.peft_config:
+            active = [next(iter(self.peft_config))]
+            warnings.warn(
+                f"adapter {adapter_name!r}, the active one, was deleted; {active[0]!r} is now active "
+                "(call set_adapter() to choose another)",
+                stacklevel=2,
+            )
+        self._activate(active)
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
