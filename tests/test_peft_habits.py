@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import tiny_bert, tiny_gpt2
 
-from peftlab import AdapterModel, HydraLoraConfig, LoraConfig, MergeError, get_adapter_model
+from peftlab import AdapterError, AdapterModel, HydraLoraConfig, LoraConfig, MergeError, get_adapter_model
 from peftlab.methods.base import Adapter
 
 
@@ -132,3 +132,15 @@ def test_deleting_the_active_adapter_activates_the_first_remaining_one(bert, tok
     model.delete_adapter("c")
     assert model.active_adapters == [] and model.peft_config == {}
     torch.testing.assert_close(model(**token_batch).logits, base_out)
+
+
+# -- D: only one adapter may train the shared base biases -----------------------------------------------------------
+@pytest.mark.parametrize("first", ["all", "lora_only"])
+@pytest.mark.parametrize("second", ["all", "lora_only"])
+def test_a_second_adapter_that_trains_biases_is_refused(bert, first, second):
+    model = get_adapter_model(bert, LoraConfig(r=2, target_modules=["query"], bias=first), "a")
+    with pytest.raises(AdapterError, match=rf"bias='{second}'.*'a'.*bias='{first}'.*bias='none'"):
+        model.add_adapter("b", LoraConfig(r=2, target_modules=["value"], bias=second))
+    assert list(model.peft_config) == ["a"]
+    assert not any(".adapters.b." in n for n, _ in model.named_parameters())
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["value"]))  # bias="none" is fine

@@ -117,6 +117,14 @@ class AdapterModel(nn.Module):
         if adapter_cls is None:
             raise ConfigError(f"no adapter implementation is registered for method {config.method!r}")
         config.validate()
+        if config.bias != "none":
+            for other, other_config in self.peft_config.items():
+                if other_config.bias != "none":
+                    raise AdapterError(
+                        f"adapter {adapter_name!r} has bias={config.bias!r}, but adapter {other!r} already trains "
+                        f"the model's biases (bias={other_config.bias!r}); the biases are shared, so only one "
+                        "adapter may train them. Use bias='none' for one of the two."
+                    )
         targets = find_targets(self.base_model, config)
         saved = find_modules_to_save(self.base_model, config.modules_to_save)
         plans = []
