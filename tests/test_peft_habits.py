@@ -144,3 +144,17 @@ def test_a_second_adapter_that_trains_biases_is_refused(bert, first, second):
     assert list(model.peft_config) == ["a"]
     assert not any(".adapters.b." in n for n, _ in model.named_parameters())
     model.add_adapter("b", LoraConfig(r=2, target_modules=["value"]))  # bias="none" is fine
+
+
+# -- E: active adapters may not share a modules_to_save module --------------------------------------------------------
+def test_active_adapters_with_overlapping_modules_to_save_are_refused(bert, token_batch):
+    model = get_adapter_model(bert, LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]), "a")
+    model.add_adapter("b", LoraConfig(r=2, target_modules=["value"], modules_to_save=["classifier"]))
+    model.add_adapter("c", LoraConfig(r=2, target_modules=["key"]))
+    with pytest.raises(AdapterError, match=r"\['a', 'b'\].*classifier.*modules_to_save"):
+        model.set_adapter(["a", "b"])
+    assert model.active_adapters == ["a"]
+    model.set_adapter(["b", "c"])  # only b has a copy of the classifier: fine, and b's copy runs and trains
+    assert model.base_model.classifier.current() is model.base_model.classifier.copies["b"]
+    assert all(p.requires_grad for p in model.base_model.classifier.copies["b"].parameters())
+    assert not any(p.requires_grad for p in model.base_model.classifier.copies["a"].parameters())

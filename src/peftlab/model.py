@@ -153,7 +153,10 @@ class AdapterModel(nn.Module):
         self._update_trainable()
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Activate one adapter, or several (composed in list order, see :mod:`peftlab.methods.base`)."""
+        """Activate one adapter, or several (composed in list order, see :mod:`peftlab.methods.base`).
+
+        Adapters active together may not both list a module in ``modules_to_save`` (only one copy can run).
+        """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
@@ -161,6 +164,14 @@ class AdapterModel(nn.Module):
         for _, layer in self._layers():
             if layer.merged:
                 raise MergeError("cannot switch adapters while some are merged; call unmerge() first")
+        for module_name, wrapper in self._copies():
+            sharing = [n for n in names if n in wrapper.copies]
+            if len(sharing) > 1:
+                raise AdapterError(
+                    f"adapters {sharing} each have their own copy of {module_name} (modules_to_save), and only one "
+                    "copy can run, so they cannot be active together. Activate them one at a time, or give only "
+                    "one of them that module in modules_to_save."
+                )
         self._activate(names)
 
     def _activate(self, names: list[str]) -> None:
