@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import tiny_bert, tiny_gpt2
+from torch import nn
 
 from peftlab import AdapterError, AdapterModel, HydraLoraConfig, LoraConfig, MergeError, get_adapter_model
 from peftlab.methods.base import Adapter
@@ -158,3 +159,58 @@ def test_active_adapters_with_overlapping_modules_to_save_are_refused(bert, toke
     assert model.base_model.classifier.current() is model.base_model.classifier.copies["b"]
     assert all(p.requires_grad for p in model.base_model.classifier.copies["b"].parameters())
     assert not any(p.requires_grad for p in model.base_model.classifier.copies["a"].parameters())
+
+
+# -- F: wrapped layers look like PEFT's: in/out_features, and disable_adapter freezes the adapters ---------------------
+class _Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 12)
+        self.lin = nn.Linear(12, 10)
+        self.conv = nn.Conv2d(10, 6, (3, 2), padding=1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.lin(self.emb(ids))
+        return self.conv(h.transpose(1, 2).unsqueeze(-1).expand(-1, -1, -1, 3))
+
+
+@pytest.mark.parametrize("kind", ["linear-conv2d-embedding", "conv1d"])
+def test_wrapped_layers_expose_in_and_out_features_like_peft(kind):
+    import peft
+
+    make, targets = (_Mixed, ["emb", "lin", "conv"]) if kind != "conv1d" else (tiny_gpt2, ["c_attn", "c_fc"])
+    ours = get_adapter_model(make(), LoraConfig(r=2, target_modules=targets))
+    theirs = peft.get_peft_model(make(), peft.LoraConfig(r=2, target_modules=targets))
+    wrapped = dict(ours._layers())
+    assert len(wrapped) >= len(targets)
+    for name, layer in wrapped.items():
+        peft_layer = theirs.base_model.model.get_submodule(name)
+        assert (layer.in_features, layer.out_features) == (peft_layer.in_features, peft_layer.out_features), name
+    if kind == "conv1d":
+        c_attn = ours.base_model.transformer.h[0].attn.c_attn
+        assert (c_attn.in_features, c_attn.out_features) == (32, 96)
+
+
+def test_disable_adapter_freezes_adapters_like_peft(bert, token_batch):
+    import peft
+
+    model = get_adapter_model(bert, LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"]))
+    theirs = peft.get_peft_model(tiny_bert(), peft.LoraConfig(r=2, target_modules=["query"],
+                                                              modules_to_save=["classifier"]))
+
+    def trainable(m: nn.Module) -> int:
+        return sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+    before = trainable(model)
+    assert before == trainable(theirs) > 0
+    with model.disable_adapter(), theirs.disable_adapter():
+        assert trainable(model) == trainable(theirs) == 0
+        model(**token_batch)
+    assert trainable(model) == trainable(theirs) == before
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".adapters.default." in n)
+
+
+def test_disable_adapter_warns_that_trained_biases_stay(bert):
+    model = get_adapter_model(bert, LoraConfig(r=2, target_modules=["query"], bias="lora_only"))
+    with pytest.warns(UserWarning, match="keeps the trained biases"), model.disable_adapter():
+        pass

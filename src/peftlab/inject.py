@@ -50,6 +50,27 @@ class AdapterLayer(nn.Module):
         return list(self.merge_record)
 
     @property
+    def in_features(self) -> int:
+        """Input width as HF PEFT's wrapped layers give it: in_features (Linear, Conv1D's nx), in_channels
+        (Conv2d) or num_embeddings (Embedding)."""
+        return self._features()[0]
+
+    @property
+    def out_features(self) -> int:
+        """Output width: out_features (Linear, Conv1D's nf), out_channels (Conv2d) or embedding_dim (Embedding)."""
+        return self._features()[1]
+
+    def _features(self) -> tuple[int, int]:
+        kind, m = self.view.kind, self.base_layer
+        if kind == "linear":
+            return m.in_features, m.out_features
+        if kind == "conv1d":  # weight (in, out)
+            return tuple(m.weight.shape)  # type: ignore[return-value]
+        if kind == "conv2d":
+            return m.in_channels, m.out_channels
+        return m.num_embeddings, m.embedding_dim
+
+    @property
     def view(self) -> LayerView:
         if self._view is None or self._view.module is not self.base_layer:
             self._view = LayerView(self.base_layer, self.layer_name)

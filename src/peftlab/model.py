@@ -221,17 +221,29 @@ class AdapterModel(nn.Module):
         """Run the base model alone inside the block.
 
         Merged adapters are unmerged on entry and merged again on exit with the options they were merged
-        with (e.g. HydraLoRA's ``head_weights``).
+        with (e.g. HydraLoRA's ``head_weights``). As in HF PEFT, the adapter parameters and
+        ``modules_to_save`` copies are frozen (``requires_grad=False``) inside the block and trainable again
+        after it. Biases trained with ``bias="all"`` / ``"<method>_only"`` live in the base layers, so
+        inside the block the model runs the trained biases, not the original ones (PEFT warns; so does this).
         """
+        biased = [n for n in self.active_adapters if self.peft_config[n].bias != "none"]
+        if biased:
+            warnings.warn(
+                f"adapter {biased[0]!r} trains the model's biases (bias={self.peft_config[biased[0]].bias!r}); "
+                "disable_adapter() keeps the trained biases, so the output is not exactly the base model's",
+                stacklevel=3,
+            )
         records = [(layer, layer.unmerge()) for _, layer in self._layers()]
         modules = [m for _, m in (*self._layers(), *self._copies())]
         for m in modules:
             m.disabled = True
+            (m.adapters if isinstance(m, AdapterLayer) else m.copies).requires_grad_(False)
         try:
             yield
         finally:
             for m in modules:
                 m.disabled = False
+            self._update_trainable()
             self._commit_merges((layer, layer.plan_merge(record)) for layer, record in records if record)
 
     def _trainable_biases(self) -> set[str]:
