@@ -8,7 +8,17 @@ import torch
 from conftest import tiny_bert, tiny_gpt2
 from torch import nn
 
-from peftlab import AdapterError, AdapterModel, HydraLoraConfig, LoraConfig, MergeError, get_adapter_model
+from peftlab import (
+    AdapterError,
+    AdapterLayer,
+    AdapterLoadError,
+    AdapterModel,
+    HRAConfig,
+    HydraLoraConfig,
+    LoraConfig,
+    MergeError,
+    get_adapter_model,
+)
 from peftlab.methods.base import Adapter
 
 
@@ -214,3 +224,55 @@ def test_disable_adapter_warns_that_trained_biases_stay(bert):
     model = get_adapter_model(bert, LoraConfig(r=2, target_modules=["query"], bias="lora_only"))
     with pytest.warns(UserWarning, match="keeps the trained biases"), model.disable_adapter():
         pass
+
+
+# -- G: from_pretrained loads every adapter of a multi-adapter folder -------------------------------------------------
+def test_from_pretrained_loads_every_adapter_in_the_folder(bert, token_batch, tmp_path):
+    model = get_adapter_model(bert, LoraConfig(r=2, target_modules=["query"], init_weights=False))
+    model.add_adapter("other", HRAConfig(r=2, target_modules=["value"], init_weights=False))
+    model.add_adapter("head", LoraConfig(r=2, target_modules=["key"], modules_to_save=["classifier"]))
+    with torch.no_grad():
+        model.base_model.classifier.copies["head"].weight.mul_(2)
+    expected = {}
+    for name in model.peft_config:
+        model.set_adapter(name)
+        expected[name] = model(**token_batch).logits
+    model.save_pretrained(tmp_path)
+    # a training checkpoint inside the folder is not one of its adapters
+    model.save_pretrained(tmp_path / "checkpoint-2", selected_adapters=["default"])
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{}")
+
+    loaded = AdapterModel.from_pretrained(tiny_bert(), tmp_path)
+    assert list(loaded.peft_config) == ["default", "head", "other"]
+    assert loaded.active_adapters == ["default"] and not loaded.training
+    assert not any(p.requires_grad for p in loaded.parameters())
+    for name in ["default", "head", "other"]:
+        loaded.set_adapter(name)
+        torch.testing.assert_close(loaded(**token_batch).logits, expected[name])
+
+    # a single-adapter folder still loads under the name asked for
+    single = AdapterModel.from_pretrained(tiny_bert(), tmp_path / "other", adapter_name="mine")
+    assert list(single.peft_config) == ["mine"] and single.active_adapters == ["mine"]
+    torch.testing.assert_close(single(**token_batch).logits, expected["other"])
+
+
+def test_from_pretrained_of_a_folder_without_a_default_adapter(bert, token_batch, tmp_path):
+    model = get_adapter_model(bert, LoraConfig(r=2, target_modules=["query"], init_weights=False), "b")
+    model.add_adapter("a", LoraConfig(r=2, target_modules=["value"], init_weights=False))
+    model.save_pretrained(tmp_path)
+    loaded = AdapterModel.from_pretrained(tiny_bert(), tmp_path, is_trainable=True)
+    assert list(loaded.peft_config) == ["a", "b"] and loaded.active_adapters == ["a"]
+    assert any(p.requires_grad for p in loaded.parameters())
+    model.set_adapter("a")
+    torch.testing.assert_close(loaded(**token_batch).logits, model(**token_batch).logits)
+
+
+def test_from_pretrained_that_fails_on_one_adapter_leaves_the_model_plain(bert, tmp_path):
+    model = get_adapter_model(bert, LoraConfig(r=2, target_modules=["query"]))
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["value"]))
+    model.save_pretrained(tmp_path)
+    (tmp_path / "other" / "adapter_model.safetensors").write_bytes(b"broken")
+    fresh = tiny_bert()
+    with pytest.raises(AdapterLoadError, match="other"):
+        AdapterModel.from_pretrained(fresh, tmp_path)
+    assert not any(isinstance(m, AdapterLayer) for m in fresh.modules())

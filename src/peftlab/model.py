@@ -38,6 +38,8 @@ from peftlab.inject import (
 from peftlab.layers import LayerView
 from peftlab.methods.base import ADAPTERS, Adapter
 
+TRAINER_STATE_NAME = "trainer_state.json"  # HF Trainer checkpoints hold one; adapter folders do not
+
 
 def _original_name(name: str) -> str:
     """``a.query.base_layer.bias`` → ``a.query.bias``; ``cls.original.weight`` → ``cls.weight``."""
@@ -438,7 +440,8 @@ class AdapterModel(nn.Module):
         is_main_process: bool = True,
         **_: Any,
     ) -> None:
-        """Write each adapter (``default`` at the top, others in sub-folders named after them).
+        """Write each adapter (``default`` at the top, others in sub-folders named after them, as HF PEFT
+        does); :meth:`from_pretrained` loads them all back.
 
         ``format="peft"`` writes files that ``peft.PeftModel.from_pretrained`` loads (HRA and LoRA).
         """
@@ -486,13 +489,38 @@ class AdapterModel(nn.Module):
         adapter_name: str = "default",
         is_trainable: bool = False,
     ) -> AdapterModel:
-        """Wrap ``model`` with the adapter saved in ``path`` (inference mode unless ``is_trainable``)."""
+        """Wrap ``model`` with every adapter saved in ``path`` (inference mode unless ``is_trainable``).
+
+        ``path`` is laid out as :meth:`save_pretrained` (and HF PEFT) writes it: the adapter at the top is
+        loaded as ``adapter_name``, each sub-folder holding an adapter under the sub-folder's name. The top
+        adapter is active (``default`` for a folder from ``save_pretrained``); a folder with adapters in
+        sub-folders only activates the first by name. Use :meth:`set_adapter` to switch. Sub-folders that
+        hold a ``trainer_state.json`` are training checkpoints, not adapters of this folder, and are
+        skipped. If one adapter fails to load, none stays on ``model``.
+        """
+        folders = _adapter_folders(Path(path), adapter_name)
         wrapped = cls(model)
-        wrapped.load_adapter(path, adapter_name, is_trainable=is_trainable)
-        wrapped.set_adapter(adapter_name)
+        try:
+            for name, folder in folders.items():
+                wrapped.load_adapter(folder, name, is_trainable=is_trainable)
+        except Exception:
+            for name in list(wrapped.peft_config):
+                wrapped.delete_adapter(name)
+            raise
+        wrapped.set_adapter(next(iter(folders)))
         if not is_trainable:
             wrapped.eval()
         return wrapped
+
+
+def _adapter_folders(path: Path, top_name: str) -> dict[str, Path]:
+    """name → folder of the adapters in ``path``: its top (as ``top_name``), then its sub-folders by name."""
+    found = {top_name: path} if (path / io.CONFIG_NAME).is_file() else {}
+    subfolders = sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+    for sub in subfolders:
+        if "." not in sub.name and (sub / io.CONFIG_NAME).is_file() and not (sub / TRAINER_STATE_NAME).exists():
+            found.setdefault(sub.name, sub)
+    return found or {top_name: path}  # nothing there: loading the top gives the error that says so
 
 
 _FORWARD_CLASSES: dict[tuple[type, type], type] = {}
