@@ -84,6 +84,14 @@ class Adapter(nn.Module):
         """The inverse of :meth:`merged_weight`, given the same ``options`` (the layer records them)."""
         raise NotImplementedError
 
+    def example_merge_options(self) -> dict[str, Any]:
+        """Valid :attr:`merge_options` values for this adapter (``{}`` when merging needs none).
+
+        Generic code (the contract tests, tools that merge any method) uses them to merge without knowing
+        the method; a method with merge options returns a neutral choice (HydraLoRA: uniform head weights).
+        """
+        return {}
+
     # -- extras ---------------------------------------------------------------------------------------
     def extra_loss(self) -> Tensor | None:
         """A term added to the training loss (already weighted), or ``None``."""

@@ -201,6 +201,10 @@ class HydraLoraAdapter(Adapter):
         w = self._head_weights(head_weights)
         return weight + self.delta_weight(w.to(self.lora_B.device)).to(weight.dtype)
 
+    def example_merge_options(self) -> dict[str, Any]:
+        """Uniform head weights, w_i = 1/N."""
+        return {"head_weights": [1.0 / self.num_heads] * self.num_heads}
+
     def unmerged_weight(
         self, weight: Tensor, head_weights: Sequence[float] | Tensor | None = None, **options: Any
     ) -> Tensor:
