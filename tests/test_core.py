@@ -293,7 +293,7 @@ def test_save_load_round_trip_with_several_adapters(bert, token_batch, tmp_path)
     loaded = AdapterModel.from_pretrained(tiny_bert(), tmp_path)
     assert not trainable_names(loaded) and not loaded.training
     assert torch.allclose(loaded(**token_batch).logits, expected, atol=1e-6)
-    loaded.load_adapter(tmp_path / "lora", "lora")
+    assert list(loaded.peft_config) == ["default", "lora"]  # every adapter in the folder is loaded
     model.set_adapter("lora")
     loaded.set_adapter("lora")
     assert torch.allclose(loaded(**token_batch).logits, model(**token_batch).logits, atol=1e-6)

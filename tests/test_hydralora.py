@@ -266,7 +266,7 @@ def test_merge_without_or_with_bad_head_weights_raises():
     assert model.merged_adapters == []
     for n, layer in model._layers():
         assert torch.equal(layer.base_layer.weight, before[n])
-    with pytest.raises(MergeError, match="not merged"):
+    with pytest.raises(MergeError, match="needs the head_weights the adapter was merged with"):
         next(iter(adapters(model).values())).unmerged_weight(before[next(iter(before))])
 
 

@@ -40,9 +40,35 @@ class AdapterLayer(nn.Module):
         self.adapters = nn.ModuleDict()
         self.layer_name = name
         self.active: list[str] = []
-        self.merged: list[str] = []
+        self.merge_record: dict[str, dict[str, Any]] = {}  # adapter name → its merge options, in merge order
         self.disabled = False
         self._view: LayerView | None = None
+
+    @property
+    def merged(self) -> list[str]:
+        """Names of the adapters merged into the base weight, in merge order."""
+        return list(self.merge_record)
+
+    @property
+    def in_features(self) -> int:
+        """Input width as HF PEFT's wrapped layers give it: in_features (Linear, Conv1D's nx), in_channels
+        (Conv2d) or num_embeddings (Embedding)."""
+        return self._features()[0]
+
+    @property
+    def out_features(self) -> int:
+        """Output width: out_features (Linear, Conv1D's nf), out_channels (Conv2d) or embedding_dim (Embedding)."""
+        return self._features()[1]
+
+    def _features(self) -> tuple[int, int]:
+        kind, m = self.view.kind, self.base_layer
+        if kind == "linear":
+            return m.in_features, m.out_features
+        if kind == "conv1d":  # weight (in, out)
+            return tuple(m.weight.shape)  # type: ignore[return-value]
+        if kind == "conv2d":
+            return m.in_channels, m.out_channels
+        return m.num_embeddings, m.embedding_dim
 
     @property
     def view(self) -> LayerView:
@@ -87,29 +113,37 @@ class AdapterLayer(nn.Module):
 
     # -- merging ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def plan_merge(self, names: list[str], **options: Any) -> tuple[list[str], Tensor] | None:
-        """The weight after merging ``names`` (multiplicative ones first), without writing it."""
-        todo = [n for n in names if n in self.adapters and n not in self.merged]
+    def plan_merge(self, merges: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], Tensor] | None:
+        """The weight after merging ``merges`` (adapter name → merge options), without writing it.
+
+        Adapters this layer lacks or has merged already are skipped; multiplicative ones go first. Each
+        adapter gets only the options its method declares (``Adapter.merge_options``); the plan's record
+        (name → those options) is what :meth:`commit_merge` stores and :meth:`unmerge` passes back.
+        """
+        todo = [n for n in merges if n in self.adapters and n not in self.merge_record]
         if not todo:
             return None
         todo.sort(key=lambda n: not self.adapters[n].multiplicative)  # stable: W·H… first, then +ΔW
         if any(self.adapters[n].multiplicative for n in todo) and any(
-            not self.adapters[n].multiplicative for n in self.merged
+            not self.adapters[n].multiplicative for n in self.merge_record
         ):
             raise MergeError(
                 f"{self.layer_name}: cannot merge a multiplicative adapter on top of merged additive "
                 f"adapters {self.merged}; call unmerge() first and merge them together"
             )
+        record = {}
         weight = self._working_weight()
         for n in todo:
-            weight = self.adapters[n].merged_weight(weight, **options)
-        return todo, weight
+            adapter = self.adapters[n]
+            record[n] = {k: copy.deepcopy(v) for k, v in merges[n].items() if k in adapter.merge_options}
+            weight = adapter.merged_weight(weight, **record[n])
+        return record, weight
 
     @torch.no_grad()
-    def commit_merge(self, plan: tuple[list[str], Tensor]) -> None:
-        todo, weight = plan
+    def commit_merge(self, plan: tuple[dict[str, dict[str, Any]], Tensor]) -> None:
+        record, weight = plan
         self.view.write_flat_weight(weight)
-        self.merged.extend(todo)
+        self.merge_record.update(record)
 
     def _working_weight(self) -> Tensor:
         """A copy of the flat weight to merge into (fp32 for half-precision layers)."""
@@ -117,15 +151,18 @@ class AdapterLayer(nn.Module):
         return base.float() if base.dtype in (torch.float16, torch.bfloat16) else base.clone()
 
     @torch.no_grad()
-    def unmerge(self) -> None:
-        """Restore the base weight (up to float rounding) by undoing merges in reverse order."""
-        if not self.merged:
-            return
+    def unmerge(self) -> dict[str, dict[str, Any]]:
+        """Restore the base weight (up to float rounding) by undoing merges in reverse order, each with the
+        options it was merged with. Returns the merge record that was undone (``plan_merge`` redoes it)."""
+        record = dict(self.merge_record)
+        if not record:
+            return record
         weight = self._working_weight()
-        for n in reversed(self.merged):
-            weight = self.adapters[n].unmerged_weight(weight)
+        for n in reversed(record):
+            weight = self.adapters[n].unmerged_weight(weight, **record[n])
         self.view.write_flat_weight(weight)
-        self.merged.clear()
+        self.merge_record.clear()
+        return record
 
 
 class TrainableCopy(nn.Module):

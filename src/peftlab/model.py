@@ -2,12 +2,19 @@
 
 ``AdapterModel`` is an ``nn.Module`` that forwards every call (``forward``, ``generate`` and any
 attribute it does not define) to the wrapped model, so HF ``Trainer`` and user loops work unchanged.
+Its ``forward`` has the wrapped model's signature, on the instance and on the class (an
+``AdapterModel`` around a ``BertForSequenceClassification`` is an ``AdapterModel[BertForSequenceClassification]``,
+a subclass made once per wrapped class): HF ``Trainer`` reads it to keep dataset columns
+(``remove_unused_columns``), to find the label names and to know whether the model returns a loss.
 """
 
 from __future__ import annotations
 
+import copyreg
+import inspect
 import os
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,6 +38,8 @@ from peftlab.inject import (
 from peftlab.layers import LayerView
 from peftlab.methods.base import ADAPTERS, Adapter
 
+TRAINER_STATE_NAME = "trainer_state.json"  # HF Trainer checkpoints hold one; adapter folders do not
+
 
 def _original_name(name: str) -> str:
     """``a.query.base_layer.bias`` → ``a.query.bias``; ``cls.original.weight`` → ``cls.weight``."""
@@ -50,6 +59,7 @@ class AdapterModel(nn.Module):
         super().__init__()
         if isinstance(model, AdapterModel):
             raise TypeError("model is already an AdapterModel; use model.add_adapter(name, config) instead")
+        self.__class__ = _with_forward_of(type(self), type(model))
         self.base_model = model
         self.peft_config: dict[str, AdapterConfig] = {}
         self.active_adapters: list[str] = []
@@ -67,7 +77,16 @@ class AdapterModel(nn.Module):
             return getattr(self.base_model, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's forward (with its signature: see the module docstring)."""
         return self.base_model(*args, **kwargs)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """Pickle and deepcopy rebuild the per-wrapped-class subclass instead of looking it up by name."""
+        reduced = super().__reduce_ex__(protocol)
+        cls = type(self)
+        if "_forward_of" not in vars(cls) or reduced[0] is not copyreg.__newobj__:
+            return reduced
+        return (_new_with_forward_of, (cls.__base__, cls._forward_of), *reduced[2:])
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         return self.base_model.generate(*args, **kwargs)
@@ -100,6 +119,14 @@ class AdapterModel(nn.Module):
         if adapter_cls is None:
             raise ConfigError(f"no adapter implementation is registered for method {config.method!r}")
         config.validate()
+        if config.bias != "none":
+            for other, other_config in self.peft_config.items():
+                if other_config.bias != "none":
+                    raise AdapterError(
+                        f"adapter {adapter_name!r} has bias={config.bias!r}, but adapter {other!r} already trains "
+                        f"the model's biases (bias={other_config.bias!r}); the biases are shared, so only one "
+                        "adapter may train them. Use bias='none' for one of the two."
+                    )
         targets = find_targets(self.base_model, config)
         saved = find_modules_to_save(self.base_model, config.modules_to_save)
         plans = []
@@ -128,7 +155,10 @@ class AdapterModel(nn.Module):
         self._update_trainable()
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Activate one adapter, or several (composed in list order, see :mod:`peftlab.methods.base`)."""
+        """Activate one adapter, or several (composed in list order, see :mod:`peftlab.methods.base`).
+
+        Adapters active together may not both list a module in ``modules_to_save`` (only one copy can run).
+        """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
@@ -136,6 +166,17 @@ class AdapterModel(nn.Module):
         for _, layer in self._layers():
             if layer.merged:
                 raise MergeError("cannot switch adapters while some are merged; call unmerge() first")
+        for module_name, wrapper in self._copies():
+            sharing = [n for n in names if n in wrapper.copies]
+            if len(sharing) > 1:
+                raise AdapterError(
+                    f"adapters {sharing} each have their own copy of {module_name} (modules_to_save), and only one "
+                    "copy can run, so they cannot be active together. Activate them one at a time, or give only "
+                    "one of them that module in modules_to_save."
+                )
+        self._activate(names)
+
+    def _activate(self, names: list[str]) -> None:
         self.active_adapters = names
         for _, module in (*self._layers(), *self._copies()):
             module.active = [
@@ -144,7 +185,12 @@ class AdapterModel(nn.Module):
         self._update_trainable()
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove an adapter everywhere; layers left with no adapter become plain layers again."""
+        """Remove an adapter everywhere; layers left with no adapter become plain layers again.
+
+        If it was active, the other active adapters stay active; if it was the only active one, the first
+        remaining adapter (in the order they were added) becomes active, with a warning, as in HF PEFT.
+        With no adapter left, the model runs as the base model.
+        """
         if adapter_name not in self.peft_config:
             raise AdapterError(f"no adapter named {adapter_name!r}; adapters: {list(self.peft_config)}")
         for name, layer in list(self._layers()):
@@ -162,24 +208,45 @@ class AdapterModel(nn.Module):
             if not len(wrapper.copies):
                 set_submodule(self.base_model, name, wrapper.original)
         del self.peft_config[adapter_name]
-        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
-        self._update_trainable()
+        active = [n for n in self.active_adapters if n != adapter_name]
+        if not active and adapter_name in self.active_adapters and self.peft_config:
+            active = [next(iter(self.peft_config))]
+            warnings.warn(
+                f"adapter {adapter_name!r}, the active one, was deleted; {active[0]!r} is now active "
+                "(call set_adapter() to choose another)",
+                stacklevel=2,
+            )
+        self._activate(active)
 
     @contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Run the base model alone inside the block (merged adapters are unmerged, then re-merged)."""
-        merged = sorted({n for _, layer in self._layers() for n in layer.merged})
-        self.unmerge()
+        """Run the base model alone inside the block.
+
+        Merged adapters are unmerged on entry and merged again on exit with the options they were merged
+        with (e.g. HydraLoRA's ``head_weights``). As in HF PEFT, the adapter parameters and
+        ``modules_to_save`` copies are frozen (``requires_grad=False``) inside the block and trainable again
+        after it. Biases trained with ``bias="all"`` / ``"<method>_only"`` live in the base layers, so
+        inside the block the model runs the trained biases, not the original ones (PEFT warns; so does this).
+        """
+        biased = [n for n in self.active_adapters if self.peft_config[n].bias != "none"]
+        if biased:
+            warnings.warn(
+                f"adapter {biased[0]!r} trains the model's biases (bias={self.peft_config[biased[0]].bias!r}); "
+                "disable_adapter() keeps the trained biases, so the output is not exactly the base model's",
+                stacklevel=3,
+            )
+        records = [(layer, layer.unmerge()) for _, layer in self._layers()]
         modules = [m for _, m in (*self._layers(), *self._copies())]
         for m in modules:
             m.disabled = True
+            (m.adapters if isinstance(m, AdapterLayer) else m.copies).requires_grad_(False)
         try:
             yield
         finally:
             for m in modules:
                 m.disabled = False
-            if merged:
-                self.merge(merged)
+            self._update_trainable()
+            self._commit_merges((layer, layer.plan_merge(record)) for layer, record in records if record)
 
     def _trainable_biases(self) -> set[str]:
         """Names (as in the wrapped model) of the biases the active adapters train."""
@@ -213,30 +280,45 @@ class AdapterModel(nn.Module):
         """Fold adapters (default: the active ones) into the base weights.
 
         With ``safe_merge=True`` a result holding NaN/inf raises :class:`MergeError` and every layer is
-        left as it was. ``options`` go to the method (e.g. HydraLoRA's ``head_weights``).
+        left as it was. ``options`` go to the methods that declare them (e.g. HydraLoRA's ``head_weights``);
+        each layer records them, so unmerge and ``disable_adapter`` use the same ones.
         """
         names = self.active_adapters if adapter_names is None else list(adapter_names)
-        if not safe_merge:  # layer by layer (no second copy of every weight); undone if a layer fails
-            done: list[AdapterLayer] = []
-            try:
-                for _, layer in self._layers():
-                    if plan := layer.plan_merge(names, **options):
-                        layer.commit_merge(plan)
-                        done.append(layer)
-            except Exception:
-                for layer in done:
-                    layer.unmerge()
-                raise
+        methods = {self.peft_config[n].method for n in names if n in self.peft_config}
+        accepted = {option for method in methods for option in ADAPTERS[method].merge_options}
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            raise MergeError(
+                f"merge option(s) {unknown} are not used by adapter(s) {names}; options their methods take: "
+                f"{sorted(accepted) or 'none'}"
+            )
+        merges = {n: options for n in names}
+        if not safe_merge:  # layer by layer (no second copy of every weight)
+            self._commit_merges((layer, layer.plan_merge(merges)) for _, layer in self._layers())
             return
-        plans = [(name, layer, plan) for name, layer in self._layers() if (plan := layer.plan_merge(names, **options))]
-        for name, _, (todo, weight) in plans:  # check every layer before writing any
+        plans = [(name, layer, plan) for name, layer in self._layers() if (plan := layer.plan_merge(merges))]
+        for name, _, (record, weight) in plans:  # check every layer before writing any
             if not torch.isfinite(weight).all():
                 raise MergeError(
-                    f"merging adapter(s) {todo} into {name} gives non-finite values (NaN/inf); no weight was "
-                    "changed. Check the adapter weights for NaN."
+                    f"merging adapter(s) {list(record)} into {name} gives non-finite values (NaN/inf); no weight "
+                    "was changed. Check the adapter weights for NaN."
                 )
         for _, layer, plan in plans:
             layer.commit_merge(plan)
+
+    @staticmethod
+    def _commit_merges(plans: Iterable[tuple[AdapterLayer, Any]]) -> None:
+        """Commit ``(layer, plan)`` pairs as they come (plans may be built lazily); undone if one fails."""
+        done: list[AdapterLayer] = []
+        try:
+            for layer, plan in plans:
+                if plan:
+                    layer.commit_merge(plan)
+                    done.append(layer)
+        except Exception:
+            for layer in done:
+                layer.unmerge()
+            raise
 
     def unmerge(self) -> None:
         """Undo every merge: the base weights are restored up to float rounding."""
@@ -358,7 +440,8 @@ class AdapterModel(nn.Module):
         is_main_process: bool = True,
         **_: Any,
     ) -> None:
-        """Write each adapter (``default`` at the top, others in sub-folders named after them).
+        """Write each adapter (``default`` at the top, others in sub-folders named after them, as HF PEFT
+        does); :meth:`from_pretrained` loads them all back.
 
         ``format="peft"`` writes files that ``peft.PeftModel.from_pretrained`` loads (HRA and LoRA).
         """
@@ -406,13 +489,68 @@ class AdapterModel(nn.Module):
         adapter_name: str = "default",
         is_trainable: bool = False,
     ) -> AdapterModel:
-        """Wrap ``model`` with the adapter saved in ``path`` (inference mode unless ``is_trainable``)."""
+        """Wrap ``model`` with every adapter saved in ``path`` (inference mode unless ``is_trainable``).
+
+        ``path`` is laid out as :meth:`save_pretrained` (and HF PEFT) writes it: the adapter at the top is
+        loaded as ``adapter_name``, each sub-folder holding an adapter under the sub-folder's name. The top
+        adapter is active (``default`` for a folder from ``save_pretrained``); a folder with adapters in
+        sub-folders only activates the first by name. Use :meth:`set_adapter` to switch. Sub-folders that
+        hold a ``trainer_state.json`` are training checkpoints, not adapters of this folder, and are
+        skipped. If one adapter fails to load, none stays on ``model``.
+        """
+        folders = _adapter_folders(Path(path), adapter_name)
         wrapped = cls(model)
-        wrapped.load_adapter(path, adapter_name, is_trainable=is_trainable)
-        wrapped.set_adapter(adapter_name)
+        try:
+            for name, folder in folders.items():
+                wrapped.load_adapter(folder, name, is_trainable=is_trainable)
+        except Exception:
+            for name in list(wrapped.peft_config):
+                wrapped.delete_adapter(name)
+            raise
+        wrapped.set_adapter(next(iter(folders)))
         if not is_trainable:
             wrapped.eval()
         return wrapped
+
+
+def _adapter_folders(path: Path, top_name: str) -> dict[str, Path]:
+    """name → folder of the adapters in ``path``: its top (as ``top_name``), then its sub-folders by name."""
+    found = {top_name: path} if (path / io.CONFIG_NAME).is_file() else {}
+    subfolders = sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+    for sub in subfolders:
+        if "." not in sub.name and (sub / io.CONFIG_NAME).is_file() and not (sub / TRAINER_STATE_NAME).exists():
+            found.setdefault(sub.name, sub)
+    return found or {top_name: path}  # nothing there: loading the top gives the error that says so
+
+
+_FORWARD_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _with_forward_of(adapter_cls: type[AdapterModel], wrapped_cls: type[nn.Module]) -> type[AdapterModel]:
+    """The subclass of ``adapter_cls`` whose ``forward`` has ``wrapped_cls.forward``'s signature (made once)."""
+    while "_forward_of" in vars(adapter_cls):  # re-wrapping: start again from the user-facing class
+        adapter_cls = adapter_cls.__base__
+    key = (adapter_cls, wrapped_cls)
+    if key not in _FORWARD_CLASSES:
+
+        def forward(self: AdapterModel, *args: Any, **kwargs: Any) -> Any:
+            return self.base_model(*args, **kwargs)
+
+        forward.__doc__ = f"{wrapped_cls.__name__}.forward, with the active adapters."
+        try:
+            forward.__signature__ = inspect.signature(wrapped_cls.forward)  # type: ignore[attr-defined]
+        except (TypeError, ValueError):  # a forward inspect cannot read keeps (*args, **kwargs)
+            pass
+        name = f"{adapter_cls.__name__}[{wrapped_cls.__name__}]"
+        attrs = {"forward": forward, "_forward_of": wrapped_cls, "__module__": adapter_cls.__module__}
+        _FORWARD_CLASSES[key] = type(name, (adapter_cls,), {**attrs, "__qualname__": name})
+    return _FORWARD_CLASSES[key]
+
+
+def _new_with_forward_of(adapter_cls: type[AdapterModel], wrapped_cls: type[nn.Module]) -> AdapterModel:
+    """An empty instance of the subclass (for unpickling; the state is set afterwards)."""
+    cls = _with_forward_of(adapter_cls, wrapped_cls)
+    return cls.__new__(cls)
 
 
 def get_adapter_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> AdapterModel:

@@ -1,14 +1,16 @@
 """``peftlab.Trainer``: HF ``Trainer`` that knows about adapters.
 
-It adds every active adapter's extra loss term (HRA's orthogonality regulariser, HydraLoRA's balance
-loss) to the training loss, saves checkpoints as adapter folders (not the whole model), and resumes /
-restores the best checkpoint from them. Everything else (DDP, FSDP, DeepSpeed, schedulers, logging)
-is HF ``Trainer`` unchanged.
+Plain ``transformers.Trainer`` already trains an :class:`~peftlab.AdapterModel` (its ``forward`` has the
+wrapped model's signature, so dataset columns and label names are found). This subclass adds what plain
+``Trainer`` cannot know: every active adapter's extra loss term (HRA's orthogonality regulariser,
+HydraLoRA's balance loss) is added to the training loss, checkpoints are adapter folders (not the whole
+model) from which it resumes and restores the best checkpoint, and label smoothing shifts the labels of
+a wrapped causal LM. Everything else (DDP, FSDP, DeepSpeed, schedulers, logging) is HF ``Trainer``
+unchanged.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,6 @@ import torch
 import transformers
 from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-from transformers.utils.generic import can_return_loss, find_labels
 
 from peftlab import io
 from peftlab.model import AdapterModel
@@ -28,31 +29,9 @@ TRAINING_ARGS_NAME = "training_args.bin"
 class Trainer(transformers.Trainer):
     """A drop-in ``transformers.Trainer`` for :class:`~peftlab.AdapterModel` (and plain models)."""
 
-    def __init__(self, model: nn.Module | None = None, *args: Any, **kwargs: Any) -> None:
-        super().__init__(model, *args, **kwargs)
-        adapter_model = self._adapter_model()
-        if adapter_model is not None:
-            base_cls = adapter_model.base_model.__class__
-            if self.args.label_names is None:
-                self.label_names = find_labels(base_cls)
-            self.can_return_loss = can_return_loss(base_cls)
-            params = inspect.signature(adapter_model.base_model.forward).parameters.values()
-            self.model_accepts_loss_kwargs = getattr(
-                adapter_model.base_model,
-                "accepts_loss_kwargs",
-                any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params),
-            )
-
     def _adapter_model(self, model: nn.Module | None = None) -> AdapterModel | None:
         unwrapped = self.accelerator.unwrap_model(model if model is not None else self.model)
         return unwrapped if isinstance(unwrapped, AdapterModel) else None
-
-    def _set_signature_columns_if_needed(self) -> None:
-        adapter_model = self._adapter_model()
-        if self._signature_columns is None and adapter_model is not None:
-            columns = list(inspect.signature(adapter_model.base_model.forward).parameters)
-            self._signature_columns = columns + list({"label", "label_ids", *self.label_names})
-        super()._set_signature_columns_if_needed()
 
     def compute_loss(
         self,

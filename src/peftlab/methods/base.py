@@ -32,6 +32,9 @@ class Adapter(nn.Module):
     config_class: ClassVar[type[AdapterConfig]]
     multiplicative: ClassVar[bool] = False
     supported_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d", "conv2d")
+    #: keyword options ``merged_weight`` takes (HydraLoRA: ``head_weights``). The wrapped layer records them
+    #: per merged adapter and passes them back to ``unmerged_weight``; the adapter keeps no merge state.
+    merge_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, layer: LayerView, config: AdapterConfig, r: int) -> None:
         super().__init__()
@@ -71,12 +74,23 @@ class Adapter(nn.Module):
 
     # -- merge ----------------------------------------------------------------------------------------
     def merged_weight(self, weight: Tensor, **options: Any) -> Tensor:
-        """W ↦ W' (W·H, or W + ΔW). ``weight`` is a flat (d_out, d_in) tensor."""
+        """W ↦ W' (W·H, or W + ΔW). ``weight`` is a flat (d_out, d_in) tensor.
+
+        ``options`` are the keyword options of ``model.merge(...)`` named in :attr:`merge_options`.
+        """
         raise NotImplementedError
 
-    def unmerged_weight(self, weight: Tensor) -> Tensor:
-        """The inverse of :meth:`merged_weight`."""
+    def unmerged_weight(self, weight: Tensor, **options: Any) -> Tensor:
+        """The inverse of :meth:`merged_weight`, given the same ``options`` (the layer records them)."""
         raise NotImplementedError
+
+    def example_merge_options(self) -> dict[str, Any]:
+        """Valid :attr:`merge_options` values for this adapter (``{}`` when merging needs none).
+
+        Generic code (the contract tests, tools that merge any method) uses them to merge without knowing
+        the method; a method with merge options returns a neutral choice (HydraLoRA: uniform head weights).
+        """
+        return {}
 
     # -- extras ---------------------------------------------------------------------------------------
     def extra_loss(self) -> Tensor | None:

@@ -14,7 +14,8 @@ Initialisation: A and W_g Kaiming-uniform (a = √5), every B_i = 0, so ΔW = 0 
 router's first gradient is 0: heads diverge through routing and dropout).
 
 Merge: ω depends on the token, so ΔW does not exist in general and ``merge()`` refuses. With a fixed
-mixture, ``merge(head_weights=w)`` folds W ← W + s·(Σ_i w_i·B_i)·A; unmerge subtracts the same term.
+mixture, ``merge(head_weights=w)`` folds W ← W + s·(Σ_i w_i·B_i)·A; unmerge subtracts the same term (the wrapped
+layer records w with the merge and passes it back).
 
 Load balancing (``balance_loss_weight`` = λ > 0, Switch Transformer style, over the tokens of the last
 forward): loss = λ·N·Σ_i f_i·P_i, f_i = share of tokens whose most probable head is i (no gradient),
@@ -160,6 +161,7 @@ class HydraLoraAdapter(Adapter):
 
     config_class = HydraLoraConfig
     supported_kinds = ("linear", "conv1d")
+    merge_options = ("head_weights",)
 
     def __init__(self, layer: LayerView, config: HydraLoraConfig, r: int) -> None:
         super().__init__(layer, config, r)
@@ -180,7 +182,6 @@ class HydraLoraAdapter(Adapter):
                 nn.init.zeros_(head) if config.init_weights else nn.init.kaiming_uniform_(head, a=math.sqrt(5))
         self._weights: Tensor | None = None  # ω of the last forward (…, N)
         self._probs: Tensor | None = None  # dense p of the last forward, with its graph (balance loss)
-        self._merged_head_weights: Tensor | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         """Copies (deepcopy, pickle) drop the last forward's ω, which may be part of an autograd graph."""
@@ -228,14 +229,21 @@ class HydraLoraAdapter(Adapter):
         self, weight: Tensor, head_weights: Sequence[float] | Tensor | None = None, **options: Any
     ) -> Tensor:
         w = self._head_weights(head_weights)
-        merged = weight + self.delta_weight(w.to(self.lora_B.device)).to(weight.dtype)
-        self._merged_head_weights = w
-        return merged
+        return weight + self.delta_weight(w.to(self.lora_B.device)).to(weight.dtype)
 
-    def unmerged_weight(self, weight: Tensor) -> Tensor:
-        if self._merged_head_weights is None:
-            raise MergeError("this HydraLoRA adapter was not merged, so there is nothing to unmerge")
-        w, self._merged_head_weights = self._merged_head_weights, None
+    def example_merge_options(self) -> dict[str, Any]:
+        """Uniform head weights, w_i = 1/N."""
+        return {"head_weights": [1.0 / self.num_heads] * self.num_heads}
+
+    def unmerged_weight(
+        self, weight: Tensor, head_weights: Sequence[float] | Tensor | None = None, **options: Any
+    ) -> Tensor:
+        if head_weights is None:
+            raise MergeError(
+                "HydraLoRA unmerge needs the head_weights the adapter was merged with; the wrapped layer records "
+                "them when it merges, so call model.unmerge() instead of unmerged_weight() directly"
+            )
+        w = self._head_weights(head_weights)
         return weight - self.delta_weight(w.to(self.lora_B.device)).to(weight.dtype)
 
     # -- routing statistics and the balance loss --------------------------------------------------------
