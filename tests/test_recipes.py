@@ -105,19 +105,6 @@ def test_loss_is_masked_on_the_prompt(tiny_lm):
     assert (batch["labels"][1, n_prompt + 2:] == -100).all() and (batch["attention_mask"][1, n_prompt + 2:] == 0).all()
 
 
-def test_causal_loss_shifts_labels_and_smooths_only_in_training():
-    model = tiny_gpt2()
-    ids = torch.randint(0, 100, (2, 9))
-    labels = ids.clone()
-    labels[:, :4] = -100
-    outputs = model(input_ids=ids, labels=labels)
-    torch.testing.assert_close(lm.CausalLoss(model, 0.1)(outputs, labels), outputs.loss)  # eval: plain NLL
-    model.train()
-    logits = outputs.logits[:, :-1].reshape(-1, outputs.logits.shape[-1])  # position i predicts token i + 1
-    expected = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), label_smoothing=0.1)
-    torch.testing.assert_close(lm.CausalLoss(model, 0.1)(outputs, labels), expected)
-
-
 def test_exact_match_reads_the_final_answer_per_task():
     predictions = ["3 + 4 = 7 apples.\nThe answer is: 7", "so it costs $1,000.", "#### 12", "Positive."]
     golds = ["Tom has 7 apples.\nThe answer is: 7", "#### 1000", "The answer is: 13", "positive"]

@@ -126,16 +126,26 @@ def test_two_process_ddp_ends_with_identical_adapters(tmp_path):
     assert any(not torch.equal(rank0[k], initial[k]) for k in initial)  # it trained
 
 
-def test_label_smoothing_shifts_labels_for_a_wrapped_causal_lm(tmp_path):
+def test_label_smoothing_shifts_labels_for_a_wrapped_causal_lm_and_only_in_training(tmp_path):
     from conftest import tiny_gpt2
-    from transformers.trainer_pt_utils import LabelSmoother
 
     model = get_adapter_model(tiny_gpt2(), HRAConfig(r=4, target_modules=["c_attn"], init_weights=False))
+    for module in model.modules():  # deterministic train-mode forward
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
     trainer = Trainer(model=model, args=_args(tmp_path, max_steps=1, label_smoothing_factor=0.1))
     ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :3] = -100  # a masked prompt
     model.eval()
-    loss = trainer.compute_loss(model, {"input_ids": ids, "labels": ids})
-    logits = model(input_ids=ids).logits
-    shifted = LabelSmoother(epsilon=0.1)({"logits": logits}, ids, shift_labels=True)
-    unshifted = LabelSmoother(epsilon=0.1)({"logits": logits}, ids, shift_labels=False)
-    assert torch.allclose(loss, shifted) and not torch.allclose(loss, unshifted)
+    plain = model(input_ids=ids, labels=labels)
+    torch.testing.assert_close(trainer.compute_loss(model, {"input_ids": ids, "labels": labels}), plain.loss)
+    model.train()
+    loss = trainer.compute_loss(model, {"input_ids": ids, "labels": labels})
+    vocab = plain.logits.shape[-1]  # position i predicts token i + 1: the dense definition, smoothed
+    expected = torch.nn.functional.cross_entropy(plain.logits[:, :-1].reshape(-1, vocab), labels[:, 1:].reshape(-1),
+                                                 label_smoothing=0.1)
+    unshifted = torch.nn.functional.cross_entropy(plain.logits.reshape(-1, vocab), labels.reshape(-1),
+                                                  label_smoothing=0.1)
+    torch.testing.assert_close(loss, expected)
+    assert not torch.allclose(loss, unshifted)

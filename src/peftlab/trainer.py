@@ -5,8 +5,8 @@ wrapped model's signature, so dataset columns and label names are found). This s
 ``Trainer`` cannot know: every active adapter's extra loss term (HRA's orthogonality regulariser,
 HydraLoRA's balance loss) is added to the training loss, checkpoints are adapter folders (not the whole
 model) from which it resumes and restores the best checkpoint, and label smoothing shifts the labels of
-a wrapped causal LM. Everything else (DDP, FSDP, DeepSpeed, schedulers, logging) is HF ``Trainer``
-unchanged.
+a wrapped causal LM and is left out of the evaluation loss. Everything else (DDP, FSDP, DeepSpeed,
+schedulers, logging) is HF ``Trainer`` unchanged.
 """
 
 from __future__ import annotations
@@ -40,14 +40,24 @@ class Trainer(transformers.Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        """The model's loss plus ``model.extra_loss()`` (only while training)."""
+        """The model's loss plus ``model.extra_loss()`` (only while training).
+
+        With ``label_smoothing_factor`` the training loss is smoothed, with labels shifted for causal LMs (HF
+        decides that by the class name of the model it is given, never a causal LM for an ``AdapterModel``),
+        and evaluation reports the plain loss: ``eval_loss`` is the NLL, so perplexity means something.
+        """
         adapter_model = self._adapter_model(model)
-        if adapter_model is not None and self.label_smoother is not None and self.compute_loss_func is None:
+        smoothing = self.label_smoother is not None and self.compute_loss_func is None
+        if smoothing and model.training:
             loss, outputs = self._smoothed_loss(model, adapter_model, inputs, num_items_in_batch)
         else:
-            loss, outputs = super().compute_loss(
-                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
-            )
+            smoother, self.label_smoother = self.label_smoother, None if smoothing else self.label_smoother
+            try:
+                loss, outputs = super().compute_loss(
+                    model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+                )
+            finally:
+                self.label_smoother = smoother
         if adapter_model is not None and model.training:
             extra = adapter_model.extra_loss()
             if extra.requires_grad:
@@ -55,16 +65,16 @@ class Trainer(transformers.Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _smoothed_loss(
-        self, model: nn.Module, adapter_model: AdapterModel, inputs: dict[str, Any], num_items_in_batch: Any
+        self, model: nn.Module, adapter_model: AdapterModel | None, inputs: dict[str, Any], num_items_in_batch: Any
     ) -> tuple[torch.Tensor, Any]:
-        """Label smoothing as HF Trainer does it, with the shift decided by the *wrapped* model's class
-        (HF decides by the class name of the model it is given, which for an AdapterModel is never a causal LM)."""
+        """HF's label-smoothed loss, labels shifted when the (wrapped) model is a causal LM."""
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
             inputs["num_items_in_batch"] = num_items_in_batch
         outputs = model(**inputs)
-        shift = adapter_model.base_model._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        plain = adapter_model.base_model if adapter_model is not None else self.accelerator.unwrap_model(model)
+        shift = plain._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
         return self.label_smoother(outputs, labels, shift_labels=shift, num_items_in_batch=num_items_in_batch), outputs
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -85,7 +95,7 @@ class Trainer(transformers.Trainer):
         adapter_model = self._adapter_model()
         for name in adapter_model.peft_config:
             path = Path(folder) if name == "default" else Path(folder) / name
-            io.check_and_copy(adapter_model._adapter_params(name), io.load_tensors(path), path)
+            io.check_and_copy(adapter_model.adapter_parameters(name), io.load_tensors(path), path)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if self._adapter_model(model) is None:

@@ -55,24 +55,6 @@ def collator(tokenizer):
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
 
 
-class CausalLoss:
-    """Next-token loss with label smoothing (HF ``LabelSmoother``, labels shifted) in training, plain in evaluation.
-
-    ``transformers.Trainer``'s own ``label_smoothing_factor`` shifts labels only for models whose class name
-    is a causal LM, which an ``AdapterModel`` wrapper is not; this ``compute_loss_func`` always shifts.
-    """
-
-    def __init__(self, model: torch.nn.Module, epsilon: float) -> None:
-        from transformers.trainer_pt_utils import LabelSmoother
-
-        self.model = model
-        self.smooth, self.plain = LabelSmoother(epsilon=epsilon), LabelSmoother(epsilon=0.0)
-
-    def __call__(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
-        smoother = self.smooth if self.model.training else self.plain
-        return smoother(outputs, labels, shift_labels=True)
-
-
 def setup(options: RunOptions, records, prompt_fn, response_fn):
     """Model with the method, tokenizer, tokenised train/validation sets, ``TrainingArguments`` (also data-to-text)."""
     from transformers import set_seed
@@ -91,16 +73,16 @@ def setup(options: RunOptions, records, prompt_fn, response_fn):
                              options.max_length, prompt_fn, response_fn)
     if not len(train_set):
         raise RecipeError(f"{options.data}: the training split is empty")
-    args = training_arguments(options, len(train_set), "loss", greater_is_better=False)
+    args = training_arguments(options, len(train_set), "loss", greater_is_better=False,
+                              label_smoothing_factor=options.label_smoothing)
     return model, tokenizer, train_set, val_set, args
 
 
 def make_trainer(options: RunOptions, model, tokenizer, args, train_set, val_set):
     from peftlab.trainer import Trainer
 
-    loss = CausalLoss(model, options.label_smoothing) if options.label_smoothing > 0 else None
     return Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set, processing_class=tokenizer,
-                   data_collator=collator(tokenizer), compute_loss_func=loss)
+                   data_collator=collator(tokenizer))
 
 
 def load_trained(path: str | os.PathLike, model_name: str | None = None):
