@@ -34,8 +34,27 @@ def test_peft_to_peftlab(kind, token_batch, tmp_path):
     theirs.save_pretrained(tmp_path)
     ours = load_peft_adapter(tiny_bert(), tmp_path)
     assert torch.allclose(ours(**token_batch).logits, theirs(**token_batch).logits, atol=1e-6)
-    with pytest.raises(AdapterLoadError, match="load_peft_adapter"):
-        AdapterModel.from_pretrained(tiny_bert(), tmp_path)
+    same = AdapterModel.from_pretrained(tiny_bert(), tmp_path)  # from_pretrained reads PEFT folders too
+    torch.testing.assert_close(same(**token_batch).logits, ours(**token_batch).logits)
+    mine = tmp_path / "peftlab"
+    same.save_pretrained(mine)
+    with pytest.raises(AdapterLoadError, match="is not a PEFT adapter"):
+        load_peft_adapter(tiny_bert(), mine)
+
+
+def test_peft_seq_cls_adapter_with_the_heads_peft_adds_loads(token_batch, tmp_path):
+    """PEFT writes modules_to_save=["classifier", "score"] for task_type="SEQ_CLS"; BERT has no `score`."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
+    theirs = peft.get_peft_model(tiny_bert(), config)
+    _perturb(theirs)
+    theirs.save_pretrained(tmp_path)
+    import json
+
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert set(saved["modules_to_save"]) >= {"classifier", "score"}  # what PEFT wrote
+    ours = load_peft_adapter(tiny_bert(), tmp_path)
+    assert ours.peft_config["default"].modules_to_save == ["classifier"]
+    torch.testing.assert_close(ours(**token_batch).logits, theirs(**token_batch).logits, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["hra", "lora"])
@@ -73,5 +92,5 @@ def test_unsupported_peft_adapters_are_refused(tmp_path):
         load_peft_adapter(tiny_bert(), tmp_path / "dora")
     theirs = peft.get_peft_model(tiny_bert(), peft.IA3Config(target_modules=["query"], feedforward_modules=[]))
     theirs.save_pretrained(tmp_path / "ia3")
-    with pytest.raises(NotImplementedError, match="HRA and LORA"):
+    with pytest.raises(NotImplementedError, match=r"reads the PEFT adapters of its methods \['hra', 'lora'\]"):
         load_peft_adapter(tiny_bert(), tmp_path / "ia3")

@@ -18,6 +18,7 @@ from peftlab.errors import (
     PeftlabError,
     RecipeError,
     TargetError,
+    UnsupportedError,
 )
 from peftlab.inject import AdapterLayer
 from peftlab.methods.hra import HRAConfig
@@ -25,6 +26,7 @@ from peftlab.methods.hydralora import HydraLoraConfig
 from peftlab.methods.lora import LoraConfig
 from peftlab.methods.mtlora import MTLoraConfig
 from peftlab.model import AdapterModel, get_adapter_model
+from peftlab.saving import load_peft_adapter
 
 __all__ = [
     "AdapterConfig",
@@ -43,10 +45,12 @@ __all__ = [
     "PeftlabError",
     "RecipeError",
     "TargetError",
+    "UnsupportedError",
     "Trainer",
     "__version__",
     "estimate_num_heads",
     "get_adapter_model",
+    "load_peft_adapter",
     "register_method",
 ]
 

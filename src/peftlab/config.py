@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from peftlab._version import __version__
-from peftlab.errors import ConfigError
+from peftlab.errors import ConfigError, UnsupportedError
 
 BIAS_MODES = ("none", "all")
 
@@ -126,11 +126,12 @@ class AdapterConfig:
         """The config equivalent to a PEFT ``adapter_config.json`` of type ``peft_type``.
 
         ``common`` holds the targeting fields already translated (r, target_modules, ...)."""
-        raise NotImplementedError(f"HF PEFT has no {cls.method} method")
+        raise UnsupportedError(f"HF PEFT has no {cls.method} method")
 
-    def to_peft(self) -> dict[str, Any]:
-        """This method's own fields in PEFT's ``adapter_config.json`` names (targeting fields excluded)."""
-        raise NotImplementedError(f"HF PEFT has no {self.method} method; only {peft_methods()} export to it")
+    def to_peft(self, targets: list[str]) -> dict[str, Any]:
+        """This method's own fields in PEFT's ``adapter_config.json`` names (targeting fields excluded), for
+        an adapter on exactly the modules ``targets``; ``UnsupportedError`` if PEFT cannot express it."""
+        raise UnsupportedError(f"HF PEFT has no {self.method} method; only {peft_methods()} export to it")
 
     # -- serialisation ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

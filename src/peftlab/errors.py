@@ -14,6 +14,7 @@ The message always says what was wrong and what to do; the CLI prints it as one 
 | DataError         | a data set cannot be fetched, read or understood                         |
 | ModelError        | a model name or path cannot be resolved or loaded                        |
 | RecipeError       | bad options, data or output folder for a training / evaluation recipe    |
+| UnsupportedError  | a valid request peftlab (or HF PEFT's format) cannot do, e.g. DoRA, IA3  |
 | UsageError        | bad command-line input                                                   |
 """
 
@@ -54,6 +55,10 @@ class ModelError(PeftlabError, ValueError):
 
 class RecipeError(PeftlabError, ValueError):
     """Bad input to a recipe (options, data or output folder); the message says what to do."""
+
+
+class UnsupportedError(PeftlabError, NotImplementedError):
+    """A valid request that peftlab (or the target format) does not support; the message names the feature."""
 
 
 class UsageError(PeftlabError, ValueError):

@@ -1,7 +1,11 @@
-"""Reading and writing HF PEFT adapter folders (HRA and LoRA).
+"""HF PEFT's adapter format, as pure converters: config JSON ↔ peftlab config, tensor keys and layouts.
 
-PEFT keys tensors ``base_model.model.<module>.<name>``; the tensors themselves are the same as
-peftlab's up to layout:
+Nothing here touches a model: the functions take and return plain data (dicts of JSON values, dicts of
+tensors, module names and layer kinds), so they are tested alone and :mod:`peftlab.model` calls them to
+load (``AdapterModel.from_pretrained`` reads PEFT folders too) and save (``save_pretrained(format="peft")``).
+Which methods PEFT has is each config's own knowledge (``peft_type``, ``from_peft``, ``to_peft``).
+
+PEFT keys tensors ``base_model.model.<module>.<name>``; the tensors themselves are peftlab's up to layout:
 
 | peftlab                      | PEFT                                                 |
 |------------------------------|------------------------------------------------------|
@@ -13,129 +17,61 @@ peftlab's up to layout:
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+from collections.abc import Collection
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from peftlab import io
-from peftlab.config import AdapterConfig
-from peftlab.methods.hra import HRAConfig
-from peftlab.methods.lora import LoraConfig
-from peftlab.model import AdapterModel
+from peftlab.config import AdapterConfig, peft_methods, registered_methods
+from peftlab.errors import UnsupportedError
 
 PREFIX = "base_model.model."
 SHARED_FIELDS = ("r", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save")
-UNSUPPORTED_LORA = {
-    "use_dora": "DoRA",
-    "lora_bias": "a LoRA bias on B",
-    "layer_replication": "layer replication",
-    "alpha_pattern": "per-module alpha (alpha_pattern)",
-    "target_parameters": "target_parameters",
-}
+PEFT_ADDED_HEADS = ("classifier", "score")  # PEFT adds these to modules_to_save for task_type="SEQ_CLS"
+_KEY_LAYOUT = ((".lora_A.weight", ".lora_A"), (".lora_B.weight", ".lora_B"),
+               (".lora_embedding_A", ".lora_A"), (".lora_embedding_B", ".lora_B"))
 
 
-def config_from_peft(data: dict[str, Any], model: nn.Module) -> AdapterConfig:
-    """A peftlab config equivalent to a PEFT ``adapter_config.json`` (HRA or LoRA)."""
+def is_peft_config(data: dict[str, Any]) -> bool:
+    """Whether an ``adapter_config.json`` was written by HF PEFT (it names ``peft_type``, not ``method``)."""
+    return "peft_type" in data and "method" not in data
+
+
+def config_from_peft(data: dict[str, Any], module_names: Collection[str]) -> AdapterConfig:
+    """The peftlab config equivalent to a PEFT ``adapter_config.json``.
+
+    ``module_names`` are the model's module names: ``modules_to_save`` entries that PEFT adds by itself
+    (``classifier`` and ``score`` for ``task_type="SEQ_CLS"``) are kept only where the model has them, as
+    PEFT does.
+    """
     peft_type = data.get("peft_type")
-    common = {k: data[k] for k in SHARED_FIELDS if data.get(k) is not None}
-    if data.get("task_type") == "SEQ_CLS":  # PEFT adds the classification head to modules_to_save
-        heads = [n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1] in ("classifier", "score")]
-        common["modules_to_save"] = sorted(set(common.get("modules_to_save", [])) | set(heads[:1]))
-    if peft_type == "HRA":
-        bias = data.get("bias", "none")
-        return HRAConfig(apply_GS=bool(data.get("apply_GS", False)), bias=bias, **common)
-    if peft_type == "LORA":
-        for key, what in UNSUPPORTED_LORA.items():
-            if data.get(key):
-                raise NotImplementedError(f"this PEFT LoRA adapter uses {what} ({key}), which peftlab does not support")
-        bias = data.get("bias", "none")
-        return LoraConfig(
-            alpha=data.get("lora_alpha", 8),
-            dropout=data.get("lora_dropout", 0.0),
-            use_rslora=bool(data.get("use_rslora", False)),
-            rank_pattern=data.get("rank_pattern") or {},
-            bias=bias,
-            **common,
+    classes = [cls for cls in registered_methods().values() if cls.peft_type and cls.peft_type == peft_type]
+    if not classes:
+        raise UnsupportedError(
+            f"peft_type={peft_type!r}: peftlab reads the PEFT adapters of its methods {peft_methods()} "
+            f"(PEFT types {sorted(c.peft_type for c in registered_methods().values() if c.peft_type)})"
         )
-    raise NotImplementedError(f"peft_type={peft_type!r}: peftlab reads PEFT adapters of type HRA and LORA")
+    common = {k: data[k] for k in SHARED_FIELDS if data.get(k) is not None}
+    saved = list(common.get("modules_to_save") or [])
+    if data.get("task_type") == "SEQ_CLS":
+        saved += list(PEFT_ADDED_HEADS)
+    leaves = {name.rsplit(".", 1)[-1] for name in module_names} | set(module_names)
+    saved = [m for m in dict.fromkeys(saved) if m not in PEFT_ADDED_HEADS or m in leaves]
+    if saved or "modules_to_save" in common:
+        common["modules_to_save"] = saved or None
+    return classes[0].from_peft(data, common)
 
 
-def _from_peft_key(key: str) -> str:
-    key = key.removeprefix(PREFIX).replace(".base_layer.", ".")
-    for old, new in (
-        (".lora_A.weight", ".lora_A"),
-        (".lora_B.weight", ".lora_B"),
-        (".lora_embedding_A", ".lora_A"),
-        (".lora_embedding_B", ".lora_B"),
-    ):
-        if key.endswith(old):
-            return key[: -len(old)] + new
-    return key
-
-
-def load_peft_adapter(
-    base_model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
-) -> AdapterModel:
-    """Wrap ``base_model`` with an HRA or LoRA adapter saved by HF PEFT's ``save_pretrained``."""
-    data = io.read_json(Path(path) / io.CONFIG_NAME)
-    if "peft_type" not in data:
-        raise io.AdapterLoadError(f"{path} is not a PEFT adapter (no peft_type); use AdapterModel.from_pretrained")
-    config = config_from_peft(data, base_model)
-    tensors = {_from_peft_key(k): v for k, v in io.load_tensors(path).items()}
-    model = AdapterModel(base_model)
-    model.add_adapter(adapter_name, config)
-    params = model._adapter_params(adapter_name)
-    for key, value in list(tensors.items()):  # PEFT stores Conv2d LoRA factors as 4-d kernels
-        if key in params and value.shape != params[key].shape and value.numel() == params[key].numel():
-            tensors[key] = value.reshape(params[key].shape)
-    io.check_and_copy(params, tensors, path)
-    model.trainable = is_trainable
-    model.set_adapter(adapter_name)
-    if not is_trainable:
-        model.eval()
-    return model
-
-
-def save_peft_adapter(model: AdapterModel, folder: str | os.PathLike, adapter_name: str = "default") -> None:
-    """Write one adapter in PEFT's layout (config + safetensors) for ``peft.PeftModel.from_pretrained``."""
-    config = model.peft_config[adapter_name]
-    if not isinstance(config, (HRAConfig, LoraConfig)):
-        raise NotImplementedError(f"HF PEFT has no {config.method} method; only HRA and LoRA adapters export to it")
-    layers = {name: layer for name, layer in model._layers() if adapter_name in layer.adapters}
-    if isinstance(config, HRAConfig) and len({layer.adapters[adapter_name].r for layer in layers.values()}) > 1:
-        raise NotImplementedError("PEFT's HRAConfig has no rank_pattern; an HRA adapter with mixed ranks cannot export")
-    tensors: dict[str, Tensor] = {}
-    for key, value in model.adapter_state_dict(adapter_name).items():
-        module, _, leaf = key.rpartition(".")
-        layer = layers.get(module)
-        if layer is None:  # modules_to_save copy, or a bias of a layer without this adapter
-            tensors[PREFIX + key] = value
-            continue
-        kind = layer.view.kind
-        if leaf == "bias":
-            tensors[f"{PREFIX}{module}.base_layer.bias"] = value
-        elif leaf in ("lora_A", "lora_B") and kind == "embedding":
-            tensors[f"{PREFIX}{module}.lora_embedding_{leaf[-1]}"] = value
-        elif leaf in ("lora_A", "lora_B"):
-            if kind == "conv2d":
-                kernel = layer.base_layer.weight.shape[1:] if leaf == "lora_A" else (1, 1)
-                value = (
-                    value.reshape(*value.shape, *kernel) if leaf == "lora_B" else value.reshape(value.shape[0], *kernel)
-                )
-            tensors[f"{PREFIX}{module}.{leaf}.weight"] = value
-        else:
-            tensors[f"{PREFIX}{key}"] = value
-    io.save_tensors(Path(folder) / io.WEIGHTS_NAME, tensors, metadata={"format": "pt"})
-    io.atomic_write_json(Path(folder) / io.CONFIG_NAME, _peft_config(model, config, sorted(layers)))
-
-
-def _peft_config(model: AdapterModel, config: AdapterConfig, targets: list[str]) -> dict[str, Any]:
+def peft_config(config: AdapterConfig, targets: list[str], base_model: str | None) -> dict[str, Any]:
+    """PEFT's ``adapter_config.json`` for ``config`` adapted on exactly the modules ``targets``."""
+    if not config.peft_type:
+        raise UnsupportedError(
+            f"HF PEFT has no {config.method} method; only {peft_methods()} adapters export to PEFT's format"
+        )
     data: dict[str, Any] = {
-        "peft_type": "HRA" if isinstance(config, HRAConfig) else "LORA",
+        "peft_type": config.peft_type,
         "task_type": None,
-        "base_model_name_or_path": getattr(getattr(model.base_model, "config", None), "name_or_path", None),
+        "base_model_name_or_path": base_model,
         "revision": None,
         "inference_mode": True,
         "r": config.r,
@@ -146,17 +82,73 @@ def _peft_config(model: AdapterModel, config: AdapterConfig, targets: list[str])
         "modules_to_save": config.modules_to_save,
         "bias": config.bias,
     }
-    if isinstance(config, HRAConfig):
-        data.update(apply_GS=config.apply_GS, init_weights=True)
-    else:
-        data.update(
-            lora_alpha=config.alpha,
-            lora_dropout=config.dropout,
-            use_rslora=config.use_rslora,
-            rank_pattern={t: config.rank_for(t) for t in targets if config.rank_for(t) != config.r},
-            alpha_pattern={},
-            fan_in_fan_out=False,
-            init_lora_weights=True,
-            use_dora=False,
-        )
+    data.update(config.to_peft(targets))
     return data
+
+
+def key_from_peft(key: str) -> str:
+    """PEFT's tensor key → peftlab's (``base_model.model.x.lora_A.weight`` → ``x.lora_A``)."""
+    key = key.removeprefix(PREFIX).replace(".base_layer.", ".")
+    for old, new in _KEY_LAYOUT:
+        if key.endswith(old):
+            return key[: -len(old)] + new
+    return key
+
+
+def tensors_from_peft(tensors: dict[str, Tensor], shapes: dict[str, tuple[int, ...]]) -> dict[str, Tensor]:
+    """PEFT's tensors under peftlab's keys, reshaped to ``shapes`` (peftlab key → shape) where PEFT stores
+    a Conv2d factor as a 4-d kernel with the same number of elements."""
+    out = {}
+    for key, value in tensors.items():
+        key = key_from_peft(key)
+        shape = shapes.get(key)
+        if shape is not None and tuple(value.shape) != tuple(shape) and value.numel() == _numel(shape):
+            value = value.reshape(shape)
+        out[key] = value
+    return out
+
+
+def tensors_to_peft(state: dict[str, Tensor], layers: dict[str, tuple[str, tuple[int, ...]]]) -> dict[str, Tensor]:
+    """peftlab's tensors (``adapter_state_dict``) under PEFT's keys and layouts.
+
+    ``layers`` maps each adapted module to ``(kind, weight shape)`` (kind as in :mod:`peftlab.layers`); keys of
+    other modules (``modules_to_save`` copies, biases of layers without this adapter) only get the prefix.
+    """
+    out: dict[str, Tensor] = {}
+    for key, value in state.items():
+        module, _, leaf = key.rpartition(".")
+        if module not in layers:
+            out[PREFIX + key] = value
+            continue
+        kind, weight_shape = layers[module]
+        if leaf == "bias":
+            out[f"{PREFIX}{module}.base_layer.bias"] = value
+        elif leaf in ("lora_A", "lora_B") and kind == "embedding":
+            out[f"{PREFIX}{module}.lora_embedding_{leaf[-1]}"] = value
+        elif leaf in ("lora_A", "lora_B"):
+            if kind == "conv2d":  # A: (r, in, kh, kw) like the layer's kernel; B: a 1×1 convolution
+                value = value.reshape(value.shape[0], *weight_shape[1:]) if leaf == "lora_A" else value.reshape(
+                    *value.shape, 1, 1)
+            out[f"{PREFIX}{module}.{leaf}.weight"] = value
+        else:
+            out[PREFIX + key] = value
+    return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def __getattr__(name: str) -> Any:
+    """``peftlab.interop.load_peft_adapter``: the documented name, kept; the loading itself is model code."""
+    if name == "load_peft_adapter":
+        from peftlab.saving import load_peft_adapter
+
+        return load_peft_adapter
+    raise AttributeError(f"module 'peftlab.interop' has no attribute {name!r}")
+
+
+__all__ = ["config_from_peft", "is_peft_config", "peft_config", "tensors_from_peft", "tensors_to_peft"]

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from peftlab.errors import UnsupportedError
+
 try:  # transformers is optional for the core
     from transformers.pytorch_utils import Conv1D
 except ImportError:  # pragma: no cover
@@ -57,7 +59,7 @@ class LayerView:
                 f"supported layer types: {SUPPORTED_TYPES}"
             )
         if kind == "conv2d" and module.groups != 1:
-            raise NotImplementedError(
+            raise UnsupportedError(
                 f"{name or 'Conv2d'} has groups={module.groups}; adapters on grouped or depthwise "
                 "convolutions are not supported. Exclude this module (exclude_modules=[...])."
             )

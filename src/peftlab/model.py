@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import copyreg
 import inspect
-import os
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from peftlab import io
 from peftlab.config import AdapterConfig
 from peftlab.errors import AdapterError, ConfigError, TargetError
 from peftlab.inject import (
@@ -37,16 +34,10 @@ from peftlab.inject import (
 )
 from peftlab.layers import LayerView
 from peftlab.methods.base import ADAPTERS, Adapter
-
-TRAINER_STATE_NAME = "trainer_state.json"  # HF Trainer checkpoints hold one; adapter folders do not
-
-
-def _original_name(name: str) -> str:
-    """``a.query.base_layer.bias`` → ``a.query.bias``; ``cls.original.weight`` → ``cls.weight``."""
-    return name.replace(".base_layer.", ".").replace(".original.", ".")
+from peftlab.saving import AdapterFiles
 
 
-class AdapterModel(nn.Module):
+class AdapterModel(AdapterFiles, nn.Module):
     """A model with one or more named adapters.
 
     Args:
@@ -74,7 +65,8 @@ class AdapterModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
-            return getattr(self.base_model, name)
+            function = self._method_function(name)  # e.g. model.orthogonality_loss() when HRA is registered
+            return function if function is not None else getattr(self.base_model, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped model's forward (with its signature: see the module docstring)."""
@@ -119,6 +111,11 @@ class AdapterModel(nn.Module):
         if adapter_cls is None:
             raise ConfigError(f"no adapter implementation is registered for method {config.method!r}")
         config.validate()
+        if config.unresolved_fields():
+            raise ConfigError(
+                f"{type(config).__name__} fields {config.unresolved_fields()} depend on the training data; call "
+                "config = config.resolve(lambda: training_texts) first (peftlab train does this)"
+            )
         if config.bias != "none":
             for other, other_config in self.peft_config.items():
                 if other_config.bias != "none":
@@ -248,10 +245,10 @@ class AdapterModel(nn.Module):
             self._update_trainable()
             self._commit_merges((layer, layer.plan_merge(record)) for layer, record in records if record)
 
-    def _trainable_biases(self) -> set[str]:
-        """Names (as in the wrapped model) of the biases the active adapters train."""
+    def _trainable_biases(self, adapter_names: list[str] | None = None) -> set[str]:
+        """Names (as in the wrapped model) of the biases the adapters (default: the active ones) train."""
         names: set[str] = set()
-        for adapter_name in self.active_adapters:
+        for adapter_name in self.active_adapters if adapter_names is None else adapter_names:
             mode = self.peft_config[adapter_name].bias
             if mode == "all":
                 names |= {
@@ -351,30 +348,38 @@ class AdapterModel(nn.Module):
         return self.base_model
 
     # -- losses --------------------------------------------------------------------------------------------
-    def _active_modules(self) -> Iterator[Adapter]:
-        for _, layer in self._layers():
+    def _active_adapters(self) -> Iterator[tuple[str, Adapter]]:
+        """(layer name, adapter) for every active, not disabled adapter."""
+        for layer_name, layer in self._layers():
             if not layer.disabled:
                 for name in layer.active:
-                    yield layer.adapters[name]
+                    yield layer_name, layer.adapters[name]
 
     def extra_loss(self) -> Tensor:
         """Σ of every active adapter's extra loss term (HRA's orthogonality, HydraLoRA's balance, ...)."""
-        terms = [t for a in self._active_modules() if (t := a.extra_loss()) is not None]
+        terms = [t for _, a in self._active_adapters() if (t := a.extra_loss()) is not None]
         return torch.stack([t.float() for t in terms]).sum() if terms else torch.zeros(())
 
-    def orthogonality_loss(self) -> Tensor:
-        """HRA: λ·Σ_layers ‖I − ÛᵀÛ‖²_F over the active HRA adapters (0 without HRA)."""
-        terms = [a.orthogonality_loss() for a in self._active_modules() if hasattr(a, "orthogonality_loss")]
-        return torch.stack(terms).sum() if terms else torch.zeros(())
+    def _method_function(self, name: str) -> Any:
+        """A method's model-level function (``Adapter.model_functions``, e.g. HRA's ``orthogonality_loss``,
+        HydraLoRA's ``routing_stats``) over the active adapters of every method that declares it, or ``None``."""
+        kinds = {cls.model_functions[name] for cls in ADAPTERS.values() if name in cls.model_functions}
+        if not kinds:
+            return None
+        (kind,) = kinds
 
-    def routing_stats(self) -> dict[str, Tensor]:
-        """Routed methods (HydraLoRA): per adapted layer, the mean router weight ω per head over the last forward."""
-        return {
-            name: layer.adapters[a].routing_stats()
-            for name, layer in self._layers()
-            for a in layer.active
-            if hasattr(layer.adapters[a], "routing_stats")
-        }
+        def over_active_adapters() -> Any:
+            found = {layer: getattr(adapter, name)() for layer, adapter in self._active_adapters()
+                     if name in type(adapter).model_functions}
+            if kind == "per_layer":
+                return found
+            return torch.stack([v.float() for v in found.values()]).sum() if found else torch.zeros(())
+
+        over_active_adapters.__name__ = name
+        over_active_adapters.__doc__ = next(
+            getattr(cls, name).__doc__ for cls in ADAPTERS.values() if name in cls.model_functions
+        )
+        return over_active_adapters
 
     # -- parameters ----------------------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -387,140 +392,7 @@ class AdapterModel(nn.Module):
         trainable, total = self.get_nb_trainable_parameters()
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
-    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, Tensor]:
-        """The tensors that make up one adapter, keyed as in the unwrapped model.
 
-        Keys: ``<layer>.<parameter>`` for adapter tensors (e.g. ``...query.hra_u``), the module's own
-        names for ``modules_to_save`` copies (``classifier.weight``) and trained biases.
-        """
-        adapter_name = adapter_name or self.active_adapter
-        if adapter_name not in self.peft_config:
-            raise AdapterError(f"no adapter named {adapter_name!r}; adapters: {list(self.peft_config)}")
-        state: dict[str, Tensor] = {}
-        for layer_name, layer in self._layers():
-            if adapter_name in layer.adapters:
-                for key, value in layer.adapters[adapter_name].state_dict().items():
-                    state[f"{layer_name}.{key}"] = value
-        for name, wrapper in self._copies():
-            if adapter_name in wrapper.copies:
-                for key, value in wrapper.copies[adapter_name].state_dict().items():
-                    state[f"{name}.{key}"] = value
-        if self.peft_config[adapter_name].bias != "none":
-            params = dict(self.base_model.named_parameters())
-            active, self.active_adapters = self.active_adapters, [adapter_name]
-            try:
-                for name in self._trainable_biases():
-                    state[_original_name(name)] = params[name]
-            finally:
-                self.active_adapters = active
-        return state
-
-    def _adapter_params(self, adapter_name: str) -> dict[str, Tensor]:
-        """Same keys as :meth:`adapter_state_dict`, mapped to the live tensors (for loading)."""
-        live = {}
-        for layer_name, layer in self._layers():
-            if adapter_name in layer.adapters:
-                for key, value in layer.adapters[adapter_name].state_dict(keep_vars=True).items():
-                    live[f"{layer_name}.{key}"] = value
-        for name, wrapper in self._copies():
-            if adapter_name in wrapper.copies:
-                for key, value in wrapper.copies[adapter_name].state_dict(keep_vars=True).items():
-                    live[f"{name}.{key}"] = value
-        params = {_original_name(n): p for n, p in self.base_model.named_parameters()}
-        for key in self.adapter_state_dict(adapter_name):
-            live.setdefault(key, params.get(key))
-        return live
-
-    # -- saving and loading ----------------------------------------------------------------------------------
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        selected_adapters: list[str] | None = None,
-        format: str = "peftlab",
-        is_main_process: bool = True,
-        **_: Any,
-    ) -> None:
-        """Write each adapter (``default`` at the top, others in sub-folders named after them, as HF PEFT
-        does); :meth:`from_pretrained` loads them all back.
-
-        ``format="peft"`` writes files that ``peft.PeftModel.from_pretrained`` loads (HRA and LoRA).
-        """
-        if not is_main_process:
-            return
-        if format not in ("peftlab", "peft"):
-            raise ConfigError(f"format={format!r}: use 'peftlab' or 'peft'")
-        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
-        for name in names:
-            folder = Path(save_directory) if name == "default" else Path(save_directory) / name
-            if format == "peft":
-                from peftlab.interop import save_peft_adapter
-
-                save_peft_adapter(self, folder, name)
-                continue
-            config = self.peft_config[name].to_dict()
-            config["base_model_name_or_path"] = getattr(getattr(self.base_model, "config", None), "name_or_path", None)
-            io.save_tensors(folder / io.WEIGHTS_NAME, self.adapter_state_dict(name), metadata={"format": "pt"})
-            io.atomic_write_json(folder / io.CONFIG_NAME, config)
-
-    def load_adapter(self, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False) -> None:
-        """Add the adapter saved in ``path`` under ``adapter_name`` (checks names, shapes, finiteness)."""
-        data = io.read_json(Path(path) / io.CONFIG_NAME)
-        data.pop("base_model_name_or_path", None)
-        if "peft_type" in data and "method" not in data:
-            raise io.AdapterLoadError(
-                f"{path} holds an HF PEFT adapter; load it with peftlab.interop.load_peft_adapter(model, path)"
-            )
-        config = AdapterConfig.from_dict(data)
-        tensors = io.load_tensors(path)
-        self.add_adapter(adapter_name, config)
-        try:
-            io.check_and_copy(self._adapter_params(adapter_name), tensors, path)
-        except Exception:
-            self.delete_adapter(adapter_name)
-            raise
-        self.trainable = is_trainable
-        self._update_trainable()
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        model: nn.Module,
-        path: str | os.PathLike,
-        adapter_name: str = "default",
-        is_trainable: bool = False,
-    ) -> AdapterModel:
-        """Wrap ``model`` with every adapter saved in ``path`` (inference mode unless ``is_trainable``).
-
-        ``path`` is laid out as :meth:`save_pretrained` (and HF PEFT) writes it: the adapter at the top is
-        loaded as ``adapter_name``, each sub-folder holding an adapter under the sub-folder's name. The top
-        adapter is active (``default`` for a folder from ``save_pretrained``); a folder with adapters in
-        sub-folders only activates the first by name. Use :meth:`set_adapter` to switch. Sub-folders that
-        hold a ``trainer_state.json`` are training checkpoints, not adapters of this folder, and are
-        skipped. If one adapter fails to load, none stays on ``model``.
-        """
-        folders = _adapter_folders(Path(path), adapter_name)
-        wrapped = cls(model)
-        try:
-            for name, folder in folders.items():
-                wrapped.load_adapter(folder, name, is_trainable=is_trainable)
-        except Exception:
-            for name in list(wrapped.peft_config):
-                wrapped.delete_adapter(name)
-            raise
-        wrapped.set_adapter(next(iter(folders)))
-        if not is_trainable:
-            wrapped.eval()
-        return wrapped
-
-
-def _adapter_folders(path: Path, top_name: str) -> dict[str, Path]:
-    """name → folder of the adapters in ``path``: its top (as ``top_name``), then its sub-folders by name."""
-    found = {top_name: path} if (path / io.CONFIG_NAME).is_file() else {}
-    subfolders = sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
-    for sub in subfolders:
-        if "." not in sub.name and (sub / io.CONFIG_NAME).is_file() and not (sub / TRAINER_STATE_NAME).exists():
-            found.setdefault(sub.name, sub)
-    return found or {top_name: path}  # nothing there: loading the top gives the error that says so
 
 
 _FORWARD_CLASSES: dict[tuple[type, type], type] = {}

@@ -31,6 +31,9 @@ class Adapter(nn.Module):
 
     config_class: ClassVar[type[AdapterConfig]]
     multiplicative: ClassVar[bool] = False
+    # Functions an AdapterModel offers for this method, over its active adapters of the method:
+    # name → "sum" (Σ over layers of the adapter's function of that name) or "per_layer" ({layer: value}).
+    model_functions: ClassVar[dict[str, str]] = {}
     supported_kinds: ClassVar[tuple[str, ...]] = ("linear", "conv1d", "conv2d")
     #: keyword options ``merged_weight`` takes (HydraLoRA: ``head_weights``). The wrapped layer records them
     #: per merged adapter and passes them back to ``unmerged_weight``; the adapter keeps no merge state.

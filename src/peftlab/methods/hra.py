@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from peftlab.config import AdapterConfig, ConfigError, check_nonnegative, register_method
+from peftlab.errors import UnsupportedError
 from peftlab.layers import LayerView
 from peftlab.methods.base import Adapter
 
@@ -73,7 +74,10 @@ class HRAConfig(AdapterConfig):
     def from_peft(cls, data: dict[str, Any], common: dict[str, Any]) -> HRAConfig:
         return cls(apply_GS=bool(data.get("apply_GS", False)), bias=data.get("bias", "none"), **common)
 
-    def to_peft(self) -> dict[str, Any]:
+    def to_peft(self, targets: list[str]) -> dict[str, Any]:
+        if len({self.rank_for(t) for t in targets}) > 1:
+            raise UnsupportedError("PEFT's HRAConfig has no rank_pattern; an HRA adapter with mixed ranks "
+                                      "cannot export")
         return {"apply_GS": self.apply_GS, "init_weights": True}
 
     def validate(self) -> None:
@@ -197,6 +201,7 @@ class HRAAdapter(Adapter):
     """HRA on one layer: the parameter ``hra_u`` (d_in, r)."""
 
     config_class = HRAConfig
+    model_functions: ClassVar[dict[str, str]] = {"orthogonality_loss": "sum"}
     multiplicative = True
 
     def __init__(self, layer: LayerView, config: HRAConfig, r: int) -> None:
@@ -249,7 +254,7 @@ class HRAAdapter(Adapter):
         return reflect_weight(weight.to(v.dtype), v, t.t()).to(weight.dtype)
 
     def orthogonality_loss(self) -> Tensor:
-        """λ·‖I − ÛᵀÛ‖²_F for this layer."""
+        """HRA's regulariser λ·‖I − ÛᵀÛ‖²_F of this layer (on AdapterModel: Σ over the active HRA layers, 0 without)."""
         return self.orthogonality_weight * orthogonality_penalty(self.hra_u.float())
 
     @classmethod

@@ -160,6 +160,7 @@ class HydraLoraAdapter(Adapter):
     """HydraLoRA on one layer: ``lora_A`` (r, d_in), ``lora_B`` (N, d_out, r), ``router`` Linear(→ N)."""
 
     config_class = HydraLoraConfig
+    model_functions: ClassVar[dict[str, str]] = {"routing_stats": "per_layer"}
     supported_kinds = ("linear", "conv1d")
     merge_options = ("head_weights",)
 
@@ -248,7 +249,8 @@ class HydraLoraAdapter(Adapter):
 
     # -- routing statistics and the balance loss --------------------------------------------------------
     def routing_stats(self) -> Tensor:
-        """Mean ω per head over the tokens of the last forward, shape (num_heads,), detached."""
+        """Mean ω per head over the tokens of the last forward, shape (num_heads,), detached (on AdapterModel:
+        ``{layer name: mean ω}`` over the active HydraLoRA layers)."""
         if self._weights is None:
             raise RuntimeError("no routing statistics yet: run a forward pass through the model first")
         return self._weights.detach().reshape(-1, self.num_heads).float().mean(0)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from peftlab.config import AdapterConfig, check_finite, check_probability, register_method
+from peftlab.errors import UnsupportedError
 from peftlab.layers import LayerView
 from peftlab.methods.base import Adapter
 
@@ -60,13 +61,14 @@ class LoraConfig(AdapterConfig):
     def from_peft(cls, data: dict[str, Any], common: dict[str, Any]) -> LoraConfig:
         for key, what in PEFT_UNSUPPORTED.items():
             if data.get(key):
-                raise NotImplementedError(f"this PEFT LoRA adapter uses {what} ({key}), which peftlab does not support")
+                raise UnsupportedError(f"this PEFT LoRA adapter uses {what} ({key}), which peftlab does not support")
         return cls(alpha=data.get("lora_alpha", 8), dropout=data.get("lora_dropout", 0.0),
                    use_rslora=bool(data.get("use_rslora", False)), rank_pattern=data.get("rank_pattern") or {},
                    bias=data.get("bias", "none"), **common)
 
-    def to_peft(self) -> dict[str, Any]:
+    def to_peft(self, targets: list[str]) -> dict[str, Any]:
         return {"lora_alpha": self.alpha, "lora_dropout": self.dropout, "use_rslora": self.use_rslora,
+                "rank_pattern": {t: self.rank_for(t) for t in targets if self.rank_for(t) != self.r},
                 "alpha_pattern": {}, "fan_in_fan_out": False, "init_lora_weights": True, "use_dora": False}
 
     def scaling(self, r: int) -> float:

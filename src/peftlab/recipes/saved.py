@@ -67,10 +67,7 @@ def export(adapter: str | os.PathLike, out: str | os.PathLike, format: str = "pe
     """Write the adapter in another format (``peft``: for ``peft.PeftModel.from_pretrained``) to ``out``."""
     path = check_out(out, overwrite)
     net, _ = load_for_inference(adapter, model)
-    try:
-        net.save_pretrained(path, format=format)
-    except NotImplementedError as err:
-        raise RecipeError(str(err)) from None
+    net.save_pretrained(path, format=format)
 
 
 def describe(folder: str | os.PathLike) -> list[str]:

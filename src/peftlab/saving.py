@@ -1,0 +1,183 @@
+"""Saving and loading an ``AdapterModel``'s adapters: peftlab's folders and HF PEFT's, one code path.
+
+An adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (:mod:`peftlab.io` writes
+them atomically and reads them safely). A model with several adapters saves the ``default`` one at the top
+and the others in sub-folders named after them, as HF PEFT does; :meth:`AdapterFiles.from_pretrained`
+loads them all back. A folder written by HF PEFT loads through the same methods: its config and tensor
+layout are translated by the pure converters in :mod:`peftlab.interop`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor, nn
+
+from peftlab import interop, io
+from peftlab.config import AdapterConfig
+from peftlab.errors import AdapterError, AdapterLoadError, ConfigError
+
+if TYPE_CHECKING:
+    from peftlab.model import AdapterModel
+
+TRAINER_STATE_NAME = "trainer_state.json"  # HF Trainer checkpoints hold one; adapter folders do not
+FORMATS = ("peftlab", "peft")
+
+
+def original_name(name: str) -> str:
+    """``a.query.base_layer.bias`` → ``a.query.bias``; ``cls.original.weight`` → ``cls.weight``."""
+    return name.replace(".base_layer.", ".").replace(".original.", ".")
+
+
+class AdapterFiles:
+    """The saving and loading half of :class:`peftlab.AdapterModel` (a mixin: it uses the model's adapters)."""
+
+    def _tensors(self: AdapterModel, adapter_name: str, live: bool) -> dict[str, Tensor]:
+        """One adapter's tensors keyed as in the unwrapped model; ``live``: the parameters themselves."""
+        if adapter_name not in self.peft_config:
+            raise AdapterError(f"no adapter named {adapter_name!r}; adapters: {list(self.peft_config)}")
+        state: dict[str, Tensor] = {}
+        owners: Iterator[tuple[str, Any]] = (
+            *((n, layer.adapters) for n, layer in self._layers()),
+            *((n, wrapper.copies) for n, wrapper in self._copies()),
+        )
+        for owner, modules in owners:
+            if adapter_name in modules:
+                for key, value in modules[adapter_name].state_dict(keep_vars=live).items():
+                    state[f"{owner}.{key}"] = value
+        if self.peft_config[adapter_name].bias != "none":
+            params = dict(self.base_model.named_parameters())
+            for name in self._trainable_biases([adapter_name]):
+                state[original_name(name)] = params[name]
+        return state
+
+    def adapter_state_dict(self: AdapterModel, adapter_name: str | None = None) -> dict[str, Tensor]:
+        """The tensors that make up one adapter (default: the active one), keyed as in the unwrapped model.
+
+        Keys: ``<layer>.<parameter>`` for adapter tensors (e.g. ``...query.hra_u``), the module's own
+        names for ``modules_to_save`` copies (``classifier.weight``) and trained biases.
+        """
+        return self._tensors(adapter_name or self.active_adapter, live=False)
+
+    def adapter_parameters(self: AdapterModel, adapter_name: str) -> dict[str, Tensor]:
+        """Same keys as :meth:`adapter_state_dict`, mapped to the live tensors (what loading copies into)."""
+        return self._tensors(adapter_name, live=True)
+
+    # -- saving ----------------------------------------------------------------------------------------------
+    def save_pretrained(
+        self: AdapterModel,
+        save_directory: str | os.PathLike,
+        selected_adapters: list[str] | None = None,
+        format: str = "peftlab",
+        is_main_process: bool = True,
+        **_: Any,
+    ) -> None:
+        """Write each adapter (``default`` at the top, others in sub-folders named after them, as HF PEFT
+        does); :meth:`from_pretrained` loads them all back.
+
+        ``format="peft"`` writes files that ``peft.PeftModel.from_pretrained`` loads (methods HF PEFT has).
+        """
+        if not is_main_process:
+            return
+        if format not in FORMATS:
+            raise ConfigError(f"format={format!r}: use one of {list(FORMATS)}")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        base_name = getattr(getattr(self.base_model, "config", None), "name_or_path", None)
+        for name in names:
+            folder = Path(save_directory) if name == "default" else Path(save_directory) / name
+            config, tensors = self.peft_config[name], self.adapter_state_dict(name)
+            if format == "peft":
+                layers = {n: (layer.view.kind, tuple(layer.base_layer.weight.shape))
+                          for n, layer in self._layers() if name in layer.adapters}
+                data = interop.peft_config(config, sorted(layers), base_name)
+                tensors = interop.tensors_to_peft(tensors, layers)
+            else:
+                data = {**config.to_dict(), "base_model_name_or_path": base_name}
+            io.save_tensors(folder / io.WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+            io.atomic_write_json(folder / io.CONFIG_NAME, data)
+
+    # -- loading ---------------------------------------------------------------------------------------------
+    def load_adapter(
+        self: AdapterModel, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+    ) -> None:
+        """Add the adapter saved in ``path`` (by peftlab or HF PEFT) under ``adapter_name``; the names, shapes
+        and values (finite) of its tensors are checked, and a failed load leaves the model as it was."""
+        data = io.read_json(Path(path) / io.CONFIG_NAME)
+        data.pop("base_model_name_or_path", None)
+        peft = interop.is_peft_config(data)
+        if peft:
+            config = interop.config_from_peft(data, [n for n, _ in self.base_model.named_modules()])
+        else:
+            config = AdapterConfig.from_dict(data)
+        tensors = io.load_tensors(path)
+        self.add_adapter(adapter_name, config)
+        try:
+            params = self.adapter_parameters(adapter_name)
+            if peft:
+                tensors = interop.tensors_from_peft(tensors, {k: tuple(v.shape) for k, v in params.items()})
+            io.check_and_copy(params, tensors, path)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+        self.trainable = is_trainable
+        self._update_trainable()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        path: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+    ) -> AdapterModel:
+        """Wrap ``model`` with every adapter saved in ``path`` (inference mode unless ``is_trainable``).
+
+        ``path`` is laid out as :meth:`save_pretrained` (and HF PEFT) writes it: the adapter at the top is
+        loaded as ``adapter_name``, each sub-folder holding an adapter under the sub-folder's name. The top
+        adapter is active (``default`` for a folder from ``save_pretrained``); a folder with adapters in
+        sub-folders only activates the first by name. Use :meth:`set_adapter` to switch. Sub-folders that
+        hold a ``trainer_state.json`` are training checkpoints, not adapters of this folder, and are
+        skipped. If one adapter fails to load, none stays on ``model``. Folders written by HF PEFT load too.
+        """
+        folders = adapter_folders(Path(path), adapter_name)
+        wrapped = cls(model)
+        try:
+            for name, folder in folders.items():
+                wrapped.load_adapter(folder, name, is_trainable=is_trainable)
+        except Exception:
+            for name in list(wrapped.peft_config):
+                wrapped.delete_adapter(name)
+            raise
+        wrapped.set_adapter(next(iter(folders)))
+        if not is_trainable:
+            wrapped.eval()
+        return wrapped
+
+
+def adapter_folders(path: Path, top_name: str) -> dict[str, Path]:
+    """name → folder of the adapters in ``path``: its top (as ``top_name``), then its sub-folders by name."""
+    found = {top_name: path} if (path / io.CONFIG_NAME).is_file() else {}
+    subfolders = sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+    for sub in subfolders:
+        if "." not in sub.name and (sub / io.CONFIG_NAME).is_file() and not (sub / TRAINER_STATE_NAME).exists():
+            found.setdefault(sub.name, sub)
+    return found or {top_name: path}  # nothing there: loading the top gives the error that says so
+
+
+def load_peft_adapter(
+    base_model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+) -> AdapterModel:
+    """Wrap ``base_model`` with an adapter saved by HF PEFT's ``save_pretrained`` (methods PEFT has too).
+
+    The same as ``AdapterModel.from_pretrained``, which reads PEFT folders too; this name refuses a folder
+    that PEFT did not write.
+    """
+    from peftlab.model import AdapterModel
+
+    data = io.read_json(Path(path) / io.CONFIG_NAME)
+    if not interop.is_peft_config(data):
+        raise AdapterLoadError(f"{path} is not a PEFT adapter (no peft_type); use AdapterModel.from_pretrained")
+    return AdapterModel.from_pretrained(base_model, path, adapter_name, is_trainable=is_trainable)
