@@ -249,7 +249,7 @@ class HRAAdapter(Adapter):
         v, t = self.reflectors()
         return reflect_weight(weight.to(v.dtype), v, t).to(weight.dtype)
 
-    def unmerged_weight(self, weight: Tensor) -> Tensor:
+    def unmerged_weight(self, weight: Tensor, **options: Any) -> Tensor:
         v, t = self.reflectors()
         return reflect_weight(weight.to(v.dtype), v, t.t()).to(weight.dtype)
 

@@ -115,5 +115,5 @@ class LoraAdapter(Adapter):
     def merged_weight(self, weight: Tensor, **options: Any) -> Tensor:
         return weight + self.delta_weight().to(weight.dtype)
 
-    def unmerged_weight(self, weight: Tensor) -> Tensor:
+    def unmerged_weight(self, weight: Tensor, **options: Any) -> Tensor:
         return weight - self.delta_weight().to(weight.dtype)

@@ -234,5 +234,5 @@ class MTLoraAdapter(Adapter):
     def merged_weight(self, weight: Tensor, **options: Any) -> Tensor:
         return weight + self.delta_weight().to(weight.dtype)
 
-    def unmerged_weight(self, weight: Tensor) -> Tensor:
+    def unmerged_weight(self, weight: Tensor, **options: Any) -> Tensor:
         return weight - self.delta_weight().to(weight.dtype)
