@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from peftlab import matching
 from peftlab._version import __version__
 from peftlab.errors import ConfigError
 
@@ -64,20 +64,21 @@ class AdapterConfig:
 
     # -- validation -------------------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first invalid field."""
+        """Raise :class:`ConfigError` naming the first invalid field.
+
+        Every regex is checked by :mod:`peftlab.matching` (syntax, size, and a probe run bounded in time).
+        """
         _check_rank("r", self.r)
         for key, value in self.rank_pattern.items():
             _check_rank(f"rank_pattern[{key!r}]", value)
+            matching.check_pattern(key, "rank_pattern")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if value is None:
                 continue
             if isinstance(value, str):
                 if value != "all-linear":
-                    try:
-                        re.compile(value)
-                    except re.error as err:
-                        raise ConfigError(f"{name}={value!r} is not a valid regular expression: {err}") from err
+                    matching.check_pattern(value, name)
             elif not (isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
                 raise ConfigError(
                     f"{name} must be a list of module-name suffixes, a regex string or 'all-linear'; got {value!r}"
@@ -96,10 +97,8 @@ class AdapterConfig:
 
     def rank_for(self, module_name: str) -> int:
         """The rank for one module: the first ``rank_pattern`` key that matches, else ``r``."""
-        for key, value in self.rank_pattern.items():
-            if module_name == key or module_name.endswith("." + key) or re.fullmatch(key, module_name):
-                return value
-        return self.r
+        key = matching.first_match(module_name, self.rank_pattern, "rank_pattern")
+        return self.r if key is None else self.rank_pattern[key]
 
     # -- serialisation ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

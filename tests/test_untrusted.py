@@ -1,0 +1,196 @@
+"""Untrusted input: an adapter folder (its JSON, its tensors, its links) and the patterns in a config.
+
+Every case must end quickly with one peftlab error whose one-line message says what was wrong. The time
+asserts are only hang guards (generous bounds); the ``hang_guard`` fixture kills the test process with a
+traceback should a case ever spin (a backtracking regex cannot be interrupted from Python).
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import pytest
+from conftest import tiny_bert, tiny_gpt2
+
+from peftlab import (
+    AdapterLayer,
+    AdapterModel,
+    ConfigError,
+    HRAConfig,
+    LoraConfig,
+    MTLoraConfig,
+    TargetError,
+    get_adapter_model,
+    io,
+    matching,
+)
+
+HANG_BOUND_S = 10.0  # a hang guard only: bounded cases finish in about MATCH_TIMEOUT_S or far less
+
+# Python's backtracking `re` needs hours for these on a BERT module name ("bert.encoder.layer.0.attention...").
+NESTED = r"(\w+\.?)+X"  # the `regex` engine sees at once that no match is possible
+LAZY_NESTED = r"(?:\w+?\.??)+?(?=X)"  # exponential in the `regex` engine too: stopped by its time limit
+
+
+@pytest.fixture(scope="module")
+def terminal_fd(request):
+    """A copy of the real stderr: output captured by pytest is lost when the guard ends the process."""
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():
+        fd = os.dup(2)
+    yield fd
+    os.close(fd)
+
+
+@pytest.fixture(autouse=True)
+def hang_guard(terminal_fd):
+    faulthandler.dump_traceback_later(60, exit=True, file=terminal_fd)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+def one_line_error(error_type, action):
+    """Run ``action``; return the message of the ``error_type`` it raises, checking time and form."""
+    start = time.perf_counter()
+    with pytest.raises(error_type) as info:
+        action()
+    elapsed = time.perf_counter() - start
+    assert elapsed < HANG_BOUND_S, f"took {elapsed:.1f} s"
+    message = str(info.value)
+    assert "\n" not in message and "Traceback" not in message
+    return message
+
+
+def saved_adapter(folder: Path, **config) -> Path:
+    """A small LoRA adapter on tiny BERT, saved in ``folder``."""
+    config = {"r": 2, "target_modules": ["query"], **config}
+    get_adapter_model(tiny_bert(), LoraConfig(**config)).save_pretrained(folder)
+    return folder
+
+
+def edit_config(folder: Path, **changes) -> None:
+    data = json.loads((folder / io.CONFIG_NAME).read_text())
+    data.update(changes)
+    (folder / io.CONFIG_NAME).write_text(json.dumps(data))
+
+
+def wrapped_ranks(model: AdapterModel) -> dict[str, int]:
+    return {n: m.adapters["default"].r for n, m in model.base_model.named_modules() if isinstance(m, AdapterLayer)}
+
+
+# -- crafted regexes ---------------------------------------------------------------------------------------------
+REFUSED_PATTERNS = [
+    pytest.param(
+        dict(target_modules=LAZY_NESTED), ConfigError, r"target_modules=.*took more than .* s to match.*simplify",
+        id="target_modules-timeout",
+    ),
+    pytest.param(
+        dict(exclude_modules=LAZY_NESTED), ConfigError, r"exclude_modules=.*took more than .* s to match.*simplify",
+        id="exclude_modules-timeout",
+    ),
+    pytest.param(
+        dict(rank_pattern={LAZY_NESTED: 2}), ConfigError, r"rank_pattern=.*took more than .* s to match.*simplify",
+        id="rank_pattern-timeout",
+    ),
+    pytest.param(
+        dict(target_modules=NESTED), TargetError, r"matched nothing in BertForSequenceClassification",
+        id="target_modules-nested",
+    ),
+    pytest.param(
+        dict(layers_pattern=NESTED, layers_to_transform=[0]), TargetError, r"layers_pattern=.*matched nothing",
+        id="layers_pattern-nested",
+    ),
+    pytest.param(
+        dict(target_modules="(?:a{1000}){1000}"), ConfigError, r"expands to more than .* simplify", id="huge-repeat"
+    ),
+    pytest.param(
+        dict(target_modules="(" * 2000 + "query" + ")" * 2000), ConfigError, r"nests groups too deeply", id="deep"
+    ),
+    pytest.param(dict(target_modules="query|" * 3000 + "key"), ConfigError, r"is too long \(at most", id="long"),
+    pytest.param(dict(target_modules="query("), ConfigError, r"not a valid regular expression", id="invalid"),
+]
+
+
+@pytest.mark.parametrize("fields, error, message", REFUSED_PATTERNS)
+def test_crafted_pattern_through_get_adapter_model_is_refused_in_bounded_time(fields, error, message):
+    fields = {"target_modules": ["query"], **fields}
+    bert = tiny_bert()
+    text = one_line_error(error, lambda: get_adapter_model(bert, LoraConfig(r=2, **fields)))
+    assert re.search(message, text), text
+    assert not any(isinstance(m, AdapterLayer) for m in bert.modules())
+
+
+@pytest.mark.parametrize("fields, error, message", REFUSED_PATTERNS)
+def test_crafted_pattern_in_adapter_config_json_is_refused_in_bounded_time(fields, error, message, tmp_path):
+    folder = saved_adapter(tmp_path)
+    edit_config(folder, **fields)
+    text = one_line_error(error, lambda: AdapterModel.from_pretrained(tiny_bert(), folder))
+    assert re.search(message, text), text
+
+
+def test_crafted_pattern_that_matches_nothing_is_harmless(tmp_path):
+    """Slow in `re`, instant here: the adapter is built as if the pattern were absent."""
+    start = time.perf_counter()
+    config = LoraConfig(r=4, target_modules=["query"], exclude_modules=NESTED, rank_pattern={NESTED: 2})
+    model = get_adapter_model(tiny_bert(), config)
+    assert set(wrapped_ranks(model).values()) == {4} and len(wrapped_ranks(model)) == 2
+    model.save_pretrained(tmp_path)
+    assert wrapped_ranks(AdapterModel.from_pretrained(tiny_bert(), tmp_path)) == wrapped_ranks(model)
+    assert time.perf_counter() - start < HANG_BOUND_S
+
+
+def test_crafted_fused_slices_key_is_refused_in_bounded_time():
+    config = MTLoraConfig(r=2, target_modules=["c_attn"])
+    config.fused_slices = {LAZY_NESTED: 3}  # as if edited after validation: matching checks again
+    text = one_line_error(ConfigError, lambda: get_adapter_model(tiny_gpt2(), config))
+    assert re.search(r"fused_slices=.*took more than .* s to match.*simplify", text), text
+
+
+def test_pattern_slow_only_on_a_real_module_name_is_stopped_while_matching():
+    pattern = "Q" + LAZY_NESTED  # fails at once on the probe names (they do not start with Q)
+    matching.compile_pattern(pattern, "target_modules")
+    name = "Qbert.encoder.layer.0.attention.self.query_key_value"
+    text = one_line_error(ConfigError, lambda: matching.matches(name, pattern, "target_modules"))
+    assert "target_modules=" in text and repr(name) in text and "simplify" in text
+
+
+def test_long_pattern_is_shown_shortened_in_the_message():
+    text = one_line_error(ConfigError, lambda: HRAConfig(target_modules="a|" * 6000 + "b"))
+    assert len(text) < 600
+
+
+NORMAL_PATTERNS = [
+    r".*layer\.0\.attention\.self\.(query|key)",
+    r".*\.(query|value)",
+    r"bert\.encoder\.layer\.\d+\.output\.dense",
+    r"^(?!.*attention).*dense$",  # lookahead: RE2 would refuse it
+    r"(?i).*QUERY",
+    r".*(?<=self\.)key",
+    r"classifier|bert\.pooler\.dense",
+    "query",
+    r"[a-z_.0-9]+intermediate\.dense",
+]
+
+
+@pytest.mark.parametrize("pattern", NORMAL_PATTERNS)
+def test_matching_agrees_with_python_re_on_normal_patterns(pattern):
+    names = [n for n, _ in tiny_bert().named_modules() if n]
+    assert [n for n in names if matching.matches(n, pattern)] == [n for n in names if re.fullmatch(pattern, n)]
+
+
+def test_suffix_lists_and_layer_index():
+    assert matching.matches("bert.encoder.layer.0.attention.self.query", ["query"])
+    assert not matching.matches("bert.encoder.layer.0.attention.self.query", ["uery"])
+    assert not matching.matches("x.query", None)
+    assert matching.layer_index("bert.encoder.layer.11.output.dense", None) == 11
+    assert matching.layer_index("transformer.h.3.attn.c_attn", "h") == 3
+    assert matching.layer_index("transformer.h.3.attn.c_attn", ["layer", "blocks"]) is None
+    assert matching.layer_index("model.layers.2.mlp", "model.layers") == 2
+    assert matching.first_match("a.b.query", ["key", "query", ".*"], "rank_pattern") == "query"
+    assert matching.first_match("a.b.query", [r"a\..*", "query"], "rank_pattern") == r"a\..*"
+    assert matching.first_match("a.b.query", ["value"], "rank_pattern") is None
