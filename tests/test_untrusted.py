@@ -24,11 +24,13 @@ from peftlab import (
     HRAConfig,
     LoraConfig,
     MTLoraConfig,
+    PeftlabError,
     TargetError,
     get_adapter_model,
     io,
     matching,
 )
+from peftlab.config import AdapterConfig
 
 HANG_BOUND_S = 10.0  # a hang guard only: bounded cases finish in about MATCH_TIMEOUT_S or far less
 
@@ -194,3 +196,45 @@ def test_suffix_lists_and_layer_index():
     assert matching.first_match("a.b.query", ["key", "query", ".*"], "rank_pattern") == "query"
     assert matching.first_match("a.b.query", [r"a\..*", "query"], "rank_pattern") == r"a\..*"
     assert matching.first_match("a.b.query", ["value"], "rank_pattern") is None
+
+
+# -- adapter_config.json with unexpected types -------------------------------------------------------------------
+BAD_CONFIGS = [
+    (dict(r="8"), r"r must be a positive integer; got '8'"),
+    (dict(r=True), r"r must be a positive integer; got True"),
+    (dict(r={"a": [1, {"b": None}]}), r"r must be a positive integer"),
+    (dict(target_modules=5), r"target_modules must be a list of module-name suffixes"),
+    (dict(target_modules=["query", {"a": 1}]), r"target_modules must be a list"),
+    (dict(exclude_modules={"a": 1}), r"exclude_modules must be a list"),
+    (dict(rank_pattern={"x": "a"}), r"rank_pattern\['x'\] must be a positive integer"),
+    (dict(rank_pattern=["query"]), r"rank_pattern must be a dict"),
+    (dict(rank_pattern={"": 2}), r"rank_pattern keys must be non-empty"),
+    (dict(modules_to_save="classifier"), r"modules_to_save must be a list of module names; got 'classifier'"),
+    (dict(modules_to_save=[["classifier"]]), r"modules_to_save must be a list of module names"),
+    (dict(bias=3), r"bias=3 is not supported"),
+    (dict(method="dora"), r"names method 'dora', which this peftlab does not know"),
+    (dict(method=["lora"]), r"names method \['lora'\], which this peftlab does not know"),
+    (dict(layers_to_transform=2.5), r"layers_to_transform must be"),
+    (dict(layers_to_transform=[True]), r"layers_to_transform must be"),
+    (dict(layers_to_transform={"0": 1}), r"layers_to_transform must be"),
+    (dict(layers_pattern=5), r"layers_pattern must be"),
+    (dict(layers_pattern=[None]), r"layers_pattern must be"),
+    (dict(evil={"__class__": "os.system"}), r"has no field\(s\) \['evil'\]"),
+]
+
+
+@pytest.mark.parametrize(
+    "changes, message", BAD_CONFIGS, ids=[json.dumps(c, separators=(",", ":")) for c, _ in BAD_CONFIGS]
+)
+def test_adapter_config_json_with_unexpected_types_gives_a_config_error(changes, message, tmp_path):
+    folder = saved_adapter(tmp_path)
+    edit_config(folder, **changes)
+    text = one_line_error(ConfigError, lambda: AdapterModel.from_pretrained(tiny_bert(), folder))
+    assert re.search(message, text), text
+
+
+def test_every_bad_config_error_is_a_peftlab_error():
+    for changes, _ in BAD_CONFIGS:
+        data = {**LoraConfig(target_modules=["query"]).to_dict(), **changes}
+        with pytest.raises(PeftlabError):
+            AdapterConfig.from_dict(data)
