@@ -11,6 +11,8 @@ import faulthandler
 import json
 import os
 import re
+import stat
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from peftlab import (
     matching,
 )
 from peftlab.config import AdapterConfig
+from peftlab.data import cache
 
 HANG_BOUND_S = 10.0  # a hang guard only: bounded cases finish in about MATCH_TIMEOUT_S or far less
 
@@ -238,3 +241,40 @@ def test_every_bad_config_error_is_a_peftlab_error():
         data = {**LoraConfig(target_modules=["query"]).to_dict(), **changes}
         with pytest.raises(PeftlabError):
             AdapterConfig.from_dict(data)
+
+
+# -- file modes and the single atomic writer --------------------------------------------------------------------
+@pytest.fixture(params=[0o022, 0o027])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX permission bits")
+def test_files_are_written_with_the_umask_mode(umask, tmp_path):
+    expected = 0o666 & ~umask
+    get_adapter_model(tiny_bert(), LoraConfig(r=2, target_modules=["query"])).save_pretrained(tmp_path / "a")
+    io.atomic_write_json(tmp_path / "metrics.json", {"accuracy": 1.0})
+    cache.atomic_write_bytes(tmp_path / "data.bin", b"x")
+    for path in (tmp_path / "a" / io.CONFIG_NAME, tmp_path / "a" / io.WEIGHTS_NAME, tmp_path / "metrics.json",
+                 tmp_path / "data.bin"):
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "data.bin", "metrics.json"]  # no temporary left
+
+
+def test_one_atomic_writer():
+    assert cache.atomic_write_bytes is io.atomic_write_bytes
+
+
+def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "f.json"
+    io.atomic_write_bytes(path, b"old")
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        io.atomic_write_bytes(path, b"new")
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.json"]

@@ -3,14 +3,15 @@
 A saved adapter is a folder with ``adapter_config.json`` (the config, the method, the peftlab version)
 and ``adapter_model.safetensors`` (tensors keyed ``<module name>.<parameter>``). Every file is written
 to a temporary file in the same folder and renamed into place, so a crash never leaves a half-written
-adapter. Pickles are never loaded except with ``torch.load(..., weights_only=True)``.
+adapter; files get the usual mode (``0o666`` less the umask), as ``open()`` would give them. Pickles are
+never loaded except with ``torch.load(..., weights_only=True)``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +28,24 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and ``os.replace`` (atomic on POSIX)."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary file and ``os.replace`` (atomic on POSIX); return the path.
+
+    The file gets mode ``0o666 & ~umask`` like any file ``open()`` creates (``tempfile.mkstemp`` would
+    give ``0o600``): the kernel applies the umask to the temporary file, so no process-wide umask is read.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, flags, 0o666)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"could not create a temporary file next to {path}")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -39,9 +53,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
+    return path
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
