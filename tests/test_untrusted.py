@@ -10,17 +10,22 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import pickle
 import re
 import stat
+import struct
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_bert, tiny_gpt2
+from safetensors.torch import save as safetensors_bytes
 
 from peftlab import (
     AdapterLayer,
+    AdapterLoadError,
     AdapterModel,
     ConfigError,
     HRAConfig,
@@ -201,6 +206,37 @@ def test_suffix_lists_and_layer_index():
     assert matching.first_match("a.b.query", ["value"], "rank_pattern") is None
 
 
+# -- safetensors files crafted by hand -------------------------------------------------------------------------
+def safetensors_file(header: dict, data: bytes = b"") -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+CRAFTED_SAFETENSORS = {
+    "huge-shape": safetensors_file(
+        {"w": {"dtype": "F32", "shape": [2**40, 2**40], "data_offsets": [0, 16]}}, b"\0" * 16
+    ),
+    "shape-beyond-the-data": safetensors_file(
+        {"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 16]}}, b"\0" * 16
+    ),
+    "offsets-past-the-end": safetensors_file(
+        {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 10**12]}}, b"\0" * 16
+    ),
+    "huge-header-length": struct.pack("<Q", 2**62) + b"{}",
+    "header-not-JSON": struct.pack("<Q", 4) + b"\xff\xfe{[",
+    "three-bytes": b"abc",
+    "truncated": safetensors_bytes({"w": torch.ones(64)})[:200],
+}
+
+
+@pytest.mark.parametrize("content", CRAFTED_SAFETENSORS.values(), ids=CRAFTED_SAFETENSORS.keys())
+def test_crafted_safetensors_file_is_refused_without_allocating(content, tmp_path):
+    folder = saved_adapter(tmp_path)
+    (folder / io.WEIGHTS_NAME).write_bytes(content)
+    text = one_line_error(AdapterLoadError, lambda: AdapterModel.from_pretrained(tiny_bert(), folder))
+    assert "is not a readable safetensors file" in text and "corrupt" in text
+
+
 # -- adapter_config.json with unexpected types -------------------------------------------------------------------
 BAD_CONFIGS = [
     (dict(r="8"), r"r must be a positive integer; got '8'"),
@@ -236,11 +272,99 @@ def test_adapter_config_json_with_unexpected_types_gives_a_config_error(changes,
     assert re.search(message, text), text
 
 
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("[1, 2]", "should hold a JSON object, found list"),
+        ("[" * 100_000 + "]" * 100_000, "nests too deeply"),
+        ('{"r": ' + "9" * 5000 + "}", "is not valid JSON"),
+        ("\xff\xfe", "is not valid JSON"),
+        ("", "is not valid JSON"),
+    ],
+    ids=["list", "deep", "long-int", "not-utf-8", "empty"],
+)
+def test_adapter_config_json_that_is_not_a_json_object_gives_a_load_error(content, message, tmp_path):
+    folder = saved_adapter(tmp_path)
+    (folder / io.CONFIG_NAME).write_bytes(content.encode("latin-1"))
+    text = one_line_error(AdapterLoadError, lambda: AdapterModel.from_pretrained(tiny_bert(), folder))
+    assert message in text and len(text) < 600
+
+
 def test_every_bad_config_error_is_a_peftlab_error():
     for changes, _ in BAD_CONFIGS:
         data = {**LoraConfig(target_modules=["query"]).to_dict(), **changes}
         with pytest.raises(PeftlabError):
             AdapterConfig.from_dict(data)
+
+
+# -- pickled adapter_model.bin -----------------------------------------------------------------------------------
+def pickle_folder(folder: Path, obj=None, raw: bytes | None = None) -> Path:
+    """An adapter folder whose tensors are in ``adapter_model.bin`` (torch.save of ``obj``, or ``raw``)."""
+    saved_adapter(folder)
+    (folder / io.WEIGHTS_NAME).unlink()
+    if raw is not None:
+        (folder / io.PICKLE_WEIGHTS_NAME).write_bytes(raw)
+    else:
+        torch.save(obj, folder / io.PICKLE_WEIGHTS_NAME)
+    return folder
+
+
+class Payload:
+    """A class a weights-only load must refuse."""
+
+
+def test_pickle_holding_the_tensors_loads(tmp_path):
+    source = get_adapter_model(tiny_bert(), LoraConfig(r=2, target_modules=["query"]))
+    state = source.adapter_state_dict()
+    folder = pickle_folder(tmp_path, state)
+    loaded = io.load_tensors(folder)
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize(
+    "obj, message",
+    [
+        ([torch.ones(2)], r"holds a list, not a dict of tensors keyed by parameter name"),
+        (torch.ones(2), r"holds a Tensor, not a dict of tensors"),
+        ({1: torch.ones(2)}, r"key 1 \(int\) is not a string"),
+        ({"a.weight": 3}, r"'a.weight' holds a int, not a tensor"),
+        ({"a.weight": {"nested": torch.ones(2)}}, r"'a.weight' holds a dict, not a tensor"),
+    ],
+    ids=["list", "tensor", "int-key", "int-value", "nested-dict"],
+)
+def test_pickle_with_unexpected_structure_gives_a_load_error(obj, message, tmp_path):
+    folder = pickle_folder(tmp_path, obj)
+    text = one_line_error(AdapterLoadError, lambda: AdapterModel.from_pretrained(tiny_bert(), folder))
+    assert re.search(message, text), text
+    assert str(folder / io.PICKLE_WEIGHTS_NAME) in text
+
+
+UNSAFE_ADVICE = re.compile(r"weights_only.{0,20}(False|=\s*False)|add_safe_globals|safe_globals|\btrust", re.I)
+
+
+@pytest.mark.parametrize(
+    "payload, refused",
+    [
+        (dict(obj={"a.weight": Payload()}), f"{__name__}.Payload"),
+        (dict(obj={"a.weight": torch.ones(1), "f": os.system}), "system"),
+        (dict(raw=pickle.dumps({"a": print}, protocol=2)), "print"),
+        (dict(raw=b"garbage, not a pickle"), None),
+        (dict(raw=b""), None),
+    ],
+    ids=["class-instance", "function", "raw-pickle", "garbage", "empty"],
+)
+def test_refused_pickle_never_advises_unsafe_loading(payload, refused, tmp_path):
+    folder = pickle_folder(tmp_path, **payload)
+    start = time.perf_counter()
+    with pytest.raises(AdapterLoadError) as info:
+        AdapterModel.from_pretrained(tiny_bert(), folder)
+    assert time.perf_counter() - start < HANG_BOUND_S
+    text = str(info.value)
+    assert "\n" not in text and not UNSAFE_ADVICE.search(text), text
+    assert "peftlab never unpickles arbitrary objects" in text and "re-save the adapter as safetensors" in text
+    if refused:
+        assert "holds Python objects that a weights-only load refuses" in text and refused in text
+    assert info.value.__cause__ is None or not UNSAFE_ADVICE.search(str(info.value.__cause__))
 
 
 # -- file modes and the single atomic writer --------------------------------------------------------------------
