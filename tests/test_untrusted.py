@@ -367,6 +367,63 @@ def test_refused_pickle_never_advises_unsafe_loading(payload, refused, tmp_path)
     assert info.value.__cause__ is None or not UNSAFE_ADVICE.search(str(info.value.__cause__))
 
 
+# -- symbolic links ---------------------------------------------------------------------------------------------
+needs_symlinks = pytest.mark.skipif(sys.platform == "win32", reason="symlinks need privileges on Windows")
+
+
+@needs_symlinks
+@pytest.mark.parametrize("file", [io.WEIGHTS_NAME, io.CONFIG_NAME])
+def test_symlink_pointing_outside_the_adapter_folder_is_refused(file, tmp_path):
+    outside = saved_adapter(tmp_path / "elsewhere")
+    folder = saved_adapter(tmp_path / "adapter")
+    (folder / file).unlink()
+    (folder / file).symlink_to(outside / file)
+    text = one_line_error(AdapterLoadError, lambda: AdapterModel.from_pretrained(tiny_bert(), folder))
+    assert f"{folder / file} is a symbolic link to {(outside / file).resolve()}, outside the folder" in text
+
+
+@needs_symlinks
+def test_symlink_chain_that_ends_outside_is_refused_and_dangling_link_named(tmp_path):
+    outside = saved_adapter(tmp_path / "elsewhere")
+    folder = saved_adapter(tmp_path / "adapter")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "hop").symlink_to(outside / io.WEIGHTS_NAME)
+    (folder / io.WEIGHTS_NAME).unlink()
+    (folder / io.WEIGHTS_NAME).symlink_to(Path("sub") / "hop")
+    text = one_line_error(AdapterLoadError, lambda: io.load_tensors(folder))
+    assert "symbolic link" in text and "outside the folder" in text
+    (folder / io.CONFIG_NAME).unlink()
+    (folder / io.CONFIG_NAME).symlink_to("/nonexistent/secret.json")
+    text = one_line_error(AdapterLoadError, lambda: io.read_json(folder / io.CONFIG_NAME))
+    assert "symbolic link" in text and "outside the folder" in text
+
+
+@needs_symlinks
+def test_symlinks_that_stay_inside_are_followed(tmp_path):
+    real = saved_adapter(tmp_path / "real")
+    (real / "files").mkdir()
+    for file in (io.WEIGHTS_NAME, io.CONFIG_NAME):
+        (real / file).rename(real / "files" / file)
+        (real / file).symlink_to(Path("files") / file)
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)  # the folder itself may be a link
+    for folder in (real, tmp_path / "link"):
+        assert wrapped_ranks(AdapterModel.from_pretrained(tiny_bert(), folder))
+
+
+@needs_symlinks
+def test_hugging_face_hub_cache_layout_is_followed(tmp_path):
+    """``snapshots/<revision>/<file>`` links to ``../../blobs/<hash>`` in a downloaded repository."""
+    source = saved_adapter(tmp_path / "source")
+    repo = tmp_path / "models--someone--adapter"
+    snapshot = repo / "snapshots" / "0123abc"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for i, file in enumerate((io.WEIGHTS_NAME, io.CONFIG_NAME)):
+        (source / file).rename(repo / "blobs" / f"blob{i}")
+        (snapshot / file).symlink_to(Path("..") / ".." / "blobs" / f"blob{i}")
+    assert wrapped_ranks(AdapterModel.from_pretrained(tiny_bert(), snapshot))
+
+
 # -- file modes and the single atomic writer --------------------------------------------------------------------
 @pytest.fixture(params=[0o022, 0o027])
 def umask(request):

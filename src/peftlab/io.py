@@ -13,6 +13,11 @@ An adapter folder may come from anyone, so reading it trusts nothing:
 - **safetensors** headers are checked by the safetensors library before any tensor is allocated
   (shapes against offsets, offsets against the file size, header size), so a crafted header gives
   :class:`~peftlab.errors.AdapterLoadError`, not a huge allocation.
+- **Symbolic links.** A file read from a folder (``adapter_config.json``, the weights, a model's
+  ``config.json``) may be a symbolic link only if it resolves to a file inside that folder (the folder
+  itself may be a link), so a shared adapter cannot make peftlab read ``/etc/...`` or ``/dev/zero``.
+  One exception: the Hugging Face hub cache, where ``<repo>/snapshots/<revision>/<file>`` links to
+  ``<repo>/blobs/<hash>``. (Hard links cannot be told apart from plain files and are not checked.)
 - JSON that is not an object, nests too deeply, or holds absurd numbers gives AdapterLoadError;
   the config's fields are then checked by :meth:`peftlab.config.AdapterConfig.validate`.
 """
@@ -80,9 +85,27 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: 
     atomic_write_bytes(path, safetensors_bytes(plain, metadata=metadata))
 
 
+def _check_link(path: Path) -> None:
+    """Refuse ``path`` if it is a symbolic link that resolves outside its folder (see the module docstring)."""
+    if not path.is_symlink():
+        return
+    folder = path.parent.resolve()
+    target = path.resolve()
+    if target.is_relative_to(folder):
+        return
+    blobs = folder.parent.parent / "blobs"  # HF hub cache: <repo>/snapshots/<revision>/<file> -> <repo>/blobs/<hash>
+    if folder.parent.name == "snapshots" and blobs.is_dir() and not blobs.is_symlink() and target.parent == blobs:
+        return
+    raise AdapterLoadError(
+        f"{path} is a symbolic link to {target}, outside the folder {folder}; peftlab reads only files inside "
+        "the folder, so that a shared adapter cannot make it read other files. Copy the file into the folder."
+    )
+
+
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON object in ``path`` (a file in an adapter or model folder), or AdapterLoadError."""
     path = Path(path)
+    _check_link(path)
     if not path.is_file():
         raise AdapterLoadError(f"{path} does not exist; is {path.parent} an adapter folder saved by save_pretrained?")
     try:
@@ -146,6 +169,7 @@ def load_tensors(folder: str | os.PathLike) -> dict[str, Tensor]:
     folder = Path(folder)
     path = folder / WEIGHTS_NAME
     pickled = folder / PICKLE_WEIGHTS_NAME
+    _check_link(path)
     if path.is_file():
         try:
             tensors = load_file(str(path))
@@ -154,6 +178,7 @@ def load_tensors(folder: str | os.PathLike) -> dict[str, Tensor]:
                 f"{path} is not a readable safetensors file ({_short(err)}); the file is corrupt"
             ) from None
     else:
+        _check_link(pickled)
         if not pickled.is_file():
             raise AdapterLoadError(
                 f"no {WEIGHTS_NAME} in {folder}; is it an adapter folder saved by save_pretrained?"
