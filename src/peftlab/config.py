@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from peftlab import matching
 from peftlab._version import __version__
 from peftlab.errors import ConfigError, UnsupportedError
 
@@ -73,42 +73,60 @@ class AdapterConfig:
 
     # -- validation -------------------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise :class:`ConfigError` naming the first invalid field."""
+        """Raise :class:`ConfigError` naming the first invalid field.
+
+        An ``adapter_config.json`` is untrusted input: every field's type is checked here, and every regex
+        is checked by :mod:`peftlab.matching` (syntax, size, and a probe run bounded in time).
+        """
         _check_rank("r", self.r)
+        if not isinstance(self.rank_pattern, dict):
+            raise ConfigError(f"rank_pattern must be a dict {{module suffix or regex: r}}; got {self.rank_pattern!r}")
         for key, value in self.rank_pattern.items():
+            if not isinstance(key, str) or not key:
+                raise ConfigError(f"rank_pattern keys must be non-empty module-name suffixes or regexes; got {key!r}")
             _check_rank(f"rank_pattern[{key!r}]", value)
+            matching.check_pattern(key, "rank_pattern")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if value is None:
                 continue
             if isinstance(value, str):
                 if value != "all-linear":
-                    try:
-                        re.compile(value)
-                    except re.error as err:
-                        raise ConfigError(f"{name}={value!r} is not a valid regular expression: {err}") from err
+                    matching.check_pattern(value, name)
             elif not (isinstance(value, list) and all(isinstance(v, str) and v for v in value)):
                 raise ConfigError(
                     f"{name} must be a list of module-name suffixes, a regex string or 'all-linear'; got {value!r}"
                 )
-        if self.layers_to_transform is not None and not all(
-            isinstance(i, int) and i >= 0 for i in self.layers_to_transform
+        if self.layers_to_transform is not None and not (
+            isinstance(self.layers_to_transform, list)
+            and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers_to_transform)
         ):
             raise ConfigError(
                 f"layers_to_transform must be non-negative layer indices; got {self.layers_to_transform!r}"
             )
+        pattern = self.layers_pattern
+        if pattern is not None:
+            if not (isinstance(pattern, str) and pattern) and not (
+                isinstance(pattern, list) and all(isinstance(p, str) and p for p in pattern)
+            ):
+                raise ConfigError(
+                    f"layers_pattern must be the name of the layer list (e.g. 'layers') or a list of such names; "
+                    f"got {pattern!r}"
+                )
+            matching.check_pattern(matching.layer_regex(pattern), "layers_pattern")
         allowed = (*BIAS_MODES, f"{self.method}_only")
         if self.bias not in allowed:
             raise ConfigError(f"bias={self.bias!r} is not supported; use one of {list(allowed)}")
-        if self.modules_to_save is not None and not all(isinstance(m, str) for m in self.modules_to_save):
-            raise ConfigError(f"modules_to_save must be a list of module names; got {self.modules_to_save!r}")
+        if self.modules_to_save is not None and not (
+            isinstance(self.modules_to_save, list) and all(isinstance(m, str) and m for m in self.modules_to_save)
+        ):
+            hint = f"; did you mean [{self.modules_to_save!r}]?" if isinstance(self.modules_to_save, str) else ""
+            raise ConfigError(f"modules_to_save must be a list of module names; got {self.modules_to_save!r}{hint}")
 
     def rank_for(self, module_name: str) -> int:
         """The rank for one module: the first ``rank_pattern`` key that matches, else ``r``."""
-        for key, value in self.rank_pattern.items():
-            if module_name == key or module_name.endswith("." + key) or re.fullmatch(key, module_name):
-                return value
-        return self.r
+        key = matching.first_match(module_name, self.rank_pattern, "rank_pattern")
+        return self.r if key is None else self.rank_pattern[key]
 
     # -- data-dependent fields -----------------------------------------------------------------------------
     def unresolved_fields(self) -> list[str]:
@@ -150,7 +168,7 @@ class AdapterConfig:
         method = data.pop("method", None)
         data.pop("peftlab_version", None)
         methods = registered_methods()
-        if method not in methods:
+        if not isinstance(method, str) or method not in methods:
             raise ConfigError(
                 f"adapter config names method {method!r}, which this peftlab does not know; "
                 f"known methods: {sorted(methods)}"

@@ -5,26 +5,26 @@
 - :class:`TrainableCopy` wraps a module listed in ``modules_to_save`` and keeps one trainable copy per
   adapter.
 - :func:`find_targets` turns a config's ``target_modules`` / ``exclude_modules`` /
-  ``layers_to_transform`` into module names, with errors that list what could have been targeted.
+  ``layers_to_transform`` into module names (matched by :mod:`peftlab.matching`), with errors that list
+  what could have been targeted.
 """
 
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from peftlab import matching
 from peftlab.config import AdapterConfig
 from peftlab.errors import MergeError, TargetError
 from peftlab.layers import SUPPORTED_TYPES, LayerView, layer_kind
 from peftlab.methods.base import Adapter
 
 HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs"})
-DEFAULT_LAYER_PATTERNS = ("layers", "layer", "h", "blocks", "block", "down_blocks", "up_blocks")
 
 
 class AdapterLayer(nn.Module):
@@ -198,24 +198,6 @@ class TrainableCopy(nn.Module):
 
 
 # -- targeting ----------------------------------------------------------------------------------------
-def matches(name: str, spec: list[str] | str | None) -> bool:
-    """Suffix match (list) or full regex match (string) of a module name."""
-    if spec is None:
-        return False
-    if isinstance(spec, str):
-        return re.fullmatch(spec, name) is not None
-    return any(name == s or name.endswith("." + s) for s in spec)
-
-
-def layer_index(name: str, patterns: list[str] | str | None) -> int | None:
-    """The index in ``...layer.3.attention...``-style names, or ``None``."""
-    if isinstance(patterns, str):
-        patterns = [patterns]
-    alternatives = "|".join(re.escape(p) for p in (patterns or DEFAULT_LAYER_PATTERNS))
-    found = re.search(rf"(?:^|\.)(?:{alternatives})\.(\d+)(?:\.|$)", name)
-    return int(found.group(1)) if found else None
-
-
 def iter_wrapped(model: nn.Module, kind: type[nn.Module]) -> Iterator[tuple[str, nn.Module]]:
     """``(name, module)`` for every ``AdapterLayer`` / ``TrainableCopy`` in ``model``."""
     for name, module in model.named_modules():
@@ -272,12 +254,12 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
         if spec == "all-linear":
             if layer_kind(module) not in ("linear", "conv1d") or module is out_head or _is_head(name):
                 continue
-        elif not matches(name, spec):
+        elif not matching.matches(name, spec, "target_modules"):
             continue
-        if matches(name, config.exclude_modules):
+        if matching.matches(name, config.exclude_modules, "exclude_modules"):
             continue
         if config.layers_to_transform is not None:
-            if layer_index(name, config.layers_pattern) not in config.layers_to_transform:
+            if matching.layer_index(name, config.layers_pattern) not in config.layers_to_transform:
                 continue
         if layer_kind(module) is None:
             if list(module.children()):
@@ -307,7 +289,7 @@ def find_modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]
         return []
     found = []
     for wanted in names:
-        hits = [n for n, _ in _plain_modules(model) if n and matches(n, [wanted])]
+        hits = [n for n, _ in _plain_modules(model) if n and matching.is_suffix(n, wanted)]
         if not hits:
             top = [n for n, _ in model.named_children()]
             raise TargetError(

@@ -1,16 +1,34 @@
-"""Saving and loading adapter files: safetensors + JSON, written atomically.
+"""Saving and loading adapter files: safetensors + JSON, written atomically, read as untrusted input.
 
 A saved adapter is a folder with ``adapter_config.json`` (the config, the method, the peftlab version)
 and ``adapter_model.safetensors`` (tensors keyed ``<module name>.<parameter>``). Every file is written
 to a temporary file in the same folder and renamed into place, so a crash never leaves a half-written
-adapter. Pickles are never loaded except with ``torch.load(..., weights_only=True)``.
+adapter; files get the usual mode (``0o666`` less the umask), as ``open()`` would give them.
+
+An adapter folder may come from anyone, so reading it trusts nothing:
+
+- **Pickles** (a PEFT ``adapter_model.bin``) are only read with ``torch.load(..., weights_only=True)``;
+  a file holding other Python objects is refused, never unpickled, and the error never suggests the
+  unsafe ``weights_only=False``. What is loaded must be a dict of tensors keyed by strings.
+- **safetensors** headers are checked by the safetensors library before any tensor is allocated
+  (shapes against offsets, offsets against the file size, header size), so a crafted header gives
+  :class:`~peftlab.errors.AdapterLoadError`, not a huge allocation.
+- **Symbolic links.** A file read from a folder (``adapter_config.json``, the weights, a model's
+  ``config.json``) may be a symbolic link only if it resolves to a file inside that folder (the folder
+  itself may be a link), so a shared adapter cannot make peftlab read ``/etc/...`` or ``/dev/zero``.
+  One exception: the Hugging Face hub cache, where ``<repo>/snapshots/<revision>/<file>`` links to
+  ``<repo>/blobs/<hash>``. (Hard links cannot be told apart from plain files and are not checked.)
+- JSON that is not an object, nests too deeply, or holds absurd numbers gives AdapterLoadError;
+  the config's fields are then checked by :meth:`peftlab.config.AdapterConfig.validate`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import pickle
+import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +45,24 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and ``os.replace`` (atomic on POSIX)."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary file and ``os.replace`` (atomic on POSIX); return the path.
+
+    The file gets mode ``0o666 & ~umask`` like any file ``open()`` creates (``tempfile.mkstemp`` would
+    give ``0o600``): the kernel applies the umask to the temporary file, so no process-wide umask is read.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, flags, 0o666)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"could not create a temporary file next to {path}")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -39,9 +70,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
+    return path
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
@@ -54,35 +85,105 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: 
     atomic_write_bytes(path, safetensors_bytes(plain, metadata=metadata))
 
 
+def _check_link(path: Path) -> None:
+    """Refuse ``path`` if it is a symbolic link that resolves outside its folder (see the module docstring)."""
+    if not path.is_symlink():
+        return
+    folder = path.parent.resolve()
+    target = path.resolve()
+    if target.is_relative_to(folder):
+        return
+    blobs = folder.parent.parent / "blobs"  # HF hub cache: <repo>/snapshots/<revision>/<file> -> <repo>/blobs/<hash>
+    if folder.parent.name == "snapshots" and blobs.is_dir() and not blobs.is_symlink() and target.parent == blobs:
+        return
+    raise AdapterLoadError(
+        f"{path} is a symbolic link to {target}, outside the folder {folder}; peftlab reads only files inside "
+        "the folder, so that a shared adapter cannot make it read other files. Copy the file into the folder."
+    )
+
+
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object in ``path`` (a file in an adapter or model folder), or AdapterLoadError."""
     path = Path(path)
+    _check_link(path)
     if not path.is_file():
         raise AdapterLoadError(f"{path} does not exist; is {path.parent} an adapter folder saved by save_pretrained?")
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterLoadError(f"{path} is not valid JSON ({err}); the file is corrupt") from err
+    except RecursionError:
+        raise AdapterLoadError(f"{path} nests too deeply to be a config; the file is corrupt or crafted") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an integer of thousands of digits
+        raise AdapterLoadError(f"{path} is not valid JSON ({_short(err)}); the file is corrupt") from None
     if not isinstance(data, dict):
         raise AdapterLoadError(f"{path} should hold a JSON object, found {type(data).__name__}")
     return data
+
+
+def _short(err: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _load_pickle(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)``, with errors that never pass on torch's advice to load unsafely."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types, for refused pickles and for files that are no archives
+        message = str(err)
+        found = re.search(r"\bGLOBAL ([\w.]+)", message)
+        if found:
+            what = f"holds Python objects that a weights-only load refuses ({found.group(1)})"
+        elif isinstance(err, pickle.UnpicklingError) or "weights_only" in message:
+            what = "cannot be read by a weights-only load (it is corrupt, or holds Python objects)"
+        else:
+            detail = f": {_short(err, 120)}" if message.strip() else ""
+            what = f"is not a readable PyTorch weights file ({type(err).__name__}{detail})"
+    raise AdapterLoadError(
+        f"{path} {what}; peftlab never unpickles arbitrary objects; re-save the adapter as safetensors "
+        f"({WEIGHTS_NAME})"
+    )
+
+
+def _check_tensor_dict(tensors: Any, path: Path) -> dict[str, Tensor]:
+    if not isinstance(tensors, dict):
+        raise AdapterLoadError(
+            f"{path} holds a {type(tensors).__name__}, not a dict of tensors keyed by parameter name; "
+            "it is not an adapter weights file"
+        )
+    for key, value in tensors.items():
+        if not isinstance(key, str):
+            raise AdapterLoadError(
+                f"{path}: key {key!r} ({type(key).__name__}) is not a string; an adapter weights file maps "
+                "parameter names to tensors"
+            )
+        if not isinstance(value, Tensor):
+            raise AdapterLoadError(
+                f"{path}: {key!r} holds a {type(value).__name__}, not a tensor; an adapter weights file maps "
+                "parameter names to tensors"
+            )
+    return tensors
 
 
 def load_tensors(folder: str | os.PathLike) -> dict[str, Tensor]:
     """The adapter tensors in ``folder``: safetensors, or a PEFT ``.bin`` read with weights_only=True."""
     folder = Path(folder)
     path = folder / WEIGHTS_NAME
+    pickled = folder / PICKLE_WEIGHTS_NAME
+    _check_link(path)
     if path.is_file():
         try:
             tensors = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:
-            raise AdapterLoadError(f"{path} is not a readable safetensors file ({err}); the file is corrupt") from err
-    elif (folder / PICKLE_WEIGHTS_NAME).is_file():
-        try:
-            tensors = torch.load(folder / PICKLE_WEIGHTS_NAME, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises many types for bad pickles
-            raise AdapterLoadError(f"{folder / PICKLE_WEIGHTS_NAME} could not be read safely: {err}") from err
+            raise AdapterLoadError(
+                f"{path} is not a readable safetensors file ({_short(err)}); the file is corrupt"
+            ) from None
     else:
-        raise AdapterLoadError(f"no {WEIGHTS_NAME} in {folder}; is it an adapter folder saved by save_pretrained?")
+        _check_link(pickled)
+        if not pickled.is_file():
+            raise AdapterLoadError(
+                f"no {WEIGHTS_NAME} in {folder}; is it an adapter folder saved by save_pretrained?"
+            )
+        tensors = _check_tensor_dict(_load_pickle(pickled), pickled)
     for key, value in tensors.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise AdapterLoadError(f"{folder}: tensor {key} holds NaN or inf values; the adapter is corrupt")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftlab.errors import DataError  # noqa: F401  (re-exported by peftlab.data)
+from peftlab.io import atomic_write_bytes
 
 
 @dataclass(frozen=True)
@@ -39,20 +40,6 @@ class Archive:
 def cache_dir() -> Path:
     """The cache root: ``$PEFTLAB_CACHE`` if set, else ``~/.cache/peftlab``."""
     return Path(os.environ.get("PEFTLAB_CACHE") or Path.home() / ".cache" / "peftlab").expanduser()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def sha256_file(path: Path) -> str:

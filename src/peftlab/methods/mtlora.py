@@ -44,13 +44,13 @@ e.g. ``config.model_type == "gpt2"``, is not visible from a layer, hence the nam
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from peftlab import matching
 from peftlab.config import AdapterConfig, ConfigError, check_nonnegative, check_probability, register_method
 from peftlab.layers import LayerView
 from peftlab.methods.base import Adapter
@@ -140,10 +140,8 @@ def fused_slices_for(layer: LayerView, fused_slices: int | dict[str, int] | None
         return fused_slices
     name = layer.name
     if isinstance(fused_slices, dict):
-        for key, k in fused_slices.items():
-            if name == key or name.endswith("." + key) or re.fullmatch(key, name):
-                return k
-        return 1
+        key = matching.first_match(name, fused_slices, "fused_slices")
+        return 1 if key is None else fused_slices[key]
     fused_width = layer.d_out in (2 * layer.d_in, 3 * layer.d_in)
     if name.rsplit(".", 1)[-1] in FUSED_NAMES and layer.kind == "conv1d" and fused_width:
         return layer.d_out // layer.d_in

@@ -1,0 +1,195 @@
+"""Module-name matching, written once and bounded in time: every config field that names modules uses it.
+
+Three forms, as in HF PEFT:
+
+- a **list** of name suffixes: ``["query"]`` matches ``bert.encoder.layer.0.attention.self.query``
+  (the whole name, or a ``.``-separated tail of it; no regex);
+- a **regex string**, matched against the *full* module name (``target_modules``, ``exclude_modules``);
+- a **dict key** (``rank_pattern``, MTLoRA's ``fused_slices``): a suffix *or* a full-name regex;
+  the first key that matches wins.
+
+The layer index (``layers_to_transform``) is the number after a layer-list name:
+``...layer.3.attention...`` → 3 (``layers_pattern`` names the list; by default common names are tried).
+
+Bounded time. A pattern comes from an ``adapter_config.json``, i.e. from whoever shared the adapter, so it
+is untrusted input. Python's ``re`` backtracks: ``(\\w+\\.?)+X`` takes hours on a 40-character module name
+and cannot be interrupted. Patterns are therefore run by the ``regex`` package (already a dependency of
+``transformers`` and pinned in requirements.txt) with its ``timeout=`` argument, and checked first:
+
+1. syntax by Python's ``re`` itself, so the accepted language and the results are those of ``re``
+   (``regex`` in its default V0 mode is compatible with it; the ``regex``-only syntax such as fuzzy
+   matching is refused);
+2. at most :data:`MAX_PATTERN_LENGTH` characters, and counted repeats that multiply to at most
+   :data:`MAX_EXPANDED_SIZE` elements (``regex`` expands ``(?:a{1000}){1000}`` in memory when compiling);
+3. a probe: the compiled pattern is run on a few long, realistic module names (:data:`PROBE_NAMES`);
+   a pattern that does not finish within :data:`MATCH_TIMEOUT_S` is refused.
+
+Each match is then also limited to :data:`MATCH_TIMEOUT_S`; the first match that runs out stops
+everything with a :class:`~peftlab.errors.ConfigError` that names the field and the pattern and says to
+simplify it. (The ``regex`` engine also avoids most exponential cases by itself: ``(\\w+\\.?)+X`` fails at
+once because no ``X`` is present.)
+
+Why not a linear-time engine (``google-re2``)? It installs, but it refuses look-arounds and
+back-references, which PEFT users write in ``target_modules`` (``^(?!.*vision_tower).*q_proj$`` for
+multimodal models): adapters saved with such patterns would stop loading. ``regex`` + time limit keeps
+every pattern ``re`` accepted and needs no new dependency.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import regex
+
+from peftlab.errors import ConfigError
+
+try:  # the parser behind re.compile: used to measure how far counted repeats expand
+    from re import _constants as _sre_constants
+    from re import _parser as _sre_parser
+except ImportError:  # Python 3.10
+    import sre_constants as _sre_constants
+    import sre_parse as _sre_parser
+
+MATCH_TIMEOUT_S = 1.0
+MAX_PATTERN_LENGTH = 10_000
+MAX_EXPANDED_SIZE = 100_000
+DEFAULT_LAYER_PATTERNS = ("layers", "layer", "h", "blocks", "block", "down_blocks", "up_blocks")
+PROBE_NAMES = (
+    "base_model.model.model.language_model.layers.31.self_attn.q_proj.base_layer",
+    "encoder.block.11.layer.0.SelfAttention.relative_attention_bias.weight_0",
+)
+
+_REPEATS = tuple(getattr(_sre_constants, op, None) for op in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"))
+
+
+def _shown(pattern: str) -> str:
+    """The pattern's repr, shortened for a one-line message."""
+    text = repr(pattern)
+    return text if len(text) <= 120 else text[:100] + f"...' ({len(pattern)} characters)"
+
+
+def _expanded_size(items: Any) -> int:
+    """Elements of a parsed pattern once every counted repeat ``{m,n}`` is written out (``*`` and ``+`` count once)."""
+    total = 0
+    for op, av in items:
+        if op in _REPEATS:
+            low, high, sub = av
+            count = low if high == _sre_constants.MAXREPEAT else high
+            total += max(count, 1) * _expanded_size(sub)
+            continue
+        total += 1
+        for part in av if isinstance(av, (tuple, list)) else (av,):
+            if isinstance(part, _sre_parser.SubPattern):
+                total += _expanded_size(part)
+            elif isinstance(part, list):  # BRANCH: (None, [SubPattern, ...])
+                total += sum(_expanded_size(p) for p in part if isinstance(p, _sre_parser.SubPattern))
+        if total > MAX_EXPANDED_SIZE:
+            break
+    return total
+
+
+@functools.lru_cache(maxsize=512)
+def _compile(pattern: str) -> regex.Pattern:
+    """The checked, compiled pattern; raises ``ValueError(reason)`` (the caller adds field and pattern)."""
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        raise ValueError(f"is too long (at most {MAX_PATTERN_LENGTH} characters); list module-name suffixes instead")
+    try:
+        re.compile(pattern)
+        if _expanded_size(_sre_parser.parse(pattern)) > MAX_EXPANDED_SIZE:
+            raise ValueError(
+                f"expands to more than {MAX_EXPANDED_SIZE} elements (its counted repeats {{m,n}} multiply); "
+                "simplify it"
+            )
+        compiled = regex.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"is not a valid regular expression: {err}") from None
+    except (regex.error, OverflowError) as err:
+        raise ValueError(f"cannot be compiled: {err}; simplify it") from None
+    except RecursionError:
+        raise ValueError("nests groups too deeply; simplify it") from None
+    for name in PROBE_NAMES:
+        _run(compiled, name, "fullmatch", probe=True)
+    return compiled
+
+
+def _run(compiled: regex.Pattern, name: str, how: str, probe: bool = False) -> Any:
+    try:
+        return getattr(compiled, how)(name, timeout=MATCH_TIMEOUT_S)
+    except TimeoutError:
+        what = f"a typical module name ({name!r})" if probe else f"the module name {name!r}"
+        raise ValueError(
+            f"took more than {MATCH_TIMEOUT_S:g} s to match {what} (it backtracks, e.g. nested repeats like "
+            "(a+)+); simplify it, or list module-name suffixes instead"
+        ) from None
+
+
+def _problem(field: str, pattern: str, err: ValueError) -> ConfigError:
+    return ConfigError(f"{field}={_shown(pattern)} {err}")
+
+
+def compile_pattern(pattern: str, field: str = "pattern") -> regex.Pattern:
+    """``pattern`` compiled after the checks in the module docstring; :class:`ConfigError` naming ``field`` if not."""
+    try:
+        return _compile(pattern)
+    except ValueError as err:
+        raise _problem(field, pattern, err) from None
+
+
+def check_pattern(pattern: str, field: str = "pattern") -> None:
+    """Raise :class:`ConfigError` unless ``pattern`` is a regex that module names can be matched against."""
+    compile_pattern(pattern, field)
+
+
+def full_match(pattern: str, name: str, field: str = "pattern") -> bool:
+    """Whether the regex ``pattern`` matches all of ``name`` (within :data:`MATCH_TIMEOUT_S`)."""
+    compiled = compile_pattern(pattern, field)
+    try:
+        return _run(compiled, name, "fullmatch") is not None
+    except ValueError as err:
+        raise _problem(field, pattern, err) from None
+
+
+def is_suffix(name: str, suffix: str) -> bool:
+    """``name`` is ``suffix`` or ends with ``"." + suffix``."""
+    return name == suffix or name.endswith("." + suffix)
+
+
+def matches(name: str, spec: list[str] | str | None, field: str = "target_modules") -> bool:
+    """Suffix match (list) or full regex match (string) of a module name; ``None`` matches nothing."""
+    if spec is None:
+        return False
+    if isinstance(spec, str):
+        return full_match(spec, name, field)
+    return any(is_suffix(name, s) for s in spec)
+
+
+def first_match(name: str, keys: Iterable[str], field: str) -> str | None:
+    """The first key that is a suffix of ``name`` or a regex matching all of it (``rank_pattern`` and kin)."""
+    for key in keys:
+        if is_suffix(name, key) or full_match(key, name, field):
+            return key
+    return None
+
+
+def layer_regex(patterns: list[str] | str | None = None) -> str:
+    """The regex :func:`layer_index` searches with: a layer-list name, a dot, the index (group 1)."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    alternatives = "|".join(re.escape(p) for p in (patterns or DEFAULT_LAYER_PATTERNS))
+    return rf"(?:^|\.)(?:{alternatives})\.(\d+)(?:\.|$)"
+
+
+def layer_index(name: str, patterns: list[str] | str | None = None) -> int | None:
+    """The index in ``...layer.3.attention...``-style names, or ``None``.
+
+    ``patterns`` are literal names of the layer list (``"layer"``, ``"model.layers"``), not regexes.
+    """
+    pattern = layer_regex(patterns)
+    try:
+        found = _run(compile_pattern(pattern, "layers_pattern"), name, "search")
+    except ValueError as err:
+        raise _problem("layers_pattern", pattern, err) from None
+    return int(found.group(1)) if found else None
