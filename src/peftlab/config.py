@@ -78,13 +78,13 @@ class AdapterConfig:
         An ``adapter_config.json`` is untrusted input: every field's type is checked here, and every regex
         is checked by :mod:`peftlab.matching` (syntax, size, and a probe run bounded in time).
         """
-        _check_rank("r", self.r)
+        check_positive_int("r", self.r)
         if not isinstance(self.rank_pattern, dict):
             raise ConfigError(f"rank_pattern must be a dict {{module suffix or regex: r}}; got {self.rank_pattern!r}")
         for key, value in self.rank_pattern.items():
             if not isinstance(key, str) or not key:
                 raise ConfigError(f"rank_pattern keys must be non-empty module-name suffixes or regexes; got {key!r}")
-            _check_rank(f"rank_pattern[{key!r}]", value)
+            check_positive_int(f"rank_pattern[{key!r}]", value)
             matching.check_pattern(key, "rank_pattern")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
@@ -226,30 +226,39 @@ def peft_methods() -> list[str]:
     return sorted(name for name, cls in registered_methods().items() if cls.peft_type)
 
 
-def _check_rank(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer; got {value!r}")
+# -- checks for numeric config fields (every method validates its numbers with these) -------------------------
+def _is_number(value: Any, integer: bool = False) -> bool:
+    """An int (or, unless ``integer``, a finite float); ``bool`` is never a number here."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (not integer and isinstance(value, float) and math.isfinite(value))
 
 
 def check_positive_int(name: str, value: Any, hint: str = "") -> None:
-    """Raise :class:`ConfigError` unless ``value`` is an int ≥ 1 (``bool`` is refused)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    """Raise :class:`ConfigError` unless ``value`` is an int ≥ 1."""
+    if not _is_number(value, integer=True) or value <= 0:
         raise ConfigError(f"{name} must be a positive integer{' ' + hint if hint else ''}; got {value!r}")
 
 
 def check_finite(name: str, value: Any) -> None:
-    """Raise :class:`ConfigError` unless ``value`` is a finite int or float (``bool`` is refused)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+    """Raise :class:`ConfigError` unless ``value`` is a finite number."""
+    if not _is_number(value):
         raise ConfigError(f"{name} must be a finite number; got {value!r}")
 
 
-def check_nonnegative(name: str, value: float) -> None:
+def check_positive(name: str, value: Any) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is a finite number > 0."""
+    if not _is_number(value) or value <= 0:
+        raise ConfigError(f"{name} must be a finite number > 0; got {value!r}")
+
+
+def check_nonnegative(name: str, value: Any) -> None:
     """Raise :class:`ConfigError` unless ``value`` is a finite number ≥ 0."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+    if not _is_number(value) or value < 0:
         raise ConfigError(f"{name} must be a finite number >= 0; got {value!r}")
 
 
-def check_probability(name: str, value: float) -> None:
+def check_probability(name: str, value: Any) -> None:
     """Raise :class:`ConfigError` unless ``0 <= value < 1``."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
+    if not _is_number(value) or not 0 <= value < 1:
         raise ConfigError(f"{name} must be in [0, 1); got {value!r}")

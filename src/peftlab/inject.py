@@ -21,10 +21,8 @@ from torch import Tensor, nn
 from peftlab import matching
 from peftlab.config import AdapterConfig
 from peftlab.errors import MergeError, TargetError
-from peftlab.layers import SUPPORTED_TYPES, LayerView, layer_kind
+from peftlab.layers import OUTPUT_HEADS, SUPPORTED_TYPES, LayerView, layer_kind
 from peftlab.methods.base import Adapter
-
-HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs"})
 
 
 class AdapterLayer(nn.Module):
@@ -222,7 +220,7 @@ def _plain_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def _is_head(name: str) -> bool:
-    return bool(HEAD_NAMES.intersection(name.split(".")))
+    return bool(set(OUTPUT_HEADS).intersection(name.split(".")))
 
 
 def adaptable_names(model: nn.Module) -> list[str]:

@@ -39,6 +39,7 @@ from peftlab.config import (
     ConfigError,
     check_finite,
     check_nonnegative,
+    check_positive,
     check_positive_int,
     check_probability,
     register_method,
@@ -99,9 +100,7 @@ class HydraLoraConfig(AdapterConfig):
             raise ConfigError(
                 f"top_k must be None (dense routing) or an integer in 1..num_heads={self.num_heads}; got {self.top_k!r}"
             )
-        t = self.router_temperature
-        if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
-            raise ConfigError(f"router_temperature must be a finite number > 0; got {t!r}")
+        check_positive("router_temperature", self.router_temperature)
         check_nonnegative("balance_loss_weight", self.balance_loss_weight)
         if not isinstance(self.init_weights, bool):
             raise ConfigError(f"init_weights must be True or False; got {self.init_weights!r}")

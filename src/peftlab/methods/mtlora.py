@@ -51,7 +51,14 @@ import torch
 from torch import Tensor, nn
 
 from peftlab import matching
-from peftlab.config import AdapterConfig, ConfigError, check_nonnegative, check_probability, register_method
+from peftlab.config import (
+    AdapterConfig,
+    ConfigError,
+    check_nonnegative,
+    check_positive_int,
+    check_probability,
+    register_method,
+)
 from peftlab.layers import LayerView
 from peftlab.methods.base import Adapter
 
@@ -59,11 +66,7 @@ STRUCTURES = ("shim", "icfm", "ctcm", "dtsm")
 INITS = ("reference", "identity")
 FUSED_MODES = ("dense", "per_slice")
 FUSED_NAMES = ("c_attn",)  # GPT-2's q|k|v (and cross-attention k|v) projection
-
-
-def _check_slices(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{name} must be a positive integer (the number of equal output slices); got {value!r}")
+SLICES_HINT = "(the number of equal output slices)"
 
 
 @register_method
@@ -112,9 +115,10 @@ class MTLoraConfig(AdapterConfig):
             for key, value in self.fused_slices.items():
                 if not isinstance(key, str) or not key:
                     raise ConfigError(f"fused_slices keys must be module-name suffixes or regexes; got {key!r}")
-                _check_slices(f"fused_slices[{key!r}]", value)
+                matching.check_pattern(key, "fused_slices")
+                check_positive_int(f"fused_slices[{key!r}]", value, SLICES_HINT)
         elif self.fused_slices is not None:
-            _check_slices("fused_slices", self.fused_slices)
+            check_positive_int("fused_slices", self.fused_slices, SLICES_HINT)
 
     def scaling(self, r: int) -> float:
         return self.alpha / r
