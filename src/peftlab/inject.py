@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +25,25 @@ from peftlab.layers import OUTPUT_HEADS, SUPPORTED_TYPES, LayerView, layer_kind
 from peftlab.methods.base import Adapter
 
 
-class AdapterLayer(nn.Module):
+class Delegating(nn.Module):
+    """A module that answers the attributes it does not have from the module it wraps (:meth:`delegate`),
+    so model code that reads ``layer.weight`` or ``head.out_features`` works on the wrapped module."""
+
+    own: ClassVar[tuple[str, ...]] = ()  # its own submodules, never delegated (delegate() reads them)
+
+    def delegate(self) -> nn.Module:
+        raise NotImplementedError
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in self.own:
+                raise
+            return getattr(self.delegate(), name)
+
+
+class AdapterLayer(Delegating):
     """A base layer plus named adapters.
 
     ``forward(x)`` = base layer with W·H₁⋯H_k (active multiplicative adapters, in order) plus
@@ -74,13 +92,10 @@ class AdapterLayer(nn.Module):
             self._view = LayerView(self.base_layer, self.layer_name)
         return self._view
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("base_layer", "adapters"):
-                raise
-            return getattr(self.base_layer, name)  # e.g. model code that reads `.weight` or `.in_features`
+    own = ("base_layer", "adapters")
+
+    def delegate(self) -> nn.Module:
+        return self.base_layer
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         names = [] if self.disabled else [n for n in self.active if n not in self.merged]
@@ -163,7 +178,7 @@ class AdapterLayer(nn.Module):
         return record
 
 
-class TrainableCopy(nn.Module):
+class TrainableCopy(Delegating):
     """A module from ``modules_to_save``: the original, frozen, and one trainable copy per adapter."""
 
     def __init__(self, original: nn.Module) -> None:
@@ -183,13 +198,10 @@ class TrainableCopy(nn.Module):
                     return self.copies[n]
         return self.original
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("original", "copies"):
-                raise
-            return getattr(self.current(), name)
+    own = ("original", "copies")
+
+    def delegate(self) -> nn.Module:
+        return self.current()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.current()(*args, **kwargs)
