@@ -25,7 +25,14 @@ from peftlab.recipes.adapters import count_parameters
 from peftlab.recipes.generation import generate, write_jsonl
 from peftlab.recipes.lm import encode_records, load_trained, make_trainer, mean_loss, setup
 from peftlab.recipes.options import RunOptions, check_split, eval_options
-from peftlab.recipes.rundir import CURVE_FILE, METRICS_FILE, check_output_dir, saved_run_options, start_output_dir
+from peftlab.recipes.rundir import (
+    CURVE_FILE,
+    METRICS_FILE,
+    check_output_dir,
+    owns_output_dir,
+    saved_run_options,
+    start_output_dir,
+)
 from peftlab.recipes.training import finish_run, fmt, log, run_training, select, strip_prefix
 
 PROMPT = (
@@ -124,6 +131,7 @@ def evaluate_answers(model, tokenizer, records, options: RunOptions) -> tuple[di
 
 
 # -- training and evaluation -------------------------------------------------------------------------------------
+@owns_output_dir
 def train(options: RunOptions) -> dict[str, Any]:
     """Instruction-tune ``options.model`` with ``options.method``; write adapter, metrics, curve, predictions."""
     options = options.resolved()

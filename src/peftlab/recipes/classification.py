@@ -31,6 +31,7 @@ from peftlab.recipes.rundir import (
     base_model_name,
     check_output_dir,
     is_adapter_dir,
+    owns_output_dir,
     read_run,
     saved_run_options,
     start_output_dir,
@@ -143,6 +144,7 @@ def main_metric(options: RunOptions, regression: bool) -> str:
 
 
 # -- training ----------------------------------------------------------------------------------------------------
+@owns_output_dir
 def train(options: RunOptions) -> dict[str, Any]:
     """Train ``options.method`` on ``options.data``; write adapter, ``metrics.json`` and the curve; return metrics."""
     from transformers import DataCollatorWithPadding, set_seed

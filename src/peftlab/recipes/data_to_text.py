@@ -21,7 +21,14 @@ from peftlab.recipes.adapters import count_parameters
 from peftlab.recipes.generation import generate, write_jsonl
 from peftlab.recipes.lm import encode_records, load_trained, make_trainer, setup
 from peftlab.recipes.options import RunOptions, check_split, eval_options
-from peftlab.recipes.rundir import CURVE_FILE, METRICS_FILE, check_output_dir, saved_run_options, start_output_dir
+from peftlab.recipes.rundir import (
+    CURVE_FILE,
+    METRICS_FILE,
+    check_output_dir,
+    owns_output_dir,
+    saved_run_options,
+    start_output_dir,
+)
 from peftlab.recipes.training import finish_run, log, run_training, strip_prefix
 
 GENERATED_MRS = 400  # distinct MRs of ``e2e-synthetic`` (2-3 references each)
@@ -85,6 +92,7 @@ def _test_pairs(pairs, limit: int | None, seed: int):
     return pairs.filter(lambda row: row["mr"] in keep)
 
 
+@owns_output_dir
 def train(options: RunOptions) -> dict[str, Any]:
     """Train on MR → text pairs; write adapter, metrics (BLEU, NIST, ROUGE-L, ...), curve and predictions."""
     options = options.resolved()

@@ -1,18 +1,24 @@
-"""The run folder: what a training run writes, and the rules that keep an earlier result from being lost.
+"""The run folder: what a training run writes, the rules that keep an earlier result from being lost, and its lock.
 
 A run folder holds ``run_config.json`` (the options, written first), ``checkpoint-*`` folders (HF
 ``Trainer``), and at the end the adapter (or model), ``metrics.json`` and ``training_curve.png``.
 ``check_output_dir`` decides, before anything is written, whether a run may use a folder: an existing
 folder is refused unless it is empty, or ``overwrite`` is set and it holds a peftlab run (a folder
 peftlab did not write is never deleted), or ``resume`` is set and it holds the same run with a checkpoint.
+:func:`owns_output_dir` (on each recipe's ``train``) locks the folder for the whole run: a second run on it fails
+at once. The lock is an OS lock (``filelock``: ``flock`` on ``.peftlab.lock`` in the folder), so the OS releases it
+when its process dies, even by ``kill -9``. In a distributed run only the main process (``RANK`` 0) takes it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +30,12 @@ from peftlab.recipes.options import NOT_IDENTITY, RunOptions
 RUN_FILE = "run_config.json"
 METRICS_FILE = "metrics.json"
 CURVE_FILE = "training_curve.png"
+LOCK_FILE = ".peftlab.lock"
+
+
+def is_main_process() -> bool:
+    """True on global rank 0 of a ``torchrun`` / ``accelerate launch`` run (``$RANK``), and in a plain process."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:
@@ -66,19 +78,21 @@ def _describe(options: dict[str, Any]) -> str:
     return ", ".join(f"{k}={options.get(k)}" for k in ("task", "method", "model", "data", "r", "seed"))
 
 
-def check_output_dir(options: RunOptions, kind: str = "train") -> str | None:
+def check_output_dir(options: RunOptions, kind: str = "train", main_process: bool | None = None) -> str | None:
     """Check that the run may use ``options.output_dir``; return the checkpoint to resume from.
 
-    Read-only (safe on every rank of a distributed run). An existing folder is refused unless it is
-    empty, or ``overwrite`` is set and it holds a peftlab run (a folder peftlab did not write is never
-    deleted), or ``resume`` is set and it holds the same run with a checkpoint.
+    Read-only. An existing folder is refused unless it is empty (a stale lock file does not count), or
+    ``overwrite`` is set and it holds a peftlab run (a folder peftlab did not write is never deleted), or
+    ``resume`` is set and it holds the same run with a checkpoint. Every rank of a distributed run answers
+    ``resume`` alike; whether a new run may use the folder is decided by the main process alone (``main_process``,
+    default :func:`is_main_process`), as the others would see its writes.
     """
     from transformers.trainer_utils import get_last_checkpoint
 
     out = Path(options.output_dir)
     if out.exists() and not out.is_dir():
         raise RecipeError(f"--output-dir {out} exists and is a file, not a folder")
-    empty = not out.exists() or not any(out.iterdir())
+    empty = not out.exists() or all(p.name == LOCK_FILE for p in out.iterdir())
     if options.resume and kind != "train":
         raise RecipeError(f"--resume is not supported by peftlab {kind}")
     if empty:
@@ -98,6 +112,8 @@ def check_output_dir(options: RunOptions, kind: str = "train") -> str | None:
         if checkpoint is None:
             raise RecipeError(f"--resume: {out} has no checkpoint-* folder yet; rerun with --overwrite to start again")
         return checkpoint
+    if not (is_main_process() if main_process is None else main_process):
+        return None
     if previous is None:
         raise RecipeError(
             f"--output-dir {out} is not empty and holds no peftlab run; choose another folder "
@@ -116,14 +132,76 @@ def check_output_dir(options: RunOptions, kind: str = "train") -> str | None:
 def start_output_dir(
     options: RunOptions, kind: str = "train", main_process: bool = True, extra: dict[str, Any] | None = None
 ) -> Path:
-    """Clear the folder (when overwriting) and write ``run_config.json`` (+ ``extra``); only on the main process."""
+    """Clear the folder (when overwriting; all but the lock file) and write ``run_config.json`` (+ ``extra``); only on
+    the main process."""
     out = Path(options.output_dir)
     if main_process:
         if options.overwrite and out.is_dir() and read_run(out) is not None:
-            shutil.rmtree(out)
+            for path in out.iterdir():
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                elif path.name != LOCK_FILE:
+                    path.unlink()
         out.mkdir(parents=True, exist_ok=True)
         record = {"kind": kind, "peftlab_version": __version__, "options": options.to_dict(), **(extra or {})}
         if options.resume and (previous := read_run(out)):
             record["resumed"] = [*previous.get("resumed", []), time.strftime("%Y-%m-%d %H:%M:%S")]
         io.atomic_write_json(out / RUN_FILE, record)
     return out
+
+
+# -- the lock ---------------------------------------------------------------------------------------------------------
+_HELD: dict[Path, Any] = {}  # folder (resolved) -> the FileLock this process holds on it
+
+
+@contextmanager
+def lock_output_dir(path: str | os.PathLike, main_process: bool | None = None) -> Iterator[Path]:
+    """Hold the lock of a run folder (``<folder>/.peftlab.lock``) for a block; the folder is created if needed.
+
+    Never waits: if another process holds it, ``RecipeError`` at once. Only the main process of a distributed
+    run takes it (``main_process``, default :func:`is_main_process`); re-entrant within a process. On release
+    the lock file is deleted, and so is a folder this call created if nothing was written into it. A killed
+    process leaves the lock file; the OS has released its lock, and the file does not count.
+    """
+    from filelock import FileLock, Timeout
+
+    out = Path(path)
+    if not (is_main_process() if main_process is None else main_process) or out.resolve() in _HELD:
+        yield out
+        return
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"--output-dir {out} exists and is a file, not a folder")
+    created = [p for p in (out, *out.parents) if not p.exists()]  # the folders made here, innermost first
+    out.mkdir(parents=True, exist_ok=True)
+    key, lock = out.resolve(), FileLock(out / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)  # one attempt: a run never waits for another
+    except Timeout:
+        raise RecipeError(
+            f"--output-dir {out}: another peftlab run is using it (it holds {out / LOCK_FILE}); wait until that run "
+            "ends, or choose another --output-dir"
+        ) from None
+    _HELD[key] = lock
+    try:
+        yield out
+    finally:
+        del _HELD[key]
+        (out / LOCK_FILE).unlink(missing_ok=True)  # contenders never wait for the lock, so no one waits on this file
+        lock.release()
+        for folder in created:  # a run that wrote nothing leaves no folder behind
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or another run took it meanwhile)
+                break
+
+
+def owns_output_dir(train: Callable[[RunOptions], dict[str, Any]]) -> Callable[[RunOptions], dict[str, Any]]:
+    """Decorate a recipe's ``train(options)``: the run holds its output folder's lock from start to end."""
+
+    @functools.wraps(train)
+    def run(options: RunOptions) -> dict[str, Any]:
+        options = options.resolved()
+        with lock_output_dir(options.output_dir):
+            return train(options)
+
+    return run

@@ -1,0 +1,151 @@
+"""The run folder's guarantees: one run at a time.
+
+Runs go through the command line (``main([...])`` in-process, or ``python -m peftlab.cli`` in a subprocess when two
+runs must overlap) on the tiny random BERT of ``test_cli`` and a 40-row keyword CSV (32 training rows).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from peftlab.cli import main
+
+WORDS = "the a movie film plot actor story scene music long short slow fast old new".split()
+
+
+def write_keyword_csv(path: Path, rows: int, seed: int = 0, labels: dict[int, str] | None = None) -> Path:
+    """Six random words per row; label 1 rows also contain 'excellent'; ``labels`` replaces the label of some rows."""
+    import random
+
+    rng = random.Random(seed)
+    lines = ["text,label"]
+    for i in range(rows):
+        words = [rng.choice(WORDS) for _ in range(6)]
+        if i % 2:
+            words.insert(rng.randrange(6), "excellent")
+        lines.append(f"{' '.join(words)},{(labels or {}).get(i, i % 2)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from peftlab.models import resolve_model
+
+    root = tmp_path_factory.mktemp("rundir")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=2, initializer_range=0.1)
+    BertForSequenceClassification(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    return {"root": root, "model": root / "model", "small": write_keyword_csv(root / "small.csv", 40, seed=1)}
+
+
+def train_args(tiny, out: Path, *extra: str) -> list[str]:
+    """A 4-step LoRA run, checkpoints at steps 2 and 4. Batch 4 on 32 rows: an epoch is 8 steps, longer than the run."""
+    return ["train", "--model", str(tiny["model"]), "--data", str(tiny["small"]), "--method", "lora",
+            "--max-steps", "4", "--eval-steps", "2", "--batch-size", "4", "--no-initial-eval",
+            "--output-dir", str(out), *extra]
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def metrics_of(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+# -- one run per folder ---------------------------------------------------------------------------------------------
+def test_a_second_run_on_a_folder_in_use_fails_at_once(tiny, tmp_path, capsys):
+    """Two runs on one --output-dir: while the first runs (frozen with SIGSTOP, so the test does not race it), a
+    second one, plain, --overwrite or --resume, stops at once with one line; the first then finishes undisturbed."""
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "peftlab.cli", *train_args(tiny, out, "--seed", "0")],
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "run_config.json").is_file() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(first.pid, signal.SIGSTOP)
+        assert (out / "run_config.json").is_file() and first.poll() is None, "the first run did not start"
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            started = time.monotonic()
+            assert main(train_args(tiny, out, "--seed", "1", *extra)) == 2
+            line = error_line(capsys)
+            assert f"--output-dir {out}: another peftlab run is using it" in line, line
+            assert time.monotonic() - started < 10  # at once: no waiting for the lock
+        os.kill(first.pid, signal.SIGCONT)
+        _, stderr = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+    assert first.returncode == 0, stderr[-3000:]
+    assert metrics_of(out)["global_step"] == 4
+    assert json.loads((out / "run_config.json").read_text())["options"]["seed"] == 0
+
+
+def test_the_lock_of_a_killed_run_is_released_by_the_os(tiny, tmp_path):
+    """A run killed with SIGKILL cannot release its lock; the OS does, and the lock file it leaves is no obstacle."""
+    from peftlab.recipes.rundir import LOCK_FILE
+
+    out = tmp_path / "run"
+    holder = ("import os, signal, sys\nfrom peftlab.recipes.rundir import lock_output_dir\n"
+              "held = lock_output_dir(sys.argv[1])\nheld.__enter__()\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", holder, str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert (out / LOCK_FILE).is_file()
+    assert main(train_args(tiny, out, "--max-steps", "2")) == 0
+    assert metrics_of(out)["global_step"] == 2
+
+
+def test_a_failed_start_releases_the_lock_and_leaves_no_folder(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("sentence,label\nnice,1\n")
+    assert main([*train_args(tiny, out), "--data", str(bad)]) == 2
+    assert "missing column" in error_line(capsys)
+    assert not out.exists()
+    out.mkdir()  # an existing empty folder is kept, and the lock taken in it is released
+    assert main([*train_args(tiny, out), "--data", str(bad)]) == 2
+    capsys.readouterr()
+    assert main(train_args(tiny, out, "--max-steps", "2")) == 0
+
+
+def test_ranks_of_a_torchrun_share_one_folder_without_deadlock(tiny, tmp_path):
+    """Only the main process takes the folder's lock."""
+    out = tmp_path / "run"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", port, "-m", "peftlab.cli", *train_args(tiny, out)]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:  # a deadlocked rank: kill the launcher and its workers
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert metrics_of(out)["global_step"] == 4
