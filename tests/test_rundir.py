@@ -1,4 +1,4 @@
-"""The run folder's guarantees: one run at a time.
+"""The run folder's guarantees: one run at a time, a clear state (empty / in progress / finished), safe resumption.
 
 Runs go through the command line (``main([...])`` in-process, or ``python -m peftlab.cli`` in a subprocess when two
 runs must overlap) on the tiny random BERT of ``test_cli`` and a 40-row keyword CSV (32 training rows).
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -61,6 +62,27 @@ def train_args(tiny, out: Path, *extra: str) -> list[str]:
             "--output-dir", str(out), *extra]
 
 
+@pytest.fixture(scope="module")
+def finished(tiny) -> Path:
+    """A finished 4-step run (copy it before changing it)."""
+    out = tiny["root"] / "finished"
+    assert main(train_args(tiny, out)) == 0
+    return out
+
+
+def copy_run(source: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(source, out)
+    return out
+
+
+def kill_final_save(out: Path) -> None:
+    """Leave ``out`` as a kill just before the final save leaves it: checkpoints, no adapter, no metrics."""
+    for path in out.iterdir():
+        if path.is_file() and path.name != "run_config.json":
+            path.unlink()
+
+
 def error_line(capsys) -> str:
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
@@ -71,6 +93,10 @@ def error_line(capsys) -> str:
 
 def metrics_of(out: Path) -> dict:
     return json.loads((out / "metrics.json").read_text())
+
+
+def checkpoints(out: Path) -> list[str]:
+    return sorted(p.name for p in out.glob("checkpoint-*"))
 
 
 # -- one run per folder ---------------------------------------------------------------------------------------------
@@ -131,21 +157,68 @@ def test_a_failed_start_releases_the_lock_and_leaves_no_folder(tiny, tmp_path, c
     assert main(train_args(tiny, out, "--max-steps", "2")) == 0
 
 
-def test_ranks_of_a_torchrun_share_one_folder_without_deadlock(tiny, tmp_path):
-    """Only the main process takes the folder's lock."""
-    out = tmp_path / "run"
+@pytest.mark.parametrize("folder", ["fresh", "finished"])
+def test_ranks_of_a_torchrun_share_one_folder_without_deadlock(tiny, finished, tmp_path, folder):
+    """Only the main process takes the folder's lock; every rank agrees that a finished run has nothing to resume."""
+    resume = folder == "finished"
+    out = copy_run(finished, tmp_path) if resume else tmp_path / "run"
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", port, "-m", "peftlab.cli", *train_args(tiny, out)]
+           "--master_port", port, "-m", "peftlab.cli", *train_args(tiny, out), *(["--resume"] if resume else [])]
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        _, stderr = proc.communicate(timeout=240)
+        stdout, stderr = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:  # a deadlocked rank: kill the launcher and its workers
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, stderr[-3000:]
     assert metrics_of(out)["global_step"] == 4
+    if resume:
+        assert "already finished" in stdout
+
+
+# -- the state of a folder ------------------------------------------------------------------------------------------
+def test_resume_of_a_finished_run_does_nothing(tiny, finished, tmp_path, capsys):
+    """--resume of a finished run (e.g. a requeued job) exits 0 with a message and changes nothing."""
+    out = copy_run(finished, tmp_path)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert main(train_args(tiny, out, "--resume")) == 0
+    stdout = capsys.readouterr().out
+    assert "already finished" in stdout and str(out) in stdout and "global step 4" in stdout, stdout
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".peftlab.lock"}
+    assert after == before
+    assert main(train_args(tiny, out, "--resume", "--max-steps", "6")) == 0  # a larger budget continues it
+    assert metrics_of(out)["global_step"] == 6 and metrics_of(out)["resumed_from_step"] == 4
+
+
+def test_resume_after_a_kill_during_the_final_save_finishes_without_training_past_max_steps(tiny, finished, tmp_path):
+    """Training had reached --max-steps (checkpoint-4) when the final save was killed: resuming writes the final
+    adapter and metrics from the saved state, with exactly 4 steps, and keeps checkpoint-4 (HF would train a 5th)."""
+    out = copy_run(finished, tmp_path)
+    expected = metrics_of(out)
+    kill_final_save(out)
+    assert main([*train_args(tiny, out), "--resume"]) == 0
+    metrics = metrics_of(out)
+    assert metrics["global_step"] == 4 and metrics["resumed_from_step"] == 4 and metrics["steps_this_run"] == 0
+    assert checkpoints(out) == ["checkpoint-2", "checkpoint-4"]
+    assert metrics["best_checkpoint"] == expected["best_checkpoint"].replace(str(finished), str(out))
+    assert metrics["test"]["accuracy"] == expected["test"]["accuracy"]  # the best checkpoint was restored
+    assert metrics["test"]["loss"] == pytest.approx(expected["test"]["loss"], abs=1e-5)
+    assert (out / "adapter_model.safetensors").is_file() and (out / "training_curve.png").is_file()
+
+
+def test_resume_skips_an_incomplete_checkpoint(tiny, finished, tmp_path):
+    """A kill during the save of checkpoint-4 leaves it without trainer_state.json (HF writes that last): resuming
+    continues from checkpoint-2 and trains steps 3 and 4 again."""
+    out = copy_run(finished, tmp_path)
+    kill_final_save(out)
+    (out / "checkpoint-4" / "trainer_state.json").unlink()
+    (out / "checkpoint-4" / "optimizer.pt").unlink()
+    assert main([*train_args(tiny, out), "--resume"]) == 0
+    metrics = metrics_of(out)
+    assert metrics["global_step"] == 4 and metrics["resumed_from_step"] == 2 and metrics["steps_this_run"] == 2
+    assert (out / "checkpoint-4" / "trainer_state.json").is_file()

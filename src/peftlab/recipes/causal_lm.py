@@ -33,7 +33,7 @@ from peftlab.recipes.rundir import (
     saved_run_options,
     start_output_dir,
 )
-from peftlab.recipes.training import finish_run, fmt, log, run_training, select, strip_prefix
+from peftlab.recipes.training import finish_run, fmt, log, run_training, select, speed, strip_prefix
 
 PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
@@ -168,7 +168,7 @@ def train(options: RunOptions) -> dict[str, Any]:
     metrics["test"] = test
     finish_run(trainer, out, metrics, "loss", options.keep_checkpoints)
     log(f"test exact match after training: {fmt(test.get('exact_match'))}, test perplexity {test['perplexity']:.3f} "
-        f"({training['seconds_per_step']:.2f} s/step)", main)
+        f"({speed(training)})", main)
     log(f"wrote {out / METRICS_FILE}, {out / CURVE_FILE}, predictions.jsonl and the adapter to {out}", main)
     return metrics
 

@@ -43,6 +43,7 @@ from peftlab.recipes.training import (
     quiet_datasets,
     run_training,
     select,
+    speed,
     strip_prefix,
     training_arguments,
     with_length,
@@ -215,7 +216,7 @@ def train(options: RunOptions) -> dict[str, Any]:
     finish_run(trainer, out, metrics, metric, options.keep_checkpoints)
     log(f"test {metric} after training: {fmt(test[metric])} (best validation {metric} "
         f"{fmt(training['best_validation_metric'])} at {Path(training['best_checkpoint'] or '-').name}; "
-        f"{training['seconds_per_step']:.2f} s/step)", main)
+        f"{speed(training)})", main)
     what = "adapter" if isinstance(model, AdapterModel) else "model"
     log(f"wrote {out / METRICS_FILE}, {out / CURVE_FILE} and the {what} to {out}", main)
     return metrics
