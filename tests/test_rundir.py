@@ -99,6 +99,11 @@ def checkpoints(out: Path) -> list[str]:
     return sorted(p.name for p in out.glob("checkpoint-*"))
 
 
+def peftlab_temporaries(out: Path) -> list[Path]:
+    """Temporary files of peftlab's atomic writes (``.<name>.<random>.tmp``) anywhere under ``out``."""
+    return [p for p in out.rglob(".*.tmp") if p.is_file()]
+
+
 # -- one run per folder ---------------------------------------------------------------------------------------------
 def test_a_second_run_on_a_folder_in_use_fails_at_once(tiny, tmp_path, capsys):
     """Two runs on one --output-dir: while the first runs (frozen with SIGSTOP, so the test does not race it), a
@@ -209,6 +214,35 @@ def test_resume_after_a_kill_during_the_final_save_finishes_without_training_pas
     assert metrics["test"]["accuracy"] == expected["test"]["accuracy"]  # the best checkpoint was restored
     assert metrics["test"]["loss"] == pytest.approx(expected["test"]["loss"], abs=1e-5)
     assert (out / "adapter_model.safetensors").is_file() and (out / "training_curve.png").is_file()
+
+
+def test_a_folder_holding_only_peftlab_leftovers_counts_as_empty(tiny, tmp_path, capsys):
+    """A kill while run_config.json was written leaves only a temporary file (and the lock file)."""
+    for how in ([], ["--overwrite"]):
+        out = tmp_path / f"run{len(how)}"
+        out.mkdir()
+        (out / ".run_config.json.k2j4x9q1.tmp").write_text('{"kind": "tr')
+        (out / ".peftlab.lock").touch()
+        assert main([*train_args(tiny, out), "--resume"]) == 2
+        assert "no run to resume" in error_line(capsys)
+        assert main([*train_args(tiny, out, "--max-steps", "2"), *how]) == 0
+        capsys.readouterr()
+        assert metrics_of(out)["global_step"] == 2
+        assert not peftlab_temporaries(out)
+
+
+def test_resume_removes_stale_temporary_files_and_only_those(tiny, finished, tmp_path):
+    out = copy_run(finished, tmp_path)
+    kill_final_save(out)
+    stale = [out / ".adapter_model.safetensors.a1b2c3d4.tmp", out / "checkpoint-4" / ".run_config.json.zz_9y8x7.tmp"]
+    for path in stale:
+        path.write_bytes(b"partial")
+    kept = [out / "notes.tmp", out / ".notes"]
+    for path in kept:
+        path.write_text("mine")
+    assert main([*train_args(tiny, out), "--resume"]) == 0
+    assert not peftlab_temporaries(out)
+    assert all(path.read_text() == "mine" for path in kept)
 
 
 def test_resume_skips_an_incomplete_checkpoint(tiny, finished, tmp_path):

@@ -5,7 +5,8 @@ one is complete once its ``trainer_state.json``, which HF writes last, is readab
 (or model), ``training_curve.png`` and, last, ``metrics.json``. So a folder is in one of these states
 (:func:`folder_state`):
 
-* ``empty``: nothing in it, or only the lock file ``.peftlab.lock`` a killed run leaves;
+* ``empty``: nothing in it, or only peftlab's own leftovers of a killed run (temporary ``.<name>.<random>.tmp``
+  files of :func:`peftlab.io.atomic_write_bytes`, the lock file ``.peftlab.lock``);
 * ``in progress``: a ``run_config.json`` but no ``metrics.json``; ``--resume`` continues it from its last complete
   checkpoint (from step 0 when there is none), or only writes the final outputs when training had already reached
   its last step (a run killed during its final save);
@@ -18,7 +19,7 @@ folder is refused unless it is empty, or ``overwrite`` is set and it holds a pef
 is set and it holds the same run. :func:`owns_output_dir` (on each recipe's ``train``) locks the folder for the
 whole run: a second run on it fails at once. The lock is an OS lock (``filelock``: ``flock``), so the OS
 releases it when its process dies, even by ``kill -9``. In a distributed run only the main process (``RANK``
-0) takes it. Incomplete checkpoints are removed only while holding the lock.
+0) takes it. Stale temporary files and incomplete checkpoints are removed only while holding the lock.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ CURVE_FILE = "training_curve.png"
 LOCK_FILE = ".peftlab.lock"
 TRAINER_STATE = "trainer_state.json"  # HF writes it last into a checkpoint: the checkpoint is complete once it reads
 EMPTY, IN_PROGRESS, FINISHED, FOREIGN = "empty", "in progress", "finished", "not a peftlab run"
+# io.atomic_write_bytes writes ``.<name>.<8 random characters>.tmp`` (tempfile.mkstemp) and renames it into place
+TEMPORARY_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 
 
 def is_main_process() -> bool:
@@ -57,8 +60,8 @@ def is_adapter_dir(path: str | os.PathLike) -> bool:
 
 
 def is_leftover(path: Path) -> bool:
-    """A file peftlab may leave behind when killed: the lock file."""
-    return path.name == LOCK_FILE
+    """A file peftlab may leave behind when killed: the lock file, a temporary file of an atomic write."""
+    return path.name == LOCK_FILE or (TEMPORARY_FILE.fullmatch(path.name) is not None and path.is_file())
 
 
 def read_run(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -144,7 +147,7 @@ def _budget_reached(old: dict[str, Any], new: RunOptions, global_step: int) -> b
 def check_output_dir(options: RunOptions, kind: str = "train", main_process: bool | None = None) -> str | None:
     """Check that the run may use ``options.output_dir``; return the checkpoint to resume from.
 
-    Read-only. An existing folder is refused unless it is empty (a stale lock file does not count), or
+    Read-only. An existing folder is refused unless it is empty (peftlab's own leftovers do not count), or
     ``overwrite`` is set and it holds a peftlab run (a folder peftlab did not write is never deleted), or
     ``resume`` is set and it holds the same run. ``resume`` of a finished run with the same budget raises
     :class:`RunFinished`; of an unfinished run without a complete checkpoint it returns ``None`` (start at step 0).
@@ -210,7 +213,7 @@ def start_output_dir(
     """Prepare the folder and write ``run_config.json`` (+ ``extra``); only on the main process.
 
     ``overwrite`` empties a peftlab run folder (all but the lock file). While this process holds the folder's lock,
-    incomplete checkpoints (leftovers of a killed run) are removed.
+    peftlab's stale temporary files and incomplete checkpoints (leftovers of a killed run) are removed.
     """
     out = Path(options.output_dir)
     if main_process:
@@ -231,7 +234,10 @@ def start_output_dir(
 
 
 def remove_leftovers(out: Path) -> None:
-    """Delete what a killed run left behind: checkpoints whose save was cut short."""
+    """Delete what a killed run left behind: temporary files of atomic writes, checkpoints whose save was cut short."""
+    for path in out.rglob(".*.tmp"):
+        if TEMPORARY_FILE.fullmatch(path.name) and path.is_file():
+            path.unlink()
     for checkpoint in checkpoint_folders(out):
         if not is_complete_checkpoint(checkpoint):
             shutil.rmtree(checkpoint)
