@@ -256,3 +256,11 @@ def test_resume_skips_an_incomplete_checkpoint(tiny, finished, tmp_path):
     metrics = metrics_of(out)
     assert metrics["global_step"] == 4 and metrics["resumed_from_step"] == 2 and metrics["steps_this_run"] == 2
     assert (out / "checkpoint-4" / "trainer_state.json").is_file()
+
+
+def test_eval_of_a_run_without_its_adapter_says_to_resume_it(finished, tmp_path, capsys):
+    out = copy_run(finished, tmp_path)
+    kill_final_save(out)
+    assert main(["eval", "--adapter", str(out)]) == 2
+    line = error_line(capsys)
+    assert "has no adapter yet" in line and "peftlab train --resume" in line and str(out) in line, line

@@ -29,6 +29,7 @@ from peftlab.recipes.rundir import (
     CURVE_FILE,
     METRICS_FILE,
     check_output_dir,
+    check_trained,
     owns_output_dir,
     saved_run_options,
     start_output_dir,
@@ -183,6 +184,7 @@ def evaluate(
     **overrides: Any,
 ) -> dict[str, Any]:
     """Exact match and perplexity of a trained run on a split (the run's own options unless overridden)."""
+    check_trained(adapter)
     options = eval_options(adapter, "causal-lm", saved_run_options(adapter),
                            {"model": model, "data": data, "eval_batch_size": batch_size, **overrides})
     check_split(split)

@@ -30,6 +30,7 @@ from peftlab.recipes.rundir import (
     METRICS_FILE,
     base_model_name,
     check_output_dir,
+    check_trained,
     is_adapter_dir,
     owns_output_dir,
     read_run,
@@ -286,6 +287,7 @@ def evaluate(
 
     from peftlab.trainer import Trainer
 
+    check_trained(adapter)
     options = eval_options(adapter, "classification", saved_run_options(adapter),
                            {"model": model, "data": data, **overrides})
     check_split(split)

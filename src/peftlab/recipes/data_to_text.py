@@ -25,6 +25,7 @@ from peftlab.recipes.rundir import (
     CURVE_FILE,
     METRICS_FILE,
     check_output_dir,
+    check_trained,
     owns_output_dir,
     saved_run_options,
     start_output_dir,
@@ -150,6 +151,7 @@ def evaluate(
     **overrides: Any,
 ) -> dict[str, Any]:
     """Generation metrics of a trained run on a split (the run's own options unless overridden)."""
+    check_trained(adapter)
     options = eval_options(adapter, "data-to-text", saved_run_options(adapter),
                            {"model": model, "data": data, "eval_batch_size": batch_size, **overrides})
     check_split(split)

@@ -38,6 +38,7 @@ from typing import Any
 from peftlab import io
 from peftlab._version import __version__
 from peftlab.errors import RecipeError
+from peftlab.recipes.adapters import FULL
 from peftlab.recipes.options import NOT_IDENTITY, RunOptions
 
 RUN_FILE = "run_config.json"
@@ -304,3 +305,16 @@ def owns_output_dir(train: Callable[[RunOptions], dict[str, Any]]) -> Callable[[
                 return done.metrics
 
     return run
+
+
+def check_trained(folder: str | os.PathLike) -> None:
+    """Refuse a run folder whose final adapter (or model) is not written yet, saying how to finish it."""
+    folder = Path(folder)
+    run = read_run(folder)
+    if run is None or run.get("kind") != "train" or is_adapter_dir(folder) or (folder / "config.json").is_file():
+        return
+    what = "model" if run.get("options", {}).get("method") == FULL else "adapter"
+    last = last_checkpoint(folder)
+    hint = f"; to evaluate its last checkpoint, pass --adapter {last}" if last else ""
+    raise RecipeError(f"{folder} holds a peftlab run that has no {what} yet (it stopped before its final save); "
+                      f"`peftlab train --resume` with the same options finishes it{hint}")
