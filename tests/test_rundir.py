@@ -264,3 +264,23 @@ def test_eval_of_a_run_without_its_adapter_says_to_resume_it(finished, tmp_path,
     assert main(["eval", "--adapter", str(out)]) == 2
     line = error_line(capsys)
     assert "has no adapter yet" in line and "peftlab train --resume" in line and str(out) in line, line
+
+
+# -- data -----------------------------------------------------------------------------------------------------------
+def test_a_stray_label_stops_the_run_until_num_labels_confirms_it(tiny, tmp_path, capsys):
+    """One row labelled 7 among 300 rows of 0/1 would silently make a 3-class problem."""
+    from peftlab.recipes.classification import load_data
+    from peftlab.recipes.options import RunOptions
+
+    data = write_keyword_csv(tmp_path / "stray.csv", 300, labels={150: "7"})
+    out = tmp_path / "run"
+    assert main(train_args(tiny, out, "--data", str(data))) == 2
+    line = error_line(capsys)
+    assert "label '7' occurs 1 time" in line and "'1': 150" in line and "--num-labels" in line, line
+    assert not out.exists()
+    assert main(train_args(tiny, out, "--data", str(data), "--num-labels", "2")) == 2
+    assert "out of range" in error_line(capsys)
+    _, names = load_data(RunOptions(data=str(data), num_labels=8).resolved())  # confirmed: 7 is a class
+    assert names == [str(i) for i in range(8)]
+    _, names = load_data(RunOptions(data=str(write_keyword_csv(tmp_path / "ok.csv", 300))).resolved())
+    assert names == ["0", "1"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -61,12 +62,17 @@ def _text_columns(options: RunOptions) -> str | list[str] | None:
     return None
 
 
+RARE_LABEL = 50  # a label with at most 1/50 of the rows of the most common one needs --num-labels to train
+
+
 def load_data(options: RunOptions, model_labels: list[str] | None = None, num_model_labels: int | None = None):
     """The data as a ``DatasetDict`` (``text`` [, ``text_pair``], ``label``) and its label names (``None``: regression).
 
     ``model_labels`` (the labels a trained model knows) maps the data's labels onto the model's by name;
     ``num_model_labels`` / ``options.num_labels`` bound the label values. Out-of-range labels, unknown
-    label names and empty splits raise ``RecipeError``.
+    label names and empty splits raise ``RecipeError``, and so does, for training without ``--num-labels``, a label
+    with at most 1/50 of the rows of the most common one (a stray value, e.g. one ``7`` in a 0/1 column, would
+    otherwise add a class); ``--num-labels`` confirms such a class.
     """
     import datasets as hf
 
@@ -82,6 +88,17 @@ def load_data(options: RunOptions, model_labels: list[str] | None = None, num_mo
     limit = num_model_labels or options.num_labels
     if names is None:
         return data, None
+    if model_labels is None and limit is None:  # a stray value must not silently become a class of its own
+        counts = Counter(label for split in data.values() for label in split["label"])
+        rare = [i for i in range(len(names)) if 0 < counts[i] * RARE_LABEL <= max(counts.values())]
+        if rare:
+            table = ", ".join(f"{name!r}: {counts[i]}" for i, name in enumerate(names))
+            classes = max(int(n) for n in names) + 1 if all(_is_int(n) for n in names) else len(names)
+            raise RecipeError(
+                f"{options.data}: label {names[rare[0]]!r} occurs {counts[rare[0]]} time(s) in {counts.total()} rows "
+                f"(label counts {table}), so it would silently become a class of its own; fix the data, or pass "
+                f"--num-labels {classes} if it is a real class"
+            )
     mapping: list[int] | None = None
     if model_labels is not None and names != model_labels:
         unknown = [n for n in names if n not in model_labels]
