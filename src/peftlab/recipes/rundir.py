@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -49,6 +50,15 @@ TRAINER_STATE = "trainer_state.json"  # HF writes it last into a checkpoint: the
 EMPTY, IN_PROGRESS, FINISHED, FOREIGN = "empty", "in progress", "finished", "not a peftlab run"
 # io.atomic_write_bytes writes ``.<name>.<8 random characters>.tmp`` (tempfile.mkstemp) and renames it into place
 TEMPORARY_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+FAULT_POINT_ENV = "PEFTLAB_FAULT_POINT"
+
+
+def fault_point(name: str) -> None:
+    """Test hook: kill this process with SIGKILL (as a crash or ``kill -9`` would) when ``$PEFTLAB_FAULT_POINT`` is
+    ``name``. ``tests/test_faults.py`` stops runs at chosen points of their writes with it; with the variable unset
+    (always, outside tests) it costs one lookup."""
+    if os.environ.get(FAULT_POINT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def is_main_process() -> bool:

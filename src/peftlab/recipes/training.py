@@ -23,7 +23,7 @@ import torch
 
 from peftlab import io
 from peftlab.recipes.options import RunOptions
-from peftlab.recipes.rundir import CURVE_FILE, METRICS_FILE, TRAINER_STATE
+from peftlab.recipes.rundir import CURVE_FILE, METRICS_FILE, TRAINER_STATE, fault_point
 
 
 def world_size() -> int:
@@ -269,6 +269,7 @@ def finish_run(trainer: Any, out: Path, metrics: dict[str, Any], metric: str, ke
     trainer.save_model(str(out))
     if not trainer.is_world_process_zero():
         return
+    fault_point("final-save")  # the adapter is written, the metrics are not
     trainer.save_state()
     plot_training_curve(trainer.state.log_history, out / CURVE_FILE, metric)
     io.atomic_write_json(out / METRICS_FILE, _jsonable(metrics))
