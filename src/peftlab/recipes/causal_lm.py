@@ -25,8 +25,16 @@ from peftlab.recipes.adapters import count_parameters
 from peftlab.recipes.generation import generate, write_jsonl
 from peftlab.recipes.lm import encode_records, load_trained, make_trainer, mean_loss, setup
 from peftlab.recipes.options import RunOptions, check_split, eval_options
-from peftlab.recipes.rundir import CURVE_FILE, METRICS_FILE, check_output_dir, saved_run_options, start_output_dir
-from peftlab.recipes.training import finish_run, fmt, log, run_training, select, strip_prefix
+from peftlab.recipes.rundir import (
+    CURVE_FILE,
+    METRICS_FILE,
+    check_output_dir,
+    check_trained,
+    owns_output_dir,
+    saved_run_options,
+    start_output_dir,
+)
+from peftlab.recipes.training import finish_run, fmt, log, run_training, select, speed, strip_prefix
 
 PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
@@ -124,6 +132,7 @@ def evaluate_answers(model, tokenizer, records, options: RunOptions) -> tuple[di
 
 
 # -- training and evaluation -------------------------------------------------------------------------------------
+@owns_output_dir
 def train(options: RunOptions) -> dict[str, Any]:
     """Instruction-tune ``options.model`` with ``options.method``; write adapter, metrics, curve, predictions."""
     options = options.resolved()
@@ -160,7 +169,7 @@ def train(options: RunOptions) -> dict[str, Any]:
     metrics["test"] = test
     finish_run(trainer, out, metrics, "loss", options.keep_checkpoints)
     log(f"test exact match after training: {fmt(test.get('exact_match'))}, test perplexity {test['perplexity']:.3f} "
-        f"({training['seconds_per_step']:.2f} s/step)", main)
+        f"({speed(training)})", main)
     log(f"wrote {out / METRICS_FILE}, {out / CURVE_FILE}, predictions.jsonl and the adapter to {out}", main)
     return metrics
 
@@ -175,6 +184,7 @@ def evaluate(
     **overrides: Any,
 ) -> dict[str, Any]:
     """Exact match and perplexity of a trained run on a split (the run's own options unless overridden)."""
+    check_trained(adapter)
     options = eval_options(adapter, "causal-lm", saved_run_options(adapter),
                            {"model": model, "data": data, "eval_batch_size": batch_size, **overrides})
     check_split(split)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,9 @@ from peftlab.recipes.rundir import (
     METRICS_FILE,
     base_model_name,
     check_output_dir,
+    check_trained,
     is_adapter_dir,
+    owns_output_dir,
     read_run,
     saved_run_options,
     start_output_dir,
@@ -42,6 +45,7 @@ from peftlab.recipes.training import (
     quiet_datasets,
     run_training,
     select,
+    speed,
     strip_prefix,
     training_arguments,
     with_length,
@@ -58,12 +62,17 @@ def _text_columns(options: RunOptions) -> str | list[str] | None:
     return None
 
 
+RARE_LABEL = 50  # a label with at most 1/50 of the rows of the most common one needs --num-labels to train
+
+
 def load_data(options: RunOptions, model_labels: list[str] | None = None, num_model_labels: int | None = None):
     """The data as a ``DatasetDict`` (``text`` [, ``text_pair``], ``label``) and its label names (``None``: regression).
 
     ``model_labels`` (the labels a trained model knows) maps the data's labels onto the model's by name;
     ``num_model_labels`` / ``options.num_labels`` bound the label values. Out-of-range labels, unknown
-    label names and empty splits raise ``RecipeError``.
+    label names and empty splits raise ``RecipeError``, and so does, for training without ``--num-labels``, a label
+    with at most 1/50 of the rows of the most common one (a stray value, e.g. one ``7`` in a 0/1 column, would
+    otherwise add a class); ``--num-labels`` confirms such a class.
     """
     import datasets as hf
 
@@ -79,6 +88,17 @@ def load_data(options: RunOptions, model_labels: list[str] | None = None, num_mo
     limit = num_model_labels or options.num_labels
     if names is None:
         return data, None
+    if model_labels is None and limit is None:  # a stray value must not silently become a class of its own
+        counts = Counter(label for split in data.values() for label in split["label"])
+        rare = [i for i in range(len(names)) if 0 < counts[i] * RARE_LABEL <= max(counts.values())]
+        if rare:
+            table = ", ".join(f"{name!r}: {counts[i]}" for i, name in enumerate(names))
+            classes = max(int(n) for n in names) + 1 if all(_is_int(n) for n in names) else len(names)
+            raise RecipeError(
+                f"{options.data}: label {names[rare[0]]!r} occurs {counts[rare[0]]} time(s) in {counts.total()} rows "
+                f"(label counts {table}), so it would silently become a class of its own; fix the data, or pass "
+                f"--num-labels {classes} if it is a real class"
+            )
     mapping: list[int] | None = None
     if model_labels is not None and names != model_labels:
         unknown = [n for n in names if n not in model_labels]
@@ -143,6 +163,7 @@ def main_metric(options: RunOptions, regression: bool) -> str:
 
 
 # -- training ----------------------------------------------------------------------------------------------------
+@owns_output_dir
 def train(options: RunOptions) -> dict[str, Any]:
     """Train ``options.method`` on ``options.data``; write adapter, ``metrics.json`` and the curve; return metrics."""
     from transformers import DataCollatorWithPadding, set_seed
@@ -213,7 +234,7 @@ def train(options: RunOptions) -> dict[str, Any]:
     finish_run(trainer, out, metrics, metric, options.keep_checkpoints)
     log(f"test {metric} after training: {fmt(test[metric])} (best validation {metric} "
         f"{fmt(training['best_validation_metric'])} at {Path(training['best_checkpoint'] or '-').name}; "
-        f"{training['seconds_per_step']:.2f} s/step)", main)
+        f"{speed(training)})", main)
     what = "adapter" if isinstance(model, AdapterModel) else "model"
     log(f"wrote {out / METRICS_FILE}, {out / CURVE_FILE} and the {what} to {out}", main)
     return metrics
@@ -283,6 +304,7 @@ def evaluate(
 
     from peftlab.trainer import Trainer
 
+    check_trained(adapter)
     options = eval_options(adapter, "classification", saved_run_options(adapter),
                            {"model": model, "data": data, **overrides})
     check_split(split)

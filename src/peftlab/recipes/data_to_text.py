@@ -21,7 +21,15 @@ from peftlab.recipes.adapters import count_parameters
 from peftlab.recipes.generation import generate, write_jsonl
 from peftlab.recipes.lm import encode_records, load_trained, make_trainer, setup
 from peftlab.recipes.options import RunOptions, check_split, eval_options
-from peftlab.recipes.rundir import CURVE_FILE, METRICS_FILE, check_output_dir, saved_run_options, start_output_dir
+from peftlab.recipes.rundir import (
+    CURVE_FILE,
+    METRICS_FILE,
+    check_output_dir,
+    check_trained,
+    owns_output_dir,
+    saved_run_options,
+    start_output_dir,
+)
 from peftlab.recipes.training import finish_run, log, run_training, strip_prefix
 
 GENERATED_MRS = 400  # distinct MRs of ``e2e-synthetic`` (2-3 references each)
@@ -85,6 +93,7 @@ def _test_pairs(pairs, limit: int | None, seed: int):
     return pairs.filter(lambda row: row["mr"] in keep)
 
 
+@owns_output_dir
 def train(options: RunOptions) -> dict[str, Any]:
     """Train on MR → text pairs; write adapter, metrics (BLEU, NIST, ROUGE-L, ...), curve and predictions."""
     options = options.resolved()
@@ -142,6 +151,7 @@ def evaluate(
     **overrides: Any,
 ) -> dict[str, Any]:
     """Generation metrics of a trained run on a split (the run's own options unless overridden)."""
+    check_trained(adapter)
     options = eval_options(adapter, "data-to-text", saved_run_options(adapter),
                            {"model": model, "data": data, "eval_batch_size": batch_size, **overrides})
     check_split(split)

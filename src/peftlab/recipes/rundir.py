@@ -1,33 +1,78 @@
-"""The run folder: what a training run writes, and the rules that keep an earlier result from being lost.
+"""The run folder: what a training run writes, the rules that keep an earlier result from being lost, and its lock.
 
-A run folder holds ``run_config.json`` (the options, written first), ``checkpoint-*`` folders (HF
-``Trainer``), and at the end the adapter (or model), ``metrics.json`` and ``training_curve.png``.
+A run folder holds ``run_config.json`` (the options, written first), ``checkpoint-*`` folders (HF ``Trainer``;
+one is complete once its ``trainer_state.json``, which HF writes last, is readable), and at the end the adapter
+(or model), ``training_curve.png`` and, last, ``metrics.json``. So a folder is in one of these states
+(:func:`folder_state`):
+
+* ``empty``: nothing in it, or only peftlab's own leftovers of a killed run (temporary ``.<name>.<random>.tmp``
+  files of :func:`peftlab.io.atomic_write_bytes`, the lock file ``.peftlab.lock``);
+* ``in progress``: a ``run_config.json`` but no ``metrics.json``; ``--resume`` continues it from its last complete
+  checkpoint (from step 0 when there is none), or only writes the final outputs when training had already reached
+  its last step (a run killed during its final save);
+* ``finished``: ``metrics.json`` is written; ``--resume`` with the same budget does nothing (exit 0, with a
+  message), with a larger ``--max-steps`` it trains on from the last checkpoint;
+* anything else was not written by peftlab and is never used, not even with ``--overwrite``.
+
 ``check_output_dir`` decides, before anything is written, whether a run may use a folder: an existing
-folder is refused unless it is empty, or ``overwrite`` is set and it holds a peftlab run (a folder
-peftlab did not write is never deleted), or ``resume`` is set and it holds the same run with a checkpoint.
+folder is refused unless it is empty, or ``overwrite`` is set and it holds a peftlab run, or ``resume``
+is set and it holds the same run. :func:`owns_output_dir` (on each recipe's ``train``) locks the folder for the
+whole run: a second run on it fails at once. The lock is an OS lock (``filelock``: ``flock``), so the OS
+releases it when its process dies, even by ``kill -9``. In a distributed run only the main process (``RANK``
+0) takes it. Stale temporary files and incomplete checkpoints are removed only while holding the lock.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import shutil
+import signal
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from peftlab import io
 from peftlab._version import __version__
 from peftlab.errors import RecipeError
+from peftlab.recipes.adapters import FULL
 from peftlab.recipes.options import NOT_IDENTITY, RunOptions
 
 RUN_FILE = "run_config.json"
 METRICS_FILE = "metrics.json"
 CURVE_FILE = "training_curve.png"
+LOCK_FILE = ".peftlab.lock"
+TRAINER_STATE = "trainer_state.json"  # HF writes it last into a checkpoint: the checkpoint is complete once it reads
+EMPTY, IN_PROGRESS, FINISHED, FOREIGN = "empty", "in progress", "finished", "not a peftlab run"
+# io.atomic_write_bytes writes ``.<name>.<8 random characters>.tmp`` (tempfile.mkstemp) and renames it into place
+TEMPORARY_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+FAULT_POINT_ENV = "PEFTLAB_FAULT_POINT"
+
+
+def fault_point(name: str) -> None:
+    """Test hook: kill this process with SIGKILL (as a crash or ``kill -9`` would) when ``$PEFTLAB_FAULT_POINT`` is
+    ``name``. ``tests/test_faults.py`` stops runs at chosen points of their writes with it; with the variable unset
+    (always, outside tests) it costs one lookup."""
+    if os.environ.get(FAULT_POINT_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def is_main_process() -> bool:
+    """True on global rank 0 of a ``torchrun`` / ``accelerate launch`` run (``$RANK``), and in a plain process."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / io.CONFIG_NAME).is_file()
+
+
+def is_leftover(path: Path) -> bool:
+    """A file peftlab may leave behind when killed: the lock file, a temporary file of an atomic write."""
+    return path.name == LOCK_FILE or (TEMPORARY_FILE.fullmatch(path.name) is not None and path.is_file())
 
 
 def read_run(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -62,26 +107,72 @@ def base_model_name(adapter_dir: str | os.PathLike, model: str | None = None) ->
     raise RecipeError(f"{adapter_dir} does not record its base model; pass --model")
 
 
+def folder_state(path: str | os.PathLike) -> str:
+    """``EMPTY``, ``IN_PROGRESS``, ``FINISHED`` (``metrics.json`` written) or ``FOREIGN`` (not a peftlab run)."""
+    out = Path(path)
+    if not out.is_dir() or all(is_leftover(p) for p in out.iterdir()):
+        return EMPTY
+    if read_run(out) is None:
+        return FOREIGN
+    return FINISHED if (out / METRICS_FILE).is_file() else IN_PROGRESS
+
+
+def is_complete_checkpoint(path: Path) -> bool:
+    try:
+        return "global_step" in json.loads((path / TRAINER_STATE).read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def checkpoint_folders(path: str | os.PathLike) -> list[Path]:
+    """The ``checkpoint-<step>`` folders of a run, by step."""
+    found = [p for p in Path(path).glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def last_checkpoint(path: str | os.PathLike) -> str | None:
+    """The last complete checkpoint of a run (a checkpoint whose save was cut short is skipped)."""
+    complete = [p for p in checkpoint_folders(path) if is_complete_checkpoint(p)]
+    return str(complete[-1]) if complete else None
+
+
+class RunFinished(Exception):
+    """``--resume`` found the run finished: nothing to do. Not an error: :func:`owns_output_dir` returns ``metrics``."""
+
+    def __init__(self, message: str, metrics: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.metrics = metrics
+
+
 def _describe(options: dict[str, Any]) -> str:
     return ", ".join(f"{k}={options.get(k)}" for k in ("task", "method", "model", "data", "r", "seed"))
 
 
-def check_output_dir(options: RunOptions, kind: str = "train") -> str | None:
+def _budget_reached(old: dict[str, Any], new: RunOptions, global_step: int) -> bool:
+    """Whether a finished run already trained as long as ``new`` asks (``--max-steps``, else ``--epochs``)."""
+    if new.max_steps:
+        return global_step >= new.max_steps
+    return not old.get("max_steps") and new.epochs <= old.get("epochs", 1.0)
+
+
+def check_output_dir(options: RunOptions, kind: str = "train", main_process: bool | None = None) -> str | None:
     """Check that the run may use ``options.output_dir``; return the checkpoint to resume from.
 
-    Read-only (safe on every rank of a distributed run). An existing folder is refused unless it is
-    empty, or ``overwrite`` is set and it holds a peftlab run (a folder peftlab did not write is never
-    deleted), or ``resume`` is set and it holds the same run with a checkpoint.
+    Read-only. An existing folder is refused unless it is empty (peftlab's own leftovers do not count), or
+    ``overwrite`` is set and it holds a peftlab run (a folder peftlab did not write is never deleted), or
+    ``resume`` is set and it holds the same run. ``resume`` of a finished run with the same budget raises
+    :class:`RunFinished`; of an unfinished run without a complete checkpoint it returns ``None`` (start at step 0).
+    Every rank of a distributed run answers ``resume`` alike; whether a new run may use the folder is decided by
+    the main process alone (``main_process``, default :func:`is_main_process`), as the others would see its writes.
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
     out = Path(options.output_dir)
     if out.exists() and not out.is_dir():
         raise RecipeError(f"--output-dir {out} exists and is a file, not a folder")
-    empty = not out.exists() or not any(out.iterdir())
     if options.resume and kind != "train":
         raise RecipeError(f"--resume is not supported by peftlab {kind}")
-    if empty:
+    main = is_main_process() if main_process is None else main_process
+    state = folder_state(out)
+    if state == EMPTY:
         if options.resume:
             raise RecipeError(f"--resume: {out} holds no run to resume; start it without --resume")
         return None
@@ -94,10 +185,24 @@ def check_output_dir(options: RunOptions, kind: str = "train") -> str | None:
         if diffs:
             changes = "; ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in diffs)
             raise RecipeError(f"--resume: {out} holds a different run ({changes}); resume it with its own options")
-        checkpoint = get_last_checkpoint(str(out))
-        if checkpoint is None:
-            raise RecipeError(f"--resume: {out} has no checkpoint-* folder yet; rerun with --overwrite to start again")
+        checkpoint = last_checkpoint(out)
+        if state == FINISHED:
+            metrics = io.read_json(out / METRICS_FILE)
+            step = int(metrics.get("global_step", 0))
+            if _budget_reached(old, options, step):
+                raise RunFinished(
+                    f"peftlab train: {out} already finished (global step {step}, {METRICS_FILE} written); nothing to "
+                    "resume. Pass a larger --max-steps with --resume to train longer, or --overwrite to start again",
+                    metrics,
+                )
+            if checkpoint is None:
+                raise RecipeError(f"--resume: {out} holds a finished run whose checkpoints were removed, so it cannot "
+                                  "train longer; rerun with --overwrite to start again")
+        elif checkpoint is None and main:
+            print(f"peftlab train: {out} has no complete checkpoint yet; the run starts again from step 0", flush=True)
         return checkpoint
+    if not main:
+        return None
     if previous is None:
         raise RecipeError(
             f"--output-dir {out} is not empty and holds no peftlab run; choose another folder "
@@ -116,14 +221,110 @@ def check_output_dir(options: RunOptions, kind: str = "train") -> str | None:
 def start_output_dir(
     options: RunOptions, kind: str = "train", main_process: bool = True, extra: dict[str, Any] | None = None
 ) -> Path:
-    """Clear the folder (when overwriting) and write ``run_config.json`` (+ ``extra``); only on the main process."""
+    """Prepare the folder and write ``run_config.json`` (+ ``extra``); only on the main process.
+
+    ``overwrite`` empties a peftlab run folder (all but the lock file). While this process holds the folder's lock,
+    peftlab's stale temporary files and incomplete checkpoints (leftovers of a killed run) are removed.
+    """
     out = Path(options.output_dir)
     if main_process:
         if options.overwrite and out.is_dir() and read_run(out) is not None:
-            shutil.rmtree(out)
+            for path in out.iterdir():
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                elif path.name != LOCK_FILE:
+                    path.unlink()
         out.mkdir(parents=True, exist_ok=True)
+        if out.resolve() in _HELD:
+            remove_leftovers(out)
         record = {"kind": kind, "peftlab_version": __version__, "options": options.to_dict(), **(extra or {})}
         if options.resume and (previous := read_run(out)):
             record["resumed"] = [*previous.get("resumed", []), time.strftime("%Y-%m-%d %H:%M:%S")]
         io.atomic_write_json(out / RUN_FILE, record)
     return out
+
+
+def remove_leftovers(out: Path) -> None:
+    """Delete what a killed run left behind: temporary files of atomic writes, checkpoints whose save was cut short."""
+    for path in out.rglob(".*.tmp"):
+        if TEMPORARY_FILE.fullmatch(path.name) and path.is_file():
+            path.unlink()
+    for checkpoint in checkpoint_folders(out):
+        if not is_complete_checkpoint(checkpoint):
+            shutil.rmtree(checkpoint)
+
+
+# -- the lock ---------------------------------------------------------------------------------------------------------
+_HELD: dict[Path, Any] = {}  # folder (resolved) -> the FileLock this process holds on it
+
+
+@contextmanager
+def lock_output_dir(path: str | os.PathLike, main_process: bool | None = None) -> Iterator[Path]:
+    """Hold the lock of a run folder (``<folder>/.peftlab.lock``) for a block; the folder is created if needed.
+
+    Never waits: if another process holds it, ``RecipeError`` at once. Only the main process of a distributed
+    run takes it (``main_process``, default :func:`is_main_process`); re-entrant within a process. On release
+    the lock file is deleted, and so is a folder this call created if nothing was written into it. A killed
+    process leaves the lock file; the OS has released its lock, and the file counts as a leftover.
+    """
+    from filelock import FileLock, Timeout
+
+    out = Path(path)
+    if not (is_main_process() if main_process is None else main_process) or out.resolve() in _HELD:
+        yield out
+        return
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"--output-dir {out} exists and is a file, not a folder")
+    created = [p for p in (out, *out.parents) if not p.exists()]  # the folders made here, innermost first
+    out.mkdir(parents=True, exist_ok=True)
+    key, lock = out.resolve(), FileLock(out / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)  # one attempt: a run never waits for another
+    except Timeout:
+        raise RecipeError(
+            f"--output-dir {out}: another peftlab run is using it (it holds {out / LOCK_FILE}); wait until that run "
+            "ends, or choose another --output-dir"
+        ) from None
+    _HELD[key] = lock
+    try:
+        yield out
+    finally:
+        del _HELD[key]
+        (out / LOCK_FILE).unlink(missing_ok=True)  # contenders never wait for the lock, so no one waits on this file
+        lock.release()
+        for folder in created:  # a run that wrote nothing leaves no folder behind
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or another run took it meanwhile)
+                break
+
+
+def owns_output_dir(train: Callable[[RunOptions], dict[str, Any]]) -> Callable[[RunOptions], dict[str, Any]]:
+    """Decorate a recipe's ``train(options)``: the run holds its output folder's lock from start to end, and
+    ``--resume`` of a finished run returns the run's metrics (with a message) instead of training."""
+
+    @functools.wraps(train)
+    def run(options: RunOptions) -> dict[str, Any]:
+        options = options.resolved()
+        with lock_output_dir(options.output_dir):
+            try:
+                return train(options)
+            except RunFinished as done:
+                if is_main_process():
+                    print(str(done), flush=True)
+                return done.metrics
+
+    return run
+
+
+def check_trained(folder: str | os.PathLike) -> None:
+    """Refuse a run folder whose final adapter (or model) is not written yet, saying how to finish it."""
+    folder = Path(folder)
+    run = read_run(folder)
+    if run is None or run.get("kind") != "train" or is_adapter_dir(folder) or (folder / "config.json").is_file():
+        return
+    what = "model" if run.get("options", {}).get("method") == FULL else "adapter"
+    last = last_checkpoint(folder)
+    hint = f"; to evaluate its last checkpoint, pass --adapter {last}" if last else ""
+    raise RecipeError(f"{folder} holds a peftlab run that has no {what} yet (it stopped before its final save); "
+                      f"`peftlab train --resume` with the same options finishes it{hint}")

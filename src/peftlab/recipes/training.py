@@ -2,8 +2,9 @@
 
 ``training_arguments`` builds HF ``TrainingArguments`` (evaluate and save every N steps, keep the best
 checkpoint, ``load_best_model_at_end``, seeded), so ``torchrun`` / ``accelerate launch`` work unchanged.
-``run_training`` times the run and measures its peak memory; ``finish_run`` writes ``metrics.json``,
-the adapter (or model) and ``training_curve.png`` into the run folder.
+``run_training`` times the run and measures its peak memory; resumed at a checkpoint that already holds the
+last step (a run killed during its final save) it restores that state instead of training. ``finish_run``
+writes the adapter (or model), ``training_curve.png`` and, last, ``metrics.json`` into the run folder.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from peftlab import io
 from peftlab.recipes.options import RunOptions
-from peftlab.recipes.rundir import CURVE_FILE, METRICS_FILE
+from peftlab.recipes.rundir import CURVE_FILE, METRICS_FILE, TRAINER_STATE, fault_point
 
 
 def world_size() -> int:
@@ -121,25 +122,73 @@ def resumed_from_step(checkpoint: str | None) -> int:
     return int(json.loads(state.read_text()).get("global_step", 0)) if state.is_file() else 0
 
 
+def planned_steps(trainer: Any) -> int:
+    """The optimizer steps ``trainer.train()`` runs in all (HF's rule: max_steps, else epochs x updates per epoch)."""
+    args = trainer.args
+    if args.max_steps > 0:
+        return args.max_steps
+    per_epoch = max(len(trainer.get_train_dataloader()) // args.gradient_accumulation_steps, 1)
+    return math.ceil(args.num_train_epochs * per_epoch)
+
+
 def run_training(trainer: Any, checkpoint: str | None) -> dict[str, Any]:
-    """``trainer.train()`` (resumed from ``checkpoint``), timed, with peak memory; the best model is loaded after."""
+    """``trainer.train()`` (resumed from ``checkpoint``), timed, with peak memory; the best model is loaded after.
+
+    A checkpoint at the last planned step means training had ended when the run stopped: its state is restored
+    and nothing is trained (HF, resumed there in the middle of an epoch, would train one step too many).
+    """
     start_step = resumed_from_step(checkpoint)
+    done = checkpoint is not None and start_step >= planned_steps(trainer)
     with PeakMemory() as memory:
-        result = trainer.train(resume_from_checkpoint=checkpoint)
-    steps = max(1, result.global_step - start_step)
-    runtime = float(result.metrics.get("train_runtime", 0.0))
+        if done:
+            restore_finished_training(trainer, checkpoint)
+            global_step, runtime, loss = trainer.state.global_step, 0.0, logged_train_loss(trainer.state.log_history)
+        else:
+            result = trainer.train(resume_from_checkpoint=checkpoint)
+            global_step, runtime = result.global_step, float(result.metrics.get("train_runtime", 0.0))
+            loss = result.metrics.get("train_loss")
+    steps = global_step - start_step
     return {
-        "global_step": result.global_step,
+        "global_step": global_step,
         "resumed_from_step": start_step,
-        "steps_this_run": result.global_step - start_step,
+        "steps_this_run": steps,
         "train_runtime_s": runtime,
-        "seconds_per_step": runtime / steps,
-        "train_loss": result.metrics.get("train_loss"),
+        "seconds_per_step": runtime / steps if steps > 0 else None,
+        "train_loss": loss,
         "peak_memory_mb": round(memory.peak_mb, 1),
         "peak_memory_kind": memory.kind,
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "best_validation_metric": trainer.state.best_metric,
     }
+
+
+def restore_finished_training(trainer: Any, checkpoint: str) -> None:
+    """What ``trainer.train()`` leaves at its end, from a checkpoint at the last step: its weights and state, then
+    (``load_best_model_at_end``) the best checkpoint's weights, found in this run folder as HF finds it."""
+    from transformers import TrainerState
+
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = state = TrainerState.load_from_json(str(Path(checkpoint) / TRAINER_STATE))
+    if state.best_global_step:
+        best = Path(trainer.args.output_dir) / f"checkpoint-{state.best_global_step}"
+        state.best_model_checkpoint = str(best) if best.is_dir() else None
+    if trainer.args.load_best_model_at_end and state.best_model_checkpoint:
+        trainer._load_best_model()
+
+
+def logged_train_loss(log_history: list[dict[str, Any]]) -> float | None:
+    """The mean training loss over the logged steps (each logged loss is the mean over its logging interval)."""
+    total, last = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry and "step" in entry:
+            total, last = total + entry["loss"] * (entry["step"] - last), entry["step"]
+    return total / last if last else None
+
+
+def speed(training: dict[str, Any]) -> str:
+    """``0.42 s/step`` of a run's training (from ``run_training``), or that this run trained no step."""
+    per_step = training["seconds_per_step"]
+    return "no step trained in this run" if per_step is None else f"{per_step:.2f} s/step"
 
 
 def strip_prefix(metrics: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -215,13 +264,15 @@ def plot_training_curve(log_history: list[dict[str, Any]], path: str | os.PathLi
 
 
 def finish_run(trainer: Any, out: Path, metrics: dict[str, Any], metric: str, keep_checkpoints: bool = True) -> None:
-    """Write the adapter (or full model) + tokenizer, ``metrics.json`` and the training curve (main process)."""
+    """Write the adapter (or full model) + tokenizer, the training curve and, last, ``metrics.json`` (main process):
+    a run folder with ``metrics.json`` is finished. Without ``keep_checkpoints`` the checkpoints are removed after."""
     trainer.save_model(str(out))
     if not trainer.is_world_process_zero():
         return
+    fault_point("final-save")  # the adapter is written, the metrics are not
     trainer.save_state()
-    io.atomic_write_json(out / METRICS_FILE, _jsonable(metrics))
     plot_training_curve(trainer.state.log_history, out / CURVE_FILE, metric)
+    io.atomic_write_json(out / METRICS_FILE, _jsonable(metrics))
     if not keep_checkpoints:
         for checkpoint in out.glob("checkpoint-*"):
             shutil.rmtree(checkpoint, ignore_errors=True)
