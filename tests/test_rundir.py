@@ -221,7 +221,7 @@ def test_a_folder_holding_only_peftlab_leftovers_counts_as_empty(tiny, tmp_path,
     for how in ([], ["--overwrite"]):
         out = tmp_path / f"run{len(how)}"
         out.mkdir()
-        (out / ".run_config.json.k2j4x9q1.tmp").write_text('{"kind": "tr')
+        (out / ".run_config.json.0a1b2c3d4e5f.tmp").write_text('{"kind": "tr')
         (out / ".peftlab.lock").touch()
         assert main([*train_args(tiny, out), "--resume"]) == 2
         assert "no run to resume" in error_line(capsys)
@@ -234,7 +234,8 @@ def test_a_folder_holding_only_peftlab_leftovers_counts_as_empty(tiny, tmp_path,
 def test_resume_removes_stale_temporary_files_and_only_those(tiny, finished, tmp_path):
     out = copy_run(finished, tmp_path)
     kill_final_save(out)
-    stale = [out / ".adapter_model.safetensors.a1b2c3d4.tmp", out / "checkpoint-4" / ".run_config.json.zz_9y8x7.tmp"]
+    stale = [out / ".adapter_model.safetensors.a1b2c3d4e5f6.tmp",
+             out / "checkpoint-4" / ".run_config.json.99aa88bb77cc.tmp"]
     for path in stale:
         path.write_bytes(b"partial")
     kept = [out / "notes.tmp", out / ".notes"]

@@ -49,7 +49,7 @@ LOCK_FILE = ".peftlab.lock"
 TRAINER_STATE = "trainer_state.json"  # HF writes it last into a checkpoint: the checkpoint is complete once it reads
 EMPTY, IN_PROGRESS, FINISHED, FOREIGN = "empty", "in progress", "finished", "not a peftlab run"
 # io.atomic_write_bytes writes ``.<name>.<8 random characters>.tmp`` (tempfile.mkstemp) and renames it into place
-TEMPORARY_FILE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+TEMPORARY_FILE = io.TEMPORARY_FILE
 FAULT_POINT_ENV = "PEFTLAB_FAULT_POINT"
 
 
