@@ -29,8 +29,8 @@ from peftlab.errors import RecipeError
 from peftlab.layers import CLASSIFIER_HEADS
 from peftlab.recipes.adapters import method_spec, method_specs
 from peftlab.recipes.compare import compare
-from peftlab.recipes.options import TASKS, RunOptions
-from peftlab.recipes.rundir import is_adapter_dir, saved_run_options
+from peftlab.recipes.options import TASKS, RunOptions, check_split, eval_options
+from peftlab.recipes.rundir import check_trained, is_adapter_dir, saved_run_options
 
 __all__ = [
     "TASKS", "RecipeError", "RunOptions", "compare", "evaluate", "method_spec", "method_specs", "recipe", "task_of",
@@ -75,6 +75,22 @@ def task_of(folder: str | os.PathLike, task: str | None = None) -> str:
     raise RecipeError(f"{folder} holds neither an adapter ({io.CONFIG_NAME}) nor a model (config.json)")
 
 
-def evaluate(folder: str | os.PathLike, task: str | None = None, **kwargs: Any) -> dict[str, Any]:
-    """Metrics of a trained run (``peftlab eval``): see each recipe's ``evaluate`` for ``kwargs``."""
-    return recipe(task_of(folder, task)).evaluate(folder, **kwargs)
+def evaluate(
+    folder: str | os.PathLike,
+    task: str | None = None,
+    split: str = "test",
+    max_samples: int | None = None,
+    batch_size: int | None = None,
+    **changes: Any,
+) -> dict[str, Any]:
+    """Metrics of a trained run (``peftlab eval``) on a split of its data (at most ``max_samples`` examples).
+
+    The run is scored with the options it was trained with (``run_config.json``), so by default the numbers
+    equal the ``test`` entry of its ``metrics.json``; ``changes`` (``model``, ``data``, ``text_column``,
+    generation options, ...) and ``batch_size`` replace them, ``None`` keeps them.
+    """
+    check_trained(folder)
+    task = task_of(folder, task)
+    check_split(split)
+    options = eval_options(folder, task, saved_run_options(folder), {**changes, "eval_batch_size": batch_size})
+    return recipe(task).evaluate(folder, options, split, max_samples)

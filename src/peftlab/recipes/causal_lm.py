@@ -21,18 +21,13 @@ from typing import Any
 
 from peftlab.errors import RecipeError
 from peftlab.metrics import exact_match, perplexity
-from peftlab.recipes.adapters import count_parameters
 from peftlab.recipes.generation import generate, write_jsonl
-from peftlab.recipes.lm import encode_records, load_trained, make_trainer, mean_loss, setup
-from peftlab.recipes.options import RunOptions, check_split, eval_options
+from peftlab.recipes.lm import encode_records, load_trained, mean_loss, start_run
+from peftlab.recipes.options import RunOptions
 from peftlab.recipes.rundir import (
     CURVE_FILE,
     METRICS_FILE,
-    check_output_dir,
-    check_trained,
     owns_output_dir,
-    saved_run_options,
-    start_output_dir,
 )
 from peftlab.recipes.training import finish_run, fmt, log, run_training, select, speed, strip_prefix
 
@@ -133,61 +128,39 @@ def evaluate_answers(model, tokenizer, records, options: RunOptions) -> tuple[di
 
 # -- training and evaluation -------------------------------------------------------------------------------------
 @owns_output_dir
-def train(options: RunOptions) -> dict[str, Any]:
-    """Instruction-tune ``options.model`` with ``options.method``; write adapter, metrics, curve, predictions."""
-    options = options.resolved()
-    checkpoint = check_output_dir(options)
-    records = load_records(options.data, options.split_seed)
-    model, tokenizer, train_set, val_set, args = setup(options, records, record_prompt, _output)
-    test_records = select(records["test"], options.max_test_samples, options.split_seed)
-    test_set = encode_records(test_records, tokenizer, options.max_length, record_prompt, _output)
-    trainable, total = count_parameters(model)
-    with args.main_process_first(local=False):
-        out = start_output_dir(options, main_process=args.process_index == 0)
-    trainer = make_trainer(options, model, tokenizer, args, train_set, val_set)
-    main = trainer.is_world_process_zero()
-    log(f"peftlab train: {options.method} (r={options.r}, lr={options.lr:g}) on {options.model}, {options.data}: "
-        f"{len(train_set)} train / {len(val_set)} validation / {len(test_records)} test examples; trainable params "
-        f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)", main)
+def train(options: RunOptions, checkpoint: str | None) -> dict[str, Any]:
+    """Instruction-tune ``options.model`` with ``options.method``; write the adapter, ``metrics.json`` (test exact
+    match overall and per task, perplexity), the training curve and ``predictions.jsonl``."""
+    run = start_run(options, load_records(options.data, options.split_seed), record_prompt, _output,
+                    lambda records: select(records["test"], options.max_test_samples, options.split_seed),
+                    lambda rows: f"{len(rows)} test examples")
+    test_records = run.test_rows
     initial = None
-    if options.initial_eval and checkpoint is None and main:
-        initial, _ = evaluate_answers(trainer.model, tokenizer, test_records, options)
-        log(f"test exact match before training (step 0): {fmt(initial['exact_match'])}", main)
-    training = run_training(trainer, checkpoint)
-    test = strip_prefix(trainer.evaluate(test_set, metric_key_prefix="test"), "test")
+    if options.initial_eval and checkpoint is None and run.main:
+        initial, _ = evaluate_answers(run.trainer.model, run.tokenizer, test_records, options)
+        log(f"test exact match before training (step 0): {fmt(initial['exact_match'])}", run.main)
+    training = run_training(run.trainer, checkpoint)
+    test = strip_prefix(run.trainer.evaluate(run.test_set, metric_key_prefix="test"), "test")
     test["perplexity"] = perplexity(test["loss"])
     metrics: dict[str, Any] = {
         "task": "causal-lm", "method": options.method, "model": options.model, "data": options.data,
-        "metric": "exact_match", "num_train": len(train_set), "num_validation": len(val_set),
-        "num_test": len(test_records), "trainable_params": trainable, "total_params": total,
-        "initial_test": initial, **training,
+        "metric": "exact_match", **run.sizes(), "num_test": len(test_records), "initial_test": initial, **training,
     }
-    if main:
-        answers, rows = evaluate_answers(trainer.model, tokenizer, test_records, options)
+    if run.main:
+        answers, rows = evaluate_answers(run.trainer.model, run.tokenizer, test_records, options)
         test.update(answers)
-        write_jsonl(out / "predictions.jsonl", rows)
+        write_jsonl(run.out / "predictions.jsonl", rows)
     metrics["test"] = test
-    finish_run(trainer, out, metrics, "loss", options.keep_checkpoints)
+    finish_run(run.trainer, run.out, metrics, "loss", options.keep_checkpoints)
     log(f"test exact match after training: {fmt(test.get('exact_match'))}, test perplexity {test['perplexity']:.3f} "
-        f"({speed(training)})", main)
-    log(f"wrote {out / METRICS_FILE}, {out / CURVE_FILE}, predictions.jsonl and the adapter to {out}", main)
+        f"({speed(training)})", run.main)
+    log(f"wrote {run.out / METRICS_FILE}, {run.out / CURVE_FILE}, predictions.jsonl and the adapter to {run.out}",
+        run.main)
     return metrics
 
 
-def evaluate(
-    adapter: str | os.PathLike,
-    model: str | None = None,
-    data: str | None = None,
-    split: str = "test",
-    max_samples: int | None = None,
-    batch_size: int | None = None,
-    **overrides: Any,
-) -> dict[str, Any]:
+def evaluate(adapter: str | os.PathLike, options: RunOptions, split: str, max_samples: int | None) -> dict[str, Any]:
     """Exact match and perplexity of a trained run on a split (the run's own options unless overridden)."""
-    check_trained(adapter)
-    options = eval_options(adapter, "causal-lm", saved_run_options(adapter),
-                           {"model": model, "data": data, "eval_batch_size": batch_size, **overrides})
-    check_split(split)
     records = load_records(options.data, options.split_seed)
     net, tokenizer = load_trained(adapter, options.model)
     rows = select(records[split], max_samples or options.max_test_samples, options.split_seed)

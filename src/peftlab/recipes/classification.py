@@ -25,17 +25,14 @@ from peftlab.layers import CLASSIFIER_HEADS
 from peftlab.metrics import GLUE_TASKS, trainer_compute_metrics
 from peftlab.model import AdapterModel
 from peftlab.recipes.adapters import count_parameters, prepare_model
-from peftlab.recipes.options import RunOptions, check_split, eval_options
+from peftlab.recipes.options import RunOptions
 from peftlab.recipes.rundir import (
     CURVE_FILE,
     METRICS_FILE,
     base_model_name,
-    check_output_dir,
-    check_trained,
     is_adapter_dir,
     owns_output_dir,
     read_run,
-    saved_run_options,
     start_output_dir,
 )
 from peftlab.recipes.training import (
@@ -164,15 +161,13 @@ def main_metric(options: RunOptions, regression: bool) -> str:
 
 # -- training ----------------------------------------------------------------------------------------------------
 @owns_output_dir
-def train(options: RunOptions) -> dict[str, Any]:
+def train(options: RunOptions, checkpoint: str | None) -> dict[str, Any]:
     """Train ``options.method`` on ``options.data``; write adapter, ``metrics.json`` and the curve; return metrics."""
     from transformers import DataCollatorWithPadding, set_seed
 
     from peftlab.models import load_classifier
     from peftlab.trainer import Trainer
 
-    options = options.resolved()
-    checkpoint = check_output_dir(options)
     data, names = load_data(options)
     regression = names is None
     num_labels = 1 if regression else len(names)
@@ -286,28 +281,13 @@ def load_trained(path: str | os.PathLike, model_name: str | None = None, num_lab
     return model.eval(), tokenizer, names
 
 
-def evaluate(
-    adapter: str | os.PathLike,
-    model: str | None = None,
-    data: str | None = None,
-    split: str = "test",
-    max_samples: int | None = None,
-    batch_size: int | None = None,
-    **overrides: Any,
-) -> dict[str, Any]:
-    """Metrics of a trained run (adapter folder, or a full model folder) on a split of the data.
-
-    Without arguments it uses the options the run was trained with (``run_config.json``), so the
-    numbers equal the ``test`` entry of its ``metrics.json``.
-    """
+def evaluate(adapter: str | os.PathLike, options: RunOptions, split: str, max_samples: int | None) -> dict[str, Any]:
+    """Metrics of a trained run (adapter folder, or a full model folder) on a split of the data, with the
+    run's options (``options``, see :func:`peftlab.recipes.evaluate`)."""
     from transformers import DataCollatorWithPadding, TrainingArguments
 
     from peftlab.trainer import Trainer
 
-    check_trained(adapter)
-    options = eval_options(adapter, "classification", saved_run_options(adapter),
-                           {"model": model, "data": data, **overrides})
-    check_split(split)
     names, count = saved_labels(adapter)
     data_set, data_names = load_data(options, model_labels=names, num_model_labels=count)
     if (data_names is None) != (count == 1):
@@ -320,7 +300,7 @@ def evaluate(
         raise RecipeError(f"{options.data}: the {split} split is empty")
     regression = data_names is None
     with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(output_dir=tmp, per_device_eval_batch_size=batch_size or options.eval_batch_size,
+        args = TrainingArguments(output_dir=tmp, per_device_eval_batch_size=options.eval_batch_size,
                                  report_to="none", disable_tqdm=True, dataloader_pin_memory=torch.cuda.is_available())
         trainer = Trainer(model=net, args=args, processing_class=tokenizer,
                           data_collator=DataCollatorWithPadding(tokenizer),

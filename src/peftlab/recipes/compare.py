@@ -18,7 +18,7 @@ from peftlab import io
 from peftlab.errors import PeftlabError, RecipeError
 from peftlab.recipes.adapters import build_adapter_config, method_spec
 from peftlab.recipes.options import RunOptions
-from peftlab.recipes.rundir import check_output_dir, start_output_dir
+from peftlab.recipes.rundir import check_output_dir, lock_output_dir, start_output_dir
 from peftlab.recipes.training import pyplot
 
 
@@ -42,12 +42,20 @@ def compare(
     if not seeds:
         raise RecipeError("--seeds must be at least 1")
     base = dataclasses.replace(options, method=variants[methods[0]][0]).resolved()
-    check_output_dir(base, kind="compare")
-    out = start_output_dir(base, kind="compare", extra={"methods": methods, "seeds": seeds, "lrs": lrs or {}})
+    with lock_output_dir(base.output_dir):  # one comparison per folder; each run locks its own sub-folder too
+        check_output_dir(base, kind="compare")
+        out = start_output_dir(base, kind="compare", extra={"methods": methods, "seeds": seeds, "lrs": lrs or {}})
+        return _run_all(options, base, out, variants, seeds, lrs or {})
+
+
+def _run_all(options: RunOptions, base: RunOptions, out: Path, variants: dict[str, tuple[str, dict[str, Any]]],
+             seeds: list[int], lrs: dict[str, float]) -> dict[str, Any]:
+    """Train every variant with every seed in ``out``; write and return the summary."""
+    methods = list(variants)
     runs: list[dict[str, Any]] = []
     for label, (method, fields) in variants.items():
         for seed in seeds:
-            lr = (lrs or {}).get(label) or (lrs or {}).get(method) or options.lr
+            lr = lrs.get(label) or lrs.get(method) or options.lr
             folder = out / re.sub(r"[^\w.-]+", "_", label) / f"seed-{seed}"
             run = dataclasses.replace(options, method=method, seed=seed, lr=lr, overwrite=False, resume=False,
                                       adapter_args={**options.adapter_args, **fields},

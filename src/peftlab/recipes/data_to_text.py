@@ -17,18 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.errors import RecipeError
-from peftlab.recipes.adapters import count_parameters
 from peftlab.recipes.generation import generate, write_jsonl
-from peftlab.recipes.lm import encode_records, load_trained, make_trainer, setup
-from peftlab.recipes.options import RunOptions, check_split, eval_options
+from peftlab.recipes.lm import load_trained, start_run
+from peftlab.recipes.options import RunOptions
 from peftlab.recipes.rundir import (
     CURVE_FILE,
     METRICS_FILE,
-    check_output_dir,
-    check_trained,
     owns_output_dir,
-    saved_run_options,
-    start_output_dir,
 )
 from peftlab.recipes.training import finish_run, log, run_training, strip_prefix
 
@@ -94,40 +89,30 @@ def _test_pairs(pairs, limit: int | None, seed: int):
 
 
 @owns_output_dir
-def train(options: RunOptions) -> dict[str, Any]:
+def train(options: RunOptions, checkpoint: str | None) -> dict[str, Any]:
     """Train on MR → text pairs; write adapter, metrics (BLEU, NIST, ROUGE-L, ...), curve and predictions."""
-    options = options.resolved()
-    checkpoint = check_output_dir(options)
-    pairs = load_pairs(options.data, options.split_seed)
-    model, tokenizer, train_set, val_set, args = setup(options, pairs, _prompt, _reference)
-    test_pairs = _test_pairs(pairs["test"], options.max_test_samples, options.split_seed)
-    test_set = encode_records(test_pairs, tokenizer, options.max_length, _prompt, _reference)
-    trainable, total = count_parameters(model)
-    with args.main_process_first(local=False):
-        out = start_output_dir(options, main_process=args.process_index == 0)
-    trainer = make_trainer(options, model, tokenizer, args, train_set, val_set)
-    main = trainer.is_world_process_zero()
-    log(f"peftlab train: {options.method} (r={options.r}, lr={options.lr:g}) on {options.model}, {options.data}: "
-        f"{len(train_set)} train / {len(val_set)} validation pairs, {len(set(test_pairs['mr']))} test MRs; trainable "
-        f"params {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)", main)
-    training = run_training(trainer, checkpoint)
-    test = strip_prefix(trainer.evaluate(test_set, metric_key_prefix="test"), "test")
+    run = start_run(options, load_pairs(options.data, options.split_seed), _prompt, _reference,
+                    lambda pairs: _test_pairs(pairs["test"], options.max_test_samples, options.split_seed),
+                    lambda rows: f"{len(set(rows['mr']))} test MRs")
+    test_pairs = run.test_rows
+    training = run_training(run.trainer, checkpoint)
+    test = strip_prefix(run.trainer.evaluate(run.test_set, metric_key_prefix="test"), "test")
     metrics: dict[str, Any] = {
         "task": "data-to-text", "method": options.method, "model": options.model, "data": options.data,
-        "metric": "bleu", "num_train": len(train_set), "num_validation": len(val_set),
-        "num_test_mrs": len(set(test_pairs["mr"])), "trainable_params": trainable, "total_params": total,
+        "metric": "bleu", **run.sizes(), "num_test_mrs": len(set(test_pairs["mr"])),
         "decoding": {"num_beams": options.num_beams, "length_penalty": options.length_penalty,
                      "no_repeat_ngram_size": options.no_repeat_ngram_size, "max_new_tokens": options.max_new_tokens},
         **training,
     }
-    if main:
-        scores, rows = evaluate_generations(trainer.model, tokenizer, test_pairs, options)
+    if run.main:
+        scores, rows = evaluate_generations(run.trainer.model, run.tokenizer, test_pairs, options)
         test.update(scores)
-        write_jsonl(out / "predictions.jsonl", rows)
+        write_jsonl(run.out / "predictions.jsonl", rows)
     metrics["test"] = test
-    finish_run(trainer, out, metrics, "loss", options.keep_checkpoints)
-    log(f"test: {summary(test)}", main)
-    log(f"wrote {out / METRICS_FILE}, {out / CURVE_FILE}, predictions.jsonl and the adapter to {out}", main)
+    finish_run(run.trainer, run.out, metrics, "loss", options.keep_checkpoints)
+    log(f"test: {summary(test)}", run.main)
+    log(f"wrote {run.out / METRICS_FILE}, {run.out / CURVE_FILE}, predictions.jsonl and the adapter to {run.out}",
+        run.main)
     return metrics
 
 
@@ -141,20 +126,8 @@ def summary(scores: dict[str, Any]) -> str:
     return text
 
 
-def evaluate(
-    adapter: str | os.PathLike,
-    model: str | None = None,
-    data: str | None = None,
-    split: str = "test",
-    max_samples: int | None = None,
-    batch_size: int | None = None,
-    **overrides: Any,
-) -> dict[str, Any]:
+def evaluate(adapter: str | os.PathLike, options: RunOptions, split: str, max_samples: int | None) -> dict[str, Any]:
     """Generation metrics of a trained run on a split (the run's own options unless overridden)."""
-    check_trained(adapter)
-    options = eval_options(adapter, "data-to-text", saved_run_options(adapter),
-                           {"model": model, "data": data, "eval_batch_size": batch_size, **overrides})
-    check_split(split)
     pairs = load_pairs(options.data, options.split_seed)
     rows = _test_pairs(pairs[split], max_samples or options.max_test_samples, options.split_seed)
     if not len(rows):

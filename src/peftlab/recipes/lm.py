@@ -9,17 +9,19 @@ model, puts the method on it and tokenises the splits; ``make_trainer`` wires ``
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from peftlab.errors import PeftlabError, RecipeError
 from peftlab.model import AdapterModel
-from peftlab.recipes.adapters import prepare_model
+from peftlab.recipes.adapters import count_parameters, prepare_model
 from peftlab.recipes.generation import eos_id
 from peftlab.recipes.options import RunOptions
-from peftlab.recipes.rundir import base_model_name, is_adapter_dir
-from peftlab.recipes.training import quiet_datasets, select, training_arguments, with_length
+from peftlab.recipes.rundir import base_model_name, is_adapter_dir, start_output_dir
+from peftlab.recipes.training import log, quiet_datasets, select, training_arguments, with_length
 
 
 def encode_pair(tokenizer, prompt: str, response: str, max_length: int) -> dict[str, list[int]]:
@@ -83,6 +85,46 @@ def make_trainer(options: RunOptions, model, tokenizer, args, train_set, val_set
 
     return Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set, processing_class=tokenizer,
                    data_collator=collator(tokenizer))
+
+
+@dataclass
+class LMRun:
+    """A prompt → response training run, set up and ready to train (what causal-lm and data-to-text share)."""
+
+    tokenizer: Any
+    train_set: Any
+    val_set: Any
+    test_rows: Any  # the test records (for generation)
+    test_set: Any  # the same, tokenised (for the test loss)
+    trainable: int
+    total: int
+    out: Path
+    trainer: Any
+    main: bool  # the main process (it evaluates, generates and writes)
+
+    def sizes(self) -> dict[str, int]:
+        return {"num_train": len(self.train_set), "num_validation": len(self.val_set),
+                "trainable_params": self.trainable, "total_params": self.total}
+
+
+def start_run(options: RunOptions, records, prompt_fn, response_fn, test_rows, describe_test) -> LMRun:
+    """Model with the method, tokenised splits, the run folder and the trainer; logs the run's first line.
+
+    ``test_rows(records)`` picks the test records (at most ``max_test_samples``); ``describe_test(rows)`` says
+    how many there are in the task's words ("40 test MRs").
+    """
+    model, tokenizer, train_set, val_set, args = setup(options, records, prompt_fn, response_fn)
+    test = test_rows(records)
+    test_set = encode_records(test, tokenizer, options.max_length, prompt_fn, response_fn)
+    trainable, total = count_parameters(model)
+    with args.main_process_first(local=False):
+        out = start_output_dir(options, main_process=args.process_index == 0)
+    trainer = make_trainer(options, model, tokenizer, args, train_set, val_set)
+    main = trainer.is_world_process_zero()
+    log(f"peftlab train: {options.method} (r={options.r}, lr={options.lr:g}) on {options.model}, {options.data}: "
+        f"{len(train_set)} train / {len(val_set)} validation, {describe_test(test)}; trainable params "
+        f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)", main)
+    return LMRun(tokenizer, train_set, val_set, test, test_set, trainable, total, out, trainer, main)
 
 
 def load_trained(path: str | os.PathLike, model_name: str | None = None):

@@ -299,16 +299,20 @@ def lock_output_dir(path: str | os.PathLike, main_process: bool | None = None) -
                 break
 
 
-def owns_output_dir(train: Callable[[RunOptions], dict[str, Any]]) -> Callable[[RunOptions], dict[str, Any]]:
-    """Decorate a recipe's ``train(options)``: the run holds its output folder's lock from start to end, and
-    ``--resume`` of a finished run returns the run's metrics (with a message) instead of training."""
+def owns_output_dir(
+    train: Callable[[RunOptions, str | None], dict[str, Any]],
+) -> Callable[[RunOptions], dict[str, Any]]:
+    """Make a recipe's ``train(options, checkpoint)`` into ``train(options)``: the options are resolved, the run
+    holds its output folder's lock from start to end, the folder is checked (:func:`check_output_dir`, which
+    gives the checkpoint to resume from, or ``None``), and ``--resume`` of a finished run returns the run's
+    metrics (with a message) instead of training."""
 
     @functools.wraps(train)
     def run(options: RunOptions) -> dict[str, Any]:
         options = options.resolved()
         with lock_output_dir(options.output_dir):
             try:
-                return train(options)
+                return train(options, check_output_dir(options))
             except RunFinished as done:
                 if is_main_process():
                     print(str(done), flush=True)
