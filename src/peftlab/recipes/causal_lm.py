@@ -21,15 +21,13 @@ from typing import Any
 
 from peftlab.errors import RecipeError
 from peftlab.metrics import exact_match, perplexity
-from peftlab.recipes.generation import generate, write_jsonl
+from peftlab.recipes.generation import generate
 from peftlab.recipes.lm import encode_records, load_trained, mean_loss, start_run
 from peftlab.recipes.options import RunOptions
 from peftlab.recipes.rundir import (
-    CURVE_FILE,
-    METRICS_FILE,
     owns_output_dir,
 )
-from peftlab.recipes.training import finish_run, fmt, log, run_training, select, speed, strip_prefix
+from peftlab.recipes.training import fmt, log, run_training, select, speed, strip_prefix
 
 PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
@@ -146,17 +144,9 @@ def train(options: RunOptions, checkpoint: str | None) -> dict[str, Any]:
         "task": "causal-lm", "method": options.method, "model": options.model, "data": options.data,
         "metric": "exact_match", **run.sizes(), "num_test": len(test_records), "initial_test": initial, **training,
     }
-    if run.main:
-        answers, rows = evaluate_answers(run.trainer.model, run.tokenizer, test_records, options)
-        test.update(answers)
-        write_jsonl(run.out / "predictions.jsonl", rows)
-    metrics["test"] = test
-    finish_run(run.trainer, run.out, metrics, "loss", options.keep_checkpoints)
-    log(f"test exact match after training: {fmt(test.get('exact_match'))}, test perplexity {test['perplexity']:.3f} "
-        f"({speed(training)})", run.main)
-    log(f"wrote {run.out / METRICS_FILE}, {run.out / CURVE_FILE}, predictions.jsonl and the adapter to {run.out}",
-        run.main)
-    return metrics
+    return run.finish(options, metrics, test, evaluate_answers, lambda scores: (
+        f"test exact match after training: {fmt(scores.get('exact_match'))}, test perplexity "
+        f"{scores['perplexity']:.3f} ({speed(training)})"))
 
 
 def evaluate(adapter: str | os.PathLike, options: RunOptions, split: str, max_samples: int | None) -> dict[str, Any]:

@@ -17,15 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.errors import RecipeError
-from peftlab.recipes.generation import generate, write_jsonl
+from peftlab.recipes.generation import generate
 from peftlab.recipes.lm import load_trained, start_run
 from peftlab.recipes.options import RunOptions
 from peftlab.recipes.rundir import (
-    CURVE_FILE,
-    METRICS_FILE,
     owns_output_dir,
 )
-from peftlab.recipes.training import finish_run, log, run_training, strip_prefix
+from peftlab.recipes.training import run_training, strip_prefix
 
 GENERATED_MRS = 400  # distinct MRs of ``e2e-synthetic`` (2-3 references each)
 NAMED_DATA = {"e2e-synthetic": "seeded synthetic restaurant MRs in the E2E format, 2-3 references each"}
@@ -104,16 +102,7 @@ def train(options: RunOptions, checkpoint: str | None) -> dict[str, Any]:
                      "no_repeat_ngram_size": options.no_repeat_ngram_size, "max_new_tokens": options.max_new_tokens},
         **training,
     }
-    if run.main:
-        scores, rows = evaluate_generations(run.trainer.model, run.tokenizer, test_pairs, options)
-        test.update(scores)
-        write_jsonl(run.out / "predictions.jsonl", rows)
-    metrics["test"] = test
-    finish_run(run.trainer, run.out, metrics, "loss", options.keep_checkpoints)
-    log(f"test: {summary(test)}", run.main)
-    log(f"wrote {run.out / METRICS_FILE}, {run.out / CURVE_FILE}, predictions.jsonl and the adapter to {run.out}",
-        run.main)
-    return metrics
+    return run.finish(options, metrics, test, evaluate_generations, lambda scores: f"test: {summary(scores)}")
 
 
 def summary(scores: dict[str, Any]) -> str:

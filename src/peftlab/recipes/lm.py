@@ -18,10 +18,10 @@ import torch
 from peftlab.errors import PeftlabError, RecipeError
 from peftlab.model import AdapterModel
 from peftlab.recipes.adapters import count_parameters, prepare_model
-from peftlab.recipes.generation import eos_id
+from peftlab.recipes.generation import eos_id, write_jsonl
 from peftlab.recipes.options import RunOptions
-from peftlab.recipes.rundir import base_model_name, is_adapter_dir, start_output_dir
-from peftlab.recipes.training import log, quiet_datasets, select, training_arguments, with_length
+from peftlab.recipes.rundir import CURVE_FILE, METRICS_FILE, base_model_name, is_adapter_dir, start_output_dir
+from peftlab.recipes.training import finish_run, log, quiet_datasets, select, training_arguments, with_length
 
 
 def encode_pair(tokenizer, prompt: str, response: str, max_length: int) -> dict[str, list[int]]:
@@ -101,6 +101,21 @@ class LMRun:
     out: Path
     trainer: Any
     main: bool  # the main process (it evaluates, generates and writes)
+
+    def finish(self, options: RunOptions, metrics: dict[str, Any], test: dict[str, Any], score, summary) -> dict:
+        """Score the test rows by generation (``score(model, tokenizer, rows, options)`` → (scores, prediction
+        rows), main process only), then write ``predictions.jsonl``, the adapter, the curve and ``metrics.json``
+        (with ``metrics["test"] = test``) and log ``summary(test)``."""
+        if self.main:
+            scores, rows = score(self.trainer.model, self.tokenizer, self.test_rows, options)
+            test.update(scores)
+            write_jsonl(self.out / "predictions.jsonl", rows)
+        metrics["test"] = test
+        finish_run(self.trainer, self.out, metrics, "loss", options.keep_checkpoints)
+        log(summary(test), self.main)
+        log(f"wrote {self.out / METRICS_FILE}, {self.out / CURVE_FILE}, predictions.jsonl and the adapter to "
+            f"{self.out}", self.main)
+        return metrics
 
     def sizes(self) -> dict[str, int]:
         return {"num_train": len(self.train_set), "num_validation": len(self.val_set),
