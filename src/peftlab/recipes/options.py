@@ -88,7 +88,8 @@ class RunOptions:
     weight_decay: float = option(0.0, "AdamW weight decay", TRAINING)
     label_smoothing: float = option(0.0, "label smoothing (MTLoRA on E2E: 0.1)", TRAINING)
     seed: int = option(0, "seed of initialisation and data order", TRAINING)
-    resume: bool = option(False, "continue from the last checkpoint in --output-dir", TRAINING)
+    resume: bool = option(False, "continue from the last complete checkpoint in --output-dir (a finished run: "
+                          "nothing to do; no complete checkpoint yet: start again)", TRAINING)
     output_dir: str | None = option(None, "where the run goes (default runs/<task>-<method>-<data>)", TRAINING)
     overwrite: bool = option(False, "replace an earlier run in --output-dir (never done without it)", TRAINING)
     initial_eval: bool = option(True, "skip the step-0 evaluation of the untrained model", TRAINING,
