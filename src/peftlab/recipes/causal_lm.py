@@ -1,11 +1,11 @@
 """Causal-LM instruction tuning (MetaMathQA / HydraLoRA style): data → model → adapter → ``peftlab.Trainer`` → metrics.
 
-Records are ``{instruction, input, output}`` (Alpaca layout; MetaMathQA ``{query, response}`` and GSM8K
-``{question, answer}`` files are read as well). Each record becomes the prompt ``PROMPT`` (or
-``PROMPT_WITH_INPUT``) followed by the response and the end-of-sequence token; the loss is on the
-response only (prompt labels are -100). Evaluation: perplexity of the responses (from the loss) during
+Records are ``{instruction, input, output}`` (Alpaca layout; MetaMathQA ``{query, response}``, GSM8K
+``{question, answer}`` and MATH ``{problem, solution}`` files are read as well). Each record becomes the
+prompt ``PROMPT`` (or ``PROMPT_WITH_INPUT``) followed by the response and the end-of-sequence token; the loss
+is on the response only (prompt labels are -100). Evaluation: perplexity of the responses (from the loss) during
 training, and after it the exact match of the final answer extracted from greedy generations
-(``The answer is: X`` / ``#### X``, see ``peftlab.data.extract_answer``), overall and per ``task`` when
+(``The answer is: X`` / ``#### X`` / ``\\boxed{X}``, see ``peftlab.data.math``), overall and per ``task`` when
 the data have a ``task`` column.
 
 Data: ``arithmetic`` (default; seeded generated word problems), ``format``, ``sentiment`` (movie-snippet
@@ -85,7 +85,8 @@ def load_records(name: str, split_seed: int = 0):
     else:
         raise DataError(
             f"unknown instruction data {name!r}; known: {', '.join(NAMED_DATA)}, or a .json/.jsonl file with "
-            "{instruction, input, output}, {query, response} or {question, answer} records"
+            "{instruction, input, output}, {query, response} (MetaMathQA), {question, answer} (GSM8K) or "
+            "{problem, solution} (MATH) records"
         )
     if not len(records):
         raise DataError(f"{name}: no records")
