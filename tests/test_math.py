@@ -1,11 +1,14 @@
-"""Math data: the MetaMathQA / GSM8K / MATH file formats, answer extraction and normalisation, exact match."""
+"""Math data: the MetaMathQA / GSM8K / MATH file formats, answer extraction and normalisation, exact match, the
+reasoning-gym ``gsm-symbolic`` set, and a short ``peftlab train --data gsm-symbolic`` run on a tiny random GPT-2."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from peftlab.cli import main
 from peftlab.data import (
@@ -13,6 +16,7 @@ from peftlab.data import (
     DataError,
     extract_answer,
     file_format,
+    generate_gsm_symbolic,
     normalize_answer,
     parse_number,
     read_instructions,
@@ -169,3 +173,68 @@ def test_load_records_splits_a_math_file(tmp_path):
     records = causal_lm.load_records(str(write(tmp_path / "gsm8k.json", rows)))
     assert {k: len(v) for k, v in records.items()} == {"train": 24, "validation": 3, "test": 3}
     assert all(extract_answer(o) is not None for o in records["test"]["output"])
+
+
+# -- gsm-symbolic ------------------------------------------------------------------------------------------------------
+def test_gsm_symbolic_is_deterministic_and_ends_with_the_gsm8k_answer():
+    import reasoning_gym
+
+    data = generate_gsm_symbolic(40, seed=3)
+    assert data.column_names == ["instruction", "input", "output"] and len(set(data["instruction"])) == 40
+    assert generate_gsm_symbolic(40, seed=3)[:] == data[:] and generate_gsm_symbolic(10, seed=3)[:] == data[:10]
+    assert generate_gsm_symbolic(10, seed=4)["instruction"] != data["instruction"][:10]
+    source = {e["question"]: e["answer"] for e in reasoning_gym.create_dataset("gsm_symbolic", size=60, seed=3)}
+    suffix = " Give the result as your final answer. Do not include units."
+    for row in data:
+        assert not row["instruction"].endswith(suffix) and row["input"] == ""
+        last = row["output"].splitlines()[-1]
+        assert last == f"#### {source[row['instruction'] + suffix]}" and row["output"].count("####") == 1
+        assert extract_answer(row["output"]) == last[5:]
+
+
+def test_gsm_symbolic_split_and_missing_package(monkeypatch):
+    records = causal_lm.load_records("gsm-symbolic")
+    assert {k: len(v) for k, v in records.items()} == {"train": 1600, "validation": 200, "test": 200}
+    assert not set(records["test"]["instruction"]) & set(records["train"]["instruction"])
+    assert causal_lm.load_records("gsm-symbolic")["test"][:5] == records["test"][:5]
+    monkeypatch.setitem(sys.modules, "reasoning_gym", None)  # as if it were not installed
+    with pytest.raises(DataError, match="gsm-symbolic needs reasoning-gym .* requirements-assets.txt"):
+        generate_gsm_symbolic(2)
+
+
+@pytest.fixture(scope="module")
+def tiny_math_lm(tmp_path_factory) -> Path:
+    """A 2-layer GPT-2 (hidden 32) with a byte-level BPE tokenizer trained on the prompts and gsm-symbolic text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("math_lm")
+    texts = [causal_lm.PROMPT] * 10 + [r["instruction"] + "\n" + r["output"] for r in generate_gsm_symbolic(200)]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer), n_positions=512,
+                        bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_train_on_gsm_symbolic_reports_exact_match(tiny_math_lm, tmp_path):
+    out = tmp_path / "run"
+    code = main(["train", "--task", "causal-lm", "--model", str(tiny_math_lm), "--data", "gsm-symbolic",
+                 "--method", "lora", "--max-steps", "2", "--max-train-samples", "16", "--max-eval-samples", "4",
+                 "--max-test-samples", "4", "--batch-size", "8", "--max-new-tokens", "8", "--no-initial-eval",
+                 "--output-dir", str(out)])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data"] == "gsm-symbolic" and metrics["metric"] == "exact_match"
+    assert metrics["num_train"] == 16 and metrics["num_test"] == 4 and 0 <= metrics["test"]["exact_match"] <= 1
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(extract_answer(r["reference"]) is not None for r in rows)
+    assert all(r["reference"].splitlines()[-1].startswith("#### ") for r in rows)
