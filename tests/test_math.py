@@ -92,7 +92,8 @@ def test_parse_number_values():
     ("so it is $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
     ("first \\boxed{1}, then \\boxed{\\left(\\frac{1}{2}, 3\\right)}", "\\left(\\frac{1}{2}, 3\\right)"),
     ("\\boxed{\\frac{3}{4}}.\nThe answer is: 0.75", "0.75"), ("The answer is: \\boxed{5}", "5"),
-    ("\\fbox{7}", "7"), ("\\boxed{unclosed", None), ("+5", "+5"), ("3/4", "3/4"), ("five", None),
+    ("\\fbox{7}", "7"), ("costs $\\boxed{\\$5.50}$.", "5.5"), ("#### $1,250.", "1250"), ("#### $18.$", "18"),
+    ("\\boxed{(0,100]}", "(0,100]"), ("\\boxed{unclosed", None), ("+5", "+5"), ("3/4", "3/4"), ("five", None),
 ])
 def test_extract_answer_reads_every_format(text, answer):
     assert extract_answer(text) == answer

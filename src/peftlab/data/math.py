@@ -23,18 +23,19 @@ from fractions import Fraction
 
 ANSWER_PREFIX = "The answer is: "  # MetaMathQA
 GSM8K_PREFIX = "#### "
-_MARKER = re.compile(r"the answer is:?|####", re.IGNORECASE)
 _META_MARKER = re.compile(r"the answer is:?", re.IGNORECASE)
 _GSM_MARKER = re.compile(r"####")
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_GROUPED = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")  # 1,000 / 12,345.5
 
 
 # -- extraction --------------------------------------------------------------------------------------------------
 def _tidy(answer: str) -> str:
     """Readable form: no surrounding space, trailing period or ``$``; ``1,250`` -> ``1250``; ``2.50`` -> ``2.5``."""
-    answer = answer.strip().rstrip(".").strip().replace("$", "")
-    answer = re.sub(r"(?<=\d),(?=\d{3})", "", answer).strip()
+    answer = re.sub(r"\\?\$", "", answer).strip().rstrip(".").strip()  # $ and \$
+    if _GROUPED.fullmatch(answer):  # only a whole number: "(1,234)" stays a pair
+        answer = answer.replace(",", "")
     if _NUMBER.fullmatch(answer) and "." in answer:
         answer = answer.rstrip("0").rstrip(".")
     return answer
@@ -72,7 +73,7 @@ def _marked(marker: re.Pattern) -> Callable[[str], tuple[int, str] | None]:
     return lambda text: _after_last(marker, text)
 
 
-_extract_marked = _extractor(_marked(_MARKER), _last_boxed)
+_extract_marked = _extractor(_marked(_META_MARKER), _marked(_GSM_MARKER), _last_boxed)
 
 
 def extract_answer(text: str | None) -> str | None:
@@ -122,7 +123,6 @@ _LATEX_TIDY = (  # (pattern, replacement), applied in order
     (r"\s+", ""),
 )
 _DECIMAL = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)")
-_GROUPED = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")  # 1,000 / 12,345.5
 _RATIO = re.compile(r"([+-]?\d+)/(\d+)")
 _LATEX_FRAC = re.compile(r"([+-]?)\\frac(?:\{([+-]?\d+)\}\{(\d+)\}|(\d)(\d))")
 
