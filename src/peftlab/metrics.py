@@ -6,7 +6,8 @@
   NIST is nltk's (n = 5, on 13a tokens), ROUGE-L is rouge-score's F-measure, best over references.
   METEOR (nltk) needs the WordNet corpus, which nltk cannot ship; CIDEr needs ``pycocoevalcap``.
   A metric that cannot run is listed in ``skipped`` with the reason instead of failing.
-* ``exact_match``: final-answer accuracy for math (``The answer is: X`` / ``#### X``).
+* ``exact_match``: final-answer accuracy for math (``The answer is: X`` / ``#### X`` / ``\\boxed{X}``), numbers
+  compared by value and LaTeX answers as normalised strings (``peftlab.data.math.normalize_answer``).
 
 Scales: generation scores as in the E2E / LoRA tables (BLEU, ROUGE-L and METEOR in [0, 100]; NIST and
 CIDEr raw); classification metrics and ``exact_match`` are fractions in [0, 1].
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data.instructions import extract_answer
+from .data.math import extract_answer, normalize_answer
 
 
 @dataclass(frozen=True)
@@ -162,13 +163,16 @@ def generation_metrics(hypotheses: Sequence[str], references_list: Sequence[Sequ
 
 def _answer(text: str) -> str:
     answer = extract_answer(text)
-    return (answer if answer is not None else str(text).strip().rstrip(".")).casefold()
+    return normalize_answer(answer) if answer is not None else str(text).strip().rstrip(".").casefold()
 
 
 def exact_match(preds: Sequence[str], golds: Sequence[str]) -> float:
-    """Fraction of predictions whose final answer equals the gold's (see ``extract_answer``).
+    """Fraction of predictions whose final answer equals the gold's.
 
-    A text without an answer marker is compared whole (case-insensitive), e.g. ``positive``.
+    Final answers are read with ``extract_answer`` (``The answer is: X``, ``#### X``, ``\\boxed{X}``) and compared
+    by ``normalize_answer``: ``$1,000.`` = ``1000.00`` = ``+1000``, ``3/4`` = ``0.75`` = ``\\frac{3}{4}``,
+    ``\\left( 1, 2 \\right)`` = ``(1,2)``. A text without an answer marker is compared whole
+    (case-insensitive, without a trailing period), e.g. ``Positive.`` = ``positive``.
     """
     if len(preds) != len(golds) or not golds:
         raise ValueError(f"Need one prediction per gold answer; got {len(preds)} and {len(golds)}.")

@@ -1,13 +1,13 @@
-"""Instruction data for causal-LM tuning: generators, a task mixture, file readers, answer extraction.
+"""Instruction data for causal-LM tuning: generators, a task mixture, file readers.
 
 Records are ``{instruction, input, output}`` (Alpaca layout). Math answers end with
-``The answer is: X`` (MetaMathQA's convention); ``extract_answer`` also reads GSM8K's ``#### X``.
+``The answer is: X`` (MetaMathQA's convention) or ``#### X`` (GSM8K's); ``peftlab.data.math`` extracts
+and normalises them.
 """
 
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -15,34 +15,9 @@ import datasets as hf
 
 from .cache import DataError
 from .datasets import label_names, load_dataset, read_json_records
+from .math import ANSWER_PREFIX, GSM8K_PREFIX, MATH_FORMATS, MathFormat
 
-ANSWER_PREFIX = "The answer is: "
-_ANSWER = re.compile(r"the answer is:?|####", re.IGNORECASE)
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _FEATURES = hf.Features({c: hf.Value("string") for c in ("instruction", "input", "output")})
-
-
-def _normalize(answer: str) -> str:
-    answer = answer.strip().rstrip(".").strip().replace("$", "")
-    answer = re.sub(r"(?<=\d),(?=\d{3})", "", answer).strip()
-    if _NUMBER.fullmatch(answer) and "." in answer:  # 18.00 -> 18, 2.50 -> 2.5
-        answer = answer.rstrip("0").rstrip(".")
-    return answer
-
-
-def extract_answer(text: str | None) -> str | None:
-    """The final answer in ``text``: after the last ``The answer is:`` or ``####``; else a bare number.
-
-    Commas in numbers, ``$`` and a trailing period are removed (``"#### $1,000."`` -> ``"1000"``).
-    Returns ``None`` when there is no answer marker and the text is not a single number.
-    """
-    if not text:
-        return None
-    markers = list(_ANSWER.finditer(text))
-    if markers:
-        return _normalize(text[markers[-1].end():].split("\n", 1)[0]) or None
-    bare = _normalize(text)
-    return bare if _NUMBER.fullmatch(bare) else None
 
 
 _NAMES = ("Tom", "Maria", "Aisha", "Kenji", "Lena", "Omar", "Priya", "Jack", "Sofia", "Diego")
@@ -87,6 +62,37 @@ def generate_arithmetic(n: int, seed: int = 0) -> hf.Dataset:
     return hf.Dataset.from_list(rows, features=_FEATURES)
 
 
+GSM_SYMBOLIC_SUFFIX = " Give the result as your final answer. Do not include units."  # reasoning-gym adds it
+
+
+def generate_gsm_symbolic(n: int, seed: int = 0) -> hf.Dataset:
+    """``n`` distinct GSM8K-template word problems from reasoning-gym's ``gsm_symbolic`` generator (Apache-2.0).
+
+    ``instruction`` is the question (without reasoning-gym's "Give the result as your final answer" suffix, so
+    that it reads like GSM8K); ``output`` is the template's worked solution ending ``#### N``. The same
+    ``(n, seed)`` always gives the same rows (reasoning-gym seeds item ``i`` with ``seed + i``); a repeated
+    question is skipped. Generation takes ~0.1 ms a row, so nothing is cached.
+    """
+    try:
+        import reasoning_gym
+    except ImportError as e:
+        raise DataError(f"gsm-symbolic needs reasoning-gym ({e}); install it with "
+                        "pip install --no-deps -r requirements-assets.txt") from None
+    problems: dict[str, str] = {}  # question -> worked solution, in generation order
+    size = n + n // 10 + 8  # a few spare items for repeated questions
+    while len(problems) < n:  # items are prefix-stable, so a larger size only appends items
+        problems = {}
+        for entry in reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=seed):
+            question = entry["question"].removesuffix(GSM_SYMBOLIC_SUFFIX)
+            worked = entry["metadata"]["answer_cot"].rsplit("####", 1)[0].rstrip()  # its "#### N" may read 8.0
+            problems.setdefault(question, f"{worked}\n{GSM8K_PREFIX}{entry['answer']}")
+            if len(problems) == n:
+                break
+        size *= 2
+    rows = [{"instruction": q, "input": "", "output": out} for q, out in problems.items()]
+    return hf.Dataset.from_list(rows, features=_FEATURES)
+
+
 SENTIMENT_INSTRUCTION = "Classify the sentiment of this movie review as positive or negative."
 
 
@@ -126,6 +132,7 @@ INSTRUCTION_TASKS: dict[str, Callable[[int, int], hf.Dataset]] = {
     "arithmetic": generate_arithmetic,
     "sentiment": generate_sentiment_instructions,
     "format": generate_format_tasks,
+    "gsm-symbolic": generate_gsm_symbolic,
 }
 
 
@@ -140,29 +147,54 @@ def instruction_mixture(
     return hf.concatenate_datasets(parts).shuffle(seed=seed)
 
 
-_SCHEMAS = (  # (keys that identify the layout, mapping to instruction/input/output)
-    (("instruction", "output"), lambda r: (r["instruction"], r.get("input") or "", r["output"])),
-    (("query", "response"), lambda r: (r["query"], "", r["response"])),  # MetaMathQA
-    (("question", "answer"), lambda r: (r["question"], "", r["answer"])),  # GSM8K: answer ends "#### X"
-)
+INSTRUCTION_COLUMNS = ("instruction", "output")  # the Alpaca layout; "input" is optional
+
+
+def file_format(keys: set[str] | list[str], source: str | Path = "data") -> MathFormat | None:
+    """The layout that records with columns ``keys`` are in: ``None`` for Alpaca, else the math format.
+
+    The one place that decides a file's format from its columns (Alpaca first, then ``MATH_FORMATS`` in order).
+    """
+    keys = set(keys)
+    if keys.issuperset(INSTRUCTION_COLUMNS):
+        return None
+    for fmt in MATH_FORMATS:
+        if keys.issuperset((fmt.question, fmt.solution)):
+            return fmt
+    known = ", ".join(f"{{{f.question}, {f.solution}}} ({f.name})" for f in MATH_FORMATS)
+    raise DataError(f"{source}: records have keys {sorted(keys)}; expected {{instruction, input, output}}, {known}.")
+
+
+def _which_records(numbers: list[int], total: int) -> str:
+    """``any of the 3 records`` / ``record 2 (of 10)`` / ``records 1, 2, 3, 4, 5 and 3 more (of 10)``."""
+    if len(numbers) == total:
+        return f"any of the {total} records" if total > 1 else "the record"
+    shown = ", ".join(map(str, numbers[:5])) + (f" and {len(numbers) - 5} more" if len(numbers) > 5 else "")
+    return f"record{'s' if len(numbers) > 1 else ''} {shown} (of {total})"
 
 
 def read_instructions(path: str | Path) -> hf.Dataset:
     """Read a JSON/JSONL instruction file into ``{instruction, input, output}`` records.
 
-    Accepted layouts: Alpaca ``{instruction, input?, output}``, MetaMathQA ``{query, response}`` and
-    GSM8K ``{question, answer}`` (the answer keeps its ``#### X`` line; ``extract_answer`` reads it).
+    Accepted layouts (``file_format`` decides by the columns): Alpaca ``{instruction, input?, output}``, and the
+    math sets MetaMathQA ``{query, response}``, GSM8K ``{question, answer}`` and MATH ``{problem, solution}``;
+    the worked solution becomes ``output`` unchanged. In a math file every solution must hold its final answer
+    (``The answer is: N``, ``#### N``, ``\\boxed{...}``), else a ``DataError`` names the records without one.
     """
     records = read_json_records(path)
-    keys = set(records[0])
-    convert = next((c for needed, c in _SCHEMAS if keys.issuperset(needed)), None)
-    if convert is None:
-        raise DataError(
-            f"{path}: records have keys {sorted(keys)}; expected {{instruction, input, output}}, "
-            "{query, response} (MetaMathQA) or {question, answer} (GSM8K)."
-        )
-    try:
-        rows = [dict(zip(("instruction", "input", "output"), map(str, convert(r)), strict=True)) for r in records]
-    except KeyError as e:
-        raise DataError(f"{path}: a record lacks the key {e.args[0]!r} that the first record has.") from None
+    fmt = file_format(records[0], path)
+    columns = INSTRUCTION_COLUMNS if fmt is None else (fmt.question, fmt.solution)
+    lacking = next((c for r in records for c in columns if c not in r), None)
+    if lacking is not None:
+        raise DataError(f"{path}: a record lacks the key {lacking!r} that the first record has.")
+    if fmt is None:
+        rows = [(r["instruction"], r.get("input") or "", r["output"]) for r in records]
+    else:
+        rows = [(r[fmt.question], "", r[fmt.solution]) for r in records]
+    rows = [dict(zip(_FEATURES, map(str, row), strict=True)) for row in rows]
+    if fmt is not None:
+        unanswered = [i for i, row in enumerate(rows, 1) if fmt.extract(row["output"]) is None]
+        if unanswered:
+            raise DataError(f"{path}: no final answer in {fmt.solution!r} of {_which_records(unanswered, len(rows))}; "
+                            f"a {fmt.name} file needs {fmt.answer_form} in every solution.")
     return hf.Dataset.from_list(rows, features=_FEATURES)
