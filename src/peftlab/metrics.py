@@ -15,6 +15,7 @@ CIDEr raw); classification metrics and ``exact_match`` are fractions in [0, 1].
 
 from __future__ import annotations
 
+import atexit
 import functools
 import math
 import re
@@ -111,7 +112,18 @@ def _meteor_scorer():
     """pycocoevalcap's METEOR 1.5 (a ``java -jar`` process kept for the session, loaded once: ~5 s)."""
     from pycocoevalcap.meteor.meteor import Meteor
 
-    return Meteor()
+    scorer = Meteor()
+    atexit.register(_close_meteor, scorer)
+    return scorer
+
+
+def _close_meteor(scorer) -> None:
+    """End the jar's process and close its pipes (pycocoevalcap's ``__del__`` leaves two open)."""
+    process = scorer.meteor_p
+    process.kill()
+    process.wait()
+    for stream in (process.stdin, process.stdout, process.stderr):
+        stream.close()
 
 
 def _meteor(hyps: list[str], refs: list[list[str]]) -> float | str:
@@ -129,7 +141,7 @@ def _meteor(hyps: list[str], refs: list[list[str]]) -> float | str:
             raise OSError(f"exit code {scorer.meteor_p.returncode}")
         score = float(scorer.compute_score(gts, res)[0])
     except (OSError, ValueError) as e:  # the process died (e.g. java could not reserve -Xmx2G)
-        scorer.meteor_p.kill()
+        _close_meteor(scorer)
         scorer.lock = threading.Lock()  # compute_score left its lock held; Meteor.__del__ takes it again
         _meteor_scorer.cache_clear()
         return f"METEOR's java process failed ({type(e).__name__}: {e})"
