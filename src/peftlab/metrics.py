@@ -102,6 +102,9 @@ def lower_and_tokenize(text: str) -> str:
     return " ".join(" ".join(re.split(r"(\W)", text.lower())).split())
 
 
+_PYCOCOEVALCAP = "pycocoevalcap (pip install pycocoevalcap==1.2 pycocotools==2.0.11, as requirements.txt pins)"
+
+
 def _one_line(text: str) -> str:
     """METEOR's jar reads one ``|||``-separated line per segment: no newlines, no ``|||`` inside a text."""
     return " ".join(text.replace("|||", " ").split())
@@ -109,7 +112,8 @@ def _one_line(text: str) -> str:
 
 @functools.cache
 def _meteor_scorer():
-    """pycocoevalcap's METEOR 1.5 (a ``java -jar`` process kept for the session, loaded once: ~5 s)."""
+    """pycocoevalcap's METEOR 1.5: a ``java -jar`` process kept for the session (its start, which loads the
+    paraphrase tables, takes 5-15 s)."""
     from pycocoevalcap.meteor.meteor import Meteor
 
     scorer = Meteor()
@@ -133,7 +137,7 @@ def _meteor(hyps: list[str], refs: list[list[str]]) -> float | str:
     try:
         scorer = _meteor_scorer()
     except ImportError:
-        return "METEOR needs pycocoevalcap (pip install --no-deps pycocoevalcap==1.2, see requirements-assets.txt)"
+        return f"METEOR needs {_PYCOCOEVALCAP}"
     gts = {i: [_one_line(r) for r in rs] for i, rs in enumerate(refs)}
     res = {i: [_one_line(h)] for i, h in enumerate(hyps)}
     try:
@@ -152,7 +156,7 @@ def _cider(hyp_tokens: list[list[str]], ref_tokens: list[list[list[str]]]) -> fl
     try:
         from pycocoevalcap.cider.cider import Cider
     except ImportError:
-        return "CIDEr needs pycocoevalcap (pip install --no-deps pycocoevalcap==1.2, see requirements-assets.txt)"
+        return f"CIDEr needs {_PYCOCOEVALCAP}"
     # CIDEr-D (n = 4, σ = 6), TF-IDF weights from the references of this corpus: one input scores 0.
     gts = {i: [" ".join(r) for r in rs] for i, rs in enumerate(ref_tokens)}
     res = {i: [" ".join(h)] for i, h in enumerate(hyp_tokens)}
