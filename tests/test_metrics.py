@@ -12,6 +12,7 @@ from peftlab.metrics import (
     classification_metrics,
     exact_match,
     generation_metrics,
+    lower_and_tokenize,
     perplexity,
     trainer_compute_metrics,
 )
@@ -87,7 +88,7 @@ def test_unavailable_metrics_are_reported_not_raised():
     for name in ("meteor", "cider"):
         assert (name in result) != (name in result["skipped"])
     if "meteor" in result["skipped"]:
-        assert "WordNet" in result["skipped"]["meteor"]
+        assert "java" in result["skipped"]["meteor"]
     with pytest.raises(ValueError, match="one reference list per hypothesis"):
         generation_metrics(["a", "b"], [["a"]])
 
@@ -101,3 +102,61 @@ def test_exact_match():
 def test_perplexity():
     assert perplexity(math.log(10)) == pytest.approx(10)
     assert perplexity(0.0) == 1.0 and perplexity(1e6) == math.inf
+
+
+# -- multi-reference WebNLG / DART metrics: TER, chrF (sacrebleu), METEOR, CIDEr (pycocoevalcap) -------------------
+def test_identical_texts_score_bleu_100_ter_0_chrf_100():
+    hyps = ["the cat sat on the mat", "a dog ran in the park today"]
+    result = generation_metrics(hyps, [[h] for h in hyps])
+    assert (result["bleu"], result["ter"], result["chrf"]) == pytest.approx((100, 0, 100))
+    assert generation_metrics(["a b c"], [["x y z"]])["chrf"] == 0
+
+
+def test_ter_by_hand_and_its_best_reference():
+    # one substitution in 4 reference words: 1/4; the second reference is matched exactly: 0
+    assert generation_metrics(["a b c d"], [["a b x d"]])["ter"] == pytest.approx(25.0)
+    assert generation_metrics(["a b c d"], [["q r s", "a b c d"]])["ter"] == pytest.approx(0.0)
+
+
+def test_cider_by_hand_on_a_two_sentence_corpus():
+    pytest.importorskip("pycocoevalcap")
+    # CIDEr-D: n-gram vectors tf·idf with idf = log(2 / df) (2 inputs); an n-gram absent from the references
+    # has df 1. Input 1 ("a b" for "a b"): orders 1 and 2 have cosine 1, orders 3, 4 have no n-gram -> 0;
+    # score 10 · (1 + 1 + 0 + 0) / 4 = 5. Input 2 ("c e" for "c d"): unigrams {c, e} vs {c, d}, equal
+    # weights log 2: clipped dot product 1 · log²2 over norms 2 · log²2 -> 1/2; bigrams share nothing;
+    # 10 · (1/2) / 4 = 1.25. Equal lengths: no length penalty. Corpus CIDEr = (5 + 1.25) / 2.
+    assert generation_metrics(["a b", "c e"], [["a b"], ["c d"]])["cider"] == pytest.approx(3.125)
+    # an n-gram in every input's references has idf log(2/2) = 0 and counts for nothing
+    assert generation_metrics(["a b", "a b"], [["a b"], ["a b"]])["cider"] == pytest.approx(0.0)
+
+
+def test_meteor_runs_with_java_and_is_skipped_without(monkeypatch):
+    pytest.importorskip("pycocoevalcap")
+    import shutil
+
+    if shutil.which("java"):
+        same = generation_metrics(["the cat sat on the mat"], [["a dog", "the cat sat on the mat"]])
+        assert same["meteor"] == pytest.approx(100.0) and "meteor" not in same["skipped"]
+        assert generation_metrics(["q r s"], [["x y z"]])["meteor"] == 0
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    result = generation_metrics(["a b"], [["a b"]])
+    assert "meteor" not in result and "no `java` is on PATH" in result["skipped"]["meteor"]
+
+
+def test_without_pycocoevalcap_cider_is_skipped_with_the_reason(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pycocoevalcap.cider.cider", None)  # import fails
+    result = generation_metrics(["a b"], [["a b"]])
+    assert "cider" not in result and "pycocoevalcap==1.2" in result["skipped"]["cider"]
+
+
+def test_tokenize_lower_is_the_lora_repositorys_post_processing():
+    assert lower_and_tokenize("Aarhus Airport's runway is 2702.0 m.") == "aarhus airport ' s runway is 2702 . 0 m ."
+    # a case-different pair: the option makes it identical
+    hyps, refs = ["The Cat sat on the Mat."], [["the cat sat on the mat ."]]
+    plain, lowered = generation_metrics(hyps, refs), generation_metrics(hyps, refs, tokenize_lower=True)
+    # TER splits on spaces only: The→the, Cat→cat, Mat.→mat and "." inserted: 4 edits / 7 reference words
+    assert plain["bleu"] < 50 and plain["ter"] == pytest.approx(400 / 7) and plain["chrf"] < 100
+    assert (lowered["bleu"], lowered["ter"], lowered["chrf"]) == pytest.approx((100, 0, 100))
+    assert lowered["tokenize_lower"] is True and plain["tokenize_lower"] is False

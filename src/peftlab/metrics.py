@@ -1,10 +1,11 @@
-"""Task metrics, computed with maintained libraries (scikit-learn, scipy, sacrebleu, rouge-score, nltk).
+"""Task metrics, computed with maintained libraries (scikit-learn, scipy, sacrebleu, rouge-score, nltk,
+pycocoevalcap).
 
 * ``classification_metrics``: GLUE's metric per task (Matthews for CoLA, accuracy + F1 for MRPC/QQP,
   Pearson + Spearman for STS-B, accuracy otherwise); accuracy + macro F1 for other data sets.
-* ``generation_metrics``: the E2E NLG metrics. BLEU is sacrebleu's corpus BLEU (13a tokenisation),
-  NIST is nltk's (n = 5, on 13a tokens), ROUGE-L is rouge-score's F-measure, best over references.
-  METEOR (nltk) needs the WordNet corpus, which nltk cannot ship; CIDEr needs ``pycocoevalcap``.
+* ``generation_metrics``: the E2E / WebNLG / DART metrics, multi-reference. BLEU, TER and chrF are
+  sacrebleu's (13a tokenisation), NIST is nltk's (n = 5, on 13a tokens), ROUGE-L is rouge-score's F-measure,
+  best over references; METEOR and CIDEr are pycocoevalcap's (METEOR runs its jar: needs ``java``).
   A metric that cannot run is listed in ``skipped`` with the reason instead of failing.
 * ``exact_match``: final-answer accuracy for math (``The answer is: X`` / ``#### X`` / ``\\boxed{X}``), numbers
   compared by value and LaTeX answers as normalised strings (``peftlab.data.math.normalize_answer``).
@@ -15,7 +16,12 @@ CIDEr raw); classification metrics and ``exact_match`` are fractions in [0, 1].
 
 from __future__ import annotations
 
+import atexit
+import functools
 import math
+import re
+import shutil
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -91,27 +97,70 @@ def trainer_compute_metrics(task: str | None = None) -> Callable:
     return compute
 
 
-def _meteor(hyp_tokens: list[list[str]], ref_tokens: list[list[list[str]]]) -> float | str:
-    import nltk
+def lower_and_tokenize(text: str) -> str:
+    """Lower-case, then split every non-word character off: the LoRA repository's ``gpt2_decode.py --tokenize
+    --lower``, applied to hypotheses and references before its WebNLG / DART evaluation."""
+    return " ".join(" ".join(re.split(r"(\W)", text.lower())).split())
 
+
+_PYCOCOEVALCAP = "pycocoevalcap (pip install pycocoevalcap==1.2 pycocotools==2.0.11, as requirements.txt pins)"
+
+
+def _one_line(text: str) -> str:
+    """METEOR's jar reads one ``|||``-separated line per segment: no newlines, no ``|||`` inside a text."""
+    return " ".join(text.replace("|||", " ").split())
+
+
+@functools.cache
+def _meteor_scorer():
+    """pycocoevalcap's METEOR 1.5: a ``java -jar`` process kept for the session (its start, which loads the
+    paraphrase tables, takes 5-15 s)."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    scorer = Meteor()
+    atexit.register(_close_meteor, scorer)
+    return scorer
+
+
+def _close_meteor(scorer) -> None:
+    """End the jar's process and close its pipes (pycocoevalcap's ``__del__`` leaves two open)."""
+    process = scorer.meteor_p
+    process.kill()
+    process.wait()
+    for stream in (process.stdin, process.stdout, process.stderr):
+        stream.close()
+
+
+def _meteor(hyps: list[str], refs: list[list[str]]) -> float | str:
+    if shutil.which("java") is None:
+        return ("METEOR runs pycocoevalcap's meteor-1.5.jar and no `java` is on PATH "
+                "(install a Java runtime, e.g. apt-get install default-jre-headless)")
     try:
-        nltk.data.find("corpora/wordnet")  # also finds corpora/wordnet.zip
-    except LookupError:
-        return ("nltk's METEOR needs the WordNet corpus, which is not installed and cannot be fetched "
-                "offline (online: python -m nltk.downloader wordnet)")
-    from nltk.translate.meteor_score import meteor_score
+        scorer = _meteor_scorer()
+    except ImportError:
+        return f"METEOR needs {_PYCOCOEVALCAP}"
+    gts = {i: [_one_line(r) for r in rs] for i, rs in enumerate(refs)}
+    res = {i: [_one_line(h)] for i, h in enumerate(hyps)}
+    try:
+        if scorer.meteor_p.poll() is not None:
+            raise OSError(f"exit code {scorer.meteor_p.returncode}")
+        score = float(scorer.compute_score(gts, res)[0])
+    except (OSError, ValueError) as e:  # the process died (e.g. java could not reserve -Xmx2G)
+        _close_meteor(scorer)
+        scorer.lock = threading.Lock()  # compute_score left its lock held; Meteor.__del__ takes it again
+        _meteor_scorer.cache_clear()
+        return f"METEOR's java process failed ({type(e).__name__}: {e})"
+    return 100 * score
 
-    # Sentence-level METEOR averaged over the corpus (nltk has no corpus-level METEOR).
-    return 100 * float(np.mean([meteor_score(r, h) for h, r in zip(hyp_tokens, ref_tokens, strict=True)]))
 
-
-def _cider(hyps: list[str], refs: list[list[str]]) -> float | str:
+def _cider(hyp_tokens: list[list[str]], ref_tokens: list[list[list[str]]]) -> float | str:
     try:
         from pycocoevalcap.cider.cider import Cider
     except ImportError:
-        return "CIDEr needs pycocoevalcap (pip install pycocoevalcap==1.2; its CIDEr is pure Python)"
-    gts = {i: r for i, r in enumerate(refs)}
-    res = {i: [h] for i, h in enumerate(hyps)}
+        return f"CIDEr needs {_PYCOCOEVALCAP}"
+    # CIDEr-D (n = 4, σ = 6), TF-IDF weights from the references of this corpus: one input scores 0.
+    gts = {i: [" ".join(r) for r in rs] for i, rs in enumerate(ref_tokens)}
+    res = {i: [" ".join(h)] for i, h in enumerate(hyp_tokens)}
     return float(Cider().compute_score(gts, res)[0])
 
 
@@ -122,24 +171,36 @@ def reference_streams(references_list: Sequence[Sequence[str]]) -> list[list[str
     return [[rs[k] if k < len(rs) else None for rs in references_list] for k in range(depth)]
 
 
-def generation_metrics(hypotheses: Sequence[str], references_list: Sequence[Sequence[str]]) -> dict:
+def generation_metrics(hypotheses: Sequence[str], references_list: Sequence[Sequence[str]], *,
+                       tokenize_lower: bool = False) -> dict:
     """Corpus metrics of generated texts, each scored against one or more references.
 
-    Returns ``bleu`` (0-100), ``nist``, ``rouge_l`` (0-100), ``meteor`` (0-100) and ``cider`` when they
-    can run, and ``skipped``: ``{metric: reason}`` for those that cannot (e.g. METEOR without WordNet).
+    Returns ``bleu``, ``ter``, ``chrf`` (sacrebleu, 0-100; TER case-sensitive, chrF with β = 2 and
+    character n-grams up to 6), ``nist`` (nltk), ``rouge_l`` (rouge-score, best reference, 0-100),
+    ``meteor`` (METEOR 1.5, 0-100) and ``cider`` (CIDEr-D), both from pycocoevalcap, and ``skipped``:
+    ``{metric: reason}`` for those that cannot run (METEOR without ``java`` on PATH). With
+    ``tokenize_lower`` every text first goes through ``lower_and_tokenize`` (the papers' WebNLG / DART
+    evaluation); ``tokenize_lower`` is echoed in the result. TER is the slow one (sacrebleu's shift search,
+    per reference: ~20 ms an input for DART's many references on one CPU core).
     """
     import sacrebleu
     from nltk.translate.nist_score import corpus_nist
     from rouge_score import rouge_scorer
+    from sacrebleu.metrics import CHRF, TER
     from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
-    hyps = [str(h).strip() for h in hypotheses]
-    refs = [[str(r).strip() for r in rs] for rs in references_list]
+    prepare = lower_and_tokenize if tokenize_lower else str.strip
+    hyps = [prepare(str(h)) for h in hypotheses]
+    refs = [[prepare(str(r)) for r in rs] for rs in references_list]
     if len(hyps) != len(refs) or not hyps:
         raise ValueError(f"Need one reference list per hypothesis; got {len(hyps)} and {len(refs)}.")
     if any(not rs for rs in refs):
         raise ValueError("Every hypothesis needs at least one reference.")
-    result: dict = {"bleu": sacrebleu.corpus_bleu(hyps, reference_streams(refs)).score}
+    streams = reference_streams(refs)
+    # force: tokenised text is intended here, so sacrebleu's "forgot to detokenize?" warning is not
+    result: dict = {"bleu": sacrebleu.corpus_bleu(hyps, streams, force=tokenize_lower).score,
+                    "ter": TER(case_sensitive=True).corpus_score(hyps, streams).score,
+                    "chrf": CHRF().corpus_score(hyps, streams).score}
 
     tokenize = Tokenizer13a()
     hyp_tokens = [tokenize(h).split() for h in hyps]
@@ -152,11 +213,12 @@ def generation_metrics(hypotheses: Sequence[str], references_list: Sequence[Sequ
     result["rouge_l"] = 100 * float(np.mean([scorer.score_multi(rs, h)["rougeL"].fmeasure
                                              for h, rs in zip(hyps, refs, strict=True)]))
     skipped = {}
-    for name, value in (("meteor", _meteor(hyp_tokens, ref_tokens)), ("cider", _cider(hyps, refs))):
+    for name, value in (("meteor", _meteor(hyps, refs)), ("cider", _cider(hyp_tokens, ref_tokens))):
         if isinstance(value, str):
             skipped[name] = value
         else:
             result[name] = value
+    result["tokenize_lower"] = tokenize_lower
     result["skipped"] = skipped
     return result
 

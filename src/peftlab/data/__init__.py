@@ -4,7 +4,8 @@
 * ``generate_arithmetic``, ``generate_gsm_symbolic``, ``instruction_mixture``, ``read_instructions``:
   instruction tuning data (``read_instructions`` also reads MetaMathQA, GSM8K and MATH files).
 * ``extract_answer``, ``normalize_answer``, ``MATH_FORMATS``: math final answers (``data/math.py``).
-* ``read_e2e``, ``generate_e2e``: E2E data-to-text pairs.
+* ``read_e2e``, ``generate_e2e``: E2E data-to-text pairs; ``read_webnlg``, ``read_dart``, ``read_triples``:
+  WebNLG / DART files (triples → text) in the same ``mr``, ``ref`` columns.
 """
 
 from .cache import DataError, cache_dir
@@ -21,11 +22,13 @@ from .instructions import (
     read_instructions,
 )
 from .math import ANSWER_PREFIX, MATH_FORMATS, MathFormat, extract_answer, normalize_answer, parse_number
+from .triples import linearise, read_dart, read_triples, read_webnlg, triples_format
 
 __all__ = [
     "ANSWER_PREFIX", "INSTRUCTION_TASKS", "KNOWN_DATASETS", "MATH_FORMATS", "DataError", "MathFormat", "cache_dir",
     "encode_labels", "extract_answer", "file_format", "generate_arithmetic", "generate_e2e", "generate_format_tasks",
     "generate_gsm_symbolic", "generate_sentiment_instructions", "group_references", "instruction_mixture",
-    "label_names", "load_dataset", "normalize_answer", "parse_number", "parse_mr", "read_e2e", "read_instructions",
-    "read_json_records", "split_by_mr", "split_indices",
+    "label_names", "linearise", "load_dataset", "normalize_answer", "parse_number", "parse_mr", "read_dart",
+    "read_e2e", "read_instructions", "read_json_records", "read_triples", "read_webnlg", "split_by_mr",
+    "split_indices", "triples_format",
 ]

@@ -1,13 +1,18 @@
-"""Data-to-text generation (E2E / WebNLG / DART style, as in the LoRA and MTLoRA papers).
+"""Data-to-text generation (E2E / WebNLG / DART, as in the LoRA and MTLoRA papers).
 
 Data: E2E files (``meaning representation || reference`` lines, or the official CSV with ``mr``/``ref``
-columns; ``peftlab.data.read_e2e``), or ``e2e-synthetic`` (seeded restaurant MRs with 2-3 references
-each). Splits keep every MR with all its references in one split. The causal LM learns
-``<mr> ||`` → `` <reference><eos>`` (loss on the reference only, as in ``causal_lm``; label smoothing
-optional, the MTLoRA paper uses 0.1). Test MRs are decoded with beam search (``num_beams``,
+columns; ``peftlab.data.read_e2e``), WebNLG / DART JSON files of the LoRA repository's
+``examples/NLG/data`` (a JSON object: ``webnlg_challenge_2017/*.json``; a JSON array:
+``dart/dart-v1.1.1-full-*.json``; ``peftlab.data.read_triples``, triples linearised as
+``subject : predicate : object | …``), or ``e2e-synthetic`` (seeded restaurant MRs with 2-3 references
+each). Splits keep every input with all its references in one split. The causal LM learns
+``<input> ||`` → `` <reference><eos>`` (loss on the reference only, as in ``causal_lm``; label smoothing
+optional, the MTLoRA paper uses 0.1). Test inputs are decoded with beam search (``num_beams``,
 ``length_penalty``, ``no_repeat_ngram_size``; the paper's 10 / 0.9 / 4 by default) and scored against all
-their references with ``peftlab.metrics.generation_metrics``: BLEU, NIST, ROUGE-L, and METEOR / CIDEr
-when their offline dependencies exist; otherwise the metric is listed under ``skipped`` with the reason.
+their references with ``peftlab.metrics.generation_metrics``: BLEU, TER, chrF, NIST, ROUGE-L, METEOR (when
+``java`` is on PATH; otherwise listed under ``skipped`` with the reason) and CIDEr. WebNLG and DART
+outputs and references are lower-cased and tokenised first, as the LoRA repository's evaluation does
+(``gpt2_decode.py --tokenize --lower``); E2E texts are scored as they are.
 """
 
 from __future__ import annotations
@@ -42,24 +47,34 @@ def _reference(row: dict[str, Any]) -> str:
     return " " + row["ref"].strip()
 
 
+def data_format(name: str) -> str:
+    """``"webnlg"``, ``"dart"`` (JSON files, told apart by their shape) or ``"e2e"`` (anything else)."""
+    from peftlab.data import triples_format
+
+    path = Path(name).expanduser()
+    return (triples_format(path) if path.is_file() else None) or "e2e"
+
+
 def load_pairs(name: str, split_seed: int = 0):
-    """A ``DatasetDict`` (train/validation/test) of ``{mr, ref}`` rows, every MR in one split."""
-    from peftlab.data import DataError, generate_e2e, read_e2e, split_by_mr
+    """A ``DatasetDict`` (train/validation/test) of ``{mr, ref}`` rows, every input in one split."""
+    from peftlab.data import DataError, generate_e2e, read_e2e, read_triples, split_by_mr
 
     if name in NAMED_DATA:
         pairs = generate_e2e(GENERATED_MRS, seed=split_seed)
     elif Path(name).expanduser().is_file():
-        pairs = read_e2e(Path(name).expanduser())
+        path = Path(name).expanduser()
+        pairs = read_e2e(path) if data_format(name) == "e2e" else read_triples(path)
     else:
         raise DataError(
-            f"unknown data-to-text data {name!r}; known: {', '.join(NAMED_DATA)}, or an E2E file "
-            "('mr || reference' lines, or a CSV with columns mr, ref)"
+            f"unknown data-to-text data {name!r}; known: {', '.join(NAMED_DATA)}, an E2E file "
+            "('mr || reference' lines, or a CSV with columns mr, ref), or a WebNLG / DART JSON file"
         )
     return split_by_mr(pairs, seed=split_seed)
 
 
 def evaluate_generations(model, tokenizer, pairs, options: RunOptions) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Beam-search outputs for every distinct MR of ``pairs``, scored against all its references."""
+    """Beam-search outputs for every distinct input of ``pairs``, scored against all its references
+    (lower-cased and tokenised first for WebNLG and DART, as the papers' evaluation does)."""
     from peftlab.data import group_references
     from peftlab.metrics import generation_metrics
 
@@ -72,7 +87,8 @@ def evaluate_generations(model, tokenizer, pairs, options: RunOptions) -> tuple[
     references = list(grouped["references"])
     rows = [{"mr": mr, "hypothesis": h, "references": refs}
             for mr, h, refs in zip(grouped["mr"], hypotheses, references, strict=True)]
-    return generation_metrics(hypotheses, references), rows
+    tokenize_lower = data_format(options.data) in ("webnlg", "dart")
+    return generation_metrics(hypotheses, references, tokenize_lower=tokenize_lower), rows
 
 
 def _test_pairs(pairs, limit: int | None, seed: int):
@@ -106,8 +122,9 @@ def train(options: RunOptions, checkpoint: str | None) -> dict[str, Any]:
 
 
 def summary(scores: dict[str, Any]) -> str:
-    """``BLEU 12.34, NIST 1.23, ...; skipped: METEOR (reason)`` for printing."""
-    names = {"bleu": "BLEU", "nist": "NIST", "rouge_l": "ROUGE-L", "meteor": "METEOR", "cider": "CIDEr"}
+    """``BLEU 12.34, TER 56.78, ...; skipped: METEOR (reason)`` for printing."""
+    names = {"bleu": "BLEU", "ter": "TER", "chrf": "chrF", "nist": "NIST", "rouge_l": "ROUGE-L", "meteor": "METEOR",
+             "cider": "CIDEr"}
     text = ", ".join(f"{label} {scores[key]:.2f}" for key, label in names.items() if key in scores)
     skipped = scores.get("skipped") or {}
     if skipped:

@@ -1,0 +1,104 @@
+"""WebNLG and DART (triples → text): readers for the JSON files of the LoRA / MTLoRA repositories.
+
+Two formats, as shipped in the LoRA repository's ``examples/NLG/data`` (the user brings the files):
+
+* WebNLG 2017 (``webnlg_challenge_2017/{train,dev,test}.json``): ``{"entries": [{"1": {"category": …,
+  "modifiedtripleset": [{"subject", "property", "object"}, …], "lexicalisations": [{"lex", "comment"}, …]}},
+  {"2": {…}}, …]}``. As the repository's ``src/format_converting_webnlg.py`` does, only lexicalisations
+  whose ``comment`` is ``"good"`` are kept (a missing comment counts as good).
+* DART (``dart/dart-v1.1.1-full-{train,dev,test}.json``): ``[{"tripleset": [[s, p, o], …],
+  "annotations": [{"source", "text"}, …]}, …]``. As ``src/format_converting_dart.py`` does, the
+  predicate is lower-cased.
+
+Triples are linearised as the conversion scripts do: ``subject : predicate : object | subject : …``.
+Rows have the E2E columns (``mr`` = the linearised triples, ``ref`` = one reference), so
+``group_references`` and ``split_by_mr`` keep every input with all its references in one split.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets as hf
+
+from .cache import DataError
+
+_FEATURES = hf.Features({"mr": hf.Value("string"), "ref": hf.Value("string")})
+WEBNLG_SHAPE = '{"entries": [{"1": {"modifiedtripleset": [{subject, property, object}], "lexicalisations": [{lex}]}}]}'
+DART_SHAPE = '[{"tripleset": [[subject, predicate, object]], "annotations": [{source, text}]}]'
+
+
+def linearise(triples: Iterable[Sequence[str]]) -> str:
+    """``subject : predicate : object | …``, the LoRA repository's input layout for WebNLG and DART."""
+    return " | ".join(f"{s} : {p} : {o}" for s, p, o in triples)
+
+
+def triples_format(path: str | Path) -> str | None:
+    """``"webnlg"`` (a JSON object), ``"dart"`` (a JSON array) or ``None`` (not JSON: an E2E file).
+
+    Only the first character is looked at; the readers check the whole shape.
+    """
+    with open(path, encoding="utf-8-sig") as f:
+        head = f.read(4096).lstrip()
+    return {"{": "webnlg", "[": "dart"}.get(head[:1])
+
+
+def _load_json(path: Path, kind: str, shape: str) -> Any:
+    if not path.is_file():
+        raise DataError(f"No such {kind} file: {path}.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} is not valid JSON ({e}); a {kind} file looks like {shape}.") from None
+
+
+def _dataset(path: Path, kind: str, rows: list[dict[str, str]]) -> hf.Dataset:
+    if not rows:
+        raise DataError(f"{path} holds no {kind} input with a reference.")
+    return hf.Dataset.from_list(rows, features=_FEATURES)
+
+
+def read_webnlg(path: str | Path) -> hf.Dataset:
+    """WebNLG 2017 JSON (the LoRA repository's layout) → ``Dataset`` with ``mr``, ``ref`` (one row per reference)."""
+    path = Path(path)
+    data = _load_json(path, "WebNLG", WEBNLG_SHAPE)
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
+        raise DataError(f"{path} is not a WebNLG file: expected {WEBNLG_SHAPE}.")
+    rows = []
+    for i, wrapper in enumerate(data["entries"], 1):
+        try:
+            (entry,) = wrapper.values()  # {"<id>": {...}}
+            mr = linearise((t["subject"], t["property"], t["object"]) for t in entry["modifiedtripleset"])
+            refs = [lex["lex"] for lex in entry["lexicalisations"] if lex.get("comment", "good") == "good"]
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise DataError(f"{path}: entry {i} is not a WebNLG entry; expected {WEBNLG_SHAPE}.") from None
+        rows += [{"mr": mr, "ref": str(ref).strip()} for ref in refs]
+    return _dataset(path, "WebNLG", rows)
+
+
+def read_dart(path: str | Path) -> hf.Dataset:
+    """DART JSON (``dart-v1.1.1-full-*.json``) → ``Dataset`` with ``mr``, ``ref`` (one row per reference)."""
+    path = Path(path)
+    data = _load_json(path, "DART", DART_SHAPE)
+    if not isinstance(data, list):
+        raise DataError(f"{path} is not a DART file: expected {DART_SHAPE}.")
+    rows = []
+    for i, entry in enumerate(data, 1):
+        try:
+            mr = linearise((s, p.lower(), o) for s, p, o in entry["tripleset"])
+            refs = [a["text"] for a in entry["annotations"]]
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise DataError(f"{path}: entry {i} is not a DART entry; expected {DART_SHAPE}.") from None
+        rows += [{"mr": mr, "ref": str(ref).strip()} for ref in refs]
+    return _dataset(path, "DART", rows)
+
+
+def read_triples(path: str | Path) -> hf.Dataset:
+    """A WebNLG or DART file, the reader picked by its shape (a JSON object or a JSON array)."""
+    kind = triples_format(path)
+    if kind is None:
+        raise DataError(f"{path} is neither a WebNLG file ({WEBNLG_SHAPE}) nor a DART file ({DART_SHAPE}).")
+    return read_webnlg(path) if kind == "webnlg" else read_dart(path)
