@@ -46,8 +46,10 @@ def recipe(task: str) -> ModuleType:
         from peftlab.recipes import causal_lm as module
     elif task == "data-to-text":
         from peftlab.recipes import data_to_text as module
+    elif task == "multiple-choice":  # evaluation only
+        from peftlab.recipes import multiple_choice as module
     else:
-        raise RecipeError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
+        raise RecipeError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}, and multiple-choice for eval")
     return module
 
 
@@ -56,11 +58,13 @@ def train(options: RunOptions) -> dict[str, Any]:
     return recipe(options.task).train(options)
 
 
-def task_of(folder: str | os.PathLike, task: str | None = None) -> str:
+def task_of(folder: str | os.PathLike | None, task: str | None = None) -> str:
     """The task of a trained run: given, recorded in ``run_config.json``, or guessed from the saved files."""
-    folder = Path(folder)
     if task:
         return task
+    if folder is None:
+        raise RecipeError("no run folder given: pass one (--adapter), or --task multiple-choice to score a base model")
+    folder = Path(folder)
     if not folder.is_dir():
         raise RecipeError(f"{folder} is not a folder; pass a run's output folder (adapter or model)")
     options = saved_run_options(folder)
@@ -75,6 +79,8 @@ def task_of(folder: str | os.PathLike, task: str | None = None) -> str:
     raise RecipeError(f"{folder} holds neither an adapter ({io.CONFIG_NAME}) nor a model (config.json)")
 
 
-def evaluate(folder: str | os.PathLike, task: str | None = None, **kwargs: Any) -> dict[str, Any]:
-    """Metrics of a trained run (``peftlab eval``): see each recipe's ``evaluate`` for ``kwargs``."""
+def evaluate(folder: str | os.PathLike | None, task: str | None = None, **kwargs: Any) -> dict[str, Any]:
+    """Metrics of a trained run (``peftlab eval``): see each recipe's ``evaluate`` for ``kwargs``.
+
+    ``task="multiple-choice"`` also scores a base model: ``folder=None`` with ``model=NAME``."""
     return recipe(task_of(folder, task)).evaluate(folder, **kwargs)
