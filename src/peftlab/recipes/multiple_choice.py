@@ -155,13 +155,14 @@ def accuracy_table(predictions: Sequence[int], answers: Sequence[int], subjects:
     table = {s: {"accuracy": sum(hits) / len(hits), "correct": sum(hits), "num_questions": len(hits)}
              for s, hits in per.items()}
     correct = sum(row["correct"] for row in table.values())
-    return {"accuracy": sum(row["accuracy"] for row in table.values()) / len(table),
-            "accuracy_macro": sum(row["accuracy"] for row in table.values()) / len(table),
-            "accuracy_micro": correct / len(predictions), "correct": correct, "by_subject": table}
+    macro = sum(row["accuracy"] for row in table.values()) / len(table)
+    return {"accuracy": macro, "accuracy_macro": macro, "accuracy_micro": correct / len(predictions),
+            "correct": correct, "by_subject": table}
 
 
 # -- the recipe --------------------------------------------------------------------------------------------------
 def train(options) -> dict[str, Any]:
+    """Refused: multiple-choice is scored, not trained (``recipe(task).train``)."""
     raise RecipeError(f"{TASK} is an evaluation task (peftlab eval --task {TASK}); train with --task causal-lm")
 
 
