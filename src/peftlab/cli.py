@@ -55,6 +55,13 @@ def _yaml_value(text: str) -> Any:
     return yaml.safe_load(text)
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
 def _key_value(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -158,17 +165,27 @@ def _adapter_to_folder_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_flags(p: argparse.ArgumentParser) -> None:
+    from peftlab.recipes.multiple_choice import CONTINUATIONS, TASK
     from peftlab.recipes.options import SPLITS, RunOptions
 
-    p.add_argument("--adapter", help="the run's output folder (adapter or full model)")
-    p.add_argument("--task", help="task, when the folder does not record it")
+    p.add_argument("--adapter", help="the run's output folder (adapter or full model); optional with --task " + TASK)
+    p.add_argument("--task", help=f"task, when the folder does not record it; {TASK}: accuracy on MMLU-style "
+                   "questions, each option scored by log-likelihood (a base --model, or any --adapter run)")
     p.add_argument("--split", choices=SPLITS, help="split to score (default test)")
-    p.add_argument("--max-samples", type=_positive_int, help="score at most N examples")
+    p.add_argument("--max-samples", type=_positive_int, help=f"score at most N examples ({TASK}: per subject)")
     p.add_argument("--batch-size", type=_positive_int, help="evaluation batch size")
     p.add_argument("--output", metavar="FILE.json", help="also write the metrics to this JSON file")
     add_field_flags(p, RunOptions, include=("model", "data", "text_column", "label_column", *GENERATION_FIELDS),
-                    help={"model": "base model (default: the one the adapter was trained on)",
-                          "data": "data set name or file (default: the training data's test split)"})
+                    help={"model": "base model (default: the one the adapter was trained on; "
+                                   f"{TASK} without --adapter: smollm2-135m)",
+                          "data": "data set name or file (default: the training data's test split; "
+                                  f"{TASK}: mmlu, or a .jsonl/.csv file with its columns)"})
+    group = p.add_argument_group(TASK)
+    group.add_argument("--subjects", help="comma-separated subjects, e.g. anatomy,high_school_biology (default all)")
+    group.add_argument("--shots", type=_non_negative_int, help="answered examples before each question: the "
+                       "subject's first dev rows, else its first questions, then not scored (default 0)")
+    group.add_argument("--continuation", choices=CONTINUATIONS, help="what is scored after 'Answer:': the option's "
+                       "letter (OpenCompass MMLU PPL) or its text (default letter)")
 
 
 def _compare_flags(p: argparse.ArgumentParser) -> None:
@@ -221,7 +238,7 @@ def build_parser() -> Parser:
     return parser
 
 
-REQUIRED = {"eval": ("adapter",), "merge": ("adapter", "out"), "export": ("adapter", "out")}
+REQUIRED = {"merge": ("adapter", "out"), "export": ("adapter", "out")}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -307,20 +324,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """metrics of a saved adapter (or model)
 
     Evaluate a trained run; by default with the model, data and split options it was trained with,
-    on the test split.
+    on the test split. --task multiple-choice scores MMLU-style questions by the log-likelihood of each
+    option (a base --model or any run), with per-subject, macro and micro accuracy.
     """
-    from peftlab.recipes import evaluate
+    from peftlab.recipes import evaluate, summary_line
 
-    names = ("text_column", "label_column", *GENERATION_FIELDS)
-    overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    names = ("text_column", "label_column", *GENERATION_FIELDS, "subjects", "shots", "continuation")
+    changes = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     metrics = evaluate(args.adapter, task=args.task, model=args.model, data=args.data, split=args.split or "test",
-                       max_samples=args.max_samples, batch_size=args.batch_size, **overrides)
-    split = metrics["split"]
-    value = metrics[split].get(metrics["metric"])
+                       max_samples=args.max_samples, batch_size=args.batch_size, **changes)
     print(json.dumps(metrics, indent=2, default=str))
-    print(f"{split} {metrics['metric']} of {args.adapter} on {metrics['data']}: "
-          f"{f'{value:.4f}' if isinstance(value, float) else value} "
-          f"({metrics.get('num_examples', metrics.get('num_mrs'))} examples)")
+    print(summary_line(metrics, args.adapter))
     if args.output:
         from peftlab import io
 

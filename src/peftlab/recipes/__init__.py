@@ -29,8 +29,11 @@ from peftlab.errors import RecipeError
 from peftlab.layers import CLASSIFIER_HEADS
 from peftlab.recipes.adapters import method_spec, method_specs
 from peftlab.recipes.compare import compare
+from peftlab.recipes.multiple_choice import TASK as MULTIPLE_CHOICE  # an evaluation task only
 from peftlab.recipes.options import TASKS, RunOptions, check_split, eval_options
 from peftlab.recipes.rundir import check_trained, is_adapter_dir, saved_run_options
+
+MULTIPLE_CHOICE_OPTIONS = ("subjects", "shots", "continuation")
 
 __all__ = [
     "TASKS", "RecipeError", "RunOptions", "compare", "evaluate", "method_spec", "method_specs", "recipe", "task_of",
@@ -46,8 +49,10 @@ def recipe(task: str) -> ModuleType:
         from peftlab.recipes import causal_lm as module
     elif task == "data-to-text":
         from peftlab.recipes import data_to_text as module
+    elif task == "multiple-choice":  # evaluation only
+        from peftlab.recipes import multiple_choice as module
     else:
-        raise RecipeError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}")
+        raise RecipeError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}, and multiple-choice for eval")
     return module
 
 
@@ -56,11 +61,13 @@ def train(options: RunOptions) -> dict[str, Any]:
     return recipe(options.task).train(options)
 
 
-def task_of(folder: str | os.PathLike, task: str | None = None) -> str:
+def task_of(folder: str | os.PathLike | None, task: str | None = None) -> str:
     """The task of a trained run: given, recorded in ``run_config.json``, or guessed from the saved files."""
-    folder = Path(folder)
     if task:
         return task
+    if folder is None:
+        raise RecipeError("no run folder given: pass one (--adapter), or --task multiple-choice to score a base model")
+    folder = Path(folder)
     if not folder.is_dir():
         raise RecipeError(f"{folder} is not a folder; pass a run's output folder (adapter or model)")
     options = saved_run_options(folder)
@@ -76,7 +83,7 @@ def task_of(folder: str | os.PathLike, task: str | None = None) -> str:
 
 
 def evaluate(
-    folder: str | os.PathLike,
+    folder: str | os.PathLike | None,
     task: str | None = None,
     split: str = "test",
     max_samples: int | None = None,
@@ -88,9 +95,35 @@ def evaluate(
     The run is scored with the options it was trained with (``run_config.json``), so by default the numbers
     equal the ``test`` entry of its ``metrics.json``; ``changes`` (``model``, ``data``, ``text_column``,
     generation options, ...) and ``batch_size`` replace them, ``None`` keeps them.
+    ``task="multiple-choice"`` scores any model, a run's or a base model (``folder=None``, ``model=NAME``), on
+    questions that are not its training data: see :func:`peftlab.recipes.multiple_choice.evaluate`.
     """
-    check_trained(folder)
+    if folder is None and task != MULTIPLE_CHOICE:
+        raise RecipeError(f"the following arguments are required: --adapter (optional only with --task "
+                          f"{MULTIPLE_CHOICE})")
     task = task_of(folder, task)
+    if task == MULTIPLE_CHOICE:
+        from peftlab.recipes import multiple_choice
+
+        return multiple_choice.evaluate(folder, split=split, max_samples=max_samples, batch_size=batch_size,
+                                        **changes)
+    own = [k for k in MULTIPLE_CHOICE_OPTIONS if changes.pop(k, None) is not None]
+    if own:
+        raise RecipeError(f"{', '.join('--' + k for k in own)} apply only to --task {MULTIPLE_CHOICE}")
+    check_trained(folder)
     check_split(split)
     options = eval_options(folder, task, saved_run_options(folder), {**changes, "eval_batch_size": batch_size})
     return recipe(task).evaluate(folder, options, split, max_samples)
+
+
+def summary_line(metrics: dict[str, Any], folder: str | os.PathLike | None) -> str:
+    """One line for the end of ``peftlab eval``: the main metric on the split."""
+    split = metrics["split"]
+    if metrics["task"] == MULTIPLE_CHOICE:
+        from peftlab.recipes.multiple_choice import summary
+
+        return summary(metrics, folder)
+    value = metrics[split].get(metrics["metric"])
+    return (f"{split} {metrics['metric']} of {folder} on {metrics['data']}: "
+            f"{f'{value:.4f}' if isinstance(value, float) else value} "
+            f"({metrics.get('num_examples', metrics.get('num_mrs'))} examples)")
