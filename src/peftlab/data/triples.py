@@ -61,39 +61,44 @@ def _dataset(path: Path, kind: str, rows: list[dict[str, str]]) -> hf.Dataset:
     return hf.Dataset.from_list(rows, features=_FEATURES)
 
 
+def _read(path: str | Path, kind: str, shape: str, entries: Any, parse: Any) -> hf.Dataset:
+    """Rows ``{mr, ref}`` of a triples file: ``entries(data)`` lists its entries (``None``: not this format),
+    ``parse(entry)`` gives one entry's linearised input and references."""
+    path = Path(path)
+    items = entries(_load_json(path, kind, shape))
+    if items is None:
+        raise DataError(f"{path} is not a {kind} file: expected {shape}.")
+    rows = []
+    for i, entry in enumerate(items, 1):
+        try:
+            mr, refs = parse(entry)
+        except (AttributeError, KeyError, TypeError, ValueError):
+            raise DataError(f"{path}: entry {i} is not a {kind} entry; expected {shape}.") from None
+        rows += [{"mr": mr, "ref": str(ref).strip()} for ref in refs]
+    return _dataset(path, kind, rows)
+
+
+def _webnlg_entry(wrapper: dict[str, Any]) -> tuple[str, list[str]]:
+    (entry,) = wrapper.values()  # {"<id>": {...}}
+    mr = linearise((t["subject"], t["property"], t["object"]) for t in entry["modifiedtripleset"])
+    return mr, [lex["lex"] for lex in entry["lexicalisations"] if lex.get("comment", "good") == "good"]
+
+
+def _dart_entry(entry: dict[str, Any]) -> tuple[str, list[str]]:
+    mr = linearise((s, p.lower(), o) for s, p, o in entry["tripleset"])
+    return mr, [a["text"] for a in entry["annotations"]]
+
+
 def read_webnlg(path: str | Path) -> hf.Dataset:
     """WebNLG 2017 JSON (the LoRA repository's layout) → ``Dataset`` with ``mr``, ``ref`` (one row per reference)."""
-    path = Path(path)
-    data = _load_json(path, "WebNLG", WEBNLG_SHAPE)
-    if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
-        raise DataError(f"{path} is not a WebNLG file: expected {WEBNLG_SHAPE}.")
-    rows = []
-    for i, wrapper in enumerate(data["entries"], 1):
-        try:
-            (entry,) = wrapper.values()  # {"<id>": {...}}
-            mr = linearise((t["subject"], t["property"], t["object"]) for t in entry["modifiedtripleset"])
-            refs = [lex["lex"] for lex in entry["lexicalisations"] if lex.get("comment", "good") == "good"]
-        except (AttributeError, KeyError, TypeError, ValueError):
-            raise DataError(f"{path}: entry {i} is not a WebNLG entry; expected {WEBNLG_SHAPE}.") from None
-        rows += [{"mr": mr, "ref": str(ref).strip()} for ref in refs]
-    return _dataset(path, "WebNLG", rows)
+    return _read(path, "WebNLG", WEBNLG_SHAPE,
+                 lambda d: d["entries"] if isinstance(d, dict) and isinstance(d.get("entries"), list) else None,
+                 _webnlg_entry)
 
 
 def read_dart(path: str | Path) -> hf.Dataset:
     """DART JSON (``dart-v1.1.1-full-*.json``) → ``Dataset`` with ``mr``, ``ref`` (one row per reference)."""
-    path = Path(path)
-    data = _load_json(path, "DART", DART_SHAPE)
-    if not isinstance(data, list):
-        raise DataError(f"{path} is not a DART file: expected {DART_SHAPE}.")
-    rows = []
-    for i, entry in enumerate(data, 1):
-        try:
-            mr = linearise((s, p.lower(), o) for s, p, o in entry["tripleset"])
-            refs = [a["text"] for a in entry["annotations"]]
-        except (AttributeError, KeyError, TypeError, ValueError):
-            raise DataError(f"{path}: entry {i} is not a DART entry; expected {DART_SHAPE}.") from None
-        rows += [{"mr": mr, "ref": str(ref).strip()} for ref in refs]
-    return _dataset(path, "DART", rows)
+    return _read(path, "DART", DART_SHAPE, lambda d: d if isinstance(d, list) else None, _dart_entry)
 
 
 def read_triples(path: str | Path) -> hf.Dataset:
