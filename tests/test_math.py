@@ -239,3 +239,14 @@ def test_train_on_gsm_symbolic_reports_exact_match(tiny_math_lm, tmp_path):
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(extract_answer(r["reference"]) is not None for r in rows)
     assert all(r["reference"].splitlines()[-1].startswith("#### ") for r in rows)
+
+
+def test_gsm_symbolic_has_its_own_length_defaults_and_flags_win():
+    from peftlab.recipes.options import RunOptions
+
+    worked = RunOptions(task="causal-lm", data="gsm-symbolic", method="lora").resolved()
+    assert (worked.max_length, worked.max_new_tokens) == (512, 256)  # solutions are long: 64 tokens cut them
+    plain = RunOptions(task="causal-lm", method="lora").resolved()
+    assert (plain.data, plain.max_length, plain.max_new_tokens) == ("arithmetic", 256, 64)
+    given = RunOptions(task="causal-lm", data="gsm-symbolic", method="lora", max_new_tokens=32).resolved()
+    assert (given.max_length, given.max_new_tokens) == (512, 32)

@@ -22,11 +22,15 @@ TASKS = ("classification", "causal-lm", "data-to-text")
 SPLITS = ("test", "validation", "train")
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "classification": {"model": "minilm", "data": "movie-snippets", "max_length": 64, "batch_size": 32,
-                       "num_beams": 1},
+                       "num_beams": 1, "max_new_tokens": 64},
     "causal-lm": {"model": "smollm2-135m", "data": "arithmetic", "max_length": 256, "batch_size": 8,
-                  "max_test_samples": 200, "num_beams": 1},
+                  "max_test_samples": 200, "num_beams": 1, "max_new_tokens": 64},
     "data-to-text": {"model": "smollm2-135m", "data": "e2e-synthetic", "max_length": 128, "batch_size": 8,
-                     "max_test_samples": 100, "num_beams": 10},
+                     "max_test_samples": 100, "num_beams": 10, "max_new_tokens": 64},
+}
+# Defaults of named data sets that need more than their task's (worked math solutions are long).
+DATA_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gsm-symbolic": {"max_length": 512, "max_new_tokens": 256},
 }
 # Options that do not change what a run computes until it stops: they may differ when resuming.
 NOT_IDENTITY = frozenset({
@@ -96,7 +100,7 @@ class RunOptions:
                                 flag="--no-initial-eval")
     keep_checkpoints: bool = option(True, "", TRAINING, cli=False)
 
-    max_new_tokens: int = option(64, "tokens generated per example", GENERATION)
+    max_new_tokens: int | None = option(None, "tokens generated per example", GENERATION)
     num_beams: int | None = option(None, "beam size", GENERATION)
     length_penalty: float = option(0.9, "beam-search length penalty", GENERATION)
     no_repeat_ngram_size: int = option(4, "forbid repeated n-grams in beam search", GENERATION)
@@ -108,7 +112,7 @@ class RunOptions:
         if self.task not in TASKS:
             raise RecipeError(f"unknown task {self.task!r}; known tasks: {', '.join(TASKS)}")
         out = dataclasses.replace(self, adapter_args=dict(self.adapter_args))
-        for key, value in TASK_DEFAULTS[self.task].items():
+        for key, value in {**TASK_DEFAULTS[self.task], **DATA_DEFAULTS.get(str(out.data or ""), {})}.items():
             if getattr(out, key) is None:
                 setattr(out, key, value)
         if out.output_dir is None:
