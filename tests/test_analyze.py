@@ -38,6 +38,7 @@ def lora_runs(root: Path, d: int = 16, r: int = 2) -> list[Path]:
             for i, layer in enumerate(LAYERS):
                 tensors[f"{layer}.lora_A"] = torch.randn(r, d, generator=gen)
                 tensors[f"{layer}.lora_B"] = directions[group][i] + 0.05 * torch.randn(d, r, generator=gen)
+            tensors["classifier.weight"] = torch.randn(2 + seed, d, generator=gen)  # modules_to_save: left out
             folders.append(write_adapter(root / f"{group}-{seed}", tensors, data=group))
     return folders
 
@@ -89,6 +90,8 @@ def test_analyze_lora_separates_b_not_a(tmp_path, capsys):
     assert set(a["per_layer"]) == set(LAYERS)
     assert 0.8 < a["mean"]["ratio"] < 1.25  # A: random per run, whatever the group
     assert b["mean"]["ratio"] > 10 and b["mean"]["within"] < 0.05  # B: its group's direction
+    pairs = b["run_pairs"]
+    assert len(pairs) == 4 and pairs[0][0] == pytest.approx(0, abs=1e-6) and pairs[0][1] < 0.05 < pairs[0][2]
     printed = capsys.readouterr().out
     assert "A: within-group" in printed and "B: within-group" in printed and "analysis.json" in printed
 

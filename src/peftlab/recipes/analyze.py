@@ -12,7 +12,8 @@ head, MTLoRA's A, B and transform C / D), per role (A, B, …):
 - distances: cosine distance 1 − cos(u, v) of the original (not projected) vectors, per layer, between
   vectors of *different runs*: "within" averages the pairs whose runs share a group, "between" the pairs of
   different groups; ratio = between / within (≈ 1: the groups do not separate; ≫ 1: they do). "mean":
-  the mean over layers of within and of between, and their ratio.
+  the mean over layers of within and of between, and their ratio. "run_pairs": the run × run matrix of mean
+  distances (rows in the order of "runs"), which shows the pairs behind those means.
 - t-SNE (scikit-learn, 2-d, ``random_state=0``, perplexity min(30, n − 1)) of all vectors of all runs and
   layers, each normalised to unit length (zero-padded to the longest when layers differ in shape).
 
@@ -159,11 +160,16 @@ def load_runs(folders: list[str], groups: list[str] | None = None) -> list[Run]:
 
 
 def shared_layers(runs: list[Run]) -> list[str]:
-    """The layers present in every run, in the first run's order."""
+    """The adapted layers present in every run, in the first run's order: those with low-rank factors (HRA: with
+    reflection vectors), not the fully trained ``modules_to_save`` (a classifier head)."""
     common = set.intersection(*(set(run.layers) for run in runs))
-    if not common:
-        raise RecipeError("the runs share no adapted layer; analyze compares runs of the same model and targets")
-    return [m for m in runs[0].layers if m in common]
+    adapter_cls = ADAPTERS.get(runs[0].method)
+    found = [m for m in runs[0].layers if m in common and ("hra_u" in runs[0].layers[m] or (
+        adapter_cls is not None and adapter_cls.low_rank_factors(runs[0].layers[m])))]
+    if not found:
+        raise RecipeError("the runs share no adapted layer with low-rank factors; analyze compares runs of the same "
+                          "model and targets, of a method with factors (lora, hydralora, mtlora) or hra")
+    return found
 
 
 # -- the two analyses -----------------------------------------------------------------------------------------------
@@ -185,10 +191,25 @@ def factor_analysis(runs: list[Run]) -> tuple[dict[str, Any], dict[str, Any]]:
         for module, items in layers.items():
             per_layer[module] = group_distances(padded([m for m, _ in items]), [runs[i].group for _, i in items],
                                                 [i for _, i in items])
-        numbers[role] = {"mean": mean_over_layers(per_layer), "per_layer": per_layer}
+        numbers[role] = {"mean": mean_over_layers(per_layer), "per_layer": per_layer,
+                         "run_pairs": run_pair_distances(layers, len(runs))}
         items = [item for entries in layers.values() for item in entries]
         points[role] = (tsne_2d(padded([m for m, _ in items])), [runs[i].group for _, i in items])
     return numbers, points
+
+
+def run_pair_distances(layers: dict[str, list[tuple[Tensor, int]]], n: int) -> list[list[float | None]]:
+    """Run × run: the mean cosine distance between their matrices, over layers (and heads); shows which pairs
+    make the within / between means (e.g. runs of one seed sharing their initial A)."""
+    sums, counts = torch.zeros(n, n, dtype=torch.float64), torch.zeros(n, n)
+    for items in layers.values():
+        d = cosine_distances(padded([m for m, _ in items]))
+        for i, (_, a) in enumerate(items):
+            for j, (_, b) in enumerate(items):
+                sums[a, b] += d[i, j]
+                counts[a, b] += 1
+    return [[round(float(s / c), 6) if c else None for s, c in zip(srow, crow, strict=True)]
+            for srow, crow in zip(sums, counts, strict=True)]
 
 
 def reflection_analysis(runs: list[Run]) -> dict[str, Any]:
