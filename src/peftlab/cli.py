@@ -384,11 +384,13 @@ def _analyze_flags(p: argparse.ArgumentParser) -> None:
 def cmd_analyze(args: argparse.Namespace) -> int:
     """t-SNE of the A and B factors of runs on different tasks (HydraLoRA's study); HRA: its reflections
 
-    Write analysis.json (cosine distances within and between groups, per layer) and analysis.png to --out.
+    Write analysis.json (cosine distances of the factors within and between groups, per layer) and analysis.png
+    (t-SNE panels) to --out. HRA runs: the mean |cos| between reflection vectors and ‖I − ÛᵀÛ‖_F per layer.
     """
     from peftlab.recipes.analyze import analyze
 
-    print("\n".join(analyze(args.runs, args.groups.split(",") if args.groups else None, args.out)))
+    groups = [g.strip() for g in args.groups.split(",")] if args.groups else None
+    print("\n".join(analyze(args.runs, groups, args.out)))
     return 0
 
 
