@@ -6,6 +6,7 @@
     peftlab merge   --adapter runs/hra --out merged/          (a plain transformers checkpoint)
     peftlab export  --adapter runs/hra --format peft --out peft-adapter/
     peftlab inspect runs/hra
+    peftlab analyze runs/lora-a runs/lora-b runs/lora-c runs/lora-d --out analysis/   (A vs B across tasks)
 
 Every subcommand takes ``--config file.yaml`` (keys are the long option names; flags given on the
 command line win). Bad input ends with one ``peftlab <command>: error: ...`` line on stderr and exit
@@ -30,8 +31,6 @@ from peftlab.errors import UsageError as CLIError
 
 EXIT_BAD_INPUT = 2
 GENERATION_FIELDS = ("max_new_tokens", "num_beams", "length_penalty", "no_repeat_ngram_size")
-
-
 
 
 class Parser(argparse.ArgumentParser):
@@ -250,7 +249,9 @@ def apply_config(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the options not given on the command line from ``--config``; check the required ones."""
     config = getattr(args, "config", None)
     if config:
-        for key, value in _read_config(config, args).items():
+        from peftlab.config_file import read_config
+
+        for key, value in read_config(config, args).items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
     missing = [name for name in REQUIRED.get(args.command, ()) if getattr(args, name) is None]
@@ -258,37 +259,6 @@ def apply_config(args: argparse.Namespace) -> argparse.Namespace:
         names = ", ".join("--" + m.replace("_", "-") for m in missing)
         raise CLIError(f"the following arguments are required: {names}")
     return args
-
-
-def _read_config(path: str, args: argparse.Namespace) -> dict[str, Any]:
-    import yaml
-
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise CLIError(f"--config {path}: no such file")
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise CLIError(f"--config {path} is not valid YAML: {' '.join(str(err).split())}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise CLIError(f"--config {path} must hold a mapping of option names to values, not {type(data).__name__}")
-    valid = set(vars(args)) - {"func", "command", "config"}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = str(key).replace("-", "_")
-        if name in ("adapter_args", "adapter_arg") and isinstance(value, dict) and "adapter_args" in valid:
-            name, value = "adapter_args", [(str(k), v) for k, v in value.items()]
-        elif f"method_field_{name}" in valid:  # a method's own flag (num_heads: auto)
-            name = f"method_field_{name}"
-        elif name == "no_initial_eval" and "initial_eval" in valid:
-            name, value = "initial_eval", not value
-        if name not in valid:
-            shown = sorted(v.removeprefix("method_field_") for v in valid)
-            raise CLIError(f"--config {path}: unknown option {key!r}; valid: {', '.join(shown)}")
-        out[name] = value
-    return out
 
 
 def run_options(args: argparse.Namespace, **fixed: Any):
@@ -401,6 +371,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     saved.export(args.adapter, args.out, args.format or "peft", args.model, args.overwrite)
     print(f"exported {args.adapter} in {args.format or 'peft'} format to {args.out}; load it with "
           "peft.PeftModel.from_pretrained(base_model, out)")
+    return 0
+
+
+def _analyze_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN", help="adapter folders (or run folders), at least 2")
+    p.add_argument("--groups", help="comma-separated group of each run (default: its data name, else its folder name)")
+    p.add_argument("--out", default="analysis", help="output folder (default analysis)")
+
+
+@command(_analyze_flags, config=False)
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """t-SNE of the A and B factors of runs on different tasks (HydraLoRA's study); HRA: its reflections
+
+    Write analysis.json (cosine distances of the factors within and between groups, per layer) and analysis.png
+    (t-SNE panels) to --out. HRA runs: the mean |cos| between reflection vectors and ‖I − ÛᵀÛ‖_F per layer.
+    """
+    from peftlab.recipes.analyze import analyze
+
+    groups = [g.strip() for g in args.groups.split(",")] if args.groups else None
+    print("\n".join(analyze(args.runs, groups, args.out)))
     return 0
 
 

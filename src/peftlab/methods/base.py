@@ -105,3 +105,10 @@ class Adapter(nn.Module):
         """Numbers worth reporting about one layer's adapter, from its saved tensors (``peftlab inspect``
         prints them per layer); ``state`` maps parameter names (``hra_u``) to tensors."""
         return {}
+
+    @classmethod
+    def low_rank_factors(cls, state: dict[str, Tensor]) -> dict[str, list[Tensor]]:
+        """One layer's low-rank factors by role, from its saved tensors: ``{"A": [r × d_in], "B": [d_out × r]}``
+        for LoRA; a role may hold several matrices (HydraLoRA's B heads). ``peftlab analyze`` compares each role
+        across runs. ``{}``: the method has none."""
+        return {}

@@ -187,6 +187,11 @@ class HydraLoraAdapter(Adapter):
         """Copies (deepcopy, pickle) drop the last forward's ω, which may be part of an autograd graph."""
         return {**super().__getstate__(), "_weights": None, "_probs": None}
 
+    @classmethod
+    def low_rank_factors(cls, state: dict[str, Tensor]) -> dict[str, list[Tensor]]:
+        """The shared A and each head B_h of B."""
+        return {"A": [state["lora_A"]], "B": list(state["lora_B"])} if "lora_A" in state else {}
+
     def route(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """(ω, p) for router input u (…, d_in or r); see :func:`routing_weights`."""
         return routing_weights(self.router(u), self.temperature, self.top_k)

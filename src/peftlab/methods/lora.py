@@ -103,6 +103,10 @@ class LoraAdapter(Adapter):
         self.lora_B = nn.Parameter(torch.empty(layer.d_out, r))
         low_rank_init(self.lora_A, self.lora_B, config.init_weights, embedding=layer.kind == "embedding")
 
+    @classmethod
+    def low_rank_factors(cls, state: dict[str, Tensor]) -> dict[str, list[Tensor]]:
+        return {"A": [state["lora_A"]], "B": [state["lora_B"]]} if "lora_A" in state else {}
+
     def delta(self, x: Tensor, layer: LayerView) -> Tensor:
         if x.is_floating_point():
             x = self.dropout(x.to(self.lora_A.dtype))

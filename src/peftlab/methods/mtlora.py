@@ -206,6 +206,14 @@ class MTLoraAdapter(Adapter):
         self.transform_D = nn.Parameter(torch.empty(t_shape)) if config.structure in ("ctcm", "dtsm") else None
         init_mtlora(self.lora_A, self.lora_B, self.transform_C, self.transform_D, config.structure, config.init)
 
+    @classmethod
+    def low_rank_factors(cls, state: dict[str, Tensor]) -> dict[str, list[Tensor]]:
+        """A, B and the transform's trainable tensors C (and D) as saved."""
+        if "lora_A" not in state:
+            return {}
+        names = ("lora_A", "lora_B", "transform_C", "transform_D")
+        return {name.removeprefix("lora_"): [state[name]] for name in names if name in state}
+
     def transform(self) -> Tensor:
         """T: (k·r, k·r), or (k, r, r) per slice."""
         return transformation(self.transform_C, self.transform_D, self.structure)
