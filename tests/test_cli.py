@@ -13,38 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_classifier, write_keyword_csv
 
 from peftlab.cli import main
-
-WORDS = "the a movie film plot actor story scene music long short slow fast old new".split()
-
-
-def write_keyword_csv(path: Path, rows: int, seed: int = 0) -> Path:
-    """Six random words per row; label 1 rows also contain 'excellent'."""
-    rng = random.Random(seed)
-    lines = ["text,label"]
-    for i in range(rows):
-        words = [rng.choice(WORDS) for _ in range(6)]
-        if i % 2:
-            words.insert(rng.randrange(6), "excellent")
-        lines.append(f"{' '.join(words)},{i % 2}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from peftlab.models import resolve_model
-
     root = tmp_path_factory.mktemp("cli")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=2, initializer_range=0.1)
-    BertForSequenceClassification(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    save_tiny_classifier(root / "model")
     return {"root": root, "model": root / "model", "keyword": write_keyword_csv(root / "keyword.csv", 300),
             "small": write_keyword_csv(root / "small.csv", 40, seed=1)}
 

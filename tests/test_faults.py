@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_classifier, write_keyword_csv
 
 from peftlab.cli import main
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the killed runs are forked (POSIX)")
-WORDS = "the a movie film plot actor story scene music long short slow fast old new".split()
 STEPS = 4
 
 # name: (fault point, how the run is finished afterwards, the step it continues from; what the kill leaves)
@@ -94,20 +94,6 @@ print(json.dumps(codes))
 """
 
 
-def write_keyword_csv(path: Path, rows: int, seed: int = 1) -> Path:
-    import random
-
-    rng = random.Random(seed)
-    lines = ["text,label"]
-    for i in range(rows):
-        words = [rng.choice(WORDS) for _ in range(6)]
-        if i % 2:
-            words.insert(rng.randrange(6), "excellent")
-        lines.append(f"{' '.join(words)},{i % 2}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def train_args(root: Path, out: Path) -> list[str]:
     """Batch 4 on 32 rows: an epoch is 8 steps, so the run ends mid-epoch (where HF, resumed, trains one step more)."""
     return ["train", "--model", str(root / "model"), "--data", str(root / "small.csv"), "--method", "lora",
@@ -118,18 +104,9 @@ def train_args(root: Path, out: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory) -> dict[str, tuple[Path, int, str]]:
     """Every fault's run, started together and killed at its point: name -> (folder, exit code, stderr)."""
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    from peftlab.models import resolve_model
-
     root = tmp_path_factory.mktemp("faults")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=2, initializer_range=0.1)
-    BertForSequenceClassification(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    write_keyword_csv(root / "small.csv", 40)
+    save_tiny_classifier(root / "model")
+    write_keyword_csv(root / "small.csv", 40, seed=1)
     runs = [(point, str(root / name), str(root / f"{name}.log"), train_args(root, root / name))
             for name, (point, _, _) in FAULTS.items()]
     proc = subprocess.Popen([sys.executable, "-c", RUNNER, json.dumps(runs)], stdout=subprocess.PIPE,

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import save_tiny_lm
 
 from peftlab.cli import main
 from peftlab.data import (
@@ -206,23 +206,9 @@ def test_gsm_symbolic_split_and_missing_package(monkeypatch):
 @pytest.fixture(scope="module")
 def tiny_math_lm(tmp_path_factory) -> Path:
     """A 2-layer GPT-2 (hidden 32) with a byte-level BPE tokenizer trained on the prompts and gsm-symbolic text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
     folder = tmp_path_factory.mktemp("math_lm")
     texts = [causal_lm.PROMPT] * 10 + [r["instruction"] + "\n" + r["output"] for r in generate_gsm_symbolic(200)]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer), n_positions=512,
-                        bos_token_id=0, eos_token_id=0)
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tiny_lm(folder, texts, vocab_size=1000)
     return folder
 
 

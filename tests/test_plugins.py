@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
-from test_cli import tiny, write_keyword_csv  # noqa: F401  (the tiny model fixture)
+from test_cli import tiny  # noqa: F401  (the tiny model fixture)
 from torch import Tensor, nn
 
 from peftlab import AdapterConfig, get_adapter_model

@@ -8,8 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import tiny_bert, tiny_gpt2
+from conftest import save_tiny_lm, tiny_bert, tiny_gpt2
 
 from peftlab import AdapterModel
 from peftlab.cli import main
@@ -23,27 +22,13 @@ from peftlab.recipes.options import RunOptions
 @pytest.fixture(scope="module")
 def tiny_lm(tmp_path_factory) -> Path:
     """A 2-layer GPT-2 (hidden 32) and a 400-token byte-level BPE tokenizer, saved like a hub checkpoint."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
     from peftlab.data import generate_arithmetic, generate_e2e
 
     folder = tmp_path_factory.mktemp("lm")
     e2e = generate_e2e(40)
     texts = [causal_lm.PROMPT, causal_lm.PROMPT_WITH_INPUT] * 10 + list(e2e["mr"]) + list(e2e["ref"])
     texts += [r["instruction"] + "\n" + r["output"] for r in generate_arithmetic(100)]
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer), n_positions=512,
-                        bos_token_id=0, eos_token_id=0)
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tiny_lm(folder, texts, vocab_size=400)
     return folder
 
 
