@@ -157,7 +157,6 @@ def load_trained(path: str | os.PathLike, model_name: str | None = None):
 
 
 @torch.no_grad()
-@torch.no_grad()
 def mean_loss(model, tokenizer, encoded, batch_size: int) -> float:
     """Mean response loss (nats per token, averaged over batches) of ``encoded`` rows, via the Trainer's eval loop."""
     import tempfile

@@ -41,15 +41,14 @@ from peftlab._version import __version__
 from peftlab.errors import RecipeError
 from peftlab.recipes.adapters import FULL
 from peftlab.recipes.options import NOT_IDENTITY, RunOptions
+from peftlab.saving import TRAINER_STATE_NAME
 
 RUN_FILE = "run_config.json"
 METRICS_FILE = "metrics.json"
 CURVE_FILE = "training_curve.png"
 LOCK_FILE = ".peftlab.lock"
-TRAINER_STATE = "trainer_state.json"  # HF writes it last into a checkpoint: the checkpoint is complete once it reads
+TRAINER_STATE = TRAINER_STATE_NAME  # HF writes it last into a checkpoint: the checkpoint is complete once it reads
 EMPTY, IN_PROGRESS, FINISHED, FOREIGN = "empty", "in progress", "finished", "not a peftlab run"
-# io.atomic_write_bytes writes ``.<name>.<8 random characters>.tmp`` (tempfile.mkstemp) and renames it into place
-TEMPORARY_FILE = io.TEMPORARY_FILE
 FAULT_POINT_ENV = "PEFTLAB_FAULT_POINT"
 
 
@@ -72,7 +71,7 @@ def is_adapter_dir(path: str | os.PathLike) -> bool:
 
 def is_leftover(path: Path) -> bool:
     """A file peftlab may leave behind when killed: the lock file, a temporary file of an atomic write."""
-    return path.name == LOCK_FILE or (TEMPORARY_FILE.fullmatch(path.name) is not None and path.is_file())
+    return path.name == LOCK_FILE or (io.TEMPORARY_FILE.fullmatch(path.name) is not None and path.is_file())
 
 
 def read_run(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -247,7 +246,7 @@ def start_output_dir(
 def remove_leftovers(out: Path) -> None:
     """Delete what a killed run left behind: temporary files of atomic writes, checkpoints whose save was cut short."""
     for path in out.rglob(".*.tmp"):
-        if TEMPORARY_FILE.fullmatch(path.name) and path.is_file():
+        if io.TEMPORARY_FILE.fullmatch(path.name) and path.is_file():
             path.unlink()
     for checkpoint in checkpoint_folders(out):
         if not is_complete_checkpoint(checkpoint):

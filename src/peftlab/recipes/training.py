@@ -118,7 +118,7 @@ def resumed_from_step(checkpoint: str | None) -> int:
     """The global step stored in a checkpoint folder (0 without one)."""
     if checkpoint is None:
         return 0
-    state = Path(checkpoint) / "trainer_state.json"
+    state = Path(checkpoint) / TRAINER_STATE
     return int(json.loads(state.read_text()).get("global_step", 0)) if state.is_file() else 0
 
 
