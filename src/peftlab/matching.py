@@ -143,13 +143,18 @@ def check_pattern(pattern: str, field: str = "pattern") -> None:
     compile_pattern(pattern, field)
 
 
-def full_match(pattern: str, name: str, field: str = "pattern") -> bool:
-    """Whether the regex ``pattern`` matches all of ``name`` (within :data:`MATCH_TIMEOUT_S`)."""
+def _match(pattern: str, name: str, how: str, field: str) -> Any:
+    """``fullmatch`` / ``search`` of the checked ``pattern`` on ``name``; :class:`ConfigError` naming ``field``."""
     compiled = compile_pattern(pattern, field)
     try:
-        return _run(compiled, name, "fullmatch") is not None
+        return _run(compiled, name, how)
     except ValueError as err:
         raise _problem(field, pattern, err) from None
+
+
+def full_match(pattern: str, name: str, field: str = "pattern") -> bool:
+    """Whether the regex ``pattern`` matches all of ``name`` (within :data:`MATCH_TIMEOUT_S`)."""
+    return _match(pattern, name, "fullmatch", field) is not None
 
 
 def is_suffix(name: str, suffix: str) -> bool:
@@ -187,9 +192,5 @@ def layer_index(name: str, patterns: list[str] | str | None = None) -> int | Non
 
     ``patterns`` are literal names of the layer list (``"layer"``, ``"model.layers"``), not regexes.
     """
-    pattern = layer_regex(patterns)
-    try:
-        found = _run(compile_pattern(pattern, "layers_pattern"), name, "search")
-    except ValueError as err:
-        raise _problem("layers_pattern", pattern, err) from None
+    found = _match(layer_regex(patterns), name, "search", "layers_pattern")
     return int(found.group(1)) if found else None
