@@ -195,6 +195,15 @@ def load_tensors(folder: str | os.PathLike) -> dict[str, Tensor]:
     return tensors
 
 
+def by_module(tensors: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """A saved adapter's tensors (``<module>.<parameter>``) grouped by module: ``{module: {parameter: tensor}}``."""
+    grouped: dict[str, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        module, _, name = key.rpartition(".")
+        grouped.setdefault(module, {})[name] = value
+    return grouped
+
+
 def check_and_copy(params: dict[str, Tensor], tensors: dict[str, Tensor], source: str | os.PathLike) -> None:
     """Copy ``tensors`` into ``params`` after checking the key sets and shapes match exactly."""
     missing = [k for k in params if k not in tensors]

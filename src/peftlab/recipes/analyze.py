@@ -130,10 +130,8 @@ def load_run(folder: str | os.PathLike, group: str | None = None) -> Run:
     if group is None:
         data = ((read_run(path) or {}).get("options") or {}).get("data")
         group = Path(str(data)).stem if data else path.resolve().name
-    layers: dict[str, dict[str, Tensor]] = {}
-    for key, value in io.load_tensors(path).items():
-        module, _, name = key.rpartition(".")
-        layers.setdefault(module, {})[name] = value.detach().float()
+    layers = {module: {name: value.detach().float() for name, value in state.items()}
+              for module, state in io.by_module(io.load_tensors(path)).items()}
     return Run(str(folder), group, method, layers)
 
 

@@ -135,11 +135,8 @@ def diagnostic_lines(config: AdapterConfig, tensors: dict[str, Any]) -> list[str
     adapter_cls = ADAPTERS.get(config.method)
     if adapter_cls is None:
         return []
-    layers: dict[str, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        module, _, name = key.rpartition(".")
-        layers.setdefault(module, {})[name] = value
-    rows = {module: found for module, state in layers.items() if (found := adapter_cls.diagnostics(state))}
+    rows = {module: found for module, state in io.by_module(tensors).items()
+            if (found := adapter_cls.diagnostics(state))}
     if not rows:
         return []
     lines = []
