@@ -85,3 +85,14 @@ def test_min_snr_weights_match_the_definition():
 def test_bad_pretrain_config_is_one_clear_error(field, value):
     with pytest.raises(ConfigError, match=field):
         embedded.PretrainConfig(**{field: value}).validate()
+
+
+def test_glyph_inputs_are_checked():
+    with pytest.raises(ConfigError, match="unknown glyph class 'a'"):
+        glyphs.caption("a")
+    with pytest.raises(ConfigError, match="upper-case"):
+        glyphs.letter_images("ab", per_letter=1)
+    with pytest.raises(ConfigError, match="differ in size"):
+        glyphs.to_array([np.zeros((8, 8)), np.zeros((9, 9))], None)
+    resized = glyphs.to_array([np.zeros((8, 8)), np.ones((64, 64, 3))])
+    assert resized.shape == (2, 32, 32) and resized[1].min() == pytest.approx(1.0)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from peftlab.errors import ConfigError
+
 IMAGE_SIZE = 32
 DIGITS = string.digits
 LETTERS = string.ascii_uppercase
@@ -46,7 +48,7 @@ def caption(label: int | str) -> str:
     """The prompt of a class: ``"a handwritten digit 3"`` for a digit, ``"a printed letter A"`` for a letter."""
     name = CLASS_NAMES[label] if isinstance(label, int) else label
     if name not in CLASS_NAMES:
-        raise ValueError(f"unknown glyph class {name!r}; known: digits 0-9 and letters A-Z")
+        raise ConfigError(f"unknown glyph class {name!r}; known: digits 0-9 and letters A-Z")
     return f"a handwritten digit {name}" if name in DIGITS else f"a printed letter {name}"
 
 
@@ -103,7 +105,7 @@ def letter_images(letters: str = LETTERS, per_letter: int = 60, seed: int = 0, s
     """``per_letter`` rendered variants of each of ``letters``, deterministic given ``seed``."""
     unknown = [c for c in letters if c not in LETTERS]
     if unknown:
-        raise ValueError(f"letters must be upper-case A-Z, got {''.join(unknown)!r}")
+        raise ConfigError(f"letters must be upper-case A-Z, got {''.join(unknown)!r}")
     rng = np.random.default_rng(seed)
     chars = [c for c in letters for _ in range(per_letter)]
     images = np.stack([render_glyph(c, rng, size) for c in chars]) if chars else np.zeros((0, size, size), np.float32)
@@ -147,5 +149,5 @@ def to_array(images, size: int | None = IMAGE_SIZE) -> np.ndarray:
     if not arrays:
         return np.zeros((0, size or IMAGE_SIZE, size or IMAGE_SIZE), np.float32)
     if len({a.shape for a in arrays}) > 1:
-        raise ValueError(f"images differ in size ({sorted({a.shape for a in arrays})}); resize them to one size")
+        raise ConfigError(f"images differ in size ({sorted({a.shape for a in arrays})}); resize them to one size")
     return np.stack(arrays).astype(np.float32)

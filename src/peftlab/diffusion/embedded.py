@@ -2,9 +2,9 @@
 
 No pretrained text-to-image weights install from a package registry, so peftlab pretrains a small latent
 diffusion model on first use, from images it ships with (:mod:`peftlab.data.glyphs`): scikit-learn's 1,797
-handwritten digits upscaled to 32×32 ("a handwritten digit 3") and printed letters ``A``–``H`` rendered with
-Pillow ("a printed letter A"). Letters ``I``–``Z`` are never shown: they are unseen concepts for
-subject-driven fine-tuning. The result is an ordinary diffusers ``StableDiffusionPipeline`` folder
+handwritten digits upscaled to 32×32 ("a handwritten digit 3") and 100 renderings of each printed letter
+``A``–``H`` (Pillow, 5 DejaVu fonts; "a printed letter A"). Letters ``I``–``Z`` are never shown: they are
+unseen concepts for subject-driven fine-tuning. The result is an ordinary diffusers ``StableDiffusionPipeline`` folder
 (``DiffusionPipeline.from_pretrained(path)`` loads it) in ``<cache>/models/tiny-digits-v1``.
 
 Components (sizes in :func:`build_components`):
@@ -56,7 +56,7 @@ class PretrainConfig:
     """How ``tiny-digits`` is pretrained. The defaults are the cached model; tests shrink the step counts."""
 
     seed: int = 0
-    vae_steps: int = 150
+    vae_steps: int = 300
     vae_learning_rate: float = 3e-3
     unet_steps: int = 1500
     learning_rate: float = 1.5e-3
@@ -65,7 +65,7 @@ class PretrainConfig:
     caption_dropout: float = 0.1
     snr_gamma: float = 5.0
     letters: str = PRETRAIN_LETTERS
-    per_letter: int = 50
+    per_letter: int = 100
     max_images: int | None = None  # keep only the first N images (a spread over classes), for tests
 
     def validate(self) -> PretrainConfig:
