@@ -28,7 +28,8 @@ from peftlab.io import atomic_write_bytes
 
 
 def grid_png(images: np.ndarray, columns: int, pad: int = 2) -> bytes:
-    """(N, h, w, 3) images in [0, 1] tiled row by row with ``pad`` grey pixels between them, as PNG bytes."""
+    """(N, h, w, 3) images in [0, 1] tiled row by row with ``pad`` grey pixels between them, as a grey PNG (the
+    channel mean: tiny-digits' images are grey, and one channel keeps the file small)."""
     from PIL import Image
 
     n, h, w, _ = images.shape
@@ -38,7 +39,7 @@ def grid_png(images: np.ndarray, columns: int, pad: int = 2) -> bytes:
         r, c = divmod(i, columns)
         canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = image
     buffer = io.BytesIO()
-    Image.fromarray((canvas * 255).round().astype(np.uint8)).save(buffer, format="PNG", optimize=True)
+    Image.fromarray((canvas.mean(axis=-1) * 255).round().astype(np.uint8), mode="L").save(buffer, "PNG", optimize=True)
     return buffer.getvalue()
 
 
@@ -54,7 +55,7 @@ def main() -> None:
     add_run_options(parser)
     args = parser.parse_args()
     apply_run_options(args)
-    lines = header_lines(["torch", "diffusers", "transformers"], busy_hint="compare the process CPU seconds")
+    lines = header_lines(["diffusers", "transformers"], busy_hint="compare the process CPU seconds")
 
     wall, cpu = time.perf_counter(), time.process_time()
     cached = embedded.model_dir(args.cache_dir).is_dir() and not args.force

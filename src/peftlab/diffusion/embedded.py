@@ -23,6 +23,11 @@ Components (sizes in :func:`build_components`):
 Denoiser objective: E_{t,ε} w(t)·‖ε − ε_θ(x_t, t, τ(c))‖² with min-SNR weighting w(t) = min(SNR(t), 5) / SNR(t)
 (Hang et al., 2023) and the caption c replaced by "" with probability 0.1, so classifier-free guidance works.
 Everything is seeded: the same :class:`PretrainConfig` gives the same weights on the same machine.
+
+Measured (``benchmarks/tiny_digits.py --force``, torch 2.13 CPU, 2 threads): 609 s of process CPU time
+(17 min wall on 2 cores shared with other jobs, load average ~6); 1.6 M text-encoder, 1.0 M UNet and
+0.06 M VAE parameters. The stand-in classifier recognises 100 % of the samples for "a handwritten digit k"
+(4 per digit, 20 DDIM steps, guidance 4 or 7.5) and 38-47 % for the eight letters (chance 1/36).
 """
 
 from __future__ import annotations
@@ -295,7 +300,7 @@ def ensure_pretrained(cache_dir: str | os.PathLike | None = None, *, force: bool
 
     A file lock next to the folder makes a second process wait for the first instead of pretraining twice;
     the model is written into a temporary folder beside the target and renamed into place, so an interrupted
-    run leaves nothing that a later call would trust. Pretraining takes about 10 minutes on 2 CPU cores.
+    run leaves nothing that a later call would trust. Pretraining takes about 10 minutes of CPU time.
     A non-default ``config`` is only meant for experiments: it is written to the same cache folder.
     """
     from filelock import FileLock
@@ -307,7 +312,7 @@ def ensure_pretrained(cache_dir: str | os.PathLike | None = None, *, force: bool
     with FileLock(str(target) + ".lock"):
         if target.is_dir() and (target / "model_index.json").is_file() and not force:
             return target  # another process finished it while we waited
-        print(f"[peftlab] pretraining the embedded model {EMBEDDED_MODEL} once (about 10 minutes on 2 CPU cores); "
+        print(f"[peftlab] pretraining the embedded model {EMBEDDED_MODEL} once (about 10 CPU-minutes); "
               f"it is cached in {target}", flush=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
         try:

@@ -50,6 +50,7 @@ LBFGS_ITERATIONS = 50  # stopped early: as accurate on held-out glyphs as 300 it
 HOG_CELL = 8
 REDUCED_SIZE = 16
 LETTERS_PER_CLASS = 60
+CLASSIFIER_ARRAYS = {"mean", "scale", "coef", "intercept", "classes", "feature_mean"}
 
 
 @dataclass
@@ -124,9 +125,11 @@ def _classifier(cache_root: str | None = None) -> dict[str, np.ndarray]:
     path = Path(cache_root or cache_dir()) / "models" / f"glyph-classifier-v{CLASSIFIER_VERSION}.safetensors"
     if path.is_file():
         try:
-            return load_file(str(path))
+            arrays = load_file(str(path))
+            if set(arrays) == CLASSIFIER_ARRAYS:
+                return arrays
         except (SafetensorError, OSError):
-            pass  # a corrupt cache file is refitted and replaced
+            pass  # a corrupt or foreign cache file is refitted and replaced
     arrays = {k: np.ascontiguousarray(v, dtype=np.int64 if k == "classes" else np.float32)
               for k, v in _fit_classifier().items()}
     atomic_write_bytes(path, save(arrays))
