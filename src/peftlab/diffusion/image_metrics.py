@@ -225,7 +225,7 @@ def clip_scores(images, prompts: str | Sequence[str] | None = None, reference_im
 
     try:
         model, processor = _load(CLIPModel, encoder).eval(), _load(AutoProcessor, encoder)
-    except (OSError, ValueError, KeyError, TypeError, PeftlabError) as err:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError, PeftlabError) as err:
         return ImageMetrics(skipped={n: _load_failure(encoder, err) for n in names})
     pictures = _rgb(images)
     result = ImageMetrics()
@@ -254,7 +254,7 @@ def dino_similarity(images, reference_images, encoder: str | os.PathLike | None 
 
     try:
         model, processor = _load(AutoModel, encoder).eval(), _load(AutoImageProcessor, encoder)
-    except (OSError, ValueError, KeyError, TypeError, PeftlabError) as err:
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, ImportError, PeftlabError) as err:
         return ImageMetrics(skipped={"dino": _load_failure(encoder, err)})
     with torch.no_grad():
         cls = [model(**processor(images=_rgb(x), return_tensors="pt")).last_hidden_state[:, 0].numpy()
