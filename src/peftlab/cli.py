@@ -7,6 +7,7 @@
     peftlab export  --adapter runs/hra --format peft --out peft-adapter/
     peftlab inspect runs/hra
     peftlab analyze runs/lora-a runs/lora-b runs/lora-c runs/lora-d --out analysis/   (A vs B across tasks)
+    peftlab serve   --model smollm2-135m --adapter math=runs/math --adapter chat=runs/chat --port 8000
 
 Every subcommand takes ``--config file.yaml`` (keys are the long option names; flags given on the
 command line win). Bad input ends with one ``peftlab <command>: error: ...`` line on stderr and exit
@@ -406,6 +407,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     print("\n".join(saved.describe(args.folder)))
     return 0
+
+
+def _serve_module():  # imported on use: FastAPI and uvicorn load only for `peftlab serve`
+    from peftlab.recipes import serve
+    return serve
+
+
+@command(lambda p: _serve_module().add_flags(p), config=False)
+def cmd_serve(args: argparse.Namespace) -> int:
+    """serve adapters of one base model over HTTP; concurrent requests run as mixed-adapter batches"""
+    return _serve_module().main(args)
 
 
 # -- entry point --------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from peftlab.inject import (
 )
 from peftlab.layers import LayerView
 from peftlab.methods.base import ADAPTERS, Adapter
+from peftlab.mixed import mixed_batch
 from peftlab.saving import AdapterFiles
 
 
@@ -68,9 +69,11 @@ class AdapterModel(AdapterFiles, nn.Module):
             function = self._method_function(name)  # e.g. model.orthogonality_loss() when HRA is registered
             return function if function is not None else getattr(self.base_model, name)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The wrapped model's forward (with its signature: see the module docstring)."""
-        return self.base_model(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: list[str | list[str]] | None = None, **kwargs: Any) -> Any:
+        """The wrapped model's forward (with its signature: see the module docstring). ``adapter_names``: one
+        entry per row (a name, ``"__base__"`` or a list to compose), a mixed-adapter batch (:mod:`peftlab.mixed`)."""
+        with mixed_batch(self, adapter_names, args, kwargs):
+            return self.base_model(*args, **kwargs)
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         """Pickle and deepcopy rebuild the per-wrapped-class subclass instead of looking it up by name."""
@@ -80,8 +83,11 @@ class AdapterModel(AdapterFiles, nn.Module):
             return reduced
         return (_new_with_forward_of, (cls.__base__, cls._forward_of), *reduced[2:])
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.generate(*args, **kwargs)
+    def generate(self, *args: Any, adapter_names: list[str | list[str]] | None = None, **kwargs: Any) -> Any:
+        """The wrapped model's ``generate``; ``adapter_names`` as in :meth:`forward` (beams and returned sequences
+        of a row use its entry)."""
+        with mixed_batch(self, adapter_names, args, kwargs):
+            return self.base_model.generate(*args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
         return self.base_model
@@ -393,8 +399,6 @@ class AdapterModel(AdapterFiles, nn.Module):
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
 
-
-
 _FORWARD_CLASSES: dict[tuple[type, type], type] = {}
 
 
@@ -406,7 +410,7 @@ def _with_forward_of(adapter_cls: type[AdapterModel], wrapped_cls: type[nn.Modul
     if key not in _FORWARD_CLASSES:
 
         def forward(self: AdapterModel, *args: Any, **kwargs: Any) -> Any:
-            return self.base_model(*args, **kwargs)
+            return AdapterModel.forward(self, *args, **kwargs)
 
         forward.__doc__ = f"{wrapped_cls.__name__}.forward, with the active adapters."
         try:
