@@ -28,18 +28,18 @@ import dataclasses
 import gc
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from _harness import add_run_options, apply_run_options, emit_report, header_lines, markdown_table, parse_ints
 
-from peftlab import AdapterModel
+from peftlab import AdapterModel, io
 from peftlab.recipes import multiple_choice as mc
 from peftlab.recipes import train
 from peftlab.recipes.lm import load_trained
 from peftlab.recipes.options import RunOptions
-from peftlab.recipes.rundir import is_adapter_dir
 from peftlab.spectrum import relative_spectral_change, spectral_changes
 
 SUBJECTS = ("high school geography", "high school psychology", "marketing", "miscellaneous", "world religions")
@@ -89,6 +89,26 @@ def target_weights() -> dict[str, torch.Tensor]:
             if name.endswith(tuple(f"{t}.weight" for t in TARGETS))}
 
 
+def measure(options: RunOptions, args: argparse.Namespace, base_weights: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Train (or reuse) one run and measure it: math, MMLU after tuning, the spectral change."""
+    metrics = trained(options)
+    after = mmlu(options.output_dir, args)
+    deltas = spectrum(options.output_dir, base_weights)
+    return {"exact_match": metrics["test"]["exact_match"], "perplexity": metrics["test"]["perplexity"],
+            "trainable": metrics["trainable_params"], "s_per_step": metrics["seconds_per_step"],
+            "mmlu": after["accuracy"], "gold": after["gold_probability"],
+            "delta_mean": statistics.mean(deltas), "delta_max": max(deltas)}
+
+
+def cached(path: Path, compute: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """``compute()``, saved to ``path`` once (a stopped benchmark resumes without measuring a run twice)."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    io.atomic_write_json(path, value)
+    return value
+
+
 def mean_std(values: list[float], digits: int = 3) -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
@@ -115,7 +135,7 @@ def main() -> None:
         args.seeds, args.steps, args.test_problems, args.questions, args.max_new_tokens = [0], 4, 4, 5, 32
     methods = args.methods.split(",")
 
-    before = mmlu(None, args)
+    before = cached(args.runs / f"base-mmlu-{len(args.subjects)}x{args.questions}.json", lambda: mmlu(None, args))
     print(f"base MMLU: {before}", flush=True)
     base_weights = target_weights() if "full" in methods else {}
     rows: dict[str, list[dict[str, float]]] = {method: [] for method in methods}
@@ -123,15 +143,8 @@ def main() -> None:
         for method in methods:
             options = run_options(method, seed, args)
             print(f"\n=== forgetting: {method}, seed {seed} ===", flush=True)
-            metrics = trained(options)
-            after = mmlu(options.output_dir, args)
-            deltas = spectrum(options.output_dir, base_weights) if method == "full" or is_adapter_dir(
-                options.output_dir) else []
-            rows[method].append({
-                "exact_match": metrics["test"]["exact_match"], "perplexity": metrics["test"]["perplexity"],
-                "trainable": metrics["trainable_params"], "s_per_step": metrics["seconds_per_step"],
-                "mmlu": after["accuracy"], "gold": after["gold_probability"],
-                "delta_mean": statistics.mean(deltas), "delta_max": max(deltas)})
+            rows[method].append(cached(Path(options.output_dir) / "forgetting.json",
+                                       lambda options=options: measure(options, args, base_weights)))
             print(json.dumps(rows[method][-1]), flush=True)
 
     header = ["method", "trainable", "math EM", "math ppl", "MMLU acc (drop)", "MMLU p(gold) (drop)",
