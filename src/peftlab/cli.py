@@ -374,7 +374,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _generate_flags(p: argparse.ArgumentParser) -> None:
     from peftlab.recipes.generate import GenerateOptions
 
-    add_field_flags(p, GenerateOptions)
+    add_field_flags(p, GenerateOptions, help=GenerateOptions.flag_help())
 
 
 @command(_generate_flags)

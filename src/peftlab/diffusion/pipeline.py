@@ -70,8 +70,9 @@ def quiet() -> Iterator[None]:
 
 
 # -- the base pipeline -------------------------------------------------------------------------------------------
-def resolve_pipeline(name_or_path: str | os.PathLike) -> Path:
-    """The folder of a diffusers pipeline: ``tiny-digits`` (peftlab's embedded model) or a local folder.
+def resolve_pipeline(name_or_path: str | os.PathLike) -> str:
+    """What ``DiffusionPipeline.from_pretrained`` reads: ``tiny-digits`` (peftlab's embedded model), a local
+    folder, or a hub name ``org/name`` (needs the network).
 
     A folder must hold ``model_index.json`` (what ``DiffusionPipeline.save_pretrained`` writes); anything else is
     a :class:`ModelError` that says so.
@@ -83,19 +84,22 @@ def resolve_pipeline(name_or_path: str | os.PathLike) -> Path:
                              "(peftlab.diffusion.embedded is missing); pass a diffusers pipeline folder")
         from peftlab.diffusion.embedded import ensure_pretrained
 
-        return Path(ensure_pretrained())
+        return str(ensure_pretrained())
     path = Path(name).expanduser()
+    if not path.exists() and name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return name  # a hub name, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5
     if not path.is_dir():
         raise ModelError(f"{name} is not a folder; pass a diffusers pipeline folder (with {MODEL_INDEX}, as "
-                         f"DiffusionPipeline.save_pretrained writes it) or {EMBEDDED_MODEL!r}")
+                         f"DiffusionPipeline.save_pretrained writes it), a hub name org/name, or {EMBEDDED_MODEL!r}")
     if not (path / MODEL_INDEX).is_file():
         raise ModelError(f"{name} is not a diffusers pipeline folder: it has no {MODEL_INDEX} (save one with "
                          "DiffusionPipeline.save_pretrained)")
-    return path
+    return str(path)
 
 
 def load_pipeline(name_or_path: str | os.PathLike, dtype: Any = None) -> Any:
-    """A ``DiffusionPipeline`` from a folder or ``tiny-digits``, without its progress bars or safety checker.
+    """A ``DiffusionPipeline`` (see :func:`resolve_pipeline`), weights from safetensors files only, without the
+    loading bars or a safety checker.
 
     The name it was loaded from is kept (``pipe.peftlab_base``), so saved adapters can name their base.
     """
@@ -105,11 +109,13 @@ def load_pipeline(name_or_path: str | os.PathLike, dtype: Any = None) -> Any:
     path = resolve_pipeline(name_or_path)
     try:
         with quiet():
-            pipe = DiffusionPipeline.from_pretrained(str(path), dtype=dtype or torch.float32, safety_checker=None,
-                                                     requires_safety_checker=False)
+            pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype or torch.float32, use_safetensors=True,
+                                                     safety_checker=None, requires_safety_checker=False)
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-        raise ModelError(f"could not load the diffusers pipeline in {path}: {first}") from None
+        if isinstance(err, KeyError):
+            first = f"its {MODEL_INDEX} has no {first} entry"
+        raise ModelError(f"could not load the diffusers pipeline {path}: {first}") from None
     pipe.peftlab_base = str(name_or_path)
     return pipe
 
@@ -275,7 +281,7 @@ def load_control_encoder(pipe: Any, folder: Path) -> Any:
     if not (folder / "config.json").is_file():
         raise AdapterLoadError(f"{folder} holds no control encoder (no config.json); the run folder is incomplete")
     with quiet():
-        controlnet = ControlNetModel.from_pretrained(str(folder), dtype=pipe.unet.dtype)
+        controlnet = ControlNetModel.from_pretrained(str(folder), dtype=pipe.unet.dtype, use_safetensors=True)
     return with_control_encoder(pipe, controlnet)
 
 

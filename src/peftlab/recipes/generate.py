@@ -47,6 +47,14 @@ class GenerateOptions:
     width: int | None = _flag("image width in pixels, a multiple of 8 (default: the model's)")
     out: str = _flag("the grid PNG; the images go next to it as <stem>-<i>.png", default="grid.png")
 
+    @staticmethod
+    def flag_help() -> dict[str, str]:
+        """Each flag's help as written on its field (no per-task defaults: ``--model`` here is a pipeline)."""
+        from dataclasses import fields
+
+        return {f.name: f.metadata["help"] + ("" if f.default is None else f" (default {f.default})")
+                for f in fields(GenerateOptions)}
+
     def validate(self) -> None:
         """One-line errors for values no pipeline can use."""
         if not self.prompt:
