@@ -153,6 +153,18 @@ def test_every_method_on_unet_and_text_encoder(pipe, method):
     assert all(p.grad is None for n, p in unet.named_parameters() if ".adapters." not in n)
 
 
+def test_hydralora_routes_each_token_of_the_unet(pipe):
+    """The router sees the UNet's (batch, tokens, channels) inputs: one mixture of heads per image position."""
+    unet = add_pipeline_adapters(pipe, {"unet": HydraLoraConfig(r=2, num_heads=3)})["unet"]
+    unet_out(pipe.unet, unet_inputs())
+    layer = pipe.unet.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")
+    weights = layer.adapters["default"]._weights
+    assert weights.shape == (2, 16 * 16, 3)  # batch 2, 16×16 latent positions, 3 heads
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 256))
+    assert weights.std(dim=1).min() > 0  # the mixture changes from token to token
+    assert all(v.shape == (3,) for v in unet.routing_stats().values())
+
+
 def test_conv2d_targets_refused_by_methods_without_conv2d(pipe):
     with pytest.raises(TargetError, match="proj_in.*hydralora supports .*not conv2d"):
         add_pipeline_adapters(pipe, {"unet": HydraLoraConfig(r=2, target_modules=["proj_in", "to_q"])})
@@ -220,6 +232,12 @@ def test_loading_checks_base_and_adapter(pipe, tmp_path):
     torch.testing.assert_close(unet_out(other.unet, unet_inputs()), unet_before, rtol=0, atol=0)
     with pytest.raises(AdapterLoadError, match="no pipeline.json"):
         load_pipeline_adapters(tmp_path)
+    info = json.loads((folder / "pipeline.json").read_text())
+    for crafted, message in (({"components": ["../unet"]}, "a list of component folder names"),
+                             ({"control": "../elsewhere"}, "\"control\" must be 'controlnet'")):
+        (folder / "pipeline.json").write_text(json.dumps({**info, **crafted}))
+        with pytest.raises(AdapterLoadError, match=message):
+            load_pipeline_adapters(folder, base=other)
 
 
 @pytest.mark.parametrize("config_cls", [HRAConfig, LoraConfig], ids=["hra", "lora"])
@@ -315,3 +333,10 @@ def test_embedded_name_without_the_embedded_module(monkeypatch):
                         lambda name, *a: None if name == "peftlab.diffusion.embedded" else real(name, *a))
     with pytest.raises(ModelError, match="embedded model 'tiny-digits' is not installed"):
         load_pipeline("tiny-digits")
+
+
+def test_inspect_a_pipeline_folder(run_dir, capsys):
+    assert main(["inspect", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "components ['text_encoder', 'unet']" in out and "[unet]" in out and "[text_encoder]" in out
+    assert "down_blocks.0.attentions.0.proj_in" in out and "hra_u [32, 2]" in out and "lora_A [2, 32]" in out

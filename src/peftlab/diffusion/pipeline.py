@@ -235,6 +235,9 @@ def read_pipeline_file(folder: str | os.PathLike) -> dict[str, Any]:
             isinstance(c, str) and c and "/" not in c and not c.startswith(".") for c in components):
         raise AdapterLoadError(f"{folder / PIPELINE_FILE} is not a pipeline adapter file: it needs \"base_model\" "
                                "(a string) and \"components\" (a list of component folder names)")
+    if info.get("control") not in (None, CONTROL_COMPONENT):
+        raise AdapterLoadError(f"{folder / PIPELINE_FILE}: \"control\" must be {CONTROL_COMPONENT!r} (the folder "
+                               f"of the control encoder) or absent; got {info.get('control')!r}")
     return info
 
 
