@@ -6,6 +6,7 @@
     peftlab merge   --adapter runs/hra --out merged/          (a plain transformers checkpoint)
     peftlab export  --adapter runs/hra --format peft --out peft-adapter/
     peftlab inspect runs/hra
+    peftlab generate --adapter runs/dog --prompt "a photo of sks dog" --num-images 4 --out grid.png
     peftlab analyze runs/lora-a runs/lora-b runs/lora-c runs/lora-d --out analysis/   (A vs B across tasks)
     peftlab serve   --model smollm2-135m --adapter math=runs/math --adapter chat=runs/chat --port 8000
 
@@ -204,10 +205,6 @@ def _export_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=("peft",), help="output format (default peft)")
 
 
-def _inspect_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("folder", help="adapter folder (or a run's output folder)")
-
-
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], bool]] = {}
 
 
@@ -350,13 +347,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     """fold an adapter into its base model: a plain transformers checkpoint
 
-    Merge the adapter into the base weights (merge_and_unload) and save a plain transformers model
-    with its tokenizer, loadable with AutoModel*.from_pretrained.
+    Merge the adapter into the base weights (merge_and_unload) and save a plain transformers model with its
+    tokenizer (AutoModel*.from_pretrained); a pipeline's adapters give a DiffusionPipeline folder.
     """
     from peftlab.recipes import saved
 
     merged = saved.merge(args.adapter, args.out, args.model, args.overwrite)
-    print(f"merged {args.adapter} into {type(merged).__name__}; wrote a plain transformers checkpoint to {args.out}")
+    print(f"merged {args.adapter} into {type(merged).__name__}; wrote a plain checkpoint to {args.out}")
     return 0
 
 
@@ -371,7 +368,22 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     saved.export(args.adapter, args.out, args.format or "peft", args.model, args.overwrite)
     print(f"exported {args.adapter} in {args.format or 'peft'} format to {args.out}; load it with "
-          "peft.PeftModel.from_pretrained(base_model, out)")
+          "peft.PeftModel.from_pretrained(base_model, out) (a pipeline's: out/<component>)")
+    return 0
+
+
+def _generate_flags(p: argparse.ArgumentParser) -> None:
+    from peftlab.recipes.generate import GenerateOptions
+
+    add_field_flags(p, GenerateOptions, help=GenerateOptions.flag_help())
+
+
+@command(_generate_flags)
+def cmd_generate(args: argparse.Namespace) -> int:
+    """images from a text-to-image pipeline with a run's adapters (any diffusers scheduler): each image and a grid"""
+    from peftlab.recipes.generate import run
+
+    print(run(args))
     return 0
 
 
@@ -395,7 +407,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-@command(_inspect_flags, config=False)
+@command(lambda p: p.add_argument("folder", help="adapter folder (or a run's output folder)"), config=False)
 def cmd_inspect(args: argparse.Namespace) -> int:
     """config, parameters per module and the method's diagnostics of an adapter
 

@@ -29,6 +29,7 @@ import os
 import pickle
 import re
 import secrets
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_write_image(path: str | os.PathLike, image: Any, format: str = "PNG") -> Path:
+    """Write a PIL image atomically (encoded in memory, then :func:`atomic_write_bytes`)."""
+    buffer = BytesIO()
+    image.save(buffer, format=format)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
