@@ -109,6 +109,13 @@ def cached(path: Path, compute: Callable[[], dict[str, float]]) -> dict[str, flo
     return value
 
 
+def s_per_step(values: list[float | None]) -> str:
+    """Mean training time per step over the runs that trained in this invocation (a resumed run that only
+    evaluated has none)."""
+    timed = [v for v in values if v]
+    return f"{statistics.mean(timed):.1f}" if timed else "n/a"
+
+
 def mean_std(values: list[float], digits: int = 3) -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
@@ -159,7 +166,7 @@ def main() -> None:
                       mean_std(col("perplexity"), 2), f"{mean_std(col('mmlu'))} ({mean_std(drop_acc)})",
                       f"{mean_std(col('gold'), 4)} ({mean_std(drop_gold, 4)})",
                       f"{statistics.mean(col('delta_mean')):.2e}", f"{max(col('delta_max')):.2e}",
-                      f"{statistics.mean(col('s_per_step')):.1f}"])
+                      s_per_step(col("s_per_step"))])
     lines = header_lines(busy_hint="s/step is inflated by other jobs; the other columns are not")
     lines += [f"Budget: {args.steps} steps × batch {args.batch_size}, max_length {args.max_length}, r = 8 on "
               f"{'/'.join(TARGETS)}; seeds {args.seeds}; math on {args.test_problems} test problems "
