@@ -12,13 +12,14 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from peftlab import matching
+from peftlab import lowmem, matching
 from peftlab.config import AdapterConfig
 from peftlab.errors import MergeError, TargetError
 from peftlab.layers import OUTPUT_HEADS, SUPPORTED_TYPES, LayerView, layer_kind
@@ -214,8 +215,11 @@ class TrainableCopy(Delegating):
         self.disabled = False
         self.row_plan: RowPlan | None = None  # set for the duration of a mixed-adapter call
 
-    def add(self, name: str) -> None:
-        self.copies[name] = copy.deepcopy(self.original)
+    def add(self, name: str, meta: bool = False) -> None:
+        """A trainable copy of the original for adapter ``name`` (``meta``: on the meta device, to be loaded)."""
+        self.copies[name] = lowmem.meta_copy(self.original) if meta else copy.deepcopy(self.original)
+        if meta:
+            lowmem.guard(self, "copies")
 
     def current(self) -> nn.Module:
         if not self.disabled:
@@ -357,7 +361,15 @@ def adapter_parameters_dtype(weight: Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
-def new_adapter(adapter_cls: type[Adapter], view: LayerView, config: AdapterConfig, r: int) -> Adapter:
+def new_adapter(
+    adapter_cls: type[Adapter], view: LayerView, config: AdapterConfig, r: int, meta: bool = False
+) -> Adapter:
+    """A new adapter for ``view``'s layer, on its device; ``meta``: on the meta device, uninitialised (its
+    init runs on tensors without data, and its warnings, about initial values, are not shown)."""
     weight = view.module.weight
-    adapter = adapter_cls(view, config, r)
-    return adapter.to(device=weight.device, dtype=adapter_parameters_dtype(weight))
+    if not meta:
+        return adapter_cls(view, config, r).to(device=weight.device, dtype=adapter_parameters_dtype(weight))
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapter = adapter_cls(view, config, r)
+    return adapter.to(dtype=adapter_parameters_dtype(weight))

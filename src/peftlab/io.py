@@ -214,6 +214,14 @@ def by_module(tensors: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
 
 def check_and_copy(params: dict[str, Tensor], tensors: dict[str, Tensor], source: str | os.PathLike) -> None:
     """Copy ``tensors`` into ``params`` after checking the key sets and shapes match exactly."""
+    check_matching(params, tensors, source)
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(tensors[key].to(device=param.device, dtype=param.dtype))
+
+
+def check_matching(params: dict[str, Tensor], tensors: dict[str, Tensor], source: str | os.PathLike) -> None:
+    """:class:`AdapterLoadError` unless ``tensors`` has exactly ``params``' keys, each with the same shape."""
     missing = [k for k in params if k not in tensors]
     unexpected = [k for k in tensors if k not in params]
     if missing:
@@ -234,6 +242,3 @@ def check_and_copy(params: dict[str, Tensor], tensors: dict[str, Tensor], source
                 f"{source}: module {module}: tensor {key} has shape {tuple(tensors[key].shape)} in the file but "
                 f"{tuple(param.shape)} in this model; the adapter was trained on a different base model"
             )
-    with torch.no_grad():
-        for key, param in params.items():
-            param.copy_(tensors[key].to(device=param.device, dtype=param.dtype))

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from peftlab import lowmem
 from peftlab.config import AdapterConfig
 from peftlab.errors import AdapterError, ConfigError, TargetError
 from peftlab.inject import (
@@ -103,8 +104,12 @@ class AdapterModel(AdapterFiles, nn.Module):
     def _copies(self) -> Iterator[tuple[str, TrainableCopy]]:
         return iter_wrapped(self.base_model, TrainableCopy)  # type: ignore[return-value]
 
-    def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
-        """Add an adapter (not activated: call :meth:`set_adapter`). Nothing changes if a check fails."""
+    def add_adapter(self, adapter_name: str, config: AdapterConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Add an adapter (not activated: call :meth:`set_adapter`). Nothing changes if a check fails.
+
+        ``low_cpu_mem_usage=True``: its parameters are created on the meta device, without values, until
+        :meth:`set_adapter_state_dict` loads them (see :mod:`peftlab.lowmem`).
+        """
         if not isinstance(config, AdapterConfig):
             raise TypeError(f"config must be an AdapterConfig (e.g. HRAConfig), got {type(config).__name__}")
         if not adapter_name or "." in adapter_name:
@@ -147,13 +152,15 @@ class AdapterModel(AdapterFiles, nn.Module):
             if not isinstance(layer, AdapterLayer):
                 layer = AdapterLayer(module, name)
                 set_submodule(self.base_model, name, layer)
-            layer.adapters[adapter_name] = new_adapter(adapter_cls, view, config, r)
+            layer.adapters[adapter_name] = new_adapter(adapter_cls, view, config, r, meta=low_cpu_mem_usage)
+            if low_cpu_mem_usage:
+                lowmem.guard(layer, "adapters")
         for name in saved:
             wrapper = self.base_model.get_submodule(name)
             if not isinstance(wrapper, TrainableCopy):
                 wrapper = TrainableCopy(wrapper)
                 set_submodule(self.base_model, name, wrapper)
-            wrapper.add(adapter_name)
+            wrapper.add(adapter_name, meta=low_cpu_mem_usage)
         self.peft_config[adapter_name] = config
         self._update_trainable()
 
@@ -295,6 +302,7 @@ class AdapterModel(AdapterFiles, nn.Module):
                 f"merge option(s) {unknown} are not used by adapter(s) {names}; options their methods take: "
                 f"{sorted(accepted) or 'none'}"
             )
+        self._check_loaded(names, "merge")
         merges = {n: options for n in names}
         if not safe_merge:  # layer by layer (no second copy of every weight)
             self._commit_merges((layer, layer.plan_merge(merges)) for _, layer in self._layers())
@@ -429,6 +437,15 @@ def _new_with_forward_of(adapter_cls: type[AdapterModel], wrapped_cls: type[nn.M
     return cls.__new__(cls)
 
 
-def get_adapter_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> AdapterModel:
-    """Wrap ``model`` with a new adapter: only the adapter (plus ``modules_to_save``/biases) trains."""
-    return AdapterModel(model, config, adapter_name)
+def get_adapter_model(
+    model: nn.Module, config: AdapterConfig, adapter_name: str = "default", low_cpu_mem_usage: bool = False
+) -> AdapterModel:
+    """Wrap ``model`` with a new adapter: only the adapter (plus ``modules_to_save``/biases) trains.
+
+    ``low_cpu_mem_usage=True`` creates the adapter on the meta device, without values (as HF PEFT does):
+    fill it with ``model.set_adapter_state_dict(tensors)`` before running, merging or saving it.
+    """
+    wrapped = AdapterModel(model, adapter_name=adapter_name)
+    wrapped.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+    wrapped.set_adapter(adapter_name)
+    return wrapped

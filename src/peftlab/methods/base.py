@@ -95,6 +95,11 @@ class Adapter(nn.Module):
         """
         return {}
 
+    def materialised(self) -> None:
+        """Called after loading with ``low_cpu_mem_usage=True`` put the checkpoint's tensors in place of the
+        meta ones (:mod:`peftlab.lowmem`): recompute anything ``__init__`` derived from the parameters (a
+        cached tensor). The built-in methods derive nothing, so this does nothing."""
+
     # -- extras ---------------------------------------------------------------------------------------
     def extra_loss(self) -> Tensor | None:
         """A term added to the training loss (already weighted), or ``None``."""
