@@ -326,11 +326,25 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
             extra = f" with layers_to_transform={config.layers_to_transform} (layers_pattern={config.layers_pattern!r})"
         if containers:
             extra += f" (only the containers {containers[:3]}, which are not layers)"
+        if isinstance(spec, str) and spec != "all-linear":
+            extra += f" (a regex must match a whole module name, such as {', '.join(example_names(model))})"
         raise TargetError(
             f"target_modules={spec!r}{extra} matched nothing in {type(model).__name__}; "
             f"layers that can be adapted: {', '.join(adaptable_names(model))}"
         )
     return found
+
+
+def example_names(model: nn.Module, limit: int = 5) -> list[str]:
+    """Full names of adaptable layers, the first one (a linear layer if there is one) under each two-level
+    prefix (``model.vision_tower``, ``model.language_model``, ...), for messages about regexes, which match
+    whole names."""
+    seen: dict[str, str] = {}
+    for linear in (True, False):
+        for name, module in _plain_modules(model):
+            if name and layer_kind(module) is not None and (layer_kind(module) in ("linear", "conv1d")) == linear:
+                seen.setdefault(".".join(name.split(".")[:2]), name)
+    return list(seen.values())[:limit]
 
 
 def find_modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
