@@ -102,6 +102,9 @@ def child(args: argparse.Namespace) -> None:
     from peftlab import AdapterModel
 
     base = load_base(args.model_dir)
+    with torch.no_grad():  # transformers maps the checkpoint: fault every base weight in before measuring
+        for p in base.parameters():
+            p.sum()
     gc.collect()
     before, total = rss(), status_kib("VmRSS") * 1024
     with PeakRSS() as peak:

@@ -186,3 +186,29 @@ def test_half_precision_files_are_converted_to_the_adapter_dtype(tmp_path, token
     low = AdapterModel.from_pretrained(tiny_bert(), tmp_path, low_cpu_mem_usage=True)
     assert {p.dtype for p in low.adapter_parameters("default").values()} == {torch.float32}
     torch.testing.assert_close(outputs(low, token_batch), outputs(ordinary, token_batch), rtol=0, atol=0)
+
+
+def test_each_materialised_adapter_is_told_so(monkeypatch, tmp_path):
+    """``Adapter.materialised`` runs once per layer after its values are loaded (where a method recomputes
+    cached state), on real tensors, with or without ``low_cpu_mem_usage``."""
+    from peftlab.methods.hra import HRAAdapter
+
+    calls = []
+    monkeypatch.setattr(HRAAdapter, "materialised", lambda self: calls.append(self.hra_u.is_meta))
+    trained_model("hra").save_pretrained(tmp_path, selected_adapters=["default"])
+    for low_cpu_mem_usage in (False, True):
+        calls.clear()
+        model = AdapterModel.from_pretrained(tiny_bert(), tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
+        assert calls == [False] * len(list(model._layers())) and calls
+
+
+def test_a_model_with_a_meta_adapter_copies_and_pickles(token_batch):
+    import copy
+    import pickle
+
+    model = get_adapter_model(tiny_bert(), make_config("lora"), low_cpu_mem_usage=True)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        with pytest.raises(AdapterError, match="meta device"):
+            clone(**token_batch)
+        clone.set_adapter_state_dict(trained_model("lora").adapter_state_dict("second"))
+        assert outputs(clone, token_batch).isfinite().all()

@@ -5,7 +5,8 @@ adapter's parameters on the meta device (shapes and dtypes, no storage, no rando
 the checkpoint's tensors to them (``nn.Module.load_state_dict(..., assign=True)``): a tensor read from the
 file becomes the parameter, converted only when its dtype or device differs. The ordinary path allocates
 and initialises every adapter, then copies the file's tensors into it, so each adapter exists twice while
-it loads.
+it loads. (safetensors maps the file copy-on-write, so the assigned parameters are the file's clean pages,
+file-backed memory the kernel can drop and read again, until something writes to them, e.g. training.)
 
 ``get_adapter_model(model, config, low_cpu_mem_usage=True)`` leaves the new adapter on the meta device
 until ``model.set_adapter_state_dict(tensors)`` fills it (as HF PEFT does). Until then the layers holding
@@ -15,7 +16,8 @@ its weights.
 
 Every tensor of an adapter module (parameters and buffers) is replaced at once, so a module is either all
 on meta or all real. A method that derives state from its parameters at init (a cached tensor) recomputes
-it in :meth:`peftlab.methods.base.Adapter.materialised`; none of the built-in methods keeps such state.
+it in :meth:`peftlab.methods.base.Adapter.materialised`, which every load calls; none of the built-in
+methods keeps such state.
 """
 
 from __future__ import annotations

@@ -96,9 +96,10 @@ class Adapter(nn.Module):
         return {}
 
     def materialised(self) -> None:
-        """Called after loading with ``low_cpu_mem_usage=True`` put the checkpoint's tensors in place of the
-        meta ones (:mod:`peftlab.lowmem`): recompute anything ``__init__`` derived from the parameters (a
-        cached tensor). The built-in methods derive nothing, so this does nothing."""
+        """Called after loading gave the parameters new values (``set_adapter_state_dict``, which
+        ``from_pretrained`` and ``load_adapter`` use; with ``low_cpu_mem_usage=True`` the parameters were on
+        the meta device until then, see :mod:`peftlab.lowmem`): recompute anything derived from them at init
+        (a cached tensor). The built-in methods derive nothing, so this does nothing."""
 
     # -- extras ---------------------------------------------------------------------------------------
     def extra_loss(self) -> Tensor | None:
