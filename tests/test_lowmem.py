@@ -212,3 +212,13 @@ def test_a_model_with_a_meta_adapter_copies_and_pickles(token_batch):
             clone(**token_batch)
         clone.set_adapter_state_dict(trained_model("lora").adapter_state_dict("second"))
         assert outputs(clone, token_batch).isfinite().all()
+
+
+def test_a_mixed_batch_naming_a_meta_adapter_is_refused(token_batch):
+    model = trained_model("lora").eval()
+    model.add_adapter("later", make_config("lora"), low_cpu_mem_usage=True)
+    with pytest.raises(AdapterError, match="'later'.*meta device"):
+        model(**token_batch, adapter_names=["default", "later", "__base__"])
+    with torch.no_grad():  # the loaded adapters still run mixed
+        mixed = model(**token_batch, adapter_names=["default", "second", "__base__"]).logits
+    assert mixed.shape[0] == 3 and mixed.isfinite().all()

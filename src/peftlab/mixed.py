@@ -182,6 +182,7 @@ def mixed_batch(model: Any, adapter_names: Sequence[str | Sequence[str]] | None,
         raise AdapterError("adapter_names cannot be used inside disable_adapter(); use '__base__' rows instead")
     copies = {name: list(w.copies) for name, w in model._copies()}
     plan = RowPlan(normalize(adapter_names, list(model.peft_config), copies))
+    model._check_loaded(sorted({n for entry in plan.entries for n in entry}), "run")  # none on the meta device
     rows = batch_size(args, kwargs)
     if rows != len(plan.entries):
         raise AdapterError(

@@ -106,10 +106,7 @@ class AdapterModel(AdapterFiles, nn.Module):
 
     def add_adapter(self, adapter_name: str, config: AdapterConfig, low_cpu_mem_usage: bool = False) -> None:
         """Add an adapter (not activated: call :meth:`set_adapter`). Nothing changes if a check fails.
-
-        ``low_cpu_mem_usage=True``: its parameters are created on the meta device, without values, until
-        :meth:`set_adapter_state_dict` loads them (see :mod:`peftlab.lowmem`).
-        """
+        ``low_cpu_mem_usage=True``: on the meta device until :meth:`set_adapter_state_dict` (:mod:`peftlab.lowmem`)."""
         if not isinstance(config, AdapterConfig):
             raise TypeError(f"config must be an AdapterConfig (e.g. HRAConfig), got {type(config).__name__}")
         if not adapter_name or "." in adapter_name:
@@ -441,10 +438,7 @@ def get_adapter_model(
     model: nn.Module, config: AdapterConfig, adapter_name: str = "default", low_cpu_mem_usage: bool = False
 ) -> AdapterModel:
     """Wrap ``model`` with a new adapter: only the adapter (plus ``modules_to_save``/biases) trains.
-
-    ``low_cpu_mem_usage=True`` creates the adapter on the meta device, without values (as HF PEFT does):
-    fill it with ``model.set_adapter_state_dict(tensors)`` before running, merging or saving it.
-    """
+    ``low_cpu_mem_usage=True``: on the meta device, no values, until ``model.set_adapter_state_dict(tensors)``."""
     wrapped = AdapterModel(model, adapter_name=adapter_name)
     wrapped.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
     wrapped.set_adapter(adapter_name)

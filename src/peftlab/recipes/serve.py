@@ -101,8 +101,8 @@ class ServedModel:
         else:
             base, tokenizer = load_causal_lm(model_name)
         model = AdapterModel(base)
-        for name, folder in adapters.items():
-            model.load_adapter(folder, name)
+        for name, folder in adapters.items():  # each adapter built on meta and given the file's tensors
+            model.load_adapter(folder, name, low_cpu_mem_usage=True)
         return cls(model.eval(), tokenizer, task, {n: str(f) for n, f in adapters.items()})
 
     def check(self, adapter: str | list[str]) -> None:
