@@ -55,7 +55,7 @@ def test_smollm2_conversion_is_cached(smollm2):
     assert time.perf_counter() - start < 0.5, f"second call not cached (first took {first:.1f}s)"
     files = {p.name for p in Path(path).iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
-    assert not [p for p in Path(path).parent.iterdir() if p.name.startswith(".")]  # no temp folders left
+    assert not [p for p in Path(path).parent.iterdir() if p.name.startswith(".smollm2")]  # no temp folders left
 
 
 def test_smollm2_loads_and_generates(smollm2):
