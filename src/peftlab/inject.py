@@ -12,17 +12,19 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from peftlab import matching
+from peftlab import lowmem, matching
 from peftlab.config import AdapterConfig
 from peftlab.errors import MergeError, TargetError
 from peftlab.layers import OUTPUT_HEADS, SUPPORTED_TYPES, LayerView, layer_kind
 from peftlab.methods.base import Adapter
+from peftlab.mixed import RowPlan, run_segments
 
 
 class Delegating(nn.Module):
@@ -48,6 +50,8 @@ class AdapterLayer(Delegating):
 
     ``forward(x)`` = base layer with W·H₁⋯H_k (active multiplicative adapters, in order) plus
     Σ Δᵢ(x) over active additive adapters. Adapters listed in ``merged`` are already in the base weight.
+    While ``row_plan`` is set (a mixed-adapter batch, :mod:`peftlab.mixed`), each group of rows gets that
+    composition with its own adapters instead of the active ones.
     """
 
     def __init__(self, base_layer: nn.Module, name: str = "") -> None:
@@ -58,6 +62,7 @@ class AdapterLayer(Delegating):
         self.active: list[str] = []
         self.merge_record: dict[str, dict[str, Any]] = {}  # adapter name → its merge options, in merge order
         self.disabled = False
+        self.row_plan: RowPlan | None = None  # set for the duration of a mixed-adapter call
         self._view: LayerView | None = None
 
     @property
@@ -98,7 +103,28 @@ class AdapterLayer(Delegating):
         return self.base_layer
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if self.row_plan is not None:
+            return self._forward_rows(self.row_plan, x, args, kwargs)
         names = [] if self.disabled else [n for n in self.active if n not in self.merged]
+        return self._compose(x, names, args, kwargs)
+
+    def _forward_rows(self, plan: RowPlan, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        """A mixed-adapter batch: the base layer once over the rows whose adapters here are additive (or none),
+        each group adding its Δ(x_g); a group with a multiplicative adapter runs :meth:`_compose` on its rows."""
+        adapters, view = self.adapters, self.view
+        multiplicative = frozenset(n for n, a in adapters.items() if a.multiplicative)
+        layout = plan.layout(x.shape[0], x.device, frozenset(adapters), multiplicative)
+
+        def add(y: Tensor, rows: Tensor, names: tuple[str, ...]) -> Tensor:
+            for n in names:
+                y = y + adapters[n].delta(rows, view).to(y.dtype)
+            return y
+
+        return run_segments(layout, x, lambda rows: self.base_layer(rows, *args, **kwargs), add,
+                            lambda rows, names: self._compose(rows, list(names), args, kwargs))
+
+    def _compose(self, x: Tensor, names: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
+        """The base layer with the adapters ``names`` composed (multiplicative first, then additive)."""
         if not names:
             return self.base_layer(x, *args, **kwargs)
         adapters = [self.adapters[n] for n in names]
@@ -187,9 +213,13 @@ class TrainableCopy(Delegating):
         self.copies = nn.ModuleDict()
         self.active: list[str] = []
         self.disabled = False
+        self.row_plan: RowPlan | None = None  # set for the duration of a mixed-adapter call
 
-    def add(self, name: str) -> None:
-        self.copies[name] = copy.deepcopy(self.original)
+    def add(self, name: str, meta: bool = False) -> None:
+        """A trainable copy of the original for adapter ``name`` (``meta``: on the meta device, to be loaded)."""
+        self.copies[name] = lowmem.meta_copy(self.original) if meta else copy.deepcopy(self.original)
+        if meta:
+            lowmem.guard(self, "copies")
 
     def current(self) -> nn.Module:
         if not self.disabled:
@@ -204,7 +234,17 @@ class TrainableCopy(Delegating):
         return self.current()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.current()(*args, **kwargs)
+        if self.row_plan is None:
+            return self.current()(*args, **kwargs)
+        if not args or not isinstance(args[0], Tensor):
+            raise TypeError(f"a mixed-adapter batch needs {type(self.original).__name__} called with its input first")
+        x, rest = args[0], args[1:]
+        layout = self.row_plan.layout(x.shape[0], x.device, frozenset(self.copies), frozenset(self.copies))
+
+        def run(rows: Tensor, names: tuple[str, ...] = ()) -> Tensor:  # the copy of the row's adapter, if any
+            return (self.copies[names[0]] if names else self.original)(rows, *rest, **kwargs)
+
+        return run_segments(layout, x, run, lambda y, rows, names: run(rows, names), run)
 
 
 # -- targeting ----------------------------------------------------------------------------------------
@@ -286,11 +326,25 @@ def find_targets(model: nn.Module, config: AdapterConfig) -> list[tuple[str, nn.
             extra = f" with layers_to_transform={config.layers_to_transform} (layers_pattern={config.layers_pattern!r})"
         if containers:
             extra += f" (only the containers {containers[:3]}, which are not layers)"
+        if isinstance(spec, str) and spec != "all-linear":
+            extra += f" (a regex must match a whole module name, such as {', '.join(example_names(model))})"
         raise TargetError(
             f"target_modules={spec!r}{extra} matched nothing in {type(model).__name__}; "
             f"layers that can be adapted: {', '.join(adaptable_names(model))}"
         )
     return found
+
+
+def example_names(model: nn.Module, limit: int = 5) -> list[str]:
+    """Full names of adaptable layers, the first one (a linear layer if there is one) under each two-level
+    prefix (``model.vision_tower``, ``model.language_model``, ...), for messages about regexes, which match
+    whole names."""
+    seen: dict[str, str] = {}
+    for linear in (True, False):
+        for name, module in _plain_modules(model):
+            if name and layer_kind(module) is not None and (layer_kind(module) in ("linear", "conv1d")) == linear:
+                seen.setdefault(".".join(name.split(".")[:2]), name)
+    return list(seen.values())[:limit]
 
 
 def find_modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:
@@ -321,7 +375,15 @@ def adapter_parameters_dtype(weight: Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
-def new_adapter(adapter_cls: type[Adapter], view: LayerView, config: AdapterConfig, r: int) -> Adapter:
+def new_adapter(
+    adapter_cls: type[Adapter], view: LayerView, config: AdapterConfig, r: int, meta: bool = False
+) -> Adapter:
+    """A new adapter for ``view``'s layer, on its device; ``meta``: on the meta device, uninitialised (its
+    init runs on tensors without data, and its warnings, about initial values, are not shown)."""
     weight = view.module.weight
-    adapter = adapter_cls(view, config, r)
-    return adapter.to(device=weight.device, dtype=adapter_parameters_dtype(weight))
+    if not meta:
+        return adapter_cls(view, config, r).to(device=weight.device, dtype=adapter_parameters_dtype(weight))
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adapter = adapter_cls(view, config, r)
+    return adapter.to(dtype=adapter_parameters_dtype(weight))

@@ -29,6 +29,7 @@ import os
 import pickle
 import re
 import secrets
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_write_image(path: str | os.PathLike, image: Any, format: str = "PNG") -> Path:
+    """Write a PIL image atomically (encoded in memory, then :func:`atomic_write_bytes`)."""
+    buffer = BytesIO()
+    image.save(buffer, format=format)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -206,6 +214,14 @@ def by_module(tensors: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
 
 def check_and_copy(params: dict[str, Tensor], tensors: dict[str, Tensor], source: str | os.PathLike) -> None:
     """Copy ``tensors`` into ``params`` after checking the key sets and shapes match exactly."""
+    check_matching(params, tensors, source)
+    with torch.no_grad():
+        for key, param in params.items():
+            param.copy_(tensors[key].to(device=param.device, dtype=param.dtype))
+
+
+def check_matching(params: dict[str, Tensor], tensors: dict[str, Tensor], source: str | os.PathLike) -> None:
+    """:class:`AdapterLoadError` unless ``tensors`` has exactly ``params``' keys, each with the same shape."""
     missing = [k for k in params if k not in tensors]
     unexpected = [k for k in tensors if k not in params]
     if missing:
@@ -226,6 +242,3 @@ def check_and_copy(params: dict[str, Tensor], tensors: dict[str, Tensor], source
                 f"{source}: module {module}: tensor {key} has shape {tuple(tensors[key].shape)} in the file but "
                 f"{tuple(param.shape)} in this model; the adapter was trained on a different base model"
             )
-    with torch.no_grad():
-        for key, param in params.items():
-            param.copy_(tensors[key].to(device=param.device, dtype=param.dtype))

@@ -8,6 +8,9 @@ Three forms, as in HF PEFT:
 - a **dict key** (``rank_pattern``, MTLoRA's ``fused_slices``): a suffix *or* a full-name regex;
   the first key that matches wins.
 
+:func:`component_targets` writes the regex that picks layers inside named components of a multimodal model
+(``{"language_model": ["q_proj"], "vision_tower": ["fc1"]}``).
+
 The layer index (``layers_to_transform``) is the number after a layer-list name:
 ``...layer.3.attention...`` → 3 (``layers_pattern`` names the list; by default common names are tried).
 
@@ -194,3 +197,33 @@ def layer_index(name: str, patterns: list[str] | str | None = None) -> int | Non
     """
     found = _match(layer_regex(patterns), name, "search", "layers_pattern")
     return int(found.group(1)) if found else None
+
+
+def component_targets(components: dict[str, list[str]]) -> str:
+    """A ``target_modules`` regex that picks layers by the model component they sit in.
+
+    ``components`` maps a component's module name (``language_model``, ``vision_tower``,
+    ``multi_modal_projector`` in a transformers LLaVA) to the layer names to adapt inside it; both are
+    literal (dots allowed), and each matches at a ``.`` boundary anywhere in the full module name::
+
+        component_targets({"language_model": ["q_proj", "v_proj"], "multi_modal_projector": ["linear_1"]})
+        # (?:.*\\.)?language_model\\.(?:.*\\.)?(?:q_proj|v_proj)|(?:.*\\.)?multi_modal_projector\\. ...
+
+    matches ``model.language_model.layers.3.self_attn.q_proj`` and ``model.multi_modal_projector.linear_1``
+    but not ``model.vision_tower.encoder.layers.0.self_attn.q_proj``. The result is a plain string, so it is
+    saved with the adapter's config and loads anywhere.
+    """
+    if not components or not all(isinstance(c, str) and c and leaves for c, leaves in components.items()):
+        raise ConfigError(
+            "component_targets needs {component: [layer names]} with at least one layer name each; "
+            f"got {components!r}"
+        )
+    parts = []
+    for component, leaves in components.items():
+        if isinstance(leaves, str) or not all(isinstance(leaf, str) and leaf for leaf in leaves):
+            raise ConfigError(f"component_targets: the layers of {component!r} must be a list of names; got {leaves!r}")
+        names = "|".join(re.escape(leaf) for leaf in leaves)
+        parts.append(rf"(?:.*\.)?{re.escape(component)}\.(?:.*\.)?(?:{names})")
+    pattern = "|".join(parts)
+    check_pattern(pattern, "target_modules")
+    return pattern

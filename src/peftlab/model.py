@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from peftlab import lowmem
 from peftlab.config import AdapterConfig
 from peftlab.errors import AdapterError, ConfigError, TargetError
 from peftlab.inject import (
@@ -34,6 +35,7 @@ from peftlab.inject import (
 )
 from peftlab.layers import LayerView
 from peftlab.methods.base import ADAPTERS, Adapter
+from peftlab.mixed import mixed_batch
 from peftlab.saving import AdapterFiles
 
 
@@ -68,9 +70,11 @@ class AdapterModel(AdapterFiles, nn.Module):
             function = self._method_function(name)  # e.g. model.orthogonality_loss() when HRA is registered
             return function if function is not None else getattr(self.base_model, name)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The wrapped model's forward (with its signature: see the module docstring)."""
-        return self.base_model(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: list[str | list[str]] | None = None, **kwargs: Any) -> Any:
+        """The wrapped model's forward (with its signature: see the module docstring). ``adapter_names``: one
+        entry per row (a name, ``"__base__"`` or a list to compose), a mixed-adapter batch (:mod:`peftlab.mixed`)."""
+        with mixed_batch(self, adapter_names, args, kwargs):
+            return self.base_model(*args, **kwargs)
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         """Pickle and deepcopy rebuild the per-wrapped-class subclass instead of looking it up by name."""
@@ -80,8 +84,11 @@ class AdapterModel(AdapterFiles, nn.Module):
             return reduced
         return (_new_with_forward_of, (cls.__base__, cls._forward_of), *reduced[2:])
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.generate(*args, **kwargs)
+    def generate(self, *args: Any, adapter_names: list[str | list[str]] | None = None, **kwargs: Any) -> Any:
+        """The wrapped model's ``generate``; ``adapter_names`` as in :meth:`forward` (beams and returned sequences
+        of a row use its entry)."""
+        with mixed_batch(self, adapter_names, args, kwargs):
+            return self.base_model.generate(*args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
         return self.base_model
@@ -97,8 +104,9 @@ class AdapterModel(AdapterFiles, nn.Module):
     def _copies(self) -> Iterator[tuple[str, TrainableCopy]]:
         return iter_wrapped(self.base_model, TrainableCopy)  # type: ignore[return-value]
 
-    def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
-        """Add an adapter (not activated: call :meth:`set_adapter`). Nothing changes if a check fails."""
+    def add_adapter(self, adapter_name: str, config: AdapterConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Add an adapter (not activated: call :meth:`set_adapter`). Nothing changes if a check fails.
+        ``low_cpu_mem_usage=True``: on the meta device until :meth:`set_adapter_state_dict` (:mod:`peftlab.lowmem`)."""
         if not isinstance(config, AdapterConfig):
             raise TypeError(f"config must be an AdapterConfig (e.g. HRAConfig), got {type(config).__name__}")
         if not adapter_name or "." in adapter_name:
@@ -141,13 +149,15 @@ class AdapterModel(AdapterFiles, nn.Module):
             if not isinstance(layer, AdapterLayer):
                 layer = AdapterLayer(module, name)
                 set_submodule(self.base_model, name, layer)
-            layer.adapters[adapter_name] = new_adapter(adapter_cls, view, config, r)
+            layer.adapters[adapter_name] = new_adapter(adapter_cls, view, config, r, meta=low_cpu_mem_usage)
+            if low_cpu_mem_usage:
+                lowmem.guard(layer, "adapters")
         for name in saved:
             wrapper = self.base_model.get_submodule(name)
             if not isinstance(wrapper, TrainableCopy):
                 wrapper = TrainableCopy(wrapper)
                 set_submodule(self.base_model, name, wrapper)
-            wrapper.add(adapter_name)
+            wrapper.add(adapter_name, meta=low_cpu_mem_usage)
         self.peft_config[adapter_name] = config
         self._update_trainable()
 
@@ -289,6 +299,7 @@ class AdapterModel(AdapterFiles, nn.Module):
                 f"merge option(s) {unknown} are not used by adapter(s) {names}; options their methods take: "
                 f"{sorted(accepted) or 'none'}"
             )
+        self._check_loaded(names, "merge")
         merges = {n: options for n in names}
         if not safe_merge:  # layer by layer (no second copy of every weight)
             self._commit_merges((layer, layer.plan_merge(merges)) for _, layer in self._layers())
@@ -393,8 +404,6 @@ class AdapterModel(AdapterFiles, nn.Module):
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
 
-
-
 _FORWARD_CLASSES: dict[tuple[type, type], type] = {}
 
 
@@ -406,7 +415,7 @@ def _with_forward_of(adapter_cls: type[AdapterModel], wrapped_cls: type[nn.Modul
     if key not in _FORWARD_CLASSES:
 
         def forward(self: AdapterModel, *args: Any, **kwargs: Any) -> Any:
-            return self.base_model(*args, **kwargs)
+            return AdapterModel.forward(self, *args, **kwargs)
 
         forward.__doc__ = f"{wrapped_cls.__name__}.forward, with the active adapters."
         try:
@@ -425,6 +434,12 @@ def _new_with_forward_of(adapter_cls: type[AdapterModel], wrapped_cls: type[nn.M
     return cls.__new__(cls)
 
 
-def get_adapter_model(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> AdapterModel:
-    """Wrap ``model`` with a new adapter: only the adapter (plus ``modules_to_save``/biases) trains."""
-    return AdapterModel(model, config, adapter_name)
+def get_adapter_model(
+    model: nn.Module, config: AdapterConfig, adapter_name: str = "default", low_cpu_mem_usage: bool = False
+) -> AdapterModel:
+    """Wrap ``model`` with a new adapter: only the adapter (plus ``modules_to_save``/biases) trains.
+    ``low_cpu_mem_usage=True``: on the meta device, no values, until ``model.set_adapter_state_dict(tensors)``."""
+    wrapped = AdapterModel(model, adapter_name=adapter_name)
+    wrapped.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+    wrapped.set_adapter(adapter_name)
+    return wrapped

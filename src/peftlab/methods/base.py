@@ -95,6 +95,12 @@ class Adapter(nn.Module):
         """
         return {}
 
+    def materialised(self) -> None:
+        """Called after loading gave the parameters new values (``set_adapter_state_dict``, which
+        ``from_pretrained`` and ``load_adapter`` use; with ``low_cpu_mem_usage=True`` the parameters were on
+        the meta device until then, see :mod:`peftlab.lowmem`): recompute anything derived from them at init
+        (a cached tensor). The built-in methods derive nothing, so this does nothing."""
+
     # -- extras ---------------------------------------------------------------------------------------
     def extra_loss(self) -> Tensor | None:
         """A term added to the training loss (already weighted), or ``None``."""

@@ -160,6 +160,14 @@ def accuracy_table(predictions: Sequence[int], answers: Sequence[int], subjects:
             "correct": correct, "by_subject": table}
 
 
+def gold_probability(scores: Sequence[Sequence[float]], answers: Sequence[int]) -> float:
+    """Mean over questions of p(gold) = softmax(scores)[answer], the options' log-likelihoods normalised over the
+    options: a continuous accuracy, less noisy than the argmax when a model is near chance (forgetting studies)."""
+    probs = [torch.softmax(torch.tensor(s, dtype=torch.float64), 0)[a].item() for s, a in zip(scores, answers,
+                                                                                             strict=True)]
+    return sum(probs) / len(probs)
+
+
 # -- the recipe --------------------------------------------------------------------------------------------------
 def train(options) -> dict[str, Any]:
     """Refused: multiple-choice is scored, not trained (``recipe(task).train``)."""
@@ -227,6 +235,7 @@ def evaluate(
                                       batch_size or DEFAULT_BATCH_SIZE, progress)
     predictions = [max(range(len(s)), key=s.__getitem__) for s in scores]
     table = accuracy_table(predictions, [q.answer for q in questions], [q.subject for q in questions])
+    table["gold_probability"] = gold_probability(scores, [q.answer for q in questions])
     held = sorted(s for s, h in questions_set.held_out.items() if h)
     if not shots:
         examples = "none (0-shot)"

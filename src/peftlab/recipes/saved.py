@@ -48,12 +48,22 @@ def load_for_inference(adapter: str | os.PathLike, model: str | None) -> tuple[n
     return load_trained(adapter, model)
 
 
+def is_pipeline_dir(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds a diffusers pipeline's adapters (see :mod:`peftlab.diffusion.pipeline`)."""
+    return (Path(folder) / "pipeline.json").is_file()
+
+
 def merge(adapter: str | os.PathLike, out: str | os.PathLike, model: str | None = None,
-          overwrite: bool | None = None) -> nn.Module:
-    """Fold the adapter into its base model and save a plain transformers checkpoint (+ tokenizer) in ``out``."""
+          overwrite: bool | None = None) -> Any:
+    """Fold the adapter into its base model and save a plain transformers checkpoint (+ tokenizer) in ``out``;
+    a pipeline's adapters (``pipeline.json``) give a plain diffusers pipeline folder."""
     from peftlab.models import quiet_transformers
 
     path = check_out(out, overwrite)
+    if is_pipeline_dir(adapter):
+        from peftlab.diffusion.pipeline import merge_folder
+
+        return merge_folder(adapter, path, model)
     net, tokenizer = load_for_inference(adapter, model)
     merged = net.merge_and_unload(safe_merge=True)
     with quiet_transformers():
@@ -66,6 +76,11 @@ def export(adapter: str | os.PathLike, out: str | os.PathLike, format: str = "pe
            overwrite: bool | None = None) -> None:
     """Write the adapter in another format (``peft``: for ``peft.PeftModel.from_pretrained``) to ``out``."""
     path = check_out(out, overwrite)
+    if is_pipeline_dir(adapter):  # one folder per component, and pipeline.json
+        from peftlab.diffusion.pipeline import export_folder
+
+        export_folder(adapter, path, format, model)
+        return
     net, _ = load_for_inference(adapter, model)
     net.save_pretrained(path, format=format)
 
@@ -77,6 +92,12 @@ def describe(folder: str | os.PathLike) -> list[str]:
     if not folder.is_dir():
         raise RecipeError(f"{folder} is not a folder")
     lines: list[str] = []
+    if is_pipeline_dir(folder):  # a pipeline's adapters: each component's adapter folder
+        data = io.read_json(folder / "pipeline.json")
+        lines.append(f"pipeline adapters: base {data.get('base_model')}, components {data.get('components')}")
+        for name in data.get("components") or []:
+            lines += [f"[{name}]", *describe(folder / str(name))]
+        return lines
     run = read_run(folder)
     if run and "options" in run:
         o = run["options"]

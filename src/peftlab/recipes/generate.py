@@ -1,0 +1,195 @@
+"""``peftlab generate``: images from a text-to-image pipeline with a run's adapters, and a grid of them.
+
+    peftlab generate --adapter runs/dog --prompt "a photo of sks dog" --num-images 4 --seed 0 --out grid.png
+
+``--adapter`` is a pipeline adapter folder (``pipeline.json`` + one adapter folder per component, see
+:mod:`peftlab.diffusion.pipeline`) or a merged pipeline folder; ``--model`` is the base pipeline (default: the
+one the adapters name). The images are ``<out stem>-<i>.png`` next to the grid ``<out>``; every file is written
+to a temporary file and renamed into place. The same ``--seed`` gives the same images (the initial noise comes
+from a CPU generator, so also across devices up to float rounding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peftlab import io
+from peftlab.errors import RecipeError
+
+SCHEDULER_EXAMPLES = ("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
+                      "EulerAncestralDiscreteScheduler", "PNDMScheduler", "LMSDiscreteScheduler")
+
+
+def _flag(help: str, **meta: Any) -> Any:
+    return field(default=meta.pop("default", None), metadata={"help": help, "group": "generate", **meta})
+
+
+@dataclass
+class GenerateOptions:
+    """What ``peftlab generate`` takes; the CLI has one flag per field (``--num-images``). ``None``: the default."""
+
+    prompt: str | None = _flag("text prompt (required)")
+    adapter: str | None = _flag("pipeline adapter folder (a run of an image recipe) or a merged pipeline folder")
+    model: str | None = _flag("base diffusers pipeline folder or tiny-digits (default: the adapters' base)")
+    negative_prompt: str | None = _flag("what the images should not show (classifier-free guidance)")
+    control: str | None = _flag("control image, for runs that trained a control encoder")
+    num_images: int = _flag("number of images", default=4)
+    seed: int = _flag("seed of the initial noise", default=0)
+    steps: int = _flag("denoising steps", default=20)
+    guidance_scale: float = _flag("classifier-free guidance scale (1: none)", default=7.5)
+    scheduler: str | None = _flag("a diffusers scheduler class, e.g. " + ", ".join(SCHEDULER_EXAMPLES[:3])
+                                  + " (default: the pipeline's)")
+    height: int | None = _flag("image height in pixels, a multiple of 8 (default: the model's)")
+    width: int | None = _flag("image width in pixels, a multiple of 8 (default: the model's)")
+    out: str = _flag("the grid PNG; the images go next to it as <stem>-<i>.png", default="grid.png")
+
+    @staticmethod
+    def flag_help() -> dict[str, str]:
+        """Each flag's help as written on its field (no per-task defaults: ``--model`` here is a pipeline)."""
+        from dataclasses import fields
+
+        return {f.name: f.metadata["help"] + ("" if f.default is None else f" (default {f.default})")
+                for f in fields(GenerateOptions)}
+
+    def validate(self) -> None:
+        """One-line errors for values no pipeline can use."""
+        if not self.prompt:
+            raise RecipeError("the following arguments are required: --prompt")
+        for name in ("num_images", "steps", "height", "width"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise RecipeError(f"--{name.replace('_', '-')} must be a positive integer; got {value!r}")
+        if not isinstance(self.guidance_scale, (int, float)) or not math.isfinite(self.guidance_scale):
+            raise RecipeError(f"--guidance-scale must be a finite number; got {self.guidance_scale!r}")
+        if not str(self.out).lower().endswith(".png") or Path(self.out).is_dir():
+            raise RecipeError(f"--out {self.out} must name a .png file (the grid)")
+
+
+def scheduler_class(name: str) -> type:
+    """The diffusers scheduler class called ``name``, or RecipeError listing some that exist."""
+    import diffusers
+    from diffusers import SchedulerMixin
+
+    try:
+        cls = getattr(diffusers, name) if name.isidentifier() else None
+    except (AttributeError, ImportError, RuntimeError):  # diffusers' lazy module raises these for unknown names
+        cls = None
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise RecipeError(f"unknown scheduler {name!r}; use a diffusers scheduler class such as "
+                          f"{', '.join(SCHEDULER_EXAMPLES)}")
+    return cls
+
+
+def check_prompt(tokenizer: Any, text: str, flag: str) -> None:
+    """Refuse a prompt longer than the tokenizer's ``model_max_length`` (the pipeline would cut it silently)."""
+    if not text.strip():
+        raise RecipeError(f"{flag} is empty; describe the image to generate")
+    limit = getattr(tokenizer, "model_max_length", None)
+    if not isinstance(limit, int) or limit > 100_000:  # "no limit" is a huge sentinel in transformers
+        return
+    length = len(tokenizer(text, truncation=False).input_ids)
+    if length > limit:
+        raise RecipeError(f"{flag} is {length} tokens long (with the start and end tokens); the text encoder "
+                          f"takes at most {limit}: shorten it")
+
+
+def grid_shape(n: int) -> tuple[int, int]:
+    """(rows, cols) of a grid of n images: the most square layout that fills every cell."""
+    cols = next(c for c in range(math.ceil(math.sqrt(n)), n + 1) if n % c == 0)
+    return n // cols, cols
+
+
+def load_for_generation(adapter: str | None, model: str | None) -> Any:
+    """The pipeline ``--adapter`` / ``--model`` describe (adapters on, in inference mode)."""
+    from peftlab.diffusion.pipeline import MODEL_INDEX, is_pipeline_adapter_dir, load_pipeline, load_pipeline_adapters
+
+    if adapter is None:
+        if model is None:
+            raise RecipeError("pass --adapter RUN (a run of an image recipe) or --model PIPELINE")
+        return load_pipeline(model)
+    if is_pipeline_adapter_dir(adapter):
+        return load_pipeline_adapters(adapter, model)
+    if (Path(adapter) / MODEL_INDEX).is_file():
+        if model is not None:
+            raise RecipeError(f"{adapter} is a whole pipeline (merged); --model applies only to adapter folders")
+        return load_pipeline(adapter)
+    raise RecipeError(f"{adapter} holds neither pipeline adapters (pipeline.json) nor a diffusers pipeline "
+                      f"({MODEL_INDEX}); pass the output folder of an image recipe, or a merged pipeline")
+
+
+def control_image(pipe: Any, path: str | None) -> dict[str, Any]:
+    """``{"image": PIL image}`` for a pipeline with a control encoder, ``{}`` without; mismatches are errors."""
+    has_control = "controlnet" in pipe.components
+    if path is None:
+        if has_control:
+            raise RecipeError("this run has a control encoder: pass a control image with --control IMG")
+        return {}
+    if not has_control:
+        raise RecipeError("this run has no control encoder (no controlnet/ in its folder), so --control cannot be "
+                          "used; train one with --task controllable")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return {"image": image.convert("RGB")}
+    except (OSError, UnidentifiedImageError, ValueError):
+        raise RecipeError(f"--control {path} is not a readable image (missing, or not a PNG or JPEG)") from None
+
+
+def image_size(pipe: Any, height: int | None, width: int | None) -> tuple[int, int]:
+    """(height, width): given, or the UNet's sample size × the VAE's scale factor; multiples of 8 (diffusers')."""
+    default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height, width = height or default, width or default
+    for flag, value in (("--height", height), ("--width", width)):
+        if value % 8:
+            raise RecipeError(f"{flag} {value} is not a multiple of 8, which the pipeline needs; use "
+                              f"{max(8, value - value % 8)} or {value - value % 8 + 8}")
+    return height, width
+
+
+def generate(options: GenerateOptions) -> list[Path]:
+    """Write ``options.num_images`` images and their grid; returns the paths (images first, grid last)."""
+    import torch
+
+    options.validate()
+    pipe = load_for_generation(options.adapter, options.model)
+    check_prompt(pipe.tokenizer, options.prompt, "--prompt")
+    if options.negative_prompt is not None:
+        check_prompt(pipe.tokenizer, options.negative_prompt, "--negative-prompt")
+    control = control_image(pipe, options.control)
+    height, width = image_size(pipe, options.height, options.width)
+    if options.scheduler:
+        pipe.scheduler = scheduler_class(options.scheduler).from_config(pipe.scheduler.config)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipe.to(device)
+    pipe.set_progress_bar_config(desc="peftlab generate", leave=False)
+    generator = torch.Generator("cpu").manual_seed(options.seed)
+    with torch.inference_mode():
+        images = pipe(options.prompt, negative_prompt=options.negative_prompt, num_images_per_prompt=options.num_images,
+                      num_inference_steps=options.steps, guidance_scale=options.guidance_scale, height=height,
+                      width=width, generator=generator, output_type="pil", **control).images
+    return write_images(images, Path(options.out))
+
+
+def write_images(images: list[Any], out: Path) -> list[Path]:
+    """Each image as ``<stem>-<i>.png`` next to ``out``, then the grid as ``out``; all written atomically."""
+    from diffusers.utils import make_image_grid
+
+    paths = [io.atomic_write_image(out.with_name(f"{out.stem}-{i}.png"), image) for i, image in enumerate(images)]
+    rows, cols = grid_shape(len(images))
+    paths.append(io.atomic_write_image(out, make_image_grid(list(images), rows, cols)))
+    return paths
+
+
+def run(args: argparse.Namespace) -> str:
+    """``peftlab generate`` from parsed flags (``None``: the default); returns the line to print."""
+    given = {k: v for k, v in vars(args).items() if k in GenerateOptions.__dataclass_fields__ and v is not None}
+    paths = generate(GenerateOptions(**given))
+    return f"wrote {len(paths) - 1} image(s) ({paths[0]}, ...) and their grid {paths[-1]}"
+
+
+__all__ = ["GenerateOptions", "generate", "grid_shape", "scheduler_class"]
