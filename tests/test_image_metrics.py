@@ -124,7 +124,7 @@ def test_clip_and_dino_scores_with_tiny_random_encoders(tmp_path, held_out):
         ViTModel,
     )
 
-    from peftlab.diffusion.embedded import _clip_tokenizer
+    from peftlab.diffusion.tokenizer import clip_tokenizer
 
     torch.manual_seed(0)
     text = {"vocab_size": 49408, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
@@ -133,7 +133,7 @@ def test_clip_and_dino_scores_with_tiny_random_encoders(tmp_path, held_out):
               "image_size": 32, "patch_size": 8}
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).save_pretrained(tmp_path / "clip")
     processor = CLIPProcessor(CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                              _clip_tokenizer())
+                              clip_tokenizer())
     processor.save_pretrained(tmp_path / "clip")
     ViTModel(ViTConfig(**vision), add_pooling_layer=False).save_pretrained(tmp_path / "dino")
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "dino")

@@ -32,7 +32,6 @@ Measured (``benchmarks/tiny_digits.py --force``, torch 2.13 CPU, 2 threads): 609
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -86,37 +85,12 @@ class PretrainConfig:
         return self
 
 
-def _clip_tokenizer():
-    """OpenAI CLIP's BPE as a ``CLIPTokenizer`` (``model_max_length=77``).
-
-    TEMPORARY copy: the shared builder is ``peftlab.diffusion.tokenizer.clip_tokenizer`` (written in parallel);
-    at merge this function is replaced by it.
-    """
-    import gzip
-    import importlib.util
-
-    from transformers import CLIPTokenizer
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("tiny-digits needs CLIP's vocabulary: pip install --no-deps open-clip-torch==3.3.0")
-    path = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
-    merges = gzip.open(path).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    symbols = list(bytes_to_unicode().values())
-    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-        return CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77,
-                             pad_token="<|endoftext|>")
-
-
 def build_components(seed: int = 0) -> dict[str, Any]:
     """Fresh, randomly initialised (seeded) ``tiny-digits`` parts: vae, text_encoder, tokenizer, unet, scheduler."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from peftlab.diffusion.tokenizer import clip_tokenizer
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(
@@ -135,7 +109,7 @@ def build_components(seed: int = 0) -> dict[str, Any]:
     )
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
-    return {"vae": vae, "text_encoder": text_encoder, "tokenizer": _clip_tokenizer(), "unet": unet,
+    return {"vae": vae, "text_encoder": text_encoder, "tokenizer": clip_tokenizer(), "unet": unet,
             "scheduler": scheduler}
 
 
