@@ -82,13 +82,15 @@ def _font_path(name: str) -> Path:
     return Path(matplotlib.get_data_path()) / "fonts" / "ttf" / name
 
 
-def render_glyph(char: str, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
-    """One printed glyph: random font of :data:`FONTS`, height 55–80 % of ``size``, offset ±10 %, rotation ±10°."""
+def render_glyph(char: str, rng: np.random.Generator, size: int = IMAGE_SIZE, font: str | None = None) -> np.ndarray:
+    """One printed glyph: random font of :data:`FONTS` (or ``font``), height 55–80 % of ``size``, offset ±10 %,
+    rotation ±10°."""
     from PIL import Image, ImageDraw, ImageFont
 
     scale = 4  # draw large, then reduce with antialiasing
     canvas = size * scale
-    font = ImageFont.truetype(str(_font_path(FONTS[rng.integers(len(FONTS))])), int(canvas * rng.uniform(0.55, 0.8)))
+    name = font or FONTS[rng.integers(len(FONTS))]
+    font = ImageFont.truetype(str(_font_path(name)), int(canvas * rng.uniform(0.55, 0.8)))
     image = Image.new("L", (canvas, canvas), 0)
     draw = ImageDraw.Draw(image)
     left, top, right, bottom = draw.textbbox((0, 0), char, font=font)
@@ -110,6 +112,27 @@ def letter_images(letters: str = LETTERS, per_letter: int = 60, seed: int = 0, s
     chars = [c for c in letters for _ in range(per_letter)]
     images = np.stack([render_glyph(c, rng, size) for c in chars]) if chars else np.zeros((0, size, size), np.float32)
     return GlyphSet(images, np.array([class_id(c) for c in chars], dtype=np.int64))
+
+
+SUBJECT_FONT = "DejaVuSerif-Bold.ttf"  # one "writer": every subject image uses this font
+
+
+def subject_images(letter: str, count: int = 6, seed: int = 0, size: int = IMAGE_SIZE) -> np.ndarray:
+    """``count`` images of one unseen glyph in one style (:data:`SUBJECT_FONT`, small random size, offset and
+    rotation): the offline subject of subject-driven fine-tuning (DreamBooth's 3-5 photos of one dog)."""
+    if len(letter) != 1 or letter not in LETTERS:
+        raise ConfigError(f"the subject glyph must be one upper-case letter A-Z, got {letter!r}")
+    rng = np.random.default_rng(seed)
+    return np.stack([render_glyph(letter, rng, size, font=SUBJECT_FONT) for _ in range(count)])
+
+
+def write_subject_folder(letter: str, folder, count: int = 6, seed: int = 0) -> list[Path]:
+    """Write :func:`subject_images` as ``<letter>-<i>.png`` into ``folder`` (atomically, one file at a time)."""
+    from peftlab.io import atomic_write_image
+
+    folder = Path(folder)
+    return [atomic_write_image(folder / f"{letter}-{i}.png", image)
+            for i, image in enumerate(to_pil(subject_images(letter, count, seed)))]
 
 
 def concat(*sets: GlyphSet) -> GlyphSet:

@@ -169,6 +169,7 @@ class ConditionEncoder(nn.Module):
         self.body = nn.Sequential(*layers)
         self.zero_conv = zero_module(nn.Conv2d(hidden[-1], out_channels, 1))
         self.in_channels, self.out_channels, self.downscale = in_channels, out_channels, downscale
+        self.hidden_channels = hidden
 
     @classmethod
     def for_unet(cls, unet: nn.Module, downscale: int, **kwargs) -> ConditionEncoder:

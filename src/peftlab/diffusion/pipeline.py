@@ -12,6 +12,8 @@ A pipeline's adapter folder::
     folder/unet/                an ordinary peftlab adapter folder (adapter_config.json + safetensors)
     folder/text_encoder/        the same, when the text encoder was adapted
     folder/controlnet/          a diffusers ControlNetModel, when the run trained a control encoder
+    folder/condition_encoder/   or peftlab's small ConditionEncoder, hooked onto the UNet's conv_in
+                                (:mod:`peftlab.diffusion.conditioning`; ``peftlab train --task controllable``)
 
 Default targets are those of HF PEFT's HRA DreamBooth example: UNet ``proj_in, proj_out, to_k, to_q, to_v,
 to_out.0, ff.net.0.proj, ff.net.2`` (``proj_in`` / ``proj_out`` are 1×1 ``Conv2d`` when the UNet has
@@ -46,8 +48,10 @@ DEFAULT_TARGETS = {"unet": UNET_TARGETS, "text_encoder": TEXT_ENCODER_TARGETS}
 PIPELINE_FILE = "pipeline.json"
 MODEL_INDEX = "model_index.json"  # what makes a folder a diffusers pipeline
 CONTROL_COMPONENT = "controlnet"
+CONDITION_COMPONENT = "condition_encoder"  # peftlab.diffusion.conditioning.CONDITION_COMPONENT
 EMBEDDED_MODEL = "tiny-digits"  # peftlab.diffusion.embedded.EMBEDDED_MODEL, resolved lazily
 ATTRIBUTE = "peftlab_adapters"
+ATTRIBUTE_CONDITION = "peftlab_condition"  # peftlab.diffusion.conditioning.ATTRIBUTE
 
 
 @contextlib.contextmanager
@@ -117,6 +121,11 @@ def load_pipeline(name_or_path: str | os.PathLike, dtype: Any = None) -> Any:
             first = f"its {MODEL_INDEX} has no {first} entry"
         raise ModelError(f"could not load the diffusers pipeline {path}: {first}") from None
     pipe.peftlab_base = str(name_or_path)
+    encoder_dir = Path(path) / CONDITION_COMPONENT
+    if (encoder_dir / "config.json").is_file():  # a merged controllable run: its encoder rides along
+        from peftlab.diffusion.conditioning import attach_condition_encoder, load_condition_encoder
+
+        attach_condition_encoder(pipe, load_condition_encoder(encoder_dir))
     return pipe
 
 
@@ -219,6 +228,11 @@ def save_pipeline_adapters(pipe: Any, folder: str | os.PathLike, format: str = "
         with quiet():
             save_folder_atomically(folder / CONTROL_COMPONENT, controlnet.save_pretrained)
         info["control"] = CONTROL_COMPONENT
+    if ATTRIBUTE_CONDITION in pipe.__dict__:
+        from peftlab.diffusion.conditioning import save_condition_encoder
+
+        save_condition_encoder(pipe.__dict__[ATTRIBUTE_CONDITION].encoder, folder / CONDITION_COMPONENT)
+        info["control"] = CONDITION_COMPONENT
     io.atomic_write_json(folder / PIPELINE_FILE, info)
     return folder
 
@@ -235,9 +249,10 @@ def read_pipeline_file(folder: str | os.PathLike) -> dict[str, Any]:
             isinstance(c, str) and c and "/" not in c and not c.startswith(".") for c in components):
         raise AdapterLoadError(f"{folder / PIPELINE_FILE} is not a pipeline adapter file: it needs \"base_model\" "
                                "(a string) and \"components\" (a list of component folder names)")
-    if info.get("control") not in (None, CONTROL_COMPONENT):
-        raise AdapterLoadError(f"{folder / PIPELINE_FILE}: \"control\" must be {CONTROL_COMPONENT!r} (the folder "
-                               f"of the control encoder) or absent; got {info.get('control')!r}")
+    if info.get("control") not in (None, CONTROL_COMPONENT, CONDITION_COMPONENT):
+        raise AdapterLoadError(f"{folder / PIPELINE_FILE}: \"control\" must be {CONTROL_COMPONENT!r} or "
+                               f"{CONDITION_COMPONENT!r} (the folder of the control encoder) or absent; got "
+                               f"{info.get('control')!r}")
     return info
 
 
@@ -272,7 +287,11 @@ def load_pipeline_adapters(folder: str | os.PathLike, base: Any = None, is_train
         for name in done:
             _drop(pipe, name, "default")
         raise
-    if info.get("control"):
+    if info.get("control") == CONDITION_COMPONENT:
+        from peftlab.diffusion.conditioning import attach_condition_encoder, load_condition_encoder
+
+        attach_condition_encoder(pipe, load_condition_encoder(folder / CONDITION_COMPONENT))
+    elif info.get("control"):
         pipe = load_control_encoder(pipe, folder / str(info["control"]))
     return pipe
 
@@ -350,6 +369,10 @@ def merge_folder(folder: str | os.PathLike, out: str | os.PathLike, base: str | 
     def write(tmp: Path) -> None:
         with quiet():
             pipe.save_pretrained(tmp)
+        if ATTRIBUTE_CONDITION in pipe.__dict__:  # load_pipeline(out) hooks it on again
+            from peftlab.diffusion.conditioning import save_condition_encoder
+
+            save_condition_encoder(pipe.__dict__[ATTRIBUTE_CONDITION].encoder, tmp / CONDITION_COMPONENT)
 
     save_folder_atomically(Path(out), write)
     return pipe

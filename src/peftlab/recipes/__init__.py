@@ -3,6 +3,8 @@
 * ``classification``: sequence classification / regression with GLUE metrics.
 * ``causal_lm``: instruction tuning, loss on the response only, exact match of the final answer and perplexity.
 * ``data_to_text``: E2E-style generation with beam search, BLEU / NIST / ROUGE-L (METEOR / CIDEr when available).
+* ``subject_driven``: DreamBooth with prior preservation on a diffusers pipeline (HF ``accelerate`` loop).
+* ``controllable``: a condition encoder + UNet adapters, image generation from a control map (canny, ...).
 
 ``train(options)`` and ``evaluate(folder)`` pick the recipe by task; ``compare`` (:mod:`.compare`) trains
 several methods and seeds under one budget and tabulates them. The shared parts, one concern per module:
@@ -49,6 +51,10 @@ def recipe(task: str) -> ModuleType:
         from peftlab.recipes import causal_lm as module
     elif task == "data-to-text":
         from peftlab.recipes import data_to_text as module
+    elif task == "subject-driven":
+        from peftlab.recipes import subject_driven as module
+    elif task == "controllable":
+        from peftlab.recipes import controllable as module
     elif task == "multiple-choice":  # evaluation only
         from peftlab.recipes import multiple_choice as module
     else:

@@ -122,8 +122,11 @@ def load_for_generation(adapter: str | None, model: str | None) -> Any:
 
 
 def control_image(pipe: Any, path: str | None) -> dict[str, Any]:
-    """``{"image": PIL image}`` for a pipeline with a control encoder, ``{}`` without; mismatches are errors."""
-    has_control = "controlnet" in pipe.components
+    """``{"image": PIL image}`` for a pipeline with a control encoder (a ControlNet or peftlab's condition
+    encoder), ``{}`` without; mismatches are errors."""
+    from peftlab.diffusion.conditioning import condition_hook
+
+    has_control = "controlnet" in pipe.components or condition_hook(pipe) is not None
     if path is None:
         if has_control:
             raise RecipeError("this run has a control encoder: pass a control image with --control IMG")
@@ -168,11 +171,25 @@ def generate(options: GenerateOptions) -> list[Path]:
     pipe.to(device)
     pipe.set_progress_bar_config(desc="peftlab generate", leave=False)
     generator = torch.Generator("cpu").manual_seed(options.seed)
-    with torch.inference_mode():
+    with torch.inference_mode(), conditioned(pipe, control, height, width):
         images = pipe(options.prompt, negative_prompt=options.negative_prompt, num_images_per_prompt=options.num_images,
                       num_inference_steps=options.steps, guidance_scale=options.guidance_scale, height=height,
                       width=width, generator=generator, output_type="pil", **control).images
     return write_images(images, Path(options.out))
+
+
+def conditioned(pipe: Any, control: dict[str, Any], height: int, width: int) -> Any:
+    """A block in which peftlab's condition encoder sees the control image (resized to the output), if the
+    pipeline has one; it then takes the image out of ``control`` (a ControlNet pipeline takes it as ``image=``)."""
+    import contextlib
+
+    from peftlab.diffusion.conditioning import condition_hook, controlled
+    from peftlab.diffusion.control import control_tensor
+
+    if condition_hook(pipe) is None or "image" not in control:
+        return contextlib.nullcontext()
+    image = control.pop("image").resize((width, height))
+    return controlled(pipe, control_tensor([image], None))
 
 
 def write_images(images: list[Any], out: Path) -> list[Path]:

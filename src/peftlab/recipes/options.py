@@ -18,7 +18,14 @@ from typing import Any
 
 from peftlab.errors import RecipeError
 
-TASKS = ("classification", "causal-lm", "data-to-text")
+TEXT_TASKS = ("classification", "causal-lm", "data-to-text")
+IMAGE_TASKS = ("subject-driven", "controllable")  # diffusers pipelines: recipes/subject_driven.py, controllable.py
+TASKS = (*TEXT_TASKS, *IMAGE_TASKS)
+CONTROLS = ("canny", "landmarks", "segmentation")  # peftlab.diffusion.control.CONTROLS (diffusers-free here)
+MIXED_PRECISION = ("no", "fp16", "bf16")
+# The image tasks' default lr is at most this: measured on tiny-digits (docs/benchmarks.md, "Image adapters"),
+# HRA at its text default 1e-2 forgets much more of the prior than at 3e-3; LoRA-family defaults are 3e-3 already.
+IMAGE_MAX_DEFAULT_LR = 3e-3
 SPLITS = ("test", "validation", "train")
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "classification": {"model": "minilm", "data": "movie-snippets", "max_length": 64, "batch_size": 32,
@@ -27,7 +34,15 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
                   "max_test_samples": 200, "num_beams": 1, "max_new_tokens": 64},
     "data-to-text": {"model": "smollm2-135m", "data": "e2e-synthetic", "max_length": 128, "batch_size": 8,
                      "max_test_samples": 100, "num_beams": 10, "max_new_tokens": 64},
+    "subject-driven": {"model": "tiny-digits", "instance_data": "glyph:K", "instance_prompt": "a handwritten sks glyph",
+                       "class_prompt": "a handwritten letter", "num_class_images": 32, "batch_size": 4,
+                       "max_steps": 300, "num_eval_images": 8},
+    "controllable": {"model": "tiny-digits", "data": "tiny-digits-edges", "control": "canny", "batch_size": 8,
+                     "max_steps": 400, "max_train_samples": 512, "num_eval_images": 20},
 }
+# Options only the image tasks read: given with a text task they are an error, not silently ignored.
+IMAGE_ONLY = ("instance_data", "instance_prompt", "class_prompt", "num_class_images", "control", "resolution",
+              "eval_encoder", "num_eval_images")
 # Defaults of named data sets that need more than their task's (worked math solutions are long).
 DATA_DEFAULTS: dict[str, dict[str, Any]] = {
     "gsm-symbolic": {"max_length": 512, "max_new_tokens": 256},
@@ -39,8 +54,10 @@ NOT_IDENTITY = frozenset({
     "no_repeat_ngram_size", "initial_eval", "keep_checkpoints",
 })
 POSITIVE_INTS = ("r", "batch_size", "eval_batch_size", "eval_steps", "max_length", "max_new_tokens", "max_steps",
-                 "max_train_samples", "max_eval_samples", "max_test_samples", "num_labels", "num_beams")
+                 "max_train_samples", "max_eval_samples", "max_test_samples", "num_labels", "num_beams",
+                 "num_class_images", "resolution", "gradient_accumulation_steps", "num_eval_images", "inference_steps")
 DATA, METHOD, TRAINING, GENERATION = "data and model", "method", "training", "generation (causal-lm, data-to-text)"
+IMAGE = "image generation (subject-driven, controllable)"
 
 
 def option(default: Any, help: str, group: str, **metadata: Any) -> Any:
@@ -100,6 +117,28 @@ class RunOptions:
                                 flag="--no-initial-eval")
     keep_checkpoints: bool = option(True, "", TRAINING, cli=False)
 
+    instance_data: str | None = option(None, "subject-driven: a folder of subject images, or glyph:LETTER (6 "
+                                       "renderings of an unseen letter in one font, offline)", IMAGE)
+    instance_prompt: str | None = option(None, "subject-driven: the prompt of the subject, with its rare token",
+                                         IMAGE)
+    class_prompt: str | None = option(None, "subject-driven: the prompt of the subject's class (prior preservation)",
+                                      IMAGE)
+    prior_loss_weight: float = option(1.0, "subject-driven: weight λ of the class-image loss (0: no prior "
+                                      "preservation)", IMAGE)
+    num_class_images: int | None = option(None, "subject-driven: class images generated once by the base model "
+                                          "and cached", IMAGE)
+    train_text_encoder: bool = option(False, "subject-driven / controllable: adapt the text encoder too", IMAGE)
+    control: str | None = option(None, "controllable: the control map computed from the targets", IMAGE,
+                                 choices=CONTROLS)
+    resolution: int | None = option(None, "image size in pixels (default: the model's)", IMAGE)
+    mixed_precision: str = option("no", "accelerate mixed precision", IMAGE, choices=MIXED_PRECISION)
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step (accelerate)", IMAGE)
+    eval_encoder: str | None = option(None, "CLIP encoder for CLIP-I / CLIP-T (NAME), and DINO (dino=NAME), e.g. "
+                                      "openai/clip-vit-base-patch32,dino=facebook/dinov2-small", IMAGE)
+    num_eval_images: int | None = option(None, "images sampled for the metrics before and after training", IMAGE)
+    inference_steps: int = option(20, "denoising steps of the metric samples and class images", IMAGE)
+    guidance_scale: float = option(4.0, "classifier-free guidance of the metric samples and class images", IMAGE)
+
     max_new_tokens: int | None = option(None, "tokens generated per example", GENERATION)
     num_beams: int | None = option(None, "beam size", GENERATION)
     length_penalty: float = option(0.9, "beam-search length penalty", GENERATION)
@@ -115,11 +154,22 @@ class RunOptions:
         for key, value in {**TASK_DEFAULTS[self.task], **DATA_DEFAULTS.get(str(out.data or ""), {})}.items():
             if getattr(out, key) is None:
                 setattr(out, key, value)
+        image = out.task in IMAGE_TASKS
         if out.output_dir is None:
-            out.output_dir = str(Path("runs") / f"{out.task}-{out.method}-{Path(str(out.data)).stem}")
+            data = out.instance_data if out.task == "subject-driven" else out.data
+            stem = re.sub(r"[^\w.-]", "-", Path(str(data)).stem)
+            out.output_dir = str(Path("runs") / f"{out.task}-{out.method}-{stem}")
         spec = method_spec(out.method)
         if out.lr is None:
-            out.lr = spec.lr
+            out.lr = min(spec.lr, IMAGE_MAX_DEFAULT_LR) if image else spec.lr
+        if image:
+            self._check_image(out)
+        else:
+            given = [name for name in IMAGE_ONLY if getattr(out, name) is not None] + (
+                ["train_text_encoder"] if out.train_text_encoder else [])
+            if given:
+                raise RecipeError(f"{', '.join('--' + g.replace('_', '-') for g in given)} apply only to --task "
+                                  f"{' / '.join(IMAGE_TASKS)}")
         if out.eval_batch_size is None:
             out.eval_batch_size = 2 * out.batch_size
         if isinstance(out.target_modules, str) and re.fullmatch(r"[\w.-]+(\s*,\s*[\w.-]+)*", out.target_modules):
@@ -143,6 +193,24 @@ class RunOptions:
         if out.method == LINEAR_PROBE and out.task != "classification":
             raise RecipeError("linear-probe trains only a classification head; it needs --task classification")
         return out
+
+    @staticmethod
+    def _check_image(out: RunOptions) -> None:
+        """The image tasks' own checks."""
+        if out.resume:
+            raise RecipeError(f"--resume is not supported by --task {out.task} (its runs write no intermediate "
+                              "checkpoints); start again with --overwrite")
+        if out.method in ("full", "linear-probe"):
+            raise RecipeError(f"--task {out.task} trains adapters; choose an adapter --method, not {out.method}")
+        if not (isinstance(out.prior_loss_weight, (int, float)) and math.isfinite(out.prior_loss_weight)
+                and out.prior_loss_weight >= 0):
+            raise RecipeError(f"--prior-loss-weight must be a number >= 0; got {out.prior_loss_weight!r}")
+        if out.mixed_precision not in MIXED_PRECISION:
+            raise RecipeError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
+        if out.control is not None and out.control not in CONTROLS:
+            raise RecipeError(f"unknown --control {out.control!r}; choose one of: {', '.join(CONTROLS)}")
+        if not isinstance(out.guidance_scale, (int, float)) or not math.isfinite(out.guidance_scale):
+            raise RecipeError(f"--guidance-scale must be a finite number; got {out.guidance_scale!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -324,7 +324,8 @@ def check_trained(folder: str | os.PathLike) -> None:
     """Refuse a run folder whose final adapter (or model) is not written yet, saying how to finish it."""
     folder = Path(folder)
     run = read_run(folder)
-    if run is None or run.get("kind") != "train" or is_adapter_dir(folder) or (folder / "config.json").is_file():
+    if run is None or run.get("kind") != "train" or is_adapter_dir(folder) or (folder / "config.json").is_file() or (
+            folder / "pipeline.json").is_file():
         return
     what = "model" if run.get("options", {}).get("method") == FULL else "adapter"
     last = last_checkpoint(folder)

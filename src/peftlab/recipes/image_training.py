@@ -1,0 +1,291 @@
+"""What the image recipes share: the pipeline and its adapters, latents and prompts, the denoising loss, the
+training loop (HF ``accelerate``), sampling for the metrics, and the run folder's final files.
+
+Objective (ε-prediction, as the pipeline was pretrained): with z₀ = s·E(x) the scaled VAE latent of an image x,
+t ~ U{0, …, T−1}, ε ~ N(0, I) and x_t = √ᾱ_t·z₀ + √(1−ᾱ_t)·ε (the DDPM forward process of the pipeline's own
+noise schedule),
+
+    L = Σ_i w_i · ‖ε_i − ε_θ(x_{t,i}, t_i, τ(c_i))‖² / d
+
+over a batch, with per-example weights w_i (DreamBooth: 1/n on the n instance examples, λ/m on the m class
+examples; controllable: 1/n). Only the adapters (and the condition encoder) are trained: the optimiser gets
+nothing else, and everything else has ``requires_grad = False``.
+
+The loop is HF ``accelerate``'s: ``Accelerator(mixed_precision, gradient_accumulation_steps)``,
+``accelerator.prepare``, ``accelerator.accumulate``, ``accelerator.backward``, gradient clipping at 1.0, and a
+warm-up + linear decay from ``transformers.get_scheduler``. Single process: no checkpoints are written during
+the run (``--resume`` is refused for these tasks).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from peftlab import io
+from peftlab.errors import PeftlabError, RecipeError
+from peftlab.recipes.options import RunOptions
+from peftlab.recipes.rundir import CURVE_FILE, METRICS_FILE, fault_point
+from peftlab.recipes.training import PeakMemory, _jsonable, log, plot_training_curve
+
+SAMPLES_FILE = "samples.png"
+
+
+# -- the pipeline ------------------------------------------------------------------------------------------------
+def load_base(options: RunOptions) -> Any:
+    """The frozen base pipeline of ``--model`` (every weight ``requires_grad=False``), progress bars off."""
+    from peftlab.diffusion.pipeline import load_pipeline
+
+    pipe = load_pipeline(options.model)
+    for name in ("unet", "text_encoder", "vae"):
+        pipe.components[name].requires_grad_(False).eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def resolution(pipe: Any, options: RunOptions) -> int:
+    """``--resolution``, else the UNet's sample size × the VAE's scale factor; a multiple of that factor."""
+    size = options.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if size % pipe.vae_scale_factor or size % 8:
+        raise RecipeError(f"--resolution {size} must be a multiple of 8 and of the VAE's factor "
+                          f"{pipe.vae_scale_factor}")
+    return size
+
+
+def check_prompts(pipe: Any, prompts: dict[str, str]) -> None:
+    """One-line errors for an empty prompt or one longer than the text encoder takes (77 tokens for CLIP)."""
+    from peftlab.recipes.generate import check_prompt
+
+    for flag, text in prompts.items():
+        check_prompt(pipe.tokenizer, text, flag)
+
+
+def add_adapters(pipe: Any, options: RunOptions, text_encoder: bool, texts: list[str]) -> dict[str, Any]:
+    """The method's adapters on the UNet (and the text encoder), default targets unless ``--target-modules``."""
+    from peftlab.diffusion.pipeline import add_pipeline_adapters
+    from peftlab.recipes.adapters import adapter_options
+
+    cls, fields = adapter_options(options.method, options.adapter_args)
+    targets = options.target_modules if options.target_modules not in (None, "all-linear") else None
+    try:
+        config = cls(r=options.r, target_modules=targets, **fields).resolve(lambda: texts, seed=options.seed)
+        names = ("unet", "text_encoder") if text_encoder else ("unet",)
+        return add_pipeline_adapters(pipe, {name: config for name in names})
+    except (PeftlabError, TypeError) as err:
+        raise RecipeError(f"{options.method}: {err}") from None
+
+
+@torch.no_grad()
+def latents_of(pipe: Any, images: Tensor, batch_size: int = 32) -> Tensor:
+    """z₀ = s·E(x): the VAE posterior means of pixel batches (N, 3, H, W) in [−1, 1], times ``scaling_factor``."""
+    vae = pipe.vae
+    means = [vae.encode(images[i:i + batch_size].to(vae.device, vae.dtype)).latent_dist.mean
+             for i in range(0, len(images), batch_size)]
+    return torch.cat(means).float() * vae.config.scaling_factor
+
+
+def token_ids(pipe: Any, prompts: list[str]) -> Tensor:
+    """Padded CLIP token ids (N, 77) of the prompts."""
+    tokenizer = pipe.tokenizer
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def noise_scheduler(pipe: Any) -> Any:
+    """The DDPM forward process of the pipeline's own schedule (ᾱ_t), for training."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipe.scheduler.config)
+
+
+# -- the loss ----------------------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    """One training batch: latents z₀ (B, 4, h, w), token ids (B, 77), loss weights w (B,), control images
+    (B, 3, H, W) or ``None``, and the noise ε and timesteps t (drawn by :func:`draw_noise` when ``None``)."""
+
+    latents: Tensor
+    ids: Tensor
+    weights: Tensor
+    control: Tensor | None = None
+    noise: Tensor | None = None
+    timesteps: Tensor | None = None
+
+
+def draw_noise(batch: Batch, num_train_timesteps: int, generator: torch.Generator) -> Batch:
+    """The batch with ε ~ N(0, I) and t ~ U{0, …, T−1} drawn from ``generator``."""
+    noise = torch.randn(batch.latents.shape, generator=generator)
+    t = torch.randint(0, num_train_timesteps, (len(batch.latents),), generator=generator)
+    return replace(batch, noise=noise, timesteps=t)
+
+
+def denoising_loss(pipe: Any, scheduler: Any, batch: Batch, hook: Any = None) -> Tensor:
+    """L = Σ_i w_i·mean‖ε_i − ε_θ(x_t, t, τ(c_i))‖² (see the module docstring); ``hook``: the condition encoder's."""
+    device = pipe.unet.device
+    z0, noise, t = batch.latents.to(device), batch.noise.to(device), batch.timesteps.to(device)
+    noisy = scheduler.add_noise(z0, noise, t)
+    text_grad = torch.is_grad_enabled() and any(p.requires_grad for p in pipe.text_encoder.parameters())
+    with torch.set_grad_enabled(text_grad):
+        states = pipe.text_encoder(batch.ids.to(device)).last_hidden_state  # no graph when it is frozen
+    if hook is not None:
+        hook.control = batch.control
+    prediction = pipe.unet(noisy, t, encoder_hidden_states=states, return_dict=False)[0]
+    per_example = (prediction.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
+    return (batch.weights.to(device) * per_example).sum()
+
+
+# -- the loop ----------------------------------------------------------------------------------------------------
+def trainable(modules: list[nn.Module]) -> list[nn.Parameter]:
+    """The parameters that train (``requires_grad``), each once."""
+    seen: dict[int, nn.Parameter] = {}
+    for module in modules:
+        for p in module.parameters():
+            if p.requires_grad:
+                seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def fit(pipe: Any, modules: list[nn.Module], sample: Callable[[], Batch], options: RunOptions,
+        hook: Any = None, progress: bool = True) -> dict[str, Any]:
+    """Train the trainable parameters of ``modules`` for ``options.max_steps`` optimizer steps with HF
+    ``accelerate``; ``sample()`` gives each micro-batch. Returns the losses and timings."""
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    params = trainable(modules)
+    if not params:
+        raise RecipeError("nothing to train: the adapters have no trainable parameters")
+    accelerator = Accelerator(mixed_precision=options.mixed_precision, cpu=not torch.cuda.is_available(),
+                              gradient_accumulation_steps=options.gradient_accumulation_steps)
+    optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+    steps = options.max_steps
+    warmup = int(options.warmup if options.warmup >= 1 else math.ceil(options.warmup * steps))
+    schedule = get_scheduler("linear", optimizer, num_warmup_steps=warmup,
+                             num_training_steps=steps * accelerator.num_processes)
+    *prepared, optimizer, schedule = accelerator.prepare(*modules, optimizer, schedule)
+    scheduler = noise_scheduler(pipe)
+    for module in prepared:
+        module.train()
+    losses: list[float] = []
+    start = time.perf_counter()
+    with PeakMemory() as memory:
+        for step in range(steps):
+            total = 0.0
+            for _ in range(options.gradient_accumulation_steps):
+                with accelerator.accumulate(*prepared):
+                    with accelerator.autocast():
+                        loss = denoising_loss(pipe, scheduler, sample(), hook)
+                    if not torch.isfinite(loss):
+                        raise RecipeError(f"the loss is {loss.item()} at step {step}; lower --lr")
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(params, 1.0)
+                    optimizer.step()
+                    schedule.step()
+                    optimizer.zero_grad(set_to_none=True)
+                total += loss.item() / options.gradient_accumulation_steps
+            losses.append(total)
+            if progress and (step % 50 == 0 or step == steps - 1):
+                log(f"step {step + 1}/{steps}: loss {total:.4f}, lr {schedule.get_last_lr()[0]:.2e}")
+    runtime = time.perf_counter() - start
+    for module in modules:
+        accelerator.unwrap_model(module, keep_fp32_wrapper=False).eval()
+    accelerator.free_memory()
+    return {"global_step": steps, "train_loss": sum(losses) / len(losses), "final_loss": losses[-1],
+            "losses": losses, "train_runtime_s": round(runtime, 2), "seconds_per_step": runtime / steps,
+            "peak_memory_mb": round(memory.peak_mb, 1), "peak_memory_kind": memory.kind,
+            "trainable_params": sum(p.numel() for p in params)}
+
+
+def example_sampler(latents: Tensor, ids: Tensor, weights: Tensor, batch_size: int, generator: torch.Generator,
+                    num_train_timesteps: int, control: Tensor | None = None) -> Callable[[], Batch]:
+    """``sample()``: ``batch_size`` random examples (with replacement) and fresh noise, from ``generator``."""
+
+    def sample() -> Batch:
+        index = torch.randint(0, len(latents), (batch_size,), generator=generator)
+        batch = Batch(latents[index], ids[index], weights[index] / batch_size,
+                      None if control is None else control[index])
+        return draw_noise(batch, num_train_timesteps, generator)
+
+    return sample
+
+
+# -- sampling and the end of a run -------------------------------------------------------------------------------
+def sample_images(pipe: Any, prompts: list[str], options: RunOptions, size: int, seed: int,
+                  control: Tensor | None = None) -> list[Any]:
+    """One image per prompt (RGB PIL), seeded; ``control`` (one per prompt) goes to the condition encoder."""
+    import contextlib
+
+    from peftlab.diffusion.conditioning import controlled
+
+    generator = torch.Generator("cpu").manual_seed(seed)
+    images: list[Any] = []
+    chunk = 16
+    for i in range(0, len(prompts), chunk):
+        block = contextlib.nullcontext() if control is None else controlled(pipe, control[i:i + chunk])
+        with torch.inference_mode(), block:
+            images += pipe(prompts[i:i + chunk], num_inference_steps=options.inference_steps,
+                           guidance_scale=options.guidance_scale, height=size, width=size, generator=generator,
+                           output_type="pil").images
+    return images
+
+
+def finish_image_run(pipe: Any, out: Path, metrics: dict[str, Any], samples: list[Any], losses: list[float]) -> None:
+    """Write the adapters (``save_pipeline_adapters``), a grid of samples, the loss curve and, last,
+    ``metrics.json``: a folder with ``metrics.json`` is a finished run."""
+    from diffusers.utils import make_image_grid
+
+    from peftlab.diffusion.pipeline import save_pipeline_adapters
+    from peftlab.recipes.generate import grid_shape
+
+    save_pipeline_adapters(pipe, out)
+    fault_point("final-save")
+    if samples:
+        io.atomic_write_image(out / SAMPLES_FILE, make_image_grid(samples, *grid_shape(len(samples))))
+    plot_training_curve([{"step": i + 1, "loss": v} for i, v in enumerate(losses)], out / CURVE_FILE, "loss")
+    io.atomic_write_json(out / METRICS_FILE, _jsonable(metrics))
+
+
+def saved_metrics(folder: Any) -> dict[str, Any]:
+    """``peftlab eval`` of an image run: the metrics its training wrote (its samples are seeded, so sampling
+    again would give the same numbers on the same machine)."""
+    metrics = io.read_json(Path(folder) / METRICS_FILE)
+    return {**metrics, "split": "test", "data": metrics.get("data") or metrics.get("instance_data")}
+
+
+def encoder_names(spec: str | None) -> tuple[str | None, str | None]:
+    """(CLIP, DINO) encoders of ``--eval-encoder``: ``NAME`` (CLIP), or ``clip=NAME,dino=NAME``."""
+    clip = dino = None
+    for item in filter(None, (spec or "").split(",")):
+        key, sep, value = item.partition("=")
+        if sep and key.strip() == "dino":
+            dino = value.strip()
+        elif sep and key.strip() == "clip":
+            clip = value.strip()
+        elif sep:
+            raise RecipeError(f"--eval-encoder: unknown key {key!r}; use NAME, clip=NAME or dino=NAME")
+        else:
+            clip = item.strip()
+    return clip, dino
+
+
+def summary(metrics: dict[str, Any], keys: tuple[str, ...]) -> str:
+    """One line: each metric before → after (when both exist)."""
+    parts = []
+    for key in keys:
+        after, before = metrics["test"].get(key), metrics["before"].get(key)
+        if after is None:
+            continue
+        parts.append(f"{key} {before:.3f} -> {after:.3f}" if before is not None else f"{key} {after:.3f}")
+    return ", ".join(parts)
+
+
+__all__ = ["Batch", "add_adapters", "denoising_loss", "draw_noise", "example_sampler", "finish_image_run", "fit",
+           "latents_of", "load_base", "resolution", "sample_images", "token_ids", "trainable"]
