@@ -9,9 +9,11 @@ adapters on the UNet (and the text encoder with ``--train-text-encoder``) are tr
 
     L = E‖ε − ε_θ(x_t, t, τ(caption), E_φ(c))‖²
 
-with c computed from the target x when the data has no control images (canny edges, dlib landmarks, or the
-multi-Otsu segmentation stand-in; :mod:`peftlab.diffusion.control`). The encoder is saved with the adapters
-(``condition_encoder/``, safetensors), and ``peftlab generate --adapter RUN --control IMG`` loads it back.
+where the caption is replaced by "" with probability 0.5 (as ControlNet trains, so that the control, not
+the caption, must carry the image's layout), and c is computed from the target x when the data has no control
+images (canny edges, dlib landmarks, or the multi-Otsu segmentation stand-in; see
+:mod:`peftlab.diffusion.control`). The encoder is saved with the adapters (``condition_encoder/``,
+safetensors), and ``peftlab generate --adapter RUN --control IMG`` loads it back.
 
 Metrics, sampled with the same seeds before (the base, which ignores the control) and after training, on
 ``--num-eval-images`` controls (held-out digits for ``tiny-digits-edges``, else the first training examples):
@@ -33,6 +35,7 @@ from peftlab.recipes.options import RunOptions
 from peftlab.recipes.rundir import owns_output_dir, start_output_dir
 from peftlab.recipes.training import log
 
+CAPTION_DROPOUT = 0.5  # ControlNet (Zhang et al. 2023): half the captions are "", so the control must be used
 METRIC_BY_CONTROL = {"canny": "edge_f1", "segmentation": "segmentation_ssim", "landmarks": "landmark_error"}
 
 
@@ -80,6 +83,7 @@ def train(options: RunOptions, checkpoint: str | None = None) -> dict[str, Any]:
     before, _, _ = evaluate_samples(pipe, options, size, ready["held_out"], control=False)
     latents = it.latents_of(pipe, image_data.pixels(examples.targets))
     ids = it.token_ids(pipe, examples.captions)
+    empty = it.token_ids(pipe, [""])[0]
     controls = control_tensor(examples.controls, size)
     out = start_output_dir(options)
     set_seed(options.seed)
@@ -88,14 +92,14 @@ def train(options: RunOptions, checkpoint: str | None = None) -> dict[str, Any]:
     hook = attach_condition_encoder(pipe, encoder)
     generator = torch.Generator().manual_seed(options.seed)
     sample = it.example_sampler(latents, ids, torch.ones(len(latents)), options.batch_size, generator,
-                                pipe.scheduler.config.num_train_timesteps, controls)
+                                pipe.scheduler.config.num_train_timesteps, controls, (empty, CAPTION_DROPOUT))
     log(f"training {options.method} + a condition encoder on {len(examples)} {options.control} examples of "
         f"{options.data}, {options.max_steps} steps")
     training = it.fit(pipe, [m.base_model for m in models.values()] + [encoder], sample, options, hook=hook)
     hook.control = None
     after, skipped, samples = evaluate_samples(pipe, options, size, ready["held_out"], control=True)
     metrics = {
-        "task": options.task, "method": options.method, "model": options.model, "data": options.data,
+        "task": options.task, "method": options.method, "model": options.model, "data": options.data, "lr": options.lr,
         "control": options.control, "metric": METRIC_BY_CONTROL[options.control], "num_examples": len(examples),
         "num_eval_images": len(ready["held_out"]), "test": after, "before": before, "skipped": skipped,
         "condition_encoder_params": sum(p.numel() for p in encoder.parameters()),

@@ -205,12 +205,18 @@ def fit(pipe: Any, modules: list[nn.Module], sample: Callable[[], Batch], option
 
 
 def example_sampler(latents: Tensor, ids: Tensor, weights: Tensor, batch_size: int, generator: torch.Generator,
-                    num_train_timesteps: int, control: Tensor | None = None) -> Callable[[], Batch]:
-    """``sample()``: ``batch_size`` random examples (with replacement) and fresh noise, from ``generator``."""
+                    num_train_timesteps: int, control: Tensor | None = None,
+                    caption_dropout: tuple[Tensor, float] | None = None) -> Callable[[], Batch]:
+    """``sample()``: ``batch_size`` random examples (with replacement) and fresh noise, from ``generator``;
+    ``caption_dropout`` = (ids of "", p): each caption is replaced by "" with probability p."""
 
     def sample() -> Batch:
         index = torch.randint(0, len(latents), (batch_size,), generator=generator)
-        batch = Batch(latents[index], ids[index], weights[index] / batch_size,
+        chosen = ids[index]
+        if caption_dropout is not None:
+            empty, p = caption_dropout
+            chosen = torch.where((torch.rand(batch_size, generator=generator) < p)[:, None], empty, chosen)
+        batch = Batch(latents[index], chosen, weights[index] / batch_size,
                       None if control is None else control[index])
         return draw_noise(batch, num_train_timesteps, generator)
 

@@ -126,7 +126,7 @@ def train(options: RunOptions, checkpoint: str | None = None) -> dict[str, Any]:
     training = it.fit(pipe, [m.base_model for m in models.values()], sample, options)
     after, skipped, samples = evaluate_samples(pipe, options, size, ready["instances"])
     metrics = {
-        "task": options.task, "method": options.method, "model": options.model, "metric": METRIC,
+        "task": options.task, "method": options.method, "model": options.model, "metric": METRIC, "lr": options.lr,
         "instance_data": options.instance_data, "num_instance_images": len(ready["instances"]),
         "num_class_images": len(ready["classes"]), "class_images_reused": ready["class_images_reused"],
         "test": after, "before": before, "skipped": skipped,

@@ -1,0 +1,346 @@
+"""The image recipes (``--task subject-driven`` / ``controllable``) on a tiny random Stable Diffusion pipeline saved
+with ``save_pretrained`` (16×16 images, 8×8 latents): what trains, that training lowers the loss, the class-image
+cache, the run folder (reload, generate with --control, merge) and one-line errors that leave no run folder.
+The embedded ``tiny-digits`` model is never pretrained here."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("skimage")
+
+import peftlab.methods  # noqa: F401  (registers every built-in method)
+from peftlab.cli import main
+from peftlab.data import glyphs
+from peftlab.diffusion.conditioning import attach_condition_encoder, controlled, new_condition_encoder
+from peftlab.diffusion.control import control_tensor
+from peftlab.diffusion.pipeline import load_pipeline_adapters, merge_pipeline, save_pipeline_adapters
+from peftlab.errors import RecipeError
+from peftlab.recipes import image_data
+from peftlab.recipes import image_training as it
+from peftlab.recipes.options import RunOptions
+
+SIZE = 16
+METHODS = ("hra", "lora", "hydralora", "mtlora")
+FAST = ["--inference-steps", "2", "--num-eval-images", "2", "--batch-size", "2", "--r", "2"]
+
+
+def tiny_pipeline():
+    """A random StableDiffusionPipeline: UNet 16/32 channels, VAE factor 2, CLIP text encoder hidden 32."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from peftlab.diffusion.tokenizer import clip_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+    vae = AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        norm_num_groups=8, sample_size=SIZE)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=32, intermediate_size=37,
+        num_attention_heads=4, num_hidden_layers=2, vocab_size=49408, max_position_embeddings=77))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    tiny_pipeline().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def loaded(base_dir):
+    return it.load_base(RunOptions(task="subject-driven", model=str(base_dir)).resolved())
+
+
+@pytest.fixture
+def pipe(loaded):
+    return copy.deepcopy(loaded)
+
+
+@pytest.fixture(autouse=True)
+def class_cache(tmp_path, monkeypatch):
+    """Class images go to a fresh folder per test (the glyph classifier stays in the user's cache)."""
+    monkeypatch.setattr(image_data, "class_cache_root", lambda: tmp_path / "class-images")
+    return tmp_path / "class-images"
+
+
+def options(base_dir, task: str, method: str = "hra", **changes) -> RunOptions:
+    values = {"task": task, "model": str(base_dir), "method": method, "r": 2, "batch_size": 2, "warmup": 0,
+              "max_steps": 1, "output_dir": "unused", **changes}
+    return RunOptions(**values).resolved()
+
+
+def fixed_batch(pipe, control: bool, seed: int = 0) -> it.Batch:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(2, 3, SIZE, SIZE, generator=g) * 2 - 1
+    batch = it.Batch(it.latents_of(pipe, images), it.token_ids(pipe, ["a photo of sks dog", "a photo of a dog"]),
+                     torch.tensor([0.5, 0.5]), (images[:, :1].repeat(1, 3, 1, 1) > 0).float() if control else None)
+    return it.draw_noise(batch, pipe.scheduler.config.num_train_timesteps, g)
+
+
+def setup(pipe, opts: RunOptions, control: bool, text_encoder: bool = False):
+    """The trainable modules of a recipe (adapters on the UNet [+ text encoder], the condition encoder) and its hook."""
+    models = it.add_adapters(pipe, opts, text_encoder, ["a photo of sks dog"])
+    modules = [m.base_model for m in models.values()]
+    hook = None
+    if control:
+        encoder = new_condition_encoder(pipe)
+        hook = attach_condition_encoder(pipe, encoder)
+        modules.append(encoder)
+    return modules, hook
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("task", ["subject-driven", "controllable"])
+def test_one_step_changes_only_adapters_and_encoder(pipe, base_dir, task, method):
+    control = task == "controllable"
+    opts = options(base_dir, task, method, lr=1e-2)
+    frozen = {f"{name}.{k}": v.clone() for name in ("unet", "text_encoder", "vae")
+              for k, v in pipe.components[name].state_dict().items()}
+    modules, hook = setup(pipe, opts, control, text_encoder=not control)
+    trained = {n: p.detach().clone() for i, m in enumerate(modules) for n, p in
+               ((f"{i}.{n}", p) for n, p in m.named_parameters()) if p.requires_grad}
+    batch = fixed_batch(pipe, control)
+    result = it.fit(pipe, modules, lambda: batch, opts, hook=hook, progress=False)
+    assert np.isfinite(result["final_loss"]) and result["global_step"] == 1
+    after = {f"{i}.{n}": p for i, m in enumerate(modules) for n, p in m.named_parameters() if p.requires_grad}
+    changed = {n for n in trained if not torch.equal(trained[n], after[n])}
+    assert changed, "one step changed no trainable parameter"
+    assert all(".adapters." in n or n.startswith(f"{len(modules) - 1}.") and control for n in changed), changed
+    if control:  # the zero convolution of the encoder moved off zero
+        assert any(n.endswith("zero_conv.weight") for n in changed)
+    else:  # the text encoder's adapters trained too
+        assert any(n.startswith("1.") for n in changed)
+    state = {f"{name}.{k}": v for name in ("unet", "text_encoder", "vae")
+             for k, v in pipe.components[name].state_dict().items() if ".adapters." not in k}
+    base_keys = {k.replace(".base_layer", "") for k in state}
+    assert set(frozen) <= base_keys | set(state)
+    for key, value in state.items():  # every frozen weight is bit-identical
+        assert torch.equal(frozen[key.replace(".base_layer", "")], value), key
+    assert result["trainable_params"] == sum(p.numel() for p in after.values())
+
+
+@pytest.mark.parametrize("task", ["subject-driven", "controllable"])
+def test_twenty_steps_on_one_batch_lower_the_loss(pipe, base_dir, task):
+    control = task == "controllable"
+    opts = options(base_dir, task, "lora", lr=1e-2, max_steps=20)
+    modules, hook = setup(pipe, opts, control)
+    batch = fixed_batch(pipe, control)
+    losses = it.fit(pipe, modules, lambda: batch, opts, hook=hook, progress=False)["losses"]
+    assert len(losses) == 20 and losses[-1] < 0.7 * losses[0], losses
+
+
+def test_condition_encoder_starts_as_the_base_and_tiles_over_the_batch(pipe):
+    sample, t = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 10, 500, 500])
+    states = torch.randn(4, 7, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = pipe.unet(sample, t, encoder_hidden_states=states).sample
+        encoder = new_condition_encoder(pipe)
+        attach_condition_encoder(pipe, encoder)
+        control = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+        with controlled(pipe, control):
+            torch.testing.assert_close(pipe.unet(sample, t, encoder_hidden_states=states).sample, base, rtol=0, atol=0)
+            torch.nn.init.normal_(encoder.zero_conv.weight, std=0.1)
+            out = pipe.unet(sample, t, encoder_hidden_states=states).sample
+            with controlled(pipe, control.repeat(2, 1, 1, 1)):  # tiled = the same control given per example
+                torch.testing.assert_close(pipe.unet(sample, t, encoder_hidden_states=states).sample, out)
+        assert (out - base).abs().max() > 1e-4
+
+
+def test_class_images_are_generated_once_and_reused(pipe, class_cache, monkeypatch):
+    args = ("model-a", "a photo of a dog", 3, 0, SIZE, 2, 3.0)
+    first, reused = image_data.class_images(pipe, *args)
+    assert not reused and len(first) == 3 and len(list(class_cache.iterdir())) == 1
+    def fail(*args, **kwargs):
+        raise RuntimeError("generated again")
+
+    monkeypatch.setattr(image_data, "generate_images", fail)
+    second, reused = image_data.class_images(pipe, *args)
+    assert reused and [np.asarray(a).tolist() for a in first] == [np.asarray(b).tolist() for b in second]
+    with pytest.raises(RuntimeError, match="generated again"):  # another count is another set
+        image_data.class_images(pipe, "model-a", "a photo of a dog", 4, 0, SIZE, 2, 3.0)
+    assert not [p for p in class_cache.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def control_run(pipe, base_dir, tmp_path):
+    """An in-memory control pipeline moved off its start (HRA adapters + encoder), and its saved run folder."""
+    opts = options(base_dir, "controllable", "hra", lr=3e-2, max_steps=3)
+    modules, hook = setup(pipe, opts, control=True)
+    batch = fixed_batch(pipe, control=True)
+    it.fit(pipe, modules, lambda: batch, opts, hook=hook, progress=False)
+    torch.nn.init.normal_(modules[-1].zero_conv.weight, std=0.2)
+    hook.control = None
+    return save_pipeline_adapters(pipe, tmp_path / "run")
+
+
+def in_memory_images(pipe, edges_png, seed: int = 0, num: int = 2) -> list[np.ndarray]:
+    from PIL import Image
+
+    control = control_tensor([Image.open(edges_png).convert("RGB")], None)
+    with torch.inference_mode(), controlled(pipe, control):
+        images = pipe("a photo of sks dog", num_images_per_prompt=num, num_inference_steps=2, guidance_scale=2.0,
+                      height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(seed), output_type="pil").images
+    return [np.asarray(im, dtype=np.int16) for im in images]
+
+
+def generated(run, tmp_path, edges_png, name: str) -> list[np.ndarray]:
+    from PIL import Image
+
+    out = tmp_path / f"{name}.png"
+    assert main(["generate", "--adapter", str(run), "--prompt", "a photo of sks dog", "--num-images", "2", "--steps",
+                 "2", "--guidance-scale", "2", "--seed", "0", "--control", str(edges_png), "--out", str(out)]) == 0
+    return [np.asarray(Image.open(tmp_path / f"{name}-{i}.png"), dtype=np.int16) for i in range(2)]
+
+
+def test_control_run_reloads_generates_and_merges_like_the_in_memory_model(pipe, base_dir, tmp_path):
+    from PIL import Image
+
+    run = control_run(pipe, base_dir, tmp_path)
+    assert json.loads((run / "pipeline.json").read_text())["control"] == "condition_encoder"
+    assert (run / "condition_encoder" / "model.safetensors").is_file()
+    edges = tmp_path / "edges.png"
+    Image.fromarray((glyphs.subject_images("K", 1, size=SIZE)[0] > 0.4).astype(np.uint8) * 255).save(edges)
+    expected = in_memory_images(pipe, edges)
+    for got, want in zip(generated(run, tmp_path, edges, "loaded"), expected, strict=True):
+        assert np.abs(got - want).max() <= 1
+    without = in_memory_images(load_pipeline_adapters(run.parent / "run"), edges, seed=1)
+    assert any(np.abs(a - b).max() > 0 for a, b in zip(without, expected, strict=True))  # the seed matters
+    start = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    control = control_tensor([Image.open(edges).convert("RGB")], None)
+
+    def latents(p):
+        with torch.no_grad(), controlled(p, control):
+            return p("a photo of sks dog", num_inference_steps=2, latents=start.clone(), output_type="latent",
+                     height=SIZE, width=SIZE, guidance_scale=2.0).images
+
+    unmerged = latents(pipe)
+    torch.testing.assert_close(latents(merge_pipeline(pipe)), unmerged, rtol=1e-4, atol=1e-4)
+    assert main(["merge", "--adapter", str(run), "--out", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "condition_encoder" / "config.json").is_file()
+    for got, want in zip(generated(tmp_path / "merged", tmp_path, edges, "merged"), expected, strict=True):
+        assert np.abs(got - want).max() <= 1
+
+
+def write_digits(folder, count: int = 6, size: int = SIZE) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    data = glyphs.digit_images(size)
+    rows = []
+    for i, image in enumerate(glyphs.to_pil(data.images[:count])):
+        image.save(folder / f"d{i}.png")
+        rows.append(json.dumps({"file_name": f"d{i}.png", "text": glyphs.caption(int(data.labels[i]))}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+
+
+def test_cli_subject_driven_end_to_end(base_dir, tmp_path, capsys, class_cache):
+    out = tmp_path / "run"
+    glyphs.write_subject_folder("Q", tmp_path / "subject", count=3)
+    args = ["train", "--task", "subject-driven", "--model", str(base_dir), "--instance-data", str(tmp_path / "subject"),
+            "--instance-prompt", "a photo of sks glyph", "--class-prompt", "a photo of a glyph", "--method", "lora",
+            "--num-class-images", "2", "--max-steps", "2", "--train-text-encoder", "--output-dir", str(out), *FAST]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "generated by the base model and cached" in printed and "subject_similarity" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["global_step"] == 2 and metrics["num_class_images"] == 2 and not metrics["class_images_reused"]
+    assert {"subject_similarity", "prior_class_accuracy"} <= set(metrics["test"]) <= set(metrics["before"]) | {"x"}
+    assert set(metrics["skipped"]) == {"clip_i", "clip_t", "dino"} and "--eval-encoder" in metrics["skipped"]["dino"]
+    info = json.loads((out / "pipeline.json").read_text())
+    assert info["components"] == ["text_encoder", "unet"] and info["base_model"] == str(base_dir)
+    assert json.loads((out / "run_config.json").read_text())["options"]["task"] == "subject-driven"
+    assert (out / "samples.png").is_file()
+    assert main([*args, "--overwrite"]) == 0  # the same class images, from the cache
+    assert "reused from the cache" in capsys.readouterr().out
+    assert main(["inspect", str(out)]) == 0 and "lora_A" in capsys.readouterr().out
+    assert main(["generate", "--adapter", str(out), "--prompt", "a photo of sks glyph", "--num-images", "1",
+                 "--steps", "2", "--out", str(tmp_path / "g.png")]) == 0
+
+
+def test_cli_controllable_end_to_end(base_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    write_digits(tmp_path / "digits")
+    assert main(["train", "--task", "controllable", "--model", str(base_dir), "--data", str(tmp_path / "digits"),
+                 "--control", "canny", "--method", "hydralora", "--max-steps", "2", "--output-dir", str(out),
+                 *FAST]) == 0
+    assert "edge_f1" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_examples"] == 6 and 0 <= metrics["test"]["edge_f1"] <= 1 and "edge_ssim" in metrics["before"]
+    assert "class_accuracy" in metrics["skipped"]  # a folder of images has no glyph labels
+    assert metrics["trainable_params"] > metrics["condition_encoder_params"] > 0
+    assert main(["eval", "--adapter", str(out)]) == 0 and "test edge_f1" in capsys.readouterr().out
+
+
+def bad_cases(tmp_path, base_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"not a png at all")
+    blank = tmp_path / "blank"
+    blank.mkdir()
+    from PIL import Image
+
+    for i in range(2):
+        Image.new("RGB", (SIZE, SIZE), "black").save(blank / f"{i}.png")
+    subject = ["--task", "subject-driven", "--model", str(base_dir), "--num-class-images", "2"]
+    control = ["--task", "controllable", "--model", str(base_dir)]
+    return {
+        "no images": ([*subject, "--instance-data", str(empty)], "holds no images"),
+        "unreadable image": ([*subject, "--instance-data", str(broken)], "a.png is not a readable image"),
+        "long prompt": ([*subject, "--instance-data", "glyph:K", "--instance-prompt", "dog " * 80],
+                        "--instance-prompt is 82 tokens long .* at most 77"),
+        "not a pipeline": (["--task", "subject-driven", "--model", str(empty), "--instance-data", "glyph:K"],
+                           "not a diffusers pipeline folder"),
+        "bad glyph": ([*subject, "--instance-data", "glyph:k"], "one upper-case letter"),
+        "blank controls": ([*control, "--data", str(blank), "--control", "segmentation"],
+                           "segmentation control maps of all 2 images are blank"),
+        "landmarks without dlib": ([*control, "--data", str(blank), "--control", "landmarks"], "need dlib"),
+        "image option on a text task": (["--task", "classification", "--control", "canny"],
+                                        "--control.* apply only to"),
+        "resume": ([*subject, "--instance-data", "glyph:K", "--resume"], "--resume is not supported"),
+    }
+
+
+@pytest.mark.parametrize("case", ["no images", "unreadable image", "long prompt", "not a pipeline", "bad glyph",
+                                  "blank controls", "landmarks without dlib", "image option on a text task", "resume"])
+def test_bad_input_is_one_line_and_leaves_no_run_folder(base_dir, tmp_path, capsys, case):
+    if case == "landmarks without dlib":
+        pytest.importorskip("skimage")
+        try:
+            import dlib  # noqa: F401
+
+            pytest.skip("dlib is installed")
+        except ImportError:
+            pass
+    args, message = bad_cases(tmp_path, base_dir)[case]
+    out = tmp_path / "out"
+    assert main(["train", *args, "--output-dir", str(out), *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+    assert not out.exists()
+
+
+def test_image_options_defaults():
+    subject = RunOptions(task="subject-driven", method="hra").resolved()
+    assert subject.lr == 3e-3 and subject.model == "tiny-digits" and subject.instance_data == "glyph:K"
+    assert subject.output_dir.endswith("subject-driven-hra-glyph-K") and subject.max_steps == 300
+    assert RunOptions(task="controllable", method="lora").resolved().control == "canny"
+    assert RunOptions(task="classification", method="hra").resolved().lr == 1e-2  # text tasks keep theirs
+    with pytest.raises(RecipeError, match="--prior-loss-weight must be a number >= 0"):
+        RunOptions(task="subject-driven", prior_loss_weight=-1.0).resolved()
