@@ -40,10 +40,12 @@ SAMPLES_FILE = "samples.png"
 
 # -- the pipeline ------------------------------------------------------------------------------------------------
 def load_base(options: RunOptions) -> Any:
-    """The frozen base pipeline of ``--model`` (every weight ``requires_grad=False``), progress bars off."""
+    """The frozen base pipeline of ``--model`` (every weight ``requires_grad=False``), progress bars off, on the
+    GPU when there is one (accelerate's device for a single process)."""
     from peftlab.diffusion.pipeline import load_pipeline
 
     pipe = load_pipeline(options.model)
+    pipe.to("cuda" if torch.cuda.is_available() else "cpu")
     for name in ("unet", "text_encoder", "vae"):
         pipe.components[name].requires_grad_(False).eval()
     pipe.set_progress_bar_config(disable=True)
