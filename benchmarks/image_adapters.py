@@ -43,7 +43,7 @@ def run_key(task: str, method: str, seed: int, steps: int, lr: float | None) -> 
 
 def run_once(task: str, method: str, seed: int, steps: int, lr: float | None, work: Path) -> dict[str, Any]:
     """One training run; the metrics it writes."""
-    folder = work / f"{task}-{method}-lr{lr or 'default'}-s{seed}"
+    folder = work / f"{task}-{method}-lr{lr or 'default'}-steps{steps}-s{seed}"
     options = RunOptions(task=task, method=method, seed=seed, max_steps=steps, lr=lr, output_dir=str(folder),
                          overwrite=True)
     start = time.perf_counter()
@@ -115,13 +115,15 @@ def first_tiles(png: Path, count: int) -> list[np.ndarray]:
 
 
 def sample_grid(results: dict[str, Any], seed: int, steps: tuple[int, int], path: Path, per_task: int = 4) -> None:
-    """One row per method: ``per_task`` subject samples, then ``per_task`` control samples; the instance images on
-    top. A grey PNG with 2-pixel grey gaps."""
+    """One row per method: ``per_task`` subject samples, then ``per_task`` control samples; on top the instance
+    images and the controls of those samples. A grey PNG with 2-pixel grey gaps."""
     from PIL import Image
 
     from peftlab.data import glyphs
+    from peftlab.recipes.image_data import held_out_edges
 
-    rows = [list(glyphs.subject_images("K", per_task)) * 2]
+    controls = glyphs.to_array(held_out_edges("canny", TILE, per_task).controls)
+    rows = [list(glyphs.subject_images("K", per_task)) + list(controls)]
     for method in METHODS:
         keys = (run_key("subject-driven", method, seed, steps[0], None), run_key("controllable", method, seed,
                                                                                   steps[1], None))

@@ -26,7 +26,7 @@ import numpy as np
 
 from peftlab import io
 from peftlab.data import glyphs
-from peftlab.errors import DataError, RecipeError
+from peftlab.errors import ConfigError, DataError, RecipeError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 GLYPH_PREFIX = "glyph:"
@@ -75,7 +75,7 @@ def instance_images(spec: str, resolution: int) -> list[Any]:
         letter = spec[len(GLYPH_PREFIX):]
         try:
             grey = glyphs.subject_images(letter, SUBJECT_COUNT)
-        except Exception as err:  # ConfigError for a bad letter
+        except ConfigError as err:  # not one letter A-Z
             raise DataError(f"--instance-data {spec}: {err}") from None
         return resize_all(glyphs.to_pil(grey), resolution)
     files = image_files(Path(spec).expanduser(), "--instance-data")
