@@ -6,8 +6,11 @@ pipe = load_pipeline("path/to/stable-diffusion-v1-5")          # any diffusers p
 add_pipeline_adapters(pipe, {"unet": HRAConfig(r=8), "text_encoder": HRAConfig(r=8)})  # PEFT's HRA targets
 ```
 
-``pipeline`` (adapters on the components, one folder per pipeline, merge, PEFT export) and ``tokenizer``
-(OpenAI CLIP's BPE, offline). Nothing heavy is imported until a name is used: diffusers loads lazily.
+``pipeline`` (adapters on the components, one folder per pipeline, merge, PEFT export), ``tokenizer``
+(OpenAI CLIP's BPE, offline), ``control`` / ``conditioning`` (control maps; the condition encoder hooked onto the
+UNet's ``conv_in``), ``embedded`` (the offline ``tiny-digits`` model) and ``image_metrics``. The training recipes
+are :mod:`peftlab.recipes.subject_driven` and :mod:`peftlab.recipes.controllable`.
+Nothing heavy is imported until a name is used: diffusers loads lazily.
 """
 
 from __future__ import annotations
