@@ -99,7 +99,8 @@ class RunOptions:
         dict, "another field of the method's config, e.g. alpha=16 or orthogonality_weight=1e-4 (repeatable)",
         METHOD, flag="--adapter-arg")
 
-    lr: float | None = option(None, "learning rate (default: the method's, e.g. hra 1e-2, lora 3e-3)", TRAINING)
+    lr: float | None = option(None, "learning rate (default: the method's, e.g. hra 1e-2, lora 3e-3; image tasks: "
+                              "at most 3e-3)", TRAINING)
     epochs: float = option(1.0, "epochs, unless --max-steps is given", TRAINING)
     max_steps: int | None = option(None, "optimizer steps (overrides --epochs)", TRAINING)
     batch_size: int | None = option(None, "per-device batch size", TRAINING)
