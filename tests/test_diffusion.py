@@ -292,6 +292,8 @@ def test_generate_writes_images_and_grid(run_dir, tmp_path, capsys):
                                          "as DDIMScheduler"),
     (["--prompt", "dog " * 80], "--prompt is 82 tokens long .* at most 77"),
     (["--control", "edges.png"], "this run has no control encoder"),
+    (["--control-type", "canny"], "--control-type computes the control map of an image: pass it with --control IMG"),
+    (["--control", "x.png", "--control-type", "sobel"], "unknown --control-type 'sobel'; choose one of: canny, "),
     (["--height", "36"], "--height 36 is not a multiple of 8"),
 ])
 def test_generate_bad_input_is_one_line(run_dir, tmp_path, capsys, extra, message):

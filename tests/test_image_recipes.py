@@ -238,6 +238,29 @@ def test_control_run_reloads_generates_and_merges_like_the_in_memory_model(pipe,
         assert np.abs(got - want).max() <= 1
 
 
+def test_generate_computes_the_control_map_of_a_target_image(pipe, base_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from peftlab.diffusion.control import canny
+
+    run = control_run(pipe, base_dir, tmp_path)
+    target = tmp_path / "target.png"
+    glyphs.to_pil(glyphs.subject_images("K", 1, size=2 * SIZE))[0].save(target)  # not the output size
+    args = ["generate", "--adapter", str(run), "--prompt", "a photo of sks dog", "--num-images", "2", "--steps", "2",
+            "--seed", "0"]
+    assert main([*args, "--control", str(target), "--control-type", "canny", "--out", str(tmp_path / "a.png")]) == 0
+    assert "the canny control map" in capsys.readouterr().out
+    expected = canny(Image.open(target).convert("RGB").resize((SIZE, SIZE), Image.Resampling.BICUBIC))
+    written = np.asarray(Image.open(tmp_path / "a-control.png").convert("RGB"))
+    np.testing.assert_array_equal(written, np.asarray(expected))
+    assert 0 < written.mean() < 255  # some edges, not all
+    # the same images as passing that map itself
+    assert main([*args, "--control", str(tmp_path / "a-control.png"), "--out", str(tmp_path / "b.png")]) == 0
+    for i in range(2):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / f"a-{i}.png")),
+                                      np.asarray(Image.open(tmp_path / f"b-{i}.png")))
+
+
 def write_digits(folder, count: int = 6, size: int = SIZE) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     data = glyphs.digit_images(size)

@@ -37,6 +37,9 @@ class GenerateOptions:
     model: str | None = _flag("base diffusers pipeline folder or tiny-digits (default: the adapters' base)")
     negative_prompt: str | None = _flag("what the images should not show (classifier-free guidance)")
     control: str | None = _flag("control image, for runs that trained a control encoder")
+    control_type: str | None = _flag("compute the control map from --control IMG (then any image like the "
+                                     "targets): canny, landmarks or segmentation; the map is written as "
+                                     "<stem>-control.png (default: --control IMG is the map itself)")
     num_images: int = _flag("number of images", default=4)
     seed: int = _flag("seed of the initial noise", default=0)
     steps: int = _flag("denoising steps", default=20)
@@ -67,6 +70,13 @@ class GenerateOptions:
             raise RecipeError(f"--guidance-scale must be a finite number; got {self.guidance_scale!r}")
         if not str(self.out).lower().endswith(".png") or Path(self.out).is_dir():
             raise RecipeError(f"--out {self.out} must name a .png file (the grid)")
+        if self.control_type is not None:
+            from peftlab.diffusion.control import CONTROLS
+
+            if self.control_type not in CONTROLS:
+                raise RecipeError(f"unknown --control-type {self.control_type!r}; choose one of: {', '.join(CONTROLS)}")
+            if self.control is None:
+                raise RecipeError("--control-type computes the control map of an image: pass it with --control IMG")
 
 
 def scheduler_class(name: str) -> type:
@@ -143,6 +153,16 @@ def control_image(pipe: Any, path: str | None) -> dict[str, Any]:
         raise RecipeError(f"--control {path} is not a readable image (missing, or not a PNG or JPEG)") from None
 
 
+def control_from_image(image: Any, control_type: str, height: int, width: int) -> Any:
+    """The ``control_type`` map of ``image`` resized to the output size (as training computed it from each
+    target at the training resolution); UnsupportedError / DataError when it cannot be computed."""
+    from PIL import Image
+
+    from peftlab.diffusion.control import make_control
+
+    return make_control(image.resize((width, height), Image.Resampling.BICUBIC), control_type)
+
+
 def image_size(pipe: Any, height: int | None, width: int | None) -> tuple[int, int]:
     """(height, width): given, or the UNet's sample size × the VAE's scale factor; multiples of 8 (diffusers')."""
     default = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -165,6 +185,10 @@ def generate(options: GenerateOptions) -> list[Path]:
         check_prompt(pipe.tokenizer, options.negative_prompt, "--negative-prompt")
     control = control_image(pipe, options.control)
     height, width = image_size(pipe, options.height, options.width)
+    control_map = None
+    if options.control_type is not None:
+        control_map = control_from_image(control["image"], options.control_type, height, width)
+        control["image"] = control_map
     if options.scheduler:
         pipe.scheduler = scheduler_class(options.scheduler).from_config(pipe.scheduler.config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -175,7 +199,11 @@ def generate(options: GenerateOptions) -> list[Path]:
         images = pipe(options.prompt, negative_prompt=options.negative_prompt, num_images_per_prompt=options.num_images,
                       num_inference_steps=options.steps, guidance_scale=options.guidance_scale, height=height,
                       width=width, generator=generator, output_type="pil", **control).images
-    return write_images(images, Path(options.out))
+    paths = write_images(images, Path(options.out))
+    if control_map is not None:
+        out = Path(options.out)
+        paths.insert(-1, io.atomic_write_image(out.with_name(f"{out.stem}-control.png"), control_map))
+    return paths
 
 
 def conditioned(pipe: Any, control: dict[str, Any], height: int, width: int) -> Any:
@@ -205,8 +233,11 @@ def write_images(images: list[Any], out: Path) -> list[Path]:
 def run(args: argparse.Namespace) -> str:
     """``peftlab generate`` from parsed flags (``None``: the default); returns the line to print."""
     given = {k: v for k, v in vars(args).items() if k in GenerateOptions.__dataclass_fields__ and v is not None}
-    paths = generate(GenerateOptions(**given))
-    return f"wrote {len(paths) - 1} image(s) ({paths[0]}, ...) and their grid {paths[-1]}"
+    options = GenerateOptions(**given)
+    paths = generate(options)
+    control = f", the {options.control_type} control map {paths[-2]}" if options.control_type else ""
+    images = len(paths) - 1 - bool(options.control_type)
+    return f"wrote {images} image(s) ({paths[0]}, ...){control} and their grid {paths[-1]}"
 
 
 __all__ = ["GenerateOptions", "generate", "grid_shape", "scheduler_class"]
