@@ -36,6 +36,34 @@ def tiny_gpt2(seed: int = 0):
     return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64)).eval()
 
 
+def tiny_sd_pipeline(unet_widths: tuple[int, ...] = (32, 64), vae_widths: tuple[int, ...] = (32, 64),
+                     norm_groups: int = 32, latent_size: int = 16, image_size: int = 32):
+    """A random StableDiffusionPipeline (UNet, VAE with scale factor 2, CLIP text encoder hidden 32, the real CLIP
+    tokenizer), small enough to run 2 denoising steps in well under a second; the same arguments give the same
+    weights."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from peftlab.diffusion.tokenizer import clip_tokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=unet_widths, layers_per_block=1, sample_size=latent_size, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=norm_groups)
+    vae = AutoencoderKL(block_out_channels=list(vae_widths), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        norm_num_groups=norm_groups, sample_size=image_size)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=32, intermediate_size=37,
+        num_attention_heads=4, num_hidden_layers=2, vocab_size=49408, max_position_embeddings=77))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
 @pytest.fixture
 def bert():
     return tiny_bert()

@@ -16,6 +16,8 @@ import torch
 
 pytest.importorskip("diffusers")
 
+from conftest import tiny_sd_pipeline
+
 import peftlab.methods  # noqa: F401  (registers every built-in method)
 from peftlab.cli import main
 from peftlab.diffusion.pipeline import (
@@ -42,33 +44,10 @@ ATOL = 1e-5
 PROMPT = "a photo of sks dog"
 
 
-def tiny_pipeline(block_out_channels: tuple[int, ...] = (32, 64)):
-    """A random StableDiffusionPipeline small enough to run 2 denoising steps at 32×32 in well under a second."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=block_out_channels, layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
-    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        norm_num_groups=32, sample_size=32)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=32, intermediate_size=37,
-        num_attention_heads=4, num_hidden_layers=2, vocab_size=49408, max_position_embeddings=77))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-
-
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-sd")
-    tiny_pipeline().save_pretrained(folder)
+    tiny_sd_pipeline().save_pretrained(folder)
     return folder
 
 
@@ -224,7 +203,7 @@ def test_loading_checks_base_and_adapter(pipe, tmp_path):
     folder = save_pipeline_adapters(pipe, tmp_path / "run")
     with pytest.raises(ModelError, match="not a diffusers pipeline folder.*model_index.json"):
         load_pipeline_adapters(folder, base=tmp_path)
-    other = tiny_pipeline(block_out_channels=(64, 64))  # same module names, other widths
+    other = tiny_sd_pipeline(unet_widths=(64, 64))  # same module names, other widths
     unet_before = unet_out(other.unet, unet_inputs())
     with pytest.raises(AdapterLoadError, match="shape"):
         load_pipeline_adapters(folder, base=other)

@@ -16,6 +16,8 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("skimage")
 
+from conftest import tiny_sd_pipeline
+
 import peftlab.methods  # noqa: F401  (registers every built-in method)
 from peftlab.cli import main
 from peftlab.data import glyphs
@@ -32,35 +34,11 @@ METHODS = ("hra", "lora", "hydralora", "mtlora")
 FAST = ["--inference-steps", "2", "--num-eval-images", "2", "--batch-size", "2", "--r", "2"]
 
 
-def tiny_pipeline():
-    """A random StableDiffusionPipeline: UNet 16/32 channels, VAE factor 2, CLIP text encoder hidden 32."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from peftlab.diffusion.tokenizer import clip_tokenizer
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
-    vae = AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        norm_num_groups=8, sample_size=SIZE)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=32, intermediate_size=37,
-        num_attention_heads=4, num_hidden_layers=2, vocab_size=49408, max_position_embeddings=77))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-
-
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-sd")
-    tiny_pipeline().save_pretrained(folder)
+    tiny_sd_pipeline(unet_widths=(16, 32), vae_widths=(8, 16), norm_groups=8, latent_size=8,
+                     image_size=SIZE).save_pretrained(folder)
     return folder
 
 
