@@ -287,6 +287,24 @@ def test_cli_controllable_end_to_end(base_dir, tmp_path, capsys):
     assert main(["eval", "--adapter", str(out)]) == 0 and "test edge_f1" in capsys.readouterr().out
 
 
+def test_compare_runs_an_image_task(base_dir, tmp_path, capsys):
+    write_digits(tmp_path / "digits")
+    out = tmp_path / "cmp"
+    assert main(["compare", "--task", "controllable", "--model", str(base_dir), "--data", str(tmp_path / "digits"),
+                 "--control", "canny", "--methods", "hra,lora", "--seeds", "1", "--max-steps", "2", "--output-dir",
+                 str(out), *FAST]) == 0
+    result = json.loads((out / "compare.json").read_text())
+    assert result["metric"] == "edge_f1" and result["budget"]["control"] == "canny"
+    assert [row["method"] for row in result["rows"]] == ["hra", "lora"]
+    run = result["runs"][0]
+    pipe = load_pipeline_adapters(out / "hra" / "seed-0")
+    models = [pipe.unet, pipe.vae, pipe.text_encoder]
+    encoder = json.loads((out / "hra" / "seed-0" / "metrics.json").read_text())["condition_encoder_params"]
+    assert run["total_params"] == sum(p.numel() for m in models for p in m.parameters()) + encoder
+    assert 0 < run["trainable_params"] < run["total_params"]
+    assert "| hra |" in (out / "compare.md").read_text()
+
+
 def bad_cases(tmp_path, base_dir):
     empty = tmp_path / "empty"
     empty.mkdir()

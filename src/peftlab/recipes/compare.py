@@ -111,6 +111,7 @@ def budget(options: RunOptions) -> dict[str, Any]:
     """What every method of a comparison shares."""
     keys = ("task", "model", "data", "r", "epochs", "max_steps", "batch_size", "max_length", "max_train_samples")
     shared = {k: getattr(options, k) for k in keys}
+    shared.update({k: getattr(options, k) for k in ("instance_data", "control") if getattr(options, k) is not None})
     if options.max_steps:  # max_steps overrides epochs
         del shared["epochs"]
     return shared

@@ -203,7 +203,14 @@ def fit(pipe: Any, modules: list[nn.Module], sample: Callable[[], Batch], option
     return {"global_step": steps, "train_loss": sum(losses) / len(losses), "final_loss": losses[-1],
             "losses": losses, "train_runtime_s": round(runtime, 2), "seconds_per_step": runtime / steps,
             "peak_memory_mb": round(memory.peak_mb, 1), "peak_memory_kind": memory.kind,
-            "trainable_params": sum(p.numel() for p in params)}
+            "trainable_params": sum(p.numel() for p in params), "total_params": total_params(pipe, modules)}
+
+
+def total_params(pipe: Any, modules: list[nn.Module]) -> int:
+    """Parameters of the pipeline's models (UNet, VAE, text encoder) and of ``modules`` (a condition encoder),
+    each counted once."""
+    parts = [c for c in pipe.components.values() if isinstance(c, nn.Module)] + list(modules)
+    return sum(p.numel() for p in {id(p): p for m in parts for p in m.parameters()}.values())
 
 
 def example_sampler(latents: Tensor, ids: Tensor, weights: Tensor, batch_size: int, generator: torch.Generator,
