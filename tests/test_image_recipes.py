@@ -317,6 +317,17 @@ def bad_cases(tmp_path, base_dir):
 
     for i in range(2):
         Image.new("RGB", (SIZE, SIZE), "black").save(blank / f"{i}.png")
+    sizes = tmp_path / "sizes"
+    write_digits(sizes, count=2)
+    Image.new("RGB", (SIZE, 2 * SIZE), "white").save(sizes / "c0.png")
+    Image.new("RGB", (SIZE, SIZE), "white").save(sizes / "c1.png")
+    rows = [json.loads(line) for line in (sizes / "metadata.jsonl").read_text().splitlines()]
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text(json.dumps({**rows[0], "file_name": "sizes/d0.png", "control_file": "sizes/c1.png"}) + "\n"
+                       + json.dumps({**rows[1], "file_name": "sizes/d1.png"}) + "\n")
+    for row, control in zip(rows, ("c0.png", "c1.png"), strict=True):
+        row["control_file"] = control
+    (sizes / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     subject = ["--task", "subject-driven", "--model", str(base_dir), "--num-class-images", "2"]
     control = ["--task", "controllable", "--model", str(base_dir)]
     return {
@@ -333,11 +344,17 @@ def bad_cases(tmp_path, base_dir):
         "image option on a text task": (["--task", "classification", "--control", "canny"],
                                         "--control.* apply only to"),
         "resume": ([*subject, "--instance-data", "glyph:K", "--resume"], "--resume is not supported"),
+        "control size": ([*control, "--data", str(sizes), "--control", "canny"],
+                         f"control c0.png is {SIZE}×{2 * SIZE} but its target d0.png is {SIZE}×{SIZE}; a control map "
+                         "must have its target's size"),
+        "some controls": ([*control, "--data", str(partial), "--control", "canny"],
+                          "1 of 2 rows have no \"control_file\" \\(first: sizes/d1.png\\); give one for every row"),
     }
 
 
 @pytest.mark.parametrize("case", ["no images", "unreadable image", "long prompt", "not a pipeline", "bad glyph",
-                                  "blank controls", "landmarks without dlib", "image option on a text task", "resume"])
+                                  "blank controls", "landmarks without dlib", "image option on a text task", "resume",
+                                  "control size", "some controls"])
 def test_bad_input_is_one_line_and_leaves_no_run_folder(base_dir, tmp_path, capsys, case):
     if case == "landmarks without dlib":
         pytest.importorskip("skimage")

@@ -210,6 +210,22 @@ def check_controls(controls: list[Any], control: str, data: str) -> None:
                         "another --control")
 
 
+def given_controls(data: str, base: Path, rows: list[dict[str, Any]], targets: list[Any]) -> list[Any]:
+    """The ``control_file`` image of every row; DataError when some rows lack one or a map's size differs from
+    its target's (a control map is aligned with its target pixel by pixel, so a different size is a mistake)."""
+    missing = [r["file_name"] for r in rows if not isinstance(r.get("control_file"), str)]
+    if missing:
+        raise DataError(f"--data {data}: {len(missing)} of {len(rows)} rows have no \"control_file\" (first: "
+                        f"{missing[0]}); give one for every row, or for none (then --control computes them)")
+    controls = [open_image(base / r["control_file"], "--data") for r in rows]
+    for row, target, control in zip(rows, targets, controls, strict=True):
+        if control.size != target.size:
+            raise DataError(f"--data {data}: control {row['control_file']} is {control.size[0]}×{control.size[1]} "
+                            f"but its target {row['file_name']} is {target.size[0]}×{target.size[1]}; a control map "
+                            "must have its target's size")
+    return controls
+
+
 def control_examples(data: str, control: str, resolution: int, limit: int | None, seed: int) -> ControlExamples:
     """The training examples of ``--data`` with their ``control`` maps (computed from the targets if missing)."""
     from peftlab.diffusion.control import make_control
@@ -223,12 +239,13 @@ def control_examples(data: str, control: str, resolution: int, limit: int | None
     else:
         base, rows = _rows(data)
         rows = rows[: limit or len(rows)]
-        targets = resize_all([open_image(base / r["file_name"], "--data") for r in rows], resolution)
-        given = [r.get("control_file") for r in rows]
+        originals = [open_image(base / r["file_name"], "--data") for r in rows]
         captions = [str(r.get("text", "")) for r in rows]
-        examples = ControlExamples(targets, [], captions)
-        if all(isinstance(g, str) for g in given):
-            examples.controls = resize_all([open_image(base / g, "--data") for g in given], resolution)
+        examples = ControlExamples(resize_all(originals, resolution), [], captions)
+        given = [r.get("control_file") for r in rows]
+        if any(isinstance(g, str) for g in given):
+            controls = given_controls(data, base, rows, originals)
+            examples.controls = resize_all(controls, resolution)
     if not examples.controls:
         examples.controls = [make_control(t, control) for t in examples.targets]
     check_controls(examples.controls, control, data)
