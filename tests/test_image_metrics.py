@@ -168,6 +168,25 @@ def test_landmarks_without_dlib_name_the_install_line(held_out):
     assert result.values == {} and "pip install" in result.skipped["landmark_error"]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("dlib") is None
+                    or importlib.util.find_spec("face_recognition_models") is None,
+                    reason="the optional landmarks extra (dlib-bin, face-recognition-models) is not installed")
+def test_landmark_error_is_the_shift_of_the_face():
+    from PIL import Image
+    from skimage import data
+
+    face = Image.fromarray(data.astronaut()).resize((256, 256))
+    points = control.face_landmarks(face)
+    assert points.shape == (68, 2)
+    dots = np.asarray(control.landmarks(face).convert("L"))
+    assert 60 <= (dots > 0).sum() <= 68  # 68 landmarks; a few may share a pixel
+    same = image_metrics.control_fidelity([face], [face], "landmarks").values
+    assert same == {"landmark_faces_found": 1.0, "landmark_error": 0.0}
+    shifted = face.transform(face.size, Image.Transform.AFFINE, (1, 0, -5, 0, 1, 0))  # 5 px to the right
+    error = image_metrics.control_fidelity([shifted], [face], "landmarks").values["landmark_error"]
+    assert 4.0 < error < 6.0
+
+
 def test_condition_encoder_starts_at_zero_and_can_learn(held_out):
     from diffusers import UNet2DConditionModel
 
