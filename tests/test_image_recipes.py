@@ -305,6 +305,71 @@ def test_compare_runs_an_image_task(base_dir, tmp_path, capsys):
     assert "| hra |" in (out / "compare.md").read_text()
 
 
+class Crash(Exception):
+    """Stands for a crash right after a checkpoint was written."""
+
+
+def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(base_dir, tmp_path, monkeypatch, capsys):
+    from safetensors.torch import load_file
+
+    from peftlab.recipes.rundir import checkpoint_folders
+
+    write_digits(tmp_path / "digits")
+
+    def args(out):
+        return ["train", "--task", "controllable", "--model", str(base_dir), "--data", str(tmp_path / "digits"),
+                "--control", "canny", "--method", "lora", "--max-steps", "4", "--eval-steps", "2", "--output-dir",
+                str(out), *FAST]
+
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    assert main(args(straight)) == 0
+    assert [p.name for p in checkpoint_folders(straight)] == ["checkpoint-4"]  # only the newest is kept
+    save = it.save_checkpoint
+
+    def crash_after_step_2(out, step, *rest, **kwargs):
+        folder = save(out, step, *rest, **kwargs)
+        if step == 2:
+            raise Crash
+        return folder
+
+    monkeypatch.setattr(it, "save_checkpoint", crash_after_step_2)
+    with pytest.raises(Crash):
+        main(args(crashed))
+    monkeypatch.undo()
+    assert [p.name for p in checkpoint_folders(crashed)] == ["checkpoint-2"] and not (crashed / "metrics.json").exists()
+    capsys.readouterr()
+    assert main([*args(crashed), "--resume"]) == 0
+    assert f"resuming from {crashed / 'checkpoint-2'} (step 2 of 4)" in capsys.readouterr().out
+    want, got = (load_file(run / "checkpoint-4" / it.CHECKPOINT_WEIGHTS) for run in (straight, crashed))
+    assert set(want) == set(got) and any(k.startswith("1.") for k in want)  # adapters and the condition encoder
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+    first, second = (json.loads((run / "metrics.json").read_text()) for run in (straight, crashed))
+    assert second["final_loss"] == first["final_loss"] and second["test"] == first["test"]
+    assert second["global_step"] == 4
+    # a checkpoint is a pipeline adapter folder: generate samples from it
+    assert main(["generate", "--adapter", str(crashed / "checkpoint-4"), "--prompt", "a handwritten digit 3",
+                 "--control", str(tmp_path / "digits" / "d0.png"), "--control-type", "canny", "--num-images", "1",
+                 "--steps", "2", "--out", str(tmp_path / "g.png")]) == 0
+    assert main([*args(crashed), "--resume"]) == 0  # finished: nothing to do
+    assert "already finished" in capsys.readouterr().out
+    # killed while writing checkpoint-4 (before its trainer_state.json): resumed from checkpoint-2, same end
+    killed = tmp_path / "killed"
+    steps = iter(range(1, 100))
+    monkeypatch.setattr(it, "fault_point", lambda name: name == "image-checkpoint" and next(steps) == 2 and 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(args(killed))
+    monkeypatch.undo()
+    assert [p.name for p in checkpoint_folders(killed)] == ["checkpoint-2", "checkpoint-4"]
+    capsys.readouterr()
+    assert main([*args(killed), "--resume"]) == 0
+    assert f"resuming from {killed / 'checkpoint-2'} (step 2 of 4)" in capsys.readouterr().out
+    assert [p.name for p in checkpoint_folders(killed)] == ["checkpoint-4"]
+    got = load_file(killed / "checkpoint-4" / it.CHECKPOINT_WEIGHTS)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+
+
 def bad_cases(tmp_path, base_dir):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -343,7 +408,7 @@ def bad_cases(tmp_path, base_dir):
         "landmarks without dlib": ([*control, "--data", str(blank), "--control", "landmarks"], "need dlib"),
         "image option on a text task": (["--task", "classification", "--control", "canny"],
                                         "--control.* apply only to"),
-        "resume": ([*subject, "--instance-data", "glyph:K", "--resume"], "--resume is not supported"),
+        "resume without a run": ([*subject, "--instance-data", "glyph:K", "--resume"], "holds no run to resume"),
         "control size": ([*control, "--data", str(sizes), "--control", "canny"],
                          f"control c0.png is {SIZE}×{2 * SIZE} but its target d0.png is {SIZE}×{SIZE}; a control map "
                          "must have its target's size"),
@@ -353,8 +418,8 @@ def bad_cases(tmp_path, base_dir):
 
 
 @pytest.mark.parametrize("case", ["no images", "unreadable image", "long prompt", "not a pipeline", "bad glyph",
-                                  "blank controls", "landmarks without dlib", "image option on a text task", "resume",
-                                  "control size", "some controls"])
+                                  "blank controls", "landmarks without dlib", "image option on a text task",
+                                  "resume without a run", "control size", "some controls"])
 def test_bad_input_is_one_line_and_leaves_no_run_folder(base_dir, tmp_path, capsys, case):
     if case == "landmarks without dlib":
         pytest.importorskip("skimage")

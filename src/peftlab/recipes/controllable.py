@@ -95,7 +95,8 @@ def train(options: RunOptions, checkpoint: str | None = None) -> dict[str, Any]:
                                 pipe.scheduler.config.num_train_timesteps, controls, (empty, CAPTION_DROPOUT))
     log(f"training {options.method} + a condition encoder on {len(examples)} {options.control} examples of "
         f"{options.data}, {options.max_steps} steps")
-    training = it.fit(pipe, [m.base_model for m in models.values()] + [encoder], sample, options, hook=hook)
+    training = it.fit(pipe, [m.base_model for m in models.values()] + [encoder], sample, options, hook=hook,
+                      out=out, checkpoint=checkpoint, generator=generator)
     hook.control = None
     after, skipped, samples = evaluate_samples(pipe, options, size, ready["held_out"], control=True)
     metrics = {
@@ -105,7 +106,7 @@ def train(options: RunOptions, checkpoint: str | None = None) -> dict[str, Any]:
         "condition_encoder_params": sum(p.numel() for p in encoder.parameters()),
         **{k: v for k, v in training.items() if k != "losses"},
     }
-    it.finish_image_run(pipe, out, metrics, samples, training["losses"])
+    it.finish_image_run(pipe, out, metrics, samples, training["losses"], options.keep_checkpoints)
     keys = ("edge_f1", "edge_ssim", "segmentation_ssim", "landmark_error", "class_accuracy")
     log(f"controllable {options.method}: {it.summary(metrics, keys)}; {training['trainable_params']:,} trainable "
         f"parameters, {training['seconds_per_step']:.3f} s/step; wrote {out}")

@@ -13,13 +13,21 @@ nothing else, and everything else has ``requires_grad = False``.
 
 The loop is HF ``accelerate``'s: ``Accelerator(mixed_precision, gradient_accumulation_steps)``,
 ``accelerator.prepare``, ``accelerator.accumulate``, ``accelerator.backward``, gradient clipping at 1.0, and a
-warm-up + linear decay from ``transformers.get_scheduler``. Single process: no checkpoints are written during
-the run (``--resume`` is refused for these tasks).
+warm-up + linear decay from ``transformers.get_scheduler``. Single process.
+
+Checkpoints: every ``--eval-steps`` steps and at the last step, ``checkpoint-<step>/`` holds the adapters as a
+pipeline adapter folder (``peftlab generate --adapter RUN/checkpoint-<step>`` samples from it), the trainable
+tensors by name (``trainable.safetensors``), the optimiser, schedule and random-generator states
+(``training_state.pt``, read back with ``torch.load(weights_only=True)``) and, written last, ``trainer_state.json``
+(step, losses): a checkpoint without it is incomplete and ignored. Only the newest complete one is kept.
+``--resume`` continues from it with the same parameters, optimiser moments, learning rate and random draws, so a
+run stopped after a checkpoint and resumed ends where an uninterrupted run ends (on CPU, bit for bit).
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -32,10 +40,12 @@ from torch import Tensor, nn
 from peftlab import io
 from peftlab.errors import PeftlabError, RecipeError
 from peftlab.recipes.options import RunOptions
-from peftlab.recipes.rundir import CURVE_FILE, METRICS_FILE, fault_point
+from peftlab.recipes.rundir import CURVE_FILE, METRICS_FILE, TRAINER_STATE, checkpoint_folders, fault_point
 from peftlab.recipes.training import PeakMemory, _jsonable, log, plot_training_curve
 
 SAMPLES_FILE = "samples.png"
+CHECKPOINT_WEIGHTS = "trainable.safetensors"
+CHECKPOINT_STATE = "training_state.pt"
 
 
 # -- the pipeline ------------------------------------------------------------------------------------------------
@@ -144,24 +154,88 @@ def denoising_loss(pipe: Any, scheduler: Any, batch: Batch, hook: Any = None) ->
 
 
 # -- the loop ----------------------------------------------------------------------------------------------------
+def named_trainable(modules: list[nn.Module]) -> dict[str, nn.Parameter]:
+    """The parameters that train (``requires_grad``), each once, by ``<index of its module>.<parameter name>``."""
+    named: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for i, module in enumerate(modules):
+        for name, p in module.named_parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                named[f"{i}.{name}"] = p
+    return named
+
+
 def trainable(modules: list[nn.Module]) -> list[nn.Parameter]:
     """The parameters that train (``requires_grad``), each once."""
-    seen: dict[int, nn.Parameter] = {}
-    for module in modules:
-        for p in module.parameters():
-            if p.requires_grad:
-                seen.setdefault(id(p), p)
-    return list(seen.values())
+    return list(named_trainable(modules).values())
+
+
+def save_checkpoint(out: Path, step: int, pipe: Any, named: dict[str, nn.Parameter], optimizer: Any, schedule: Any,
+                    generator: torch.Generator | None, losses: list[float], runtime: float) -> Path:
+    """Write ``out/checkpoint-<step>`` (see the module docstring; ``trainer_state.json`` last), then delete the
+    older checkpoints."""
+    import io as bytes_io
+
+    from peftlab.diffusion.pipeline import save_pipeline_adapters
+
+    folder = out / f"checkpoint-{step}"
+    if folder.exists():
+        shutil.rmtree(folder)
+    save_pipeline_adapters(pipe, folder)
+    io.save_tensors(folder / CHECKPOINT_WEIGHTS, dict(named))
+    state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(),
+             "generator": None if generator is None else generator.get_state()}
+    buffer = bytes_io.BytesIO()
+    torch.save(state, buffer)
+    io.atomic_write_bytes(folder / CHECKPOINT_STATE, buffer.getvalue())
+    fault_point("image-checkpoint")  # everything but trainer_state.json is written: an incomplete checkpoint
+    io.atomic_write_json(folder / TRAINER_STATE, {"global_step": step, "losses": losses, "train_runtime_s": runtime})
+    for older in checkpoint_folders(out):
+        if older != folder:
+            shutil.rmtree(older, ignore_errors=True)
+    return folder
+
+
+def load_checkpoint(checkpoint: str, named: dict[str, nn.Parameter], optimizer: Any, schedule: Any,
+                    generator: torch.Generator | None) -> dict[str, Any]:
+    """Restore what :func:`save_checkpoint` wrote into the parameters, optimiser, schedule and generators; return
+    its ``trainer_state.json``. A checkpoint of other parameters is a RecipeError."""
+    from safetensors.torch import load_file
+
+    folder = Path(checkpoint)
+    try:
+        tensors = load_file(str(folder / CHECKPOINT_WEIGHTS))
+        state = torch.load(folder / CHECKPOINT_STATE, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors and torch raise many types for a corrupt or refused file
+        raise RecipeError(f"{folder} cannot be read ({type(err).__name__}); delete that folder to resume from the "
+                          "start, or start again with --overwrite") from None
+    if set(tensors) != set(named) or any(tensors[k].shape != p.shape for k, p in named.items() if k in tensors):
+        raise RecipeError(f"{folder} holds other trainable parameters than this run has (a different method, r or "
+                          "targets); resume it with its own options, or start again with --overwrite")
+    with torch.no_grad():
+        for key, p in named.items():
+            p.copy_(tensors[key])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    torch.set_rng_state(state["torch_rng"])
+    if generator is not None and state["generator"] is not None:
+        generator.set_state(state["generator"])
+    return io.read_json(folder / TRAINER_STATE)
 
 
 def fit(pipe: Any, modules: list[nn.Module], sample: Callable[[], Batch], options: RunOptions,
-        hook: Any = None, progress: bool = True) -> dict[str, Any]:
+        hook: Any = None, progress: bool = True, out: Path | None = None, checkpoint: str | None = None,
+        generator: torch.Generator | None = None) -> dict[str, Any]:
     """Train the trainable parameters of ``modules`` for ``options.max_steps`` optimizer steps with HF
-    ``accelerate``; ``sample()`` gives each micro-batch. Returns the losses and timings."""
+    ``accelerate``; ``sample()`` gives each micro-batch (its random draws come from ``generator``). With ``out``,
+    checkpoints go to ``out/checkpoint-<step>``; ``checkpoint`` is one to continue from. Returns the losses and
+    timings."""
     from accelerate import Accelerator
     from transformers import get_scheduler
 
-    params = trainable(modules)
+    named = named_trainable(modules)
+    params = list(named.values())
     if not params:
         raise RecipeError("nothing to train: the adapters have no trainable parameters")
     accelerator = Accelerator(mixed_precision=options.mixed_precision, cpu=not torch.cuda.is_available(),
@@ -171,14 +245,19 @@ def fit(pipe: Any, modules: list[nn.Module], sample: Callable[[], Batch], option
     warmup = int(options.warmup if options.warmup >= 1 else math.ceil(options.warmup * steps))
     schedule = get_scheduler("linear", optimizer, num_warmup_steps=warmup,
                              num_training_steps=steps * accelerator.num_processes)
+    losses: list[float] = []
+    done, earlier_runtime = 0, 0.0
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, named, optimizer, schedule, generator)
+        done, losses, earlier_runtime = state["global_step"], list(state["losses"]), state.get("train_runtime_s", 0.0)
+        log(f"resuming from {checkpoint} (step {done} of {steps})")
     *prepared, optimizer, schedule = accelerator.prepare(*modules, optimizer, schedule)
     scheduler = noise_scheduler(pipe)
     for module in prepared:
         module.train()
-    losses: list[float] = []
     start = time.perf_counter()
     with PeakMemory() as memory:
-        for step in range(steps):
+        for step in range(done, steps):
             total = 0.0
             for _ in range(options.gradient_accumulation_steps):
                 with accelerator.accumulate(*prepared):
@@ -196,7 +275,10 @@ def fit(pipe: Any, modules: list[nn.Module], sample: Callable[[], Batch], option
             losses.append(total)
             if progress and (step % 50 == 0 or step == steps - 1):
                 log(f"step {step + 1}/{steps}: loss {total:.4f}, lr {schedule.get_last_lr()[0]:.2e}")
-    runtime = time.perf_counter() - start
+            if out is not None and ((step + 1) % options.eval_steps == 0 or step == steps - 1):
+                save_checkpoint(out, step + 1, pipe, named, optimizer, schedule, generator, losses,
+                                earlier_runtime + time.perf_counter() - start)
+    runtime = earlier_runtime + time.perf_counter() - start
     for module in modules:
         accelerator.unwrap_model(module, keep_fp32_wrapper=False).eval()
     accelerator.free_memory()
@@ -252,9 +334,11 @@ def sample_images(pipe: Any, prompts: list[str], options: RunOptions, size: int,
     return images
 
 
-def finish_image_run(pipe: Any, out: Path, metrics: dict[str, Any], samples: list[Any], losses: list[float]) -> None:
+def finish_image_run(pipe: Any, out: Path, metrics: dict[str, Any], samples: list[Any], losses: list[float],
+                     keep_checkpoints: bool = True) -> None:
     """Write the adapters (``save_pipeline_adapters``), a grid of samples, the loss curve and, last,
-    ``metrics.json``: a folder with ``metrics.json`` is a finished run."""
+    ``metrics.json``: a folder with ``metrics.json`` is a finished run. Without ``keep_checkpoints`` the
+    checkpoint is removed after."""
     from diffusers.utils import make_image_grid
 
     from peftlab.diffusion.pipeline import save_pipeline_adapters
@@ -266,6 +350,9 @@ def finish_image_run(pipe: Any, out: Path, metrics: dict[str, Any], samples: lis
         io.atomic_write_image(out / SAMPLES_FILE, make_image_grid(samples, *grid_shape(len(samples))))
     plot_training_curve([{"step": i + 1, "loss": v} for i, v in enumerate(losses)], out / CURVE_FILE, "loss")
     io.atomic_write_json(out / METRICS_FILE, _jsonable(metrics))
+    if not keep_checkpoints:
+        for checkpoint in checkpoint_folders(out):
+            shutil.rmtree(checkpoint, ignore_errors=True)
 
 
 def saved_metrics(folder: Any) -> dict[str, Any]:

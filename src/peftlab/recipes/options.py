@@ -105,7 +105,7 @@ class RunOptions:
     max_steps: int | None = option(None, "optimizer steps (overrides --epochs)", TRAINING)
     batch_size: int | None = option(None, "per-device batch size", TRAINING)
     eval_batch_size: int | None = option(None, "evaluation batch size (default 2x batch size)", TRAINING)
-    eval_steps: int = option(50, "evaluate and checkpoint every N steps", TRAINING)
+    eval_steps: int = option(50, "evaluate and checkpoint every N steps (image tasks: checkpoint)", TRAINING)
     warmup: float = option(0.06, "warm-up steps, or a fraction of the run if < 1", TRAINING)
     weight_decay: float = option(0.0, "AdamW weight decay", TRAINING)
     label_smoothing: float = option(0.0, "label smoothing (MTLoRA on E2E: 0.1)", TRAINING)
@@ -198,9 +198,6 @@ class RunOptions:
     @staticmethod
     def _check_image(out: RunOptions) -> None:
         """The image tasks' own checks."""
-        if out.resume:
-            raise RecipeError(f"--resume is not supported by --task {out.task} (its runs write no intermediate "
-                              "checkpoints); start again with --overwrite")
         if out.method in ("full", "linear-probe"):
             raise RecipeError(f"--task {out.task} trains adapters; choose an adapter --method, not {out.method}")
         if not (isinstance(out.prior_loss_weight, (int, float)) and math.isfinite(out.prior_loss_weight)

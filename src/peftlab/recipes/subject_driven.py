@@ -123,7 +123,8 @@ def train(options: RunOptions, checkpoint: str | None = None) -> dict[str, Any]:
     sample = sampler(data, options, generator, pipe.scheduler.config.num_train_timesteps)
     log(f"training {options.method} on {len(ready['instances'])} instance image(s) of {options.instance_data}, "
         f"{options.max_steps} steps")
-    training = it.fit(pipe, [m.base_model for m in models.values()], sample, options)
+    training = it.fit(pipe, [m.base_model for m in models.values()], sample, options, out=out,
+                      checkpoint=checkpoint, generator=generator)
     after, skipped, samples = evaluate_samples(pipe, options, size, ready["instances"])
     metrics = {
         "task": options.task, "method": options.method, "model": options.model, "metric": METRIC, "lr": options.lr,
@@ -132,7 +133,7 @@ def train(options: RunOptions, checkpoint: str | None = None) -> dict[str, Any]:
         "test": after, "before": before, "skipped": skipped,
         **{k: v for k, v in training.items() if k != "losses"},
     }
-    it.finish_image_run(pipe, out, metrics, samples, training["losses"])
+    it.finish_image_run(pipe, out, metrics, samples, training["losses"], options.keep_checkpoints)
     log(f"subject-driven {options.method}: {it.summary(metrics, ('subject_similarity', 'prior_class_accuracy'))}; "
         f"{training['trainable_params']:,} trainable parameters, {training['seconds_per_step']:.3f} s/step; "
         f"wrote {out}")
