@@ -1,9 +1,9 @@
 """The run folder: what a training run writes, the rules that keep an earlier result from being lost, and its lock.
 
-A run folder holds ``run_config.json`` (the options, written first), ``checkpoint-*`` folders (HF ``Trainer``;
-one is complete once its ``trainer_state.json``, which HF writes last, is readable), and at the end the adapter
-(or model), ``training_curve.png`` and, last, ``metrics.json``. So a folder is in one of these states
-(:func:`folder_state`):
+A run folder holds ``run_config.json`` (the options, written first), ``checkpoint-*`` folders (HF ``Trainer``'s,
+or the image recipes' own; one is complete once its ``trainer_state.json``, which both write last, is readable),
+and at the end the adapter (or model), ``training_curve.png`` and, last, ``metrics.json``. So a folder is in one
+of these states (:func:`folder_state`):
 
 * ``empty``: nothing in it, or only peftlab's own leftovers of a killed run (temporary ``.<name>.<random>.tmp``
   files of :func:`peftlab.io.atomic_write_bytes`, the lock file ``.peftlab.lock``);
