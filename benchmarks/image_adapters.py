@@ -5,9 +5,10 @@ For each method and seed, two ``peftlab train`` runs (through :func:`peftlab.rec
 * ``subject-driven``: DreamBooth with prior preservation on ``glyph:K`` (6 renderings of the unseen letter K in
   one font); reported: subject similarity (stand-in for DINO) after training, the glyph classifier's accuracy on
   "a handwritten digit k" samples before / after (forgetting of the prior), trainable parameters, s/step;
-* ``controllable``: a condition encoder + the method's UNet adapters on ``tiny-digits-edges`` (canny); reported:
-  edge F1 and edge SSIM between the control and the output's edges, before / after, class accuracy, parameters,
-  s/step.
+* ``controllable``: a condition encoder + the method's UNet adapters on ``tiny-digits-edges`` (``--control``:
+  canny, the default, or segmentation); reported: edge F1 and edge SSIM between the control and the output's
+  edges (canny) or the SSIM between the control and the output's segmentation map (segmentation), before /
+  after, class accuracy, parameters, s/step.
 
 Every method gets the same steps, batch size, rank and data; its learning rate is the image tasks' default
 (``--lr`` overrides it for all). Each run's metrics are kept in ``--results`` (JSON), so a stopped benchmark
@@ -37,15 +38,23 @@ METHODS = ("hra", "lora", "hydralora", "mtlora")
 TILE = 32
 
 
-def run_key(task: str, method: str, seed: int, steps: int, lr: float | None) -> str:
-    return f"{task}/{method}/seed{seed}/steps{steps}/lr{lr if lr is not None else 'default'}"
+CONTROL_METRICS = {"canny": (("edge_f1", "edge F1"), ("edge_ssim", "edge SSIM")),
+                   "segmentation": (("segmentation_ssim", "segmentation SSIM"),)}
 
 
-def run_once(task: str, method: str, seed: int, steps: int, lr: float | None, work: Path) -> dict[str, Any]:
+def run_key(task: str, method: str, seed: int, steps: int, lr: float | None, control: str = "canny") -> str:
+    """The run's key in the results cache (canny runs keep the keys they had before ``--control`` existed)."""
+    kind = f"{task}-{control}" if task == "controllable" and control != "canny" else task
+    return f"{kind}/{method}/seed{seed}/steps{steps}/lr{lr if lr is not None else 'default'}"
+
+
+def run_once(task: str, method: str, seed: int, steps: int, lr: float | None, work: Path,
+             control: str = "canny") -> dict[str, Any]:
     """One training run; the metrics it writes."""
-    folder = work / f"{task}-{method}-lr{lr or 'default'}-steps{steps}-s{seed}"
+    kind = f"{task}-{control}" if task == "controllable" and control != "canny" else task
+    folder = work / f"{kind}-{method}-lr{lr or 'default'}-steps{steps}-s{seed}"
     options = RunOptions(task=task, method=method, seed=seed, max_steps=steps, lr=lr, output_dir=str(folder),
-                         overwrite=True)
+                         overwrite=True, control=control if task == "controllable" else None)
     start = time.perf_counter()
     metrics = train(options)
     return {**metrics, "wall_s": round(time.perf_counter() - start, 1), "folder": str(folder)}
@@ -87,19 +96,20 @@ def subject_table(results: dict[str, Any], rows: list[tuple[str, float | None]],
     return markdown_table(header, body, right=set(range(1, len(header))))
 
 
-def control_table(results: dict[str, Any], seeds: list[int], steps: int) -> list[str]:
+def control_table(results: dict[str, Any], seeds: list[int], steps: int, control: str = "canny") -> list[str]:
+    metrics = CONTROL_METRICS[control]
     body = []
     for method in METHODS:
-        runs = [results[k] for s in seeds if (k := run_key("controllable", method, s, steps, None)) in results]
+        runs = [results[k] for s in seeds if (k := run_key("controllable", method, s, steps, None, control))
+                in results]
         if not runs:
             continue
-        body.append([method, f"{runs[0].get('lr', '-')}", str(len(runs)),
-                     mean_std(column(runs, ("before", "edge_f1"))), mean_std(column(runs, ("test", "edge_f1"))),
-                     mean_std(column(runs, ("before", "edge_ssim"))), mean_std(column(runs, ("test", "edge_ssim"))),
+        fidelity = [mean_std(column(runs, (when, key))) for key, _ in metrics for when in ("before", "test")]
+        body.append([method, f"{runs[0].get('lr', '-')}", str(len(runs)), *fidelity,
                      mean_std(column(runs, ("before", "class_accuracy"))),
                      mean_std(column(runs, ("test", "class_accuracy"))),
                      f"{int(runs[0]['trainable_params']):,}", mean_std(column(runs, ("seconds_per_step",)))])
-    header = ["method", "lr", "seeds", "edge F1 before", "edge F1 after ↑", "edge SSIM before", "edge SSIM after ↑",
+    header = ["method", "lr", "seeds", *(f"{label} {when}" for _, label in metrics for when in ("before", "after ↑")),
               "class acc. before", "class acc. after", "trainable params (incl. encoder)", "s/step"]
     return markdown_table(header, body, right=set(range(1, len(header))))
 
@@ -149,12 +159,16 @@ def main() -> None:
     parser.add_argument("--control-steps", type=int, default=400, help="optimizer steps of each controllable run")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
     parser.add_argument("--tasks", default="subject-driven,controllable", help="comma-separated tasks")
+    parser.add_argument("--control", default="canny", choices=sorted(CONTROL_METRICS),
+                        help="the controllable task's control (default canny)")
     parser.add_argument("--extra", default="", help="METHOD:LR pairs run on the subject task too, e.g. hra:1e-2")
     parser.add_argument("--work", type=Path, default=Path("runs/image-adapters"), help="run folders")
     parser.add_argument("--results", type=Path, help="per-run JSON cache (default WORK/results.json)")
     parser.add_argument("--grid", type=Path, help="write a grid of samples (seed 0) as a PNG")
     add_run_options(parser)
     args = parser.parse_args()
+    if args.grid and args.control != "canny":
+        parser.error("--grid shows the canny runs; leave it out with --control " + args.control)
     apply_run_options(args)
     results_path = args.results or args.work / "results.json"
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
@@ -168,18 +182,20 @@ def main() -> None:
     start = time.perf_counter()
     for i, (task, method, seed, lr) in enumerate(plan, 1):
         steps = args.subject_steps if task == "subject-driven" else args.control_steps
-        key = run_key(task, method, seed, steps, lr)
+        key = run_key(task, method, seed, steps, lr, args.control)
         if key in results:
             continue
         print(f"[{i}/{len(plan)}] {key}", flush=True)
-        results[key] = run_once(task, method, seed, steps, lr, args.work)
+        results[key] = run_once(task, method, seed, steps, lr, args.work, args.control)
         atomic_write_json(results_path, results)
     lines += ["", f"total wall time of this invocation: {time.perf_counter() - start:.0f} s "
               f"({len(results)} runs in {results_path})", ""]
-    lines += [f"subject-driven (glyph:K, {args.subject_steps} steps, batch 4 instance + 4 class images, r 8):", ""]
-    lines += subject_table(results, [(m, None) for m in methods] + extra, seeds, args.subject_steps)
-    lines += ["", f"controllable (tiny-digits-edges, canny, {args.control_steps} steps, batch 8, r 8):", ""]
-    lines += control_table(results, seeds, args.control_steps)
+    if "subject-driven" in tasks:
+        lines += [f"subject-driven (glyph:K, {args.subject_steps} steps, batch 4 instance + 4 class images, r 8):", ""]
+        lines += subject_table(results, [(m, None) for m in methods] + extra, seeds, args.subject_steps) + [""]
+    if "controllable" in tasks:
+        lines += [f"controllable (tiny-digits-edges, {args.control}, {args.control_steps} steps, batch 8, r 8):", ""]
+        lines += control_table(results, seeds, args.control_steps, args.control)
     if args.grid:
         sample_grid(results, seeds[0], (args.subject_steps, args.control_steps), args.grid)
         lines += ["", f"wrote {args.grid} ({args.grid.stat().st_size:,} bytes)"]
