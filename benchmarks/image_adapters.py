@@ -124,22 +124,24 @@ def first_tiles(png: Path, count: int) -> list[np.ndarray]:
             for i in range(count)]
 
 
-def sample_grid(results: dict[str, Any], seed: int, steps: tuple[int, int], path: Path, per_task: int = 4) -> None:
-    """One row per method: ``per_task`` subject samples, then ``per_task`` control samples; on top the instance
-    images and the controls of those samples. A grey PNG with 2-pixel grey gaps."""
+def sample_grid(results: dict[str, Any], seed: int, steps: tuple[int, int], path: Path, per_task: int = 4,
+                control: str = "canny") -> None:
+    """One row per method: ``per_task`` subject samples (when those runs exist), then ``per_task`` control samples;
+    on top the instance images and the controls of those samples. A grey PNG with 2-pixel grey gaps."""
     from PIL import Image
 
     from peftlab.data import glyphs
     from peftlab.recipes.image_data import held_out_edges
 
-    controls = glyphs.to_array(held_out_edges("canny", TILE, per_task).controls)
-    rows = [list(glyphs.subject_images("K", per_task)) + list(controls)]
+    subject = any(run_key("subject-driven", m, seed, steps[0], None) in results for m in METHODS)
+    controls = list(glyphs.to_array(held_out_edges(control, TILE, per_task).controls))
+    rows = [(list(glyphs.subject_images("K", per_task)) if subject else []) + controls]
     for method in METHODS:
-        keys = (run_key("subject-driven", method, seed, steps[0], None), run_key("controllable", method, seed,
-                                                                                  steps[1], None))
+        keys = ((run_key("subject-driven", method, seed, steps[0], None),) if subject else ()) + (
+            run_key("controllable", method, seed, steps[1], None, control),)
         if all(k in results for k in keys):
             rows.append([t for k in keys for t in first_tiles(Path(results[k]["folder"]) / "samples.png", per_task)])
-    pad, n = 2, 2 * per_task
+    pad, n = 2, len(rows[0])
     canvas = np.full((len(rows) * (TILE + pad) + pad, n * (TILE + pad) + pad), 0.5, np.float32)
     for r, row in enumerate(rows):
         for c, tile in enumerate(row):
@@ -167,8 +169,6 @@ def main() -> None:
     parser.add_argument("--grid", type=Path, help="write a grid of samples (seed 0) as a PNG")
     add_run_options(parser)
     args = parser.parse_args()
-    if args.grid and args.control != "canny":
-        parser.error("--grid shows the canny runs; leave it out with --control " + args.control)
     apply_run_options(args)
     results_path = args.results or args.work / "results.json"
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
@@ -197,7 +197,7 @@ def main() -> None:
         lines += [f"controllable (tiny-digits-edges, {args.control}, {args.control_steps} steps, batch 8, r 8):", ""]
         lines += control_table(results, seeds, args.control_steps, args.control)
     if args.grid:
-        sample_grid(results, seeds[0], (args.subject_steps, args.control_steps), args.grid)
+        sample_grid(results, seeds[0], (args.subject_steps, args.control_steps), args.grid, control=args.control)
         lines += ["", f"wrote {args.grid} ({args.grid.stat().st_size:,} bytes)"]
     emit_report(lines, args.out)
 
