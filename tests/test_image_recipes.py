@@ -370,6 +370,30 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(base_dir, tmp
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
 
 
+def test_resume_from_a_corrupt_checkpoint_is_a_one_line_error(base_dir, tmp_path, monkeypatch, capsys):
+    write_digits(tmp_path / "digits")
+    out = tmp_path / "run"
+    args = ["train", "--task", "controllable", "--model", str(base_dir), "--data", str(tmp_path / "digits"),
+            "--control", "canny", "--method", "hra", "--max-steps", "2", "--eval-steps", "1", "--output-dir", str(out),
+            *FAST]
+    save = it.save_checkpoint
+
+    def crash_after_step_1(folder, step, *rest, **kwargs):
+        save(folder, step, *rest, **kwargs)
+        raise Crash
+
+    monkeypatch.setattr(it, "save_checkpoint", crash_after_step_1)
+    with pytest.raises(Crash):
+        main(args)
+    monkeypatch.undo()
+    (out / "checkpoint-1" / it.CHECKPOINT_WEIGHTS).write_bytes(b"not safetensors")
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "checkpoint-1 cannot be read" in err and "--overwrite" in err, err
+    assert not (out / "metrics.json").exists()
+
+
 def bad_cases(tmp_path, base_dir):
     empty = tmp_path / "empty"
     empty.mkdir()
