@@ -40,7 +40,14 @@ from torch import Tensor, nn
 from peftlab import io
 from peftlab.errors import PeftlabError, RecipeError
 from peftlab.recipes.options import RunOptions
-from peftlab.recipes.rundir import CURVE_FILE, METRICS_FILE, TRAINER_STATE, checkpoint_folders, fault_point
+from peftlab.recipes.rundir import (
+    CURVE_FILE,
+    METRICS_FILE,
+    TRAINER_STATE,
+    checkpoint_folders,
+    fault_point,
+    remove_checkpoints,
+)
 from peftlab.recipes.training import PeakMemory, _jsonable, log, plot_training_curve
 
 SAMPLES_FILE = "samples.png"
@@ -351,8 +358,7 @@ def finish_image_run(pipe: Any, out: Path, metrics: dict[str, Any], samples: lis
     plot_training_curve([{"step": i + 1, "loss": v} for i, v in enumerate(losses)], out / CURVE_FILE, "loss")
     io.atomic_write_json(out / METRICS_FILE, _jsonable(metrics))
     if not keep_checkpoints:
-        for checkpoint in checkpoint_folders(out):
-            shutil.rmtree(checkpoint, ignore_errors=True)
+        remove_checkpoints(out)
 
 
 def saved_metrics(folder: Any) -> dict[str, Any]:

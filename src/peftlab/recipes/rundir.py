@@ -129,6 +129,12 @@ def checkpoint_folders(path: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def remove_checkpoints(path: str | os.PathLike) -> None:
+    """Delete every ``checkpoint-<step>`` folder of a run (a finished run that need not keep them)."""
+    for checkpoint in checkpoint_folders(path):
+        shutil.rmtree(checkpoint, ignore_errors=True)
+
+
 def last_checkpoint(path: str | os.PathLike) -> str | None:
     """The last complete checkpoint of a run (a checkpoint whose save was cut short is skipped)."""
     complete = [p for p in checkpoint_folders(path) if is_complete_checkpoint(p)]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ import torch
 
 from peftlab import io
 from peftlab.recipes.options import RunOptions
-from peftlab.recipes.rundir import CURVE_FILE, METRICS_FILE, TRAINER_STATE, fault_point
+from peftlab.recipes.rundir import CURVE_FILE, METRICS_FILE, TRAINER_STATE, fault_point, remove_checkpoints
 
 
 def world_size() -> int:
@@ -274,8 +273,7 @@ def finish_run(trainer: Any, out: Path, metrics: dict[str, Any], metric: str, ke
     plot_training_curve(trainer.state.log_history, out / CURVE_FILE, metric)
     io.atomic_write_json(out / METRICS_FILE, _jsonable(metrics))
     if not keep_checkpoints:
-        for checkpoint in out.glob("checkpoint-*"):
-            shutil.rmtree(checkpoint, ignore_errors=True)
+        remove_checkpoints(out)
 
 
 def _jsonable(value: Any) -> Any:
