@@ -32,7 +32,7 @@ from peftlab.diffusion.conditioning import attach_condition_encoder, condition_h
 from peftlab.diffusion.control import control_tensor
 from peftlab.recipes import image_data
 from peftlab.recipes import image_training as it
-from peftlab.recipes.controllable import CAPTION_DROPOUT
+from peftlab.recipes.controllable import control_sampler
 from peftlab.recipes.options import RunOptions
 
 TIMESTEPS = (200, 400, 600, 800)
@@ -44,11 +44,16 @@ def controls_of(examples: image_data.ControlExamples, control: str) -> torch.Ten
     return control_tensor(examples.targets if control == "target" else examples.controls, SIZE)
 
 
-def probe(pipe: Any, held_out: image_data.ControlExamples, controls: torch.Tensor) -> dict[str, float]:
-    """Mean held-out loss over :data:`TIMESTEPS` with the own and with shuffled controls, and the relative gap."""
+def held_out_inputs(pipe: Any, held_out: image_data.ControlExamples) -> tuple[torch.Tensor, torch.Tensor]:
+    """The held-out targets' latents and caption token ids (the frozen VAE and tokenizer: the same before and after
+    training)."""
+    return it.latents_of(pipe, image_data.pixels(held_out.targets)), it.token_ids(pipe, held_out.captions)
+
+
+def probe(pipe: Any, latents: torch.Tensor, ids: torch.Tensor, controls: torch.Tensor) -> dict[str, float]:
+    """Mean held-out loss over :data:`TIMESTEPS` with the own and with shuffled controls, and the relative gap
+    (``latents``, ``ids``: the held-out targets' latents and caption token ids)."""
     hook = condition_hook(pipe)
-    latents = it.latents_of(pipe, image_data.pixels(held_out.targets))
-    ids = it.token_ids(pipe, held_out.captions)
     scheduler = it.noise_scheduler(pipe)
     n = len(latents)
     shuffled = controls[torch.roll(torch.arange(n), 1)]  # every example gets another one's control
@@ -82,7 +87,7 @@ def main() -> None:
     rows: list[list[str]] = []
     if args.run:
         pipe = load_pipeline_adapters(args.run)
-        result = probe(pipe, held_out, held)
+        result = probe(pipe, *held_out_inputs(pipe, held_out), held)
         rows.append([args.run, "—", f"{result['own']:.4f}", f"{result['shuffled']:.4f}", f"{result['gap']:+.3%}"])
         setting = f"trained run {args.run}, {args.control} controls"
     else:
@@ -94,18 +99,14 @@ def main() -> None:
         attach_condition_encoder(pipe, encoder)
         examples = image_data.control_examples("tiny-digits-edges", map_type, SIZE, options.max_train_samples,
                                                args.seed)
-        latents = it.latents_of(pipe, image_data.pixels(examples.targets))
-        ids = it.token_ids(pipe, examples.captions)
-        empty = it.token_ids(pipe, [""])[0]
         generator = torch.Generator().manual_seed(args.seed)
-        sample = it.example_sampler(latents, ids, torch.ones(len(latents)), options.batch_size, generator,
-                                    pipe.scheduler.config.num_train_timesteps, controls_of(examples, args.control),
-                                    (empty, CAPTION_DROPOUT))
-        before = probe(pipe, held_out, held)
+        sample = control_sampler(pipe, examples, controls_of(examples, args.control), options.batch_size, generator)
+        inputs = held_out_inputs(pipe, held_out)
+        before = probe(pipe, *inputs, held)
         start = time.perf_counter()
         training = it.fit(pipe, [encoder], sample, options, hook=condition_hook(pipe), progress=False)
         wall = time.perf_counter() - start
-        after = probe(pipe, held_out, held)
+        after = probe(pipe, *inputs, held)
         for label, result in (("before (E_φ = 0)", before), (f"after {args.steps} steps", after)):
             rows.append([label, f"{training['final_loss']:.4f}" if label.startswith("after") else "—",
                          f"{result['own']:.4f}", f"{result['shuffled']:.4f}", f"{result['gap']:+.3%}"])

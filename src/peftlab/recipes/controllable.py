@@ -70,6 +70,18 @@ def evaluate_samples(pipe: Any, options: RunOptions, size: int, held_out: image_
     return result.values, result.skipped, samples
 
 
+def control_sampler(pipe: Any, examples: image_data.ControlExamples, controls: torch.Tensor, batch_size: int,
+                    generator: torch.Generator) -> Any:
+    """``sample()`` of the controllable objective: ``batch_size`` examples (weight 1/batch) with their ``controls``
+    (the encoder's input, one per example), each caption replaced by "" with probability :data:`CAPTION_DROPOUT`,
+    and fresh noise, all drawn from ``generator``."""
+    latents = it.latents_of(pipe, image_data.pixels(examples.targets))
+    ids = it.token_ids(pipe, examples.captions)
+    empty = it.token_ids(pipe, [""])[0]
+    return it.example_sampler(latents, ids, torch.ones(len(latents)), batch_size, generator,
+                              pipe.scheduler.config.num_train_timesteps, controls, (empty, CAPTION_DROPOUT))
+
+
 @owns_output_dir
 def train(options: RunOptions, checkpoint: str | None = None) -> dict[str, Any]:
     """Train the condition encoder and ``options.method``'s adapters; returns the metrics (also ``metrics.json``)."""
@@ -81,18 +93,13 @@ def train(options: RunOptions, checkpoint: str | None = None) -> dict[str, Any]:
     ready = prepare(options)
     pipe, size, examples = ready["pipe"], ready["size"], ready["examples"]
     before, _, _ = evaluate_samples(pipe, options, size, ready["held_out"], control=False)
-    latents = it.latents_of(pipe, image_data.pixels(examples.targets))
-    ids = it.token_ids(pipe, examples.captions)
-    empty = it.token_ids(pipe, [""])[0]
-    controls = control_tensor(examples.controls, size)
     out = start_output_dir(options)
     set_seed(options.seed)
     models = it.add_adapters(pipe, options, options.train_text_encoder, sorted(set(examples.captions)))
     encoder = new_condition_encoder(pipe)
     hook = attach_condition_encoder(pipe, encoder)
     generator = torch.Generator().manual_seed(options.seed)
-    sample = it.example_sampler(latents, ids, torch.ones(len(latents)), options.batch_size, generator,
-                                pipe.scheduler.config.num_train_timesteps, controls, (empty, CAPTION_DROPOUT))
+    sample = control_sampler(pipe, examples, control_tensor(examples.controls, size), options.batch_size, generator)
     log(f"training {options.method} + a condition encoder on {len(examples)} {options.control} examples of "
         f"{options.data}, {options.max_steps} steps")
     training = it.fit(pipe, [m.base_model for m in models.values()] + [encoder], sample, options, hook=hook,
