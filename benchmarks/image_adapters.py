@@ -42,17 +42,21 @@ CONTROL_METRICS = {"canny": (("edge_f1", "edge F1"), ("edge_ssim", "edge SSIM"))
                    "segmentation": (("segmentation_ssim", "segmentation SSIM"),)}
 
 
+def run_kind(task: str, control: str) -> str:
+    """The task, with the control when it is not canny (canny runs keep the keys and folders they had before
+    ``--control`` existed)."""
+    return f"{task}-{control}" if task == "controllable" and control != "canny" else task
+
+
 def run_key(task: str, method: str, seed: int, steps: int, lr: float | None, control: str = "canny") -> str:
-    """The run's key in the results cache (canny runs keep the keys they had before ``--control`` existed)."""
-    kind = f"{task}-{control}" if task == "controllable" and control != "canny" else task
-    return f"{kind}/{method}/seed{seed}/steps{steps}/lr{lr if lr is not None else 'default'}"
+    """The run's key in the results cache."""
+    return f"{run_kind(task, control)}/{method}/seed{seed}/steps{steps}/lr{lr if lr is not None else 'default'}"
 
 
 def run_once(task: str, method: str, seed: int, steps: int, lr: float | None, work: Path,
              control: str = "canny") -> dict[str, Any]:
     """One training run; the metrics it writes."""
-    kind = f"{task}-{control}" if task == "controllable" and control != "canny" else task
-    folder = work / f"{kind}-{method}-lr{lr or 'default'}-steps{steps}-s{seed}"
+    folder = work / f"{run_kind(task, control)}-{method}-lr{lr or 'default'}-steps{steps}-s{seed}"
     options = RunOptions(task=task, method=method, seed=seed, max_steps=steps, lr=lr, output_dir=str(folder),
                          overwrite=True, control=control if task == "controllable" else None)
     start = time.perf_counter()
