@@ -12,6 +12,34 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", message=".*PEFT.*")
 
+# When bit-exact holds, and when it does not. The same float32 computation on the same values at the same memory
+# alignment gives the same bits on one machine (one process, one thread count), so tests compare such results
+# with rtol=0, atol=0. Equal values held at OTHER alignments do not: tensors read from a safetensors file (a base
+# loaded by from_pretrained, an adapter loaded with low_cpu_mem_usage=True) sit at 8-byte, not 64-byte, aligned
+# addresses, and MKL / oneDNN choose their kernel (and so the order of each sum) by alignment on some CPUs: on a
+# 2-core AMD EPYC a tiny UNet's output moved by 2.6e-06 and 2-step latents by 7.3e-06, on Intel Xeons by 0.
+# Outputs computed from such tensors are compared within float32 rounding of a few ulps per layer:
+OTHER_MEMORY = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def assert_same_greedy(got: torch.Tensor, want: torch.Tensor, scores: tuple[torch.Tensor, ...], margin: float) -> None:
+    """Two greedy generations of one prompt batch agree up to float rounding of their logits (within ``margin``).
+
+    ``want`` and ``scores`` come from ``generate(..., output_scores=True, return_dict_in_generate=True)`` of the
+    reference model. Tokens must be equal, except that a row may part from the reference at a step where the
+    reference's two best logits lie within ``margin`` of each other (a near tie that rounding may break either
+    way); after that its tokens follow another prefix and are not compared.
+    """
+    assert got.shape == want.shape
+    start = want.shape[1] - len(scores)
+    for row in range(want.shape[0]):
+        for step, step_scores in enumerate(scores):
+            if got[row, start + step] != want[row, start + step]:
+                best, second = step_scores[row].float().topk(2).values.tolist()
+                lead = best - second
+                assert lead < margin, f"row {row} parts at step {step}, where the best logit led by {lead:.3g}"
+                break
+
 
 def tiny_bert(num_labels: int = 2, seed: int = 0):
     from transformers import BertConfig, BertForSequenceClassification

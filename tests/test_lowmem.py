@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_bert
+from conftest import OTHER_MEMORY, tiny_bert
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -77,8 +77,8 @@ def test_low_memory_load_equals_the_ordinary_load(method, is_trainable, token_ba
     assert low.peft_config == ordinary.peft_config and low.active_adapters == ordinary.active_adapters
     for name in ("default", "second"):
         ordinary.set_adapter(name)
-        low.set_adapter(name)
-        torch.testing.assert_close(outputs(low, token_batch), outputs(ordinary, token_batch), rtol=0, atol=0)
+        low.set_adapter(name)  # equal values; the low-memory ones are the file's tensors, at other alignments
+        torch.testing.assert_close(outputs(low, token_batch), outputs(ordinary, token_batch), **OTHER_MEMORY)
 
 
 def test_meta_adapter_refuses_to_run_merge_and_save_until_loaded(method, token_batch, tmp_path):
@@ -175,7 +175,7 @@ def test_peft_format_folders_load_with_low_memory(token_batch, tmp_path):
         model.save_pretrained(tmp_path / method, format="peft")
         ordinary = AdapterModel.from_pretrained(tiny_bert(), tmp_path / method)
         low = AdapterModel.from_pretrained(tiny_bert(), tmp_path / method, low_cpu_mem_usage=True)
-        torch.testing.assert_close(outputs(low, token_batch), outputs(ordinary, token_batch), rtol=0, atol=0)
+        torch.testing.assert_close(outputs(low, token_batch), outputs(ordinary, token_batch), **OTHER_MEMORY)
 
 
 def test_half_precision_files_are_converted_to_the_adapter_dtype(tmp_path, token_batch):

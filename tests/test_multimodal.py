@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import OTHER_MEMORY, assert_same_greedy
 
 import peftlab.methods  # noqa: F401  (registers every built-in method)
 from peftlab import AdapterModel, TargetError, component_targets, get_adapter_model
@@ -98,7 +99,8 @@ def test_train_save_load_merge_and_generate(method, tmp_path):
     model.save_pretrained(tmp_path)
     for low_cpu_mem_usage in (False, True):
         loaded = AdapterModel.from_pretrained(tiny_llava(), tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
-        torch.testing.assert_close(logits(loaded, batch), expected, rtol=0, atol=0)
+        tolerance = OTHER_MEMORY if low_cpu_mem_usage else {"rtol": 0, "atol": 0}  # low: the file's own tensors
+        torch.testing.assert_close(logits(loaded, batch), expected, **tolerance)
 
     options = next(layer.adapters["default"].example_merge_options() for _, layer in model._layers())
     if options:  # HydraLoRA merges a fixed mixture: with a zero router, ω is uniform for every token, as merged
@@ -107,13 +109,16 @@ def test_train_save_load_merge_and_generate(method, tmp_path):
                 layer.adapters["default"].router.weight.zero_()
         expected = logits(model, batch)
     prompt = {"input_ids": batch["input_ids"], "pixel_values": batch["pixel_values"]}
-    generated = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+    reference = model.generate(**prompt, max_new_tokens=4, do_sample=False, output_scores=True,
+                               return_dict_in_generate=True)
+    generated = reference.sequences
     assert generated.shape == (2, batch["input_ids"].shape[1] + 4)
     model.merge(**options)
     torch.testing.assert_close(logits(model, batch), expected, rtol=1e-5, atol=5e-5)  # logits up to ~10
     plain = model.merge_and_unload(**options)
     assert not any(isinstance(m, AdapterLayer) for m in plain.modules())
-    assert torch.equal(plain.generate(**prompt, max_new_tokens=4, do_sample=False), generated)
+    # merged weights round differently (logits within 5e-5 above): the same tokens, but where a near tie decides
+    assert_same_greedy(plain.generate(**prompt, max_new_tokens=4, do_sample=False), generated, reference.scores, 1e-4)
 
 
 def test_hydralora_routes_every_token_of_the_joint_sequence():
