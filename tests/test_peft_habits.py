@@ -276,3 +276,45 @@ def test_from_pretrained_that_fails_on_one_adapter_leaves_the_model_plain(bert, 
     with pytest.raises(AdapterLoadError, match="other"):
         AdapterModel.from_pretrained(fresh, tmp_path)
     assert not any(isinstance(m, AdapterLayer) for m in fresh.modules())
+
+
+# -- H: load_adapter into a name that exists replaces its weights (HF PEFT's habit) --------------------------------
+def test_load_adapter_into_an_existing_name_replaces_its_weights(bert, token_batch, tmp_path):
+    """PEFT's tests save a two-adapter model, load the folder, then ``load_adapter(folder / "other", "other")``
+    (test_save_pretrained_selected_adapters, test_adapter_dtype_autocast): from_pretrained restored "other"
+    already, so the second load must replace its weights, not fail."""
+    model = get_adapter_model(bert, LoraConfig(r=2, target_modules=["query"], init_weights=False))
+    model.add_adapter("other", HRAConfig(r=2, target_modules=["value"], init_weights=False))
+    model.save_pretrained(tmp_path / "first")
+    loaded = AdapterModel.from_pretrained(tiny_bert(), tmp_path / "first")
+    loaded.load_adapter(tmp_path / "first" / "other", adapter_name="other")  # the PEFT habit: same weights again
+    assert list(loaded.peft_config) == ["default", "other"]
+    loaded.set_adapter("other")
+    model.set_adapter("other")
+    torch.testing.assert_close(loaded(**token_batch).logits, model(**token_batch).logits)
+
+    with torch.no_grad():  # other weights, same config: they replace the loaded ones
+        for p in model.adapter_parameters("other").values():
+            p.add_(0.3)
+    retrained = model(**token_batch).logits
+    model.save_pretrained(tmp_path / "second", selected_adapters=["other"])
+    assert not torch.allclose(loaded(**token_batch).logits, retrained)
+    loaded.load_adapter(tmp_path / "second" / "other", adapter_name="other")
+    torch.testing.assert_close(loaded(**token_batch).logits, retrained)
+    assert not any(p.requires_grad for p in loaded.parameters())  # is_trainable=False, as asked
+    loaded.load_adapter(tmp_path / "second" / "other", adapter_name="other", is_trainable=True)
+    assert any(p.requires_grad for p in loaded.adapter_parameters("other").values())
+
+
+@pytest.mark.parametrize("config", [HRAConfig(r=4, target_modules=["value"]), LoraConfig(r=2, target_modules=["value"]),
+                                    HRAConfig(r=2, target_modules=["value"], orthogonality_weight=0.5)],
+                         ids=["other rank", "other method", "other hyperparameter"])
+def test_load_adapter_into_an_existing_name_with_another_config_is_refused(bert, token_batch, tmp_path, config):
+    model = get_adapter_model(bert, HRAConfig(r=2, target_modules=["value"], init_weights=False))
+    model.save_pretrained(tmp_path / "mine")
+    get_adapter_model(tiny_bert(), config).save_pretrained(tmp_path / "theirs")
+    expected = model(**token_batch).logits
+    with pytest.raises(AdapterLoadError, match=r"existing adapter 'default': its config differs \(.*delete_adapter"):
+        model.load_adapter(tmp_path / "theirs", adapter_name="default")
+    assert list(model.peft_config) == ["default"] and model.peft_config["default"].r == 2
+    torch.testing.assert_close(model(**token_batch).logits, expected, rtol=0, atol=0)

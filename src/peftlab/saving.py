@@ -154,6 +154,10 @@ class AdapterFiles:
         """Add the adapter saved in ``path`` (by peftlab or HF PEFT) under ``adapter_name``; the names, shapes
         and values (finite) of its tensors are checked, and a failed load leaves the model as it was.
 
+        Into a name that exists already (as HF PEFT does, e.g. after :meth:`from_pretrained` restored every
+        adapter of a folder): the file's weights replace that adapter's, if its config equals the existing one;
+        a different config raises :class:`AdapterLoadError` naming the fields that differ.
+
         ``low_cpu_mem_usage=True``: the adapter is created on the meta device and takes the file's tensors
         themselves (:mod:`peftlab.lowmem`) instead of being initialised and then overwritten; same result.
         """
@@ -165,14 +169,19 @@ class AdapterFiles:
         else:
             config = AdapterConfig.from_dict(data)
         tensors = io.load_tensors(path)
-        self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
+        existing = self.peft_config.get(adapter_name)
+        if existing is not None:
+            check_same_config(existing, config, adapter_name, path)
+        else:
+            self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
         try:
             if peft:
                 shapes = {k: tuple(v.shape) for k, v in self.adapter_parameters(adapter_name).items()}
                 tensors = interop.tensors_from_peft(tensors, shapes)
             self.set_adapter_state_dict(tensors, adapter_name, source=str(path))
         except Exception:
-            self.delete_adapter(adapter_name)
+            if existing is None:
+                self.delete_adapter(adapter_name)
             raise
         self.trainable = is_trainable
         self._update_trainable()
@@ -211,6 +220,23 @@ class AdapterFiles:
         if not is_trainable:
             wrapped.eval()
         return wrapped
+
+
+def check_same_config(existing: AdapterConfig, config: AdapterConfig, adapter_name: str, path: str | os.PathLike
+                      ) -> None:
+    """:class:`AdapterLoadError` unless the config saved in ``path`` equals adapter ``adapter_name``'s."""
+    if config == existing:
+        return
+    if type(config) is not type(existing):
+        differ = f"it is a {config.method} adapter, the existing one {existing.method}"
+    else:
+        old, new = existing.to_dict(), config.to_dict()
+        differ = ", ".join(f"{k}={new.get(k)!r} (existing: {old.get(k)!r})" for k in sorted(old.keys() | new.keys())
+                           if old.get(k) != new.get(k))
+    raise AdapterLoadError(
+        f"cannot load {path} into the existing adapter {adapter_name!r}: its config differs ({differ}); "
+        f"load it under another adapter_name, or delete_adapter({adapter_name!r}) first"
+    )
 
 
 def adapter_folders(path: Path, top_name: str) -> dict[str, Path]:
