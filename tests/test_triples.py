@@ -11,13 +11,15 @@ from test_recipes import tiny_lm  # noqa: F401  (the module-scoped fixture)
 
 from peftlab.cli import main
 from peftlab.data import DataError, group_references, linearise, read_dart, read_triples, read_webnlg, triples_format
-from peftlab.recipes.data_to_text import data_format, load_pairs
+from peftlab.metrics import generation_metrics
+from peftlab.recipes.data_to_text import data_format, load_pairs, seen_unseen_metrics
 
 
-def webnlg_entry(i: int, triples: list[tuple[str, str, str]], lexes: list[tuple[str, str]]) -> dict:
+def webnlg_entry(i: int, triples: list[tuple[str, str, str]], lexes: list[tuple[str, str]],
+                 category: str = "Airport") -> dict:
     """One entry of ``webnlg_challenge_2017/*.json`` as the LoRA repository ships it (extra fields included)."""
     return {str(i): {
-        "category": "Airport", "dbpedialinks": [], "links": [], "shape": "NA", "shape_type": "NA",
+        "category": category, "dbpedialinks": [], "links": [], "shape": "NA", "shape_type": "NA",
         "size": str(len(triples)), "xml_id": f"Id{i}",
         "lexicalisations": [{"comment": c, "lang": "", "lex": lex, "xml_id": f"Id{k}"}
                             for k, (lex, c) in enumerate(lexes, 1)],
@@ -38,7 +40,8 @@ def write_webnlg(path: Path, n: int = 3) -> Path:
     ]
     entries += [webnlg_entry(i, [(f"Town_{i}", "population", str(100 * i))],
                              [(f"Town {i} has {100 * i} inhabitants.", "good"),
-                              (f"The population of Town {i} is {100 * i}.", "good")]) for i in range(3, n + 1)]
+                              (f"The population of Town {i} is {100 * i}.", "good")],
+                             "City" if i % 2 else "Athlete") for i in range(3, n + 1)]  # seen, unseen
     path.write_text(json.dumps({"entries": entries}, indent=1))
     return path
 
@@ -75,7 +78,7 @@ def test_webnlg_keeps_good_lexicalisations_and_links_them_to_the_linearised_trip
 def test_dart_lower_cases_predicates_and_keeps_every_annotation(tmp_path):
     rows = read_dart(write_dart(tmp_path / "dart-v1.1.1-full-dev.json"))
     assert rows[0] == {"mr": "Mars Hill College : joined : 1973 | Mars Hill College : location : Mars Hill",
-                       "ref": "A school from Mars Hill joined in 1973."}
+                       "ref": "A school from Mars Hill joined in 1973.", "category": ""}
     assert [len(r) for r in group_references(rows)["references"]] == [2, 1]
 
 
@@ -134,3 +137,29 @@ def test_data_to_text_recipe_on_a_webnlg_file(tiny_lm, tmp_path):  # noqa: F811
     assert ("meteor" in test) != ("meteor" in test["skipped"])
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(" : " in r["mr"] for r in rows)
+    seen = sum(r["category"] in ("Airport", "City") for r in rows)
+    assert test.get("num_seen_mrs", 0) == seen and test.get("num_unseen_mrs", 0) == 2 - seen
+    assert {"seen", "unseen"} - set(test) == set(test.get("skipped_parts", []))
+
+
+def test_webnlg_rows_keep_their_category_and_dart_rows_have_none(tmp_path):
+    rows = read_webnlg(write_webnlg(tmp_path / "w.json", n=5))
+    grouped = group_references(rows)
+    assert grouped["category"] == ["Airport", "Airport", "City", "Athlete", "City"]
+    assert set(read_dart(write_dart(tmp_path / "d.json"))["category"]) == {""}
+    split = load_pairs(str(write_webnlg(tmp_path / "train.json", n=40)), split_seed=1)
+    assert all(set(group_references(split[s])["category"]) <= {"Airport", "City", "Athlete"} for s in split)
+
+
+def test_webnlg_scores_on_seen_and_unseen_categories_are_the_metrics_of_each_part():
+    hypotheses = ["the leader of aarhus is jacob", "town 3 has 300 people", "the population of town 4 is 400"]
+    references = [["The leader of Aarhus is Jacob Bundsgaard."], ["Town 3 has 300 inhabitants."],
+                  ["The population of Town 4 is 400.", "Town 4 has 400 inhabitants."]]
+    scores = seen_unseen_metrics(hypotheses, references, ["Airport", "Athlete", "City"], tokenize_lower=True)
+    assert (scores["num_seen_mrs"], scores["num_unseen_mrs"]) == (2, 1)
+    seen = generation_metrics([hypotheses[0], hypotheses[2]], [references[0], references[2]], tokenize_lower=True)
+    unseen = generation_metrics(hypotheses[1:2], references[1:2], tokenize_lower=True)
+    assert scores["seen"]["bleu"] == pytest.approx(seen["bleu"]) and scores["unseen"]["bleu"] == unseen["bleu"]
+    assert scores["seen"]["bleu"] != scores["unseen"]["bleu"]
+    only_seen = seen_unseen_metrics(hypotheses[:1], references[:1], ["Food"], tokenize_lower=True)
+    assert "unseen" not in only_seen and only_seen["skipped_parts"] == ["unseen"] and only_seen["num_unseen_mrs"] == 0

@@ -24,7 +24,7 @@ from .instructions import (
 )
 from .math import ANSWER_PREFIX, MATH_FORMATS, MathFormat, extract_answer, normalize_answer, parse_number
 from .mmlu import MultipleChoiceSet, Question, load_multiple_choice
-from .triples import linearise, read_dart, read_triples, read_webnlg, triples_format
+from .triples import WEBNLG_SEEN_CATEGORIES, linearise, read_dart, read_triples, read_webnlg, triples_format
 
 __all__ = [
     "ANSWER_PREFIX", "INSTRUCTION_TASKS", "KNOWN_DATASETS", "MATH_FORMATS", "DataError", "MathFormat",
@@ -33,5 +33,5 @@ __all__ = [
     "generate_gsm_symbolic", "generate_sentiment_instructions", "group_references", "instruction_mixture",
     "label_names", "linearise", "load_dataset", "normalize_answer", "parse_number", "parse_mr", "read_dart",
     "read_e2e", "read_instructions", "read_json_records", "read_triples", "read_webnlg", "split_by_mr",
-    "split_indices", "triples_format",
+    "split_indices", "triples_format", "WEBNLG_SEEN_CATEGORIES",
 ]

@@ -62,11 +62,16 @@ def read_e2e(path: str | Path) -> hf.Dataset:
 
 
 def group_references(data: hf.Dataset) -> hf.Dataset:
-    """One row per distinct MR (first-seen order) with all its references in ``references``."""
+    """One row per distinct MR (first-seen order) with all its references in ``references`` (and its
+    ``category``, where the rows have one: WebNLG)."""
     groups: dict[str, list[str]] = {}
     for mr, ref in zip(data["mr"], data["ref"], strict=True):
         groups.setdefault(mr, []).append(ref)
-    return hf.Dataset.from_dict({"mr": list(groups), "references": list(groups.values())})
+    grouped = {"mr": list(groups), "references": list(groups.values())}
+    if "category" in data.column_names:
+        categories = dict(zip(data["mr"], data["category"], strict=True))
+        grouped["category"] = [categories[mr] for mr in groups]
+    return hf.Dataset.from_dict(grouped)
 
 
 def split_by_mr(

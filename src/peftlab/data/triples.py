@@ -11,8 +11,10 @@ Two formats, as shipped in the LoRA repository's ``examples/NLG/data`` (the user
   predicate is lower-cased.
 
 Triples are linearised as the conversion scripts do: ``subject : predicate : object | subject : …``.
-Rows have the E2E columns (``mr`` = the linearised triples, ``ref`` = one reference), so
-``group_references`` and ``split_by_mr`` keep every input with all its references in one split.
+Rows have the E2E columns (``mr`` = the linearised triples, ``ref`` = one reference) and ``category`` (a WebNLG
+entry's DBpedia category, ``""`` for DART), so ``group_references`` and ``split_by_mr`` keep every input with
+all its references in one split, and WebNLG scores can be reported on the seen categories, the unseen ones and
+all, as the LoRA and MTLoRA papers do (:data:`WEBNLG_SEEN_CATEGORIES`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,11 @@ import datasets as hf
 
 from .cache import DataError
 
-_FEATURES = hf.Features({"mr": hf.Value("string"), "ref": hf.Value("string")})
+_FEATURES = hf.Features({"mr": hf.Value("string"), "ref": hf.Value("string"), "category": hf.Value("string")})
+# The 10 categories of WebNLG 2017's training data ("seen"); its test set adds 5 unseen ones (Athlete, Artist,
+# CelestialBody, MeanOfTransportation, Politician). The list of the LoRA repository's format_converting_webnlg.py.
+WEBNLG_SEEN_CATEGORIES = frozenset({"Airport", "Astronaut", "Building", "City", "ComicsCharacter", "Food", "Monument",
+                                    "SportsTeam", "University", "WrittenWork"})
 WEBNLG_SHAPE = '{"entries": [{"1": {"modifiedtripleset": [{subject, property, object}], "lexicalisations": [{lex}]}}]}'
 DART_SHAPE = '[{"tripleset": [[subject, predicate, object]], "annotations": [{source, text}]}]'
 
@@ -71,33 +77,36 @@ def _read(path: str | Path, kind: str, shape: str, entries: Any, parse: Any) -> 
     rows = []
     for i, entry in enumerate(items, 1):
         try:
-            mr, refs = parse(entry)
+            mr, refs, category = parse(entry)
         except (AttributeError, KeyError, TypeError, ValueError):
             raise DataError(f"{path}: entry {i} is not a {kind} entry; expected {shape}.") from None
-        rows += [{"mr": mr, "ref": str(ref).strip()} for ref in refs]
+        rows += [{"mr": mr, "ref": str(ref).strip(), "category": str(category)} for ref in refs]
     return _dataset(path, kind, rows)
 
 
-def _webnlg_entry(wrapper: dict[str, Any]) -> tuple[str, list[str]]:
+def _webnlg_entry(wrapper: dict[str, Any]) -> tuple[str, list[str], str]:
     (entry,) = wrapper.values()  # {"<id>": {...}}
     mr = linearise((t["subject"], t["property"], t["object"]) for t in entry["modifiedtripleset"])
-    return mr, [lex["lex"] for lex in entry["lexicalisations"] if lex.get("comment", "good") == "good"]
+    refs = [lex["lex"] for lex in entry["lexicalisations"] if lex.get("comment", "good") == "good"]
+    return mr, refs, entry.get("category") or ""
 
 
-def _dart_entry(entry: dict[str, Any]) -> tuple[str, list[str]]:
+def _dart_entry(entry: dict[str, Any]) -> tuple[str, list[str], str]:
     mr = linearise((s, p.lower(), o) for s, p, o in entry["tripleset"])
-    return mr, [a["text"] for a in entry["annotations"]]
+    return mr, [a["text"] for a in entry["annotations"]], ""
 
 
 def read_webnlg(path: str | Path) -> hf.Dataset:
-    """WebNLG 2017 JSON (the LoRA repository's layout) → ``Dataset`` with ``mr``, ``ref`` (one row per reference)."""
+    """WebNLG 2017 JSON (the LoRA repository's layout) → ``Dataset`` with ``mr``, ``ref`` (one row per reference)
+    and ``category``."""
     return _read(path, "WebNLG", WEBNLG_SHAPE,
                  lambda d: d["entries"] if isinstance(d, dict) and isinstance(d.get("entries"), list) else None,
                  _webnlg_entry)
 
 
 def read_dart(path: str | Path) -> hf.Dataset:
-    """DART JSON (``dart-v1.1.1-full-*.json``) → ``Dataset`` with ``mr``, ``ref`` (one row per reference)."""
+    """DART JSON (``dart-v1.1.1-full-*.json``) → ``Dataset`` with ``mr``, ``ref`` (one row per reference) and an
+    empty ``category``."""
     return _read(path, "DART", DART_SHAPE, lambda d: d if isinstance(d, list) else None, _dart_entry)
 
 

@@ -88,7 +88,33 @@ def evaluate_generations(model, tokenizer, pairs, options: RunOptions) -> tuple[
     rows = [{"mr": mr, "hypothesis": h, "references": refs}
             for mr, h, refs in zip(grouped["mr"], hypotheses, references, strict=True)]
     tokenize_lower = data_format(options.data) in ("webnlg", "dart")
-    return generation_metrics(hypotheses, references, tokenize_lower=tokenize_lower), rows
+    scores = generation_metrics(hypotheses, references, tokenize_lower=tokenize_lower)
+    categories = grouped["category"] if "category" in grouped.column_names else []
+    if any(categories):
+        for row, category in zip(rows, categories, strict=True):
+            row["category"] = category
+        scores.update(seen_unseen_metrics(hypotheses, references, categories, tokenize_lower))
+    return scores, rows
+
+
+def seen_unseen_metrics(hypotheses: list[str], references: list[list[str]], categories: list[str],
+                        tokenize_lower: bool) -> dict[str, Any]:
+    """WebNLG's split of the scores (the LoRA and MTLoRA papers' S / U / A columns): the generation metrics of
+    the inputs whose category is one of the 10 seen in training (``seen``) and of the others (``unseen``), with
+    ``num_seen_mrs`` / ``num_unseen_mrs``; a part with no input is left out and named in ``skipped_parts``."""
+    from peftlab.data import WEBNLG_SEEN_CATEGORIES
+    from peftlab.metrics import generation_metrics
+
+    out: dict[str, Any] = {}
+    for part, wanted in (("seen", True), ("unseen", False)):
+        keep = [i for i, c in enumerate(categories) if (c in WEBNLG_SEEN_CATEGORIES) == wanted]
+        out[f"num_{part}_mrs"] = len(keep)
+        if keep:
+            out[part] = generation_metrics([hypotheses[i] for i in keep], [references[i] for i in keep],
+                                           tokenize_lower=tokenize_lower)
+        else:
+            out.setdefault("skipped_parts", []).append(part)
+    return out
 
 
 def _test_pairs(pairs, limit: int | None, seed: int):
@@ -126,6 +152,10 @@ def summary(scores: dict[str, Any]) -> str:
     names = {"bleu": "BLEU", "ter": "TER", "chrf": "chrF", "nist": "NIST", "rouge_l": "ROUGE-L", "meteor": "METEOR",
              "cider": "CIDEr"}
     text = ", ".join(f"{label} {scores[key]:.2f}" for key, label in names.items() if key in scores)
+    parts = [f"{part} {scores[part]['bleu']:.2f} ({scores[f'num_{part}_mrs']} MRs)" for part in ("seen", "unseen")
+             if part in scores]
+    if parts:
+        text += f" (BLEU on WebNLG's {', '.join(parts)})"
     skipped = scores.get("skipped") or {}
     if skipped:
         text += "; skipped: " + "; ".join(f"{names.get(k, k)} ({why})" for k, why in skipped.items())
