@@ -13,6 +13,7 @@ d_in × d_in matrix:
       or      y = x·Wᵀ + b − ((x·V)·Tᵀ)·(W·V)ᵀ                      (training: no N·d² term in backward)
     merge     W ← W − ((W·V)·T)·Vᵀ                                 O(d_out·d_in·r)
     unmerge   W ← W·Hᵀ = W − ((W·V)·Tᵀ)·Vᵀ                          (H⁻¹ = Hᵀ)
+    as LoRA   W·H = W + B·A,  A = T·Vᵀ (r × d_in),  B = −W·V (d_out × r),  scaling 1   (export --format lora)
 
 T is built in fp32 (fp64 for fp64 models) whatever the model's dtype.
 
