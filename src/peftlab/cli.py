@@ -94,7 +94,18 @@ def _compare_flags(p: argparse.ArgumentParser) -> None:
 
 def _export_flags(p: argparse.ArgumentParser) -> None:
     _adapter_to_folder_flags(p)
-    p.add_argument("--format", choices=("peft",), help="output format (default peft)")
+    p.add_argument("--format", choices=("peft", "lora"), help="output format (default peft): peft keeps the method "
+                   "(HRA, LoRA); lora writes any exactly-linear adapter as a standard PEFT LoRA adapter (vLLM, "
+                   "llama.cpp, lm-eval; a pipeline's also as diffusers' pytorch_lora_weights.safetensors)")
+    p.add_argument("--head-weights", type=_numbers, help="HydraLoRA with --format lora: the fixed mixture of heads "
+                   "to export, comma-separated, summing to 1 (e.g. 0.25,0.25,0.25,0.25); its router is no LoRA")
+
+
+def _numbers(text: str) -> list[float]:
+    try:
+        return [float(value) for value in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.5,0.5; got {text!r}") from None
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], bool]] = {}
@@ -251,16 +262,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 @command(_export_flags)
 def cmd_export(args: argparse.Namespace) -> int:
-    """write an adapter in another format (HF PEFT)
+    """write an adapter in another format (HF PEFT, or a standard LoRA)
 
-    Write the adapter so that peft.PeftModel.from_pretrained(base, OUT) loads it (methods HF PEFT
-    has too). The base model comes from --model or the adapter's config.
+    Write the adapter so that peft.PeftModel.from_pretrained(base, OUT) loads it: --format peft keeps the method
+    (those HF PEFT has too), --format lora writes any method as an exactly equal LoRA adapter (HydraLoRA with a
+    fixed --head-weights). The base model comes from --model or the adapter's config.
     """
     from peftlab.recipes import saved
 
-    saved.export(args.adapter, args.out, args.format or "peft", args.model, args.overwrite)
+    options = {} if args.head_weights is None else {"head_weights": args.head_weights}
+    saved.export(args.adapter, args.out, args.format or "peft", args.model, args.overwrite, **options)
     print(f"exported {args.adapter} in {args.format or 'peft'} format to {args.out}; load it with "
-          "peft.PeftModel.from_pretrained(base_model, out) (a pipeline's: out/<component>)")
+          "peft.PeftModel.from_pretrained(base_model, out) (a pipeline's: out/<component>"
+          f"{', or pipe.load_lora_weights(out)' if args.format == 'lora' else ''})")
     return 0
 
 

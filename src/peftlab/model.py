@@ -34,12 +34,13 @@ from peftlab.inject import (
     set_submodule,
 )
 from peftlab.layers import LayerView
+from peftlab.lora_export import LoraExporting
 from peftlab.methods.base import ADAPTERS, Adapter
 from peftlab.mixed import mixed_batch
 from peftlab.saving import AdapterFiles
 
 
-class AdapterModel(AdapterFiles, nn.Module):
+class AdapterModel(AdapterFiles, LoraExporting, nn.Module):
     """A model with one or more named adapters.
 
     Args:

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from peftlab.config import AdapterConfig
-from peftlab.errors import MergeError  # noqa: F401  (re-exported: methods raise it)
+from peftlab.errors import MergeError, UnsupportedError  # noqa: F401  (MergeError re-exported: methods raise it)
 from peftlab.layers import LayerView
 
 ADAPTERS: dict[str, type[Adapter]] = {}
@@ -94,6 +94,16 @@ class Adapter(nn.Module):
         the method; a method with merge options returns a neutral choice (HydraLoRA: uniform head weights).
         """
         return {}
+
+    def lora_factors(self, weight: Tensor, **options: Any) -> tuple[Tensor, Tensor]:
+        """This adapter as a plain LoRA of scaling 1: (A, B), flat (ρ, d_in) and (d_out, ρ), with
+        ``merged_weight(weight, **options)`` = weight + B·A exactly (:mod:`peftlab.lora_export` writes them).
+
+        ``weight`` is the flat weight this adapter acts on, in float64: for a multiplicative adapter, W times
+        the multiplicative adapters before it. Compute in ``weight.dtype``. Raises :class:`UnsupportedError`
+        (saying why) when the update is not a fixed low-rank matrix.
+        """
+        raise UnsupportedError(f"{self.config_class.method} adapters have no LoRA form (no lora_factors)")
 
     def materialised(self) -> None:
         """Called after loading gave the parameters new values (``set_adapter_state_dict``, which

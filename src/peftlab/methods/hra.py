@@ -13,6 +13,7 @@ d_in × d_in matrix:
       or      y = x·Wᵀ + b − ((x·V)·Tᵀ)·(W·V)ᵀ                      (training: no N·d² term in backward)
     merge     W ← W − ((W·V)·T)·Vᵀ                                 O(d_out·d_in·r)
     unmerge   W ← W·Hᵀ = W − ((W·V)·Tᵀ)·Vᵀ                          (H⁻¹ = Hᵀ)
+    as LoRA   W·H = W + B·A,  A = T·Vᵀ (r × d_in),  B = −W·V (d_out × r),  scaling 1   (export --format lora)
 
 T is built in fp32 (fp64 for fp64 models) whatever the model's dtype.
 
@@ -212,9 +213,10 @@ class HRAAdapter(Adapter):
         self.hra_u = nn.Parameter(torch.empty(layer.d_in, r))
         init_hra_u(self.hra_u, symmetric=config.init_weights)
 
-    def reflectors(self) -> tuple[Tensor, Tensor]:
-        """(V, T) with H = I − V·T·Vᵀ, in fp32 or wider."""
+    def reflectors(self, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """(V, T) with H = I − V·T·Vᵀ, in fp32 or wider (``dtype``: in that dtype)."""
         u = self.hra_u if self.hra_u.dtype in (torch.float32, torch.float64) else self.hra_u.float()
+        u = u if dtype is None else u.to(dtype)
         if self.apply_GS:
             v = orthonormal_columns(u)
             return v, 2.0 * torch.eye(v.shape[1], dtype=v.dtype, device=v.device)
@@ -248,6 +250,15 @@ class HRAAdapter(Adapter):
     def merged_weight(self, weight: Tensor, **options: Any) -> Tensor:
         v, t = self.reflectors()
         return reflect_weight(weight.to(v.dtype), v, t).to(weight.dtype)
+
+    def lora_factors(self, weight: Tensor, **options: Any) -> tuple[Tensor, Tensor]:
+        """W·H = W − (W·V)·T·Vᵀ: a LoRA with A = T·Vᵀ (r × d_in) and B = −W·V (d_out × r), scaling 1.
+
+        B depends on ``weight``, the weight this adapter multiplies (W, or W·H₁ after an earlier HRA adapter).
+        """
+        with torch.no_grad():
+            v, t = self.reflectors(weight.dtype)
+            return t @ v.t(), -(weight @ v)
 
     def unmerged_weight(self, weight: Tensor, **options: Any) -> Tensor:
         v, t = self.reflectors()

@@ -44,6 +44,7 @@ from peftlab.config import (
     check_probability,
     register_method,
 )
+from peftlab.errors import UnsupportedError
 from peftlab.layers import LayerView
 from peftlab.methods.base import Adapter, MergeError
 
@@ -235,6 +236,24 @@ class HydraLoraAdapter(Adapter):
     ) -> Tensor:
         w = self._head_weights(head_weights)
         return weight + self.delta_weight(w.to(self.lora_B.device)).to(weight.dtype)
+
+    def lora_factors(
+        self, weight: Tensor, head_weights: Sequence[float] | Tensor | None = None, **options: Any
+    ) -> tuple[Tensor, Tensor]:
+        """(A, s·Σ_i w_i·B_i) for a fixed mixture w (``head_weights``); with the router, ω depends on the
+        token, so there is no LoRA form and this refuses."""
+        if head_weights is None:
+            uniform = ",".join(["%.4g" % (1 / self.num_heads)] * self.num_heads)
+            raise UnsupportedError(
+                f"HydraLoRA with its router is not a LoRA adapter: the mixture ω of its {self.num_heads} heads "
+                "depends on each token. Export a fixed mixture instead: head_weights=[w_1, …] (non-negative, summing "
+                f"to 1; on the command line --head-weights {uniform} "
+                "for the uniform one), the LoRA with B = Σ w_i·B_i, as merge(head_weights=...) folds it"
+            )
+        w = self._head_weights(head_weights).to(device=self.lora_B.device, dtype=weight.dtype)
+        with torch.no_grad():
+            b = torch.einsum("n,nor->or", w, self.lora_B.to(weight.dtype))
+            return self.lora_A.to(weight.dtype), self.scaling * b
 
     def example_merge_options(self) -> dict[str, Any]:
         """Uniform head weights, w_i = 1/N."""

@@ -116,6 +116,10 @@ class LoraAdapter(Adapter):
         """ΔW = s·B·A, flat (d_out, d_in)."""
         return self.scaling * (self.lora_B @ self.lora_A)
 
+    def lora_factors(self, weight: Tensor, **options: Any) -> tuple[Tensor, Tensor]:
+        """(A, s·B): the scaling s (α/r or α/√r) is folded into B."""
+        return self.lora_A.detach().to(weight.dtype), self.scaling * self.lora_B.detach().to(weight.dtype)
+
     def merged_weight(self, weight: Tensor, **options: Any) -> Tensor:
         return weight + self.delta_weight().to(weight.dtype)
 

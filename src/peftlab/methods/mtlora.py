@@ -233,13 +233,26 @@ class MTLoraAdapter(Adapter):
         b = self.lora_B.view(self.slices, -1, self.r)  # B_j, (d_out/k, r)
         return torch.einsum("...jr,jor->...jo", h.unflatten(-1, (self.slices, self.r)), b).flatten(-2)
 
-    def delta_weight(self) -> Tensor:
-        """ΔW = s·B·T·A, flat (d_out, d_in), with B and (per slice) T block-diagonal on fused layers."""
-        t = self.transform()
+    def up_factor(self, dtype: torch.dtype | None = None) -> Tensor:
+        """s·B·T (d_out, k·r), with B and (per slice) T block-diagonal on fused layers: ΔW = s·B·T·A.
+        ``dtype``: computed in that dtype (default: the parameters')."""
+        b, c, d = (p if p is None or dtype is None else p.to(dtype)
+                   for p in (self.lora_B, self.transform_C, self.transform_D))
+        t = transformation(c, d, self.structure)
         if self.per_slice:
             t = torch.block_diag(*t)
-        b = self.lora_B if self.slices == 1 else torch.block_diag(*self.lora_B.view(self.slices, -1, self.r))
-        return self.scaling * ((b @ t) @ self.lora_A)
+        if self.slices > 1:
+            b = torch.block_diag(*b.view(self.slices, -1, self.r))
+        return self.scaling * (b @ t)
+
+    def delta_weight(self) -> Tensor:
+        """ΔW = s·B·T·A, flat (d_out, d_in)."""
+        return self.up_factor() @ self.lora_A
+
+    def lora_factors(self, weight: Tensor, **options: Any) -> tuple[Tensor, Tensor]:
+        """(A, s·B·T): a LoRA with B' = s·B·T, of rank k·r on a fused layer (T mixes the slices' subspaces)."""
+        with torch.no_grad():
+            return self.lora_A.to(weight.dtype), self.up_factor(weight.dtype)
 
     def merged_weight(self, weight: Tensor, **options: Any) -> Tensor:
         return weight + self.delta_weight().to(weight.dtype)

@@ -73,9 +73,21 @@ def merge(adapter: str | os.PathLike, out: str | os.PathLike, model: str | None 
 
 
 def export(adapter: str | os.PathLike, out: str | os.PathLike, format: str = "peft", model: str | None = None,
-           overwrite: bool | None = None) -> None:
-    """Write the adapter in another format (``peft``: for ``peft.PeftModel.from_pretrained``) to ``out``."""
+           overwrite: bool | None = None, **options: Any) -> None:
+    """Write the adapter in another format to ``out``: ``peft`` (the method's own PEFT format) or ``lora`` (a PEFT
+    LoRA adapter, :mod:`peftlab.lora_export`; ``options``: HydraLoRA's ``head_weights``)."""
     path = check_out(out, overwrite)
+    if format == "lora":
+        if is_pipeline_dir(adapter):
+            from peftlab.diffusion.pipeline import load_pipeline_adapters
+            from peftlab.lora_export import to_lora_pipeline
+
+            to_lora_pipeline(load_pipeline_adapters(adapter, model), path, **options)
+        else:
+            load_for_inference(adapter, model)[0].to_lora(save_directory=path, **options)
+        return
+    if options:
+        raise RecipeError(f"{sorted(options)} apply to --format lora only")
     if is_pipeline_dir(adapter):  # one folder per component, and pipeline.json
         from peftlab.diffusion.pipeline import export_folder
 
