@@ -44,6 +44,7 @@ from peftlab.recipes.training import (
     select,
     speed,
     strip_prefix,
+    tracking_callbacks,
     training_arguments,
     with_length,
 )
@@ -197,6 +198,7 @@ def train(options: RunOptions, checkpoint: str | None) -> dict[str, Any]:
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=trainer_compute_metrics(metric_task(options, regression)),
+        callbacks=tracking_callbacks(options),
     )
     main = trainer.is_world_process_zero()
     log(f"peftlab train: {options.method} (r={options.r}, lr={options.lr:g}) on {options.model}, {options.data}: "

@@ -48,7 +48,7 @@ from peftlab.recipes.rundir import (
     fault_point,
     remove_checkpoints,
 )
-from peftlab.recipes.training import PeakMemory, _jsonable, log, plot_training_curve
+from peftlab.recipes.training import LOGS_DIR, PeakMemory, _jsonable, log, plot_training_curve
 
 SAMPLES_FILE = "samples.png"
 CHECKPOINT_WEIGHTS = "trainable.safetensors"
@@ -245,8 +245,14 @@ def fit(pipe: Any, modules: list[nn.Module], sample: Callable[[], Batch], option
     params = list(named.values())
     if not params:
         raise RecipeError("nothing to train: the adapters have no trainable parameters")
+    tracker = options.report_to not in (None, "none") and out is not None
     accelerator = Accelerator(mixed_precision=options.mixed_precision, cpu=not torch.cuda.is_available(),
-                              gradient_accumulation_steps=options.gradient_accumulation_steps)
+                              gradient_accumulation_steps=options.gradient_accumulation_steps,
+                              log_with=options.report_to if tracker else None,
+                              project_dir=str(out / LOGS_DIR) if tracker else None)
+    if tracker:  # the options as hyperparameters (flat: trackers take numbers, strings and booleans)
+        accelerator.init_trackers(out.name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                    for k, v in options.to_dict().items()})
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
     steps = options.max_steps
     warmup = int(options.warmup if options.warmup >= 1 else math.ceil(options.warmup * steps))
@@ -280,12 +286,16 @@ def fit(pipe: Any, modules: list[nn.Module], sample: Callable[[], Batch], option
                     optimizer.zero_grad(set_to_none=True)
                 total += loss.item() / options.gradient_accumulation_steps
             losses.append(total)
+            if tracker:
+                accelerator.log({"train/loss": total, "train/learning_rate": schedule.get_last_lr()[0]}, step=step + 1)
             if progress and (step % 50 == 0 or step == steps - 1):
                 log(f"step {step + 1}/{steps}: loss {total:.4f}, lr {schedule.get_last_lr()[0]:.2e}")
             if out is not None and ((step + 1) % options.eval_steps == 0 or step == steps - 1):
                 save_checkpoint(out, step + 1, pipe, named, optimizer, schedule, generator, losses,
                                 earlier_runtime + time.perf_counter() - start)
     runtime = earlier_runtime + time.perf_counter() - start
+    if tracker:
+        accelerator.end_training()
     for module in modules:
         accelerator.unwrap_model(module, keep_fp32_wrapper=False).eval()
     accelerator.free_memory()

@@ -21,7 +21,15 @@ from peftlab.recipes.adapters import count_parameters, prepare_model
 from peftlab.recipes.generation import eos_id, write_jsonl
 from peftlab.recipes.options import RunOptions
 from peftlab.recipes.rundir import CURVE_FILE, METRICS_FILE, base_model_name, is_adapter_dir, start_output_dir
-from peftlab.recipes.training import finish_run, log, quiet_datasets, select, training_arguments, with_length
+from peftlab.recipes.training import (
+    finish_run,
+    log,
+    quiet_datasets,
+    select,
+    tracking_callbacks,
+    training_arguments,
+    with_length,
+)
 
 
 def encode_pair(tokenizer, prompt: str, response: str, max_length: int) -> dict[str, list[int]]:
@@ -84,7 +92,7 @@ def make_trainer(options: RunOptions, model, tokenizer, args, train_set, val_set
     from peftlab.trainer import Trainer
 
     return Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set, processing_class=tokenizer,
-                   data_collator=collator(tokenizer))
+                   data_collator=collator(tokenizer), callbacks=tracking_callbacks(options))
 
 
 @dataclass

@@ -23,6 +23,10 @@ IMAGE_TASKS = ("subject-driven", "controllable")  # diffusers pipelines: recipes
 TASKS = (*TEXT_TASKS, *IMAGE_TASKS)
 CONTROLS = ("canny", "landmarks", "segmentation")  # peftlab.diffusion.control.CONTROLS (diffusers-free here)
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# Experiment trackers (HF Trainer's report_to names; the image loop logs through accelerate's trackers of the same
+# names). Logs go to <output-dir>/logs (TensorBoard) or to the tracker's own place (wandb, mlflow).
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 # The image tasks' default lr is at most this: measured on tiny-digits (docs/benchmarks.md, "Image adapters"),
 # HRA at its text default 1e-2 forgets much more of the prior than at 3e-3; LoRA-family defaults are 3e-3 already.
 IMAGE_MAX_DEFAULT_LR = 3e-3
@@ -51,7 +55,7 @@ DATA_DEFAULTS: dict[str, dict[str, Any]] = {
 NOT_IDENTITY = frozenset({
     "output_dir", "resume", "overwrite", "epochs", "max_steps", "eval_steps", "max_eval_samples",
     "max_test_samples", "eval_batch_size", "max_new_tokens", "num_beams", "length_penalty",
-    "no_repeat_ngram_size", "initial_eval", "keep_checkpoints",
+    "no_repeat_ngram_size", "initial_eval", "keep_checkpoints", "report_to",
 })
 POSITIVE_INTS = ("r", "batch_size", "eval_batch_size", "eval_steps", "max_length", "max_new_tokens", "max_steps",
                  "max_train_samples", "max_eval_samples", "max_test_samples", "num_labels", "num_beams",
@@ -117,6 +121,9 @@ class RunOptions:
     initial_eval: bool = option(True, "skip the step-0 evaluation of the untrained model", TRAINING,
                                 flag="--no-initial-eval")
     keep_checkpoints: bool = option(True, "", TRAINING, cli=False)
+    report_to: str | None = option(None, "experiment tracking: tensorboard (logs in <output-dir>/logs), wandb, "
+                                   "mlflow or none (default: tensorboard when it is installed)", TRAINING,
+                                   choices=REPORT_TO)
 
     instance_data: str | None = option(None, "subject-driven: a folder of subject images, or glyph:LETTER (6 "
                                        "renderings of an unseen letter in one font, offline)", IMAGE)
@@ -173,6 +180,7 @@ class RunOptions:
                                   f"{' / '.join(IMAGE_TASKS)}")
         if out.eval_batch_size is None:
             out.eval_batch_size = 2 * out.batch_size
+        out.report_to = resolve_tracker(out.report_to)
         if isinstance(out.target_modules, str) and re.fullmatch(r"[\w.-]+(\s*,\s*[\w.-]+)*", out.target_modules):
             if out.target_modules != "all-linear":  # plain names are suffixes ("query,value"); else a regex
                 out.target_modules = [t.strip() for t in out.target_modules.split(",")]
@@ -217,6 +225,22 @@ class RunOptions:
     def from_dict(cls, data: dict[str, Any]) -> RunOptions:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def resolve_tracker(report_to: str | None) -> str:
+    """The tracker a run reports to: ``report_to``, checked to be known and installed; ``None`` → ``tensorboard``
+    when it is installed, else ``none``."""
+    import importlib.util
+
+    if report_to is None:
+        return "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
+    if report_to not in REPORT_TO:
+        raise RecipeError(f"unknown --report-to {report_to!r}; choose one of: {', '.join(REPORT_TO)}")
+    package = TRACKER_PACKAGES.get(report_to)
+    if package and importlib.util.find_spec(package) is None:
+        raise RecipeError(f"--report-to {report_to} needs the {package} package: pip install {package} "
+                          "(or --report-to none)")
+    return report_to
 
 
 def eval_options(folder: Any, task: str, saved: RunOptions | None, changes: dict[str, Any]) -> RunOptions:

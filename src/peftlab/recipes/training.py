@@ -64,7 +64,7 @@ def training_arguments(options: RunOptions, num_train: int, metric: str, greater
         metric_for_best_model=metric,
         greater_is_better=greater_is_better,
         logging_steps=max(1, min(10, every)),
-        report_to="none",
+        report_to=[options.report_to] if options.report_to not in (None, "none", "tensorboard") else "none",
         seed=options.seed,
         data_seed=options.seed,
         dataloader_num_workers=0,
@@ -72,6 +72,22 @@ def training_arguments(options: RunOptions, num_train: int, metric: str, greater
         disable_tqdm=False,
         **{"dataloader_pin_memory": torch.cuda.is_available(), **extra},
     )
+
+
+LOGS_DIR = "logs"  # TensorBoard event files of a run, in its output folder
+
+
+def tracking_callbacks(options: RunOptions) -> list[Any]:
+    """HF Trainer callbacks for ``--report-to tensorboard``: HF's own ``TensorBoardCallback``, writing into
+    ``<output-dir>/logs`` (HF's default is a new time-stamped folder per run). Other trackers go through
+    ``TrainingArguments.report_to`` (see :func:`training_arguments`)."""
+    if options.report_to != "tensorboard":
+        return []
+    from transformers.integrations import TensorBoardCallback
+
+    callback = TensorBoardCallback()
+    callback.logging_dir = str(Path(options.output_dir) / LOGS_DIR)
+    return [callback]
 
 
 class PeakMemory:
