@@ -125,6 +125,37 @@ def test_twenty_steps_on_one_batch_lower_the_loss(pipe, base_dir, task):
     assert len(losses) == 20 and losses[-1] < 0.7 * losses[0], losses
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_the_loss_regresses_what_the_scheduler_predicts(pipe, prediction_type):
+    """ε, v = √ᾱ_t·ε − √(1−ᾱ_t)·z₀ or z₀, as the pipeline's scheduler says (Stable Diffusion 2.x is v_prediction),
+    each written out here from the scheduler's ᾱ_t."""
+    from diffusers import DDIMScheduler
+
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type)
+    scheduler = it.noise_scheduler(pipe)
+    assert scheduler.config.prediction_type == prediction_type
+    batch = fixed_batch(pipe, control=False)
+    with torch.no_grad():
+        loss = it.denoising_loss(pipe, scheduler, batch)
+        a = scheduler.alphas_cumprod[batch.timesteps].view(-1, 1, 1, 1)
+        z0, noise = batch.latents, batch.noise
+        noisy = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        states = pipe.text_encoder(batch.ids).last_hidden_state
+        prediction = pipe.unet(noisy, batch.timesteps, encoder_hidden_states=states).sample
+        target = {"epsilon": noise, "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * z0, "sample": z0}
+        per_example = {k: (prediction - y).pow(2).mean(dim=(1, 2, 3)) for k, y in target.items()}
+    expected = {k: (batch.weights * v).sum() for k, v in per_example.items()}
+    torch.testing.assert_close(loss, expected[prediction_type], rtol=1e-5, atol=1e-6)
+    assert all(abs(expected[prediction_type] - v) > 1e-3 for k, v in expected.items() if k != prediction_type)
+
+
+def test_an_unknown_prediction_type_is_refused(pipe):
+    scheduler = it.noise_scheduler(pipe)
+    scheduler.register_to_config(prediction_type="flow")
+    with pytest.raises(RecipeError, match="prediction_type='flow'"):
+        it.denoising_loss(pipe, scheduler, fixed_batch(pipe, control=False))
+
+
 def test_condition_encoder_starts_as_the_base_and_tiles_over_the_batch(pipe):
     sample, t = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 10, 500, 500])
     states = torch.randn(4, 7, 32, generator=torch.Generator().manual_seed(1))

@@ -145,8 +145,24 @@ def draw_noise(batch: Batch, num_train_timesteps: int, generator: torch.Generato
     return replace(batch, noise=noise, timesteps=t)
 
 
+def denoising_target(scheduler: Any, z0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """What the UNet learns to predict, by its scheduler's ``prediction_type`` (as diffusers' training examples):
+    ε (``epsilon``, Stable Diffusion 1.x), v = √ᾱ_t·ε − √(1−ᾱ_t)·z₀ (``v_prediction``, Stable Diffusion 2.x;
+    Salimans & Ho 2022) or z₀ (``sample``)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(z0, noise, t)
+    if kind == "sample":
+        return z0
+    raise RecipeError(f"the pipeline's scheduler has prediction_type={kind!r}; peftlab trains epsilon, v_prediction "
+                      "and sample models")
+
+
 def denoising_loss(pipe: Any, scheduler: Any, batch: Batch, hook: Any = None) -> Tensor:
-    """L = Σ_i w_i·mean‖ε_i − ε_θ(x_t, t, τ(c_i))‖² (see the module docstring); ``hook``: the condition encoder's."""
+    """L = Σ_i w_i·mean‖y_i − f_θ(x_t, t, τ(c_i))‖², y the target of :func:`denoising_target` (ε for the usual
+    ε-prediction model; see the module docstring); ``hook``: the condition encoder's."""
     device = pipe.unet.device
     z0, noise, t = batch.latents.to(device), batch.noise.to(device), batch.timesteps.to(device)
     noisy = scheduler.add_noise(z0, noise, t)
@@ -156,7 +172,8 @@ def denoising_loss(pipe: Any, scheduler: Any, batch: Batch, hook: Any = None) ->
     if hook is not None:
         hook.control = batch.control
     prediction = pipe.unet(noisy, t, encoder_hidden_states=states, return_dict=False)[0]
-    per_example = (prediction.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))
+    target = denoising_target(scheduler, z0, noise, t)
+    per_example = (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
     return (batch.weights.to(device) * per_example).sum()
 
 
