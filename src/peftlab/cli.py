@@ -283,6 +283,7 @@ def _analyze_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN", help="adapter folders (or run folders), at least 2")
     p.add_argument("--groups", help="comma-separated group of each run (default: its data name, else its folder name)")
     p.add_argument("--out", default="analysis", help="output folder (default analysis)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier analysis.json / analysis.png in --out")
 
 
 @command(_analyze_flags, config=False)
@@ -295,7 +296,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from peftlab.recipes.analyze import analyze
 
     groups = [g.strip() for g in args.groups.split(",")] if args.groups else None
-    print("\n".join(analyze(args.runs, groups, args.out)))
+    print("\n".join(analyze(args.runs, groups, args.out, args.overwrite)))
     return 0
 
 
