@@ -28,8 +28,9 @@ from peftlab.recipes.options import RunOptions
 from peftlab.recipes.rundir import (
     owns_output_dir,
 )
-from peftlab.recipes.training import run_training, strip_prefix
+from peftlab.recipes.training import quiet_datasets, run_training, strip_prefix
 
+MIN_INPUTS = 3  # one distinct input for each of train, validation and test
 GENERATED_MRS = 400  # distinct MRs of ``e2e-synthetic`` (2-3 references each)
 NAMED_DATA = {"e2e-synthetic": "seeded synthetic restaurant MRs in the E2E format, 2-3 references each"}
 
@@ -69,6 +70,12 @@ def load_pairs(name: str, split_seed: int = 0):
             f"unknown data-to-text data {name!r}; known: {', '.join(NAMED_DATA)}, an E2E file "
             "('mr || reference' lines, or a CSV with columns mr, ref), or a WebNLG / DART JSON file"
         )
+    with quiet_datasets():
+        pairs = pairs.filter(lambda row: bool(row["mr"].strip()))
+    inputs = len(set(pairs["mr"]))
+    if inputs < MIN_INPUTS:
+        raise DataError(f"{name} has {inputs} distinct input(s) with a reference; the train, validation and test "
+                        f"splits need at least {MIN_INPUTS}: add inputs (meaning representations or triples)")
     return split_by_mr(pairs, seed=split_seed)
 
 
