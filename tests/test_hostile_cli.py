@@ -4,11 +4,15 @@ with exit code 2, found before any run folder or output is written, or the behav
 from __future__ import annotations
 
 import json
+import os
 
+import numpy as np
 import pytest
+from test_image_recipes import SIZE, base_dir, class_cache, loaded, options, pipe, setup  # noqa: F401  (fixtures)
 from test_recipes import tiny_lm  # noqa: F401  (the module-scoped fixture)
 
 from peftlab.cli import main
+from peftlab.data import glyphs
 
 
 def one_error_line(capsys, command: str) -> str:
@@ -32,3 +36,140 @@ def test_data_to_text_without_any_triple_is_a_data_error_before_the_run_folder(t
     data.write_text(json.dumps([{"tripleset": [["a", "p", "b"]], "annotations": [{"source": "x", "text": "a p b"}]}]))
     assert main(args) == 2
     assert "1 distinct input(s)" in one_error_line(capsys, "train") and not out.exists()
+
+
+# -- image runs: generate, control images ------------------------------------------------------------------------
+PROMPT = ["--prompt", "a photo of sks dog", "--steps", "2"]
+
+
+@pytest.fixture
+def segmentation_run(pipe, base_dir, tmp_path):  # noqa: F811
+    """A saved controllable run (HRA adapters + condition encoder, untrained) whose run_config says segmentation."""
+    from peftlab.diffusion.pipeline import save_pipeline_adapters
+
+    setup(pipe, options(base_dir, "controllable"), control=True)
+    run = save_pipeline_adapters(pipe, tmp_path / "run")
+    (run / "run_config.json").write_text(json.dumps({"kind": "train", "options": {
+        "task": "controllable", "model": str(base_dir), "control": "segmentation", "method": "hra"}}))
+    return run
+
+
+def target_png(tmp_path):
+    path = tmp_path / "target.png"
+    glyphs.to_pil(glyphs.subject_images("K", 1, size=SIZE))[0].save(path)
+    return path
+
+
+def test_generate_refuses_an_absurd_image_count_before_loading_anything(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert main(["generate", "--model", str(tmp_path / "no-such-model"), *PROMPT, "--num-images", "1000000",
+                 "--out", str(out)]) == 2
+    err = one_error_line(capsys, "generate")
+    assert "--num-images 1000000 is over the limit of 256 images per call" in err and "several calls" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_generate_denoises_batch_size_images_at_a_time(base_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+    from diffusers import StableDiffusionPipeline
+
+    counts = []
+    call = StableDiffusionPipeline.__call__
+
+    def counting(self, *args, **kwargs):
+        counts.append(kwargs["num_images_per_prompt"])
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", counting)
+    out = tmp_path / "grid.png"
+    assert main(["generate", "--model", str(base_dir), *PROMPT, "--num-images", "5", "--batch-size", "2",
+                 "--out", str(out)]) == 0
+    assert counts == [2, 2, 1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid-0.png", "grid-1.png", "grid-2.png", "grid-3.png",
+                                                          "grid-4.png", "grid.png"]
+
+
+def test_generate_checks_that_out_is_writable_before_generating(base_dir, tmp_path, capsys):  # noqa: F811
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    args = ["generate", "--model", str(base_dir), *PROMPT, "--num-images", "1"]
+    assert main([*args, "--out", str(blocker / "sub" / "grid.png")]) == 2
+    assert f"{blocker} is a file, not a folder" in one_error_line(capsys, "generate")
+    if os.geteuid() == 0:
+        return  # root writes into read-only folders
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert main([*args, "--out", str(locked / "grid.png")]) == 2
+        err = one_error_line(capsys, "generate")
+        assert f"cannot write in {locked}" in err and "writable folder" in err
+    finally:
+        locked.chmod(0o700)
+
+
+def test_generate_control_type_must_be_the_one_the_run_was_trained_with(segmentation_run, tmp_path, capsys):
+    target = target_png(tmp_path)
+    args = ["generate", "--adapter", str(segmentation_run), *PROMPT, "--num-images", "1", "--control", str(target)]
+    assert main([*args, "--control-type", "canny", "--out", str(tmp_path / "a.png")]) == 2
+    err = one_error_line(capsys, "generate")
+    assert "trained on segmentation control maps; pass --control-type segmentation" in err
+    assert not (tmp_path / "a.png").exists() and not (tmp_path / "a-control.png").exists()
+    assert main([*args, "--control-type", "segmentation", "--out", str(tmp_path / "b.png")]) == 0
+    assert (tmp_path / "b-control.png").is_file()
+
+
+def wide_grey_versions(tmp_path):
+    """An 8-bit greyscale PNG spanning 0..255 and the same picture as 16-bit (full and 12-bit range), I and F."""
+    from PIL import Image
+
+    ramp = np.linspace(0, 1, SIZE)[None, :] * np.ones((SIZE, 1))
+    grey = np.round(255 * np.clip(0.6 * glyphs.subject_images("K", 1, size=SIZE)[0] + 0.4 * ramp, 0, 1))
+    grey[0, 0], grey[-1, -1] = 0, 255  # spans the whole 8-bit range
+    v = grey.astype(np.int64)
+    Image.fromarray(v.astype(np.uint8), mode="L").save(tmp_path / "8bit.png")
+    wide = {"16bit.png": Image.fromarray((v * 257).astype(np.uint16)),  # mode I;16
+            "12bit.png": Image.fromarray((v * 16).astype(np.uint16)),
+            "int32.tiff": Image.fromarray((v * 1000 - 5).astype(np.int32)),  # mode I
+            "float.tiff": Image.fromarray((v / 255.0).astype(np.float32))}  # mode F
+    for name, image in wide.items():
+        image.save(tmp_path / name)
+    return tmp_path / "8bit.png", [tmp_path / name for name in wide]
+
+
+@pytest.mark.parametrize("control", ["canny", "segmentation"])
+def test_a_16_bit_control_image_gives_the_control_map_of_its_8_bit_equivalent(tmp_path, control):
+    from PIL import Image
+
+    from peftlab.diffusion.control import make_control
+    from peftlab.recipes.image_data import open_image
+
+    eight, wide = wide_grey_versions(tmp_path)
+    expected = np.asarray(make_control(open_image(eight, "--control"), control))
+    assert 0 < expected.mean() < 255
+    for path in wide:
+        with Image.open(path) as image:
+            assert image.mode in ("I;16", "I", "F"), image.mode
+            np.testing.assert_array_equal(np.asarray(make_control(image, control)), expected, err_msg=path.name)
+        np.testing.assert_array_equal(np.asarray(open_image(path, "--control")), np.asarray(open_image(eight, "x")),
+                                      err_msg=path.name)
+
+
+def test_images_over_the_decompression_bomb_limit_are_one_line_errors(segmentation_run, base_dir, tmp_path,  # noqa: F811
+                                                                     monkeypatch, capsys):
+    from PIL import Image
+
+    target = target_png(tmp_path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a 16×16 image (256 pixels) is over 2 × 100
+    assert main(["generate", "--adapter", str(segmentation_run), *PROMPT, "--num-images", "1", "--control",
+                 str(target), "--out", str(tmp_path / "g.png")]) == 2
+    err = one_error_line(capsys, "generate")
+    assert f"--control: {target} is too large to open safely: Image size (256 pixels) exceeds limit of 200 pixels" \
+        in err and "downscale" in err
+    assert not (tmp_path / "g.png").exists() and not (tmp_path / "g-0.png").exists()
+    instances = tmp_path / "instances"
+    instances.mkdir()
+    target.rename(instances / "big.png")
+    out = tmp_path / "out"
+    assert main(["train", "--task", "subject-driven", "--model", str(base_dir), "--instance-data", str(instances),
+                 "--num-class-images", "2", "--max-steps", "1", "--output-dir", str(out)]) == 2
+    assert "big.png is too large to open safely" in one_error_line(capsys, "train") and not out.exists()
