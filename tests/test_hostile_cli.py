@@ -173,3 +173,86 @@ def test_images_over_the_decompression_bomb_limit_are_one_line_errors(segmentati
     assert main(["train", "--task", "subject-driven", "--model", str(base_dir), "--instance-data", str(instances),
                  "--num-class-images", "2", "--max-steps", "1", "--output-dir", str(out)]) == 2
     assert "big.png is too large to open safely" in one_error_line(capsys, "train") and not out.exists()
+
+
+# -- 18: eval of an image run ---------------------------------------------------------------------------------------
+def test_eval_summary_of_an_image_run_counts_its_generated_images_not_none():
+    from peftlab.recipes import summary_line
+
+    control = {"task": "controllable", "split": "test", "metric": "edge_f1", "data": "digits", "num_examples": 6,
+               "num_eval_images": 2, "test": {"edge_f1": 0.25}}
+    assert summary_line(control, "runs/c") == "test edge_f1 of runs/c on digits: 0.2500 (2 generated images)"
+    subject = {"task": "subject-driven", "split": "test", "metric": "subject_similarity", "data": "glyph:K",
+               "test": {"subject_similarity": 0.5}}  # written before the count was recorded
+    assert summary_line(subject, "runs/s") == "test subject_similarity of runs/s on glyph:K: 0.5000"
+    text = {"task": "classification", "split": "test", "metric": "accuracy", "data": "d.csv", "num_examples": 100,
+            "test": {"accuracy": 0.75}}
+    assert summary_line(text, "runs/t").endswith(": 0.7500 (100 examples)")
+
+
+# -- 8 and 15: eval of a data file ------------------------------------------------------------------------------------
+def write_named_csv(path, rows: int, seed: int, names=("negative", "positive")):
+    """The keyword task of conftest with the labels written as ``names`` (0 → names[0], 1 → names[1])."""
+    from conftest import write_keyword_csv
+
+    write_keyword_csv(path, rows, seed=seed)
+    lines = path.read_text().splitlines()
+    body = [line.rsplit(",", 1) for line in lines[1:]]
+    path.write_text("\n".join([lines[0], *(f"{text},{names[int(label)]}" for text, label in body)]) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def named_run(tmp_path_factory):
+    """A classification run (LoRA, 2 steps) trained on the labels negative / positive."""
+    from conftest import save_tiny_classifier
+
+    root = tmp_path_factory.mktemp("named")
+    save_tiny_classifier(root / "model")
+    out = root / "run"
+    assert main(["train", "--model", str(root / "model"), "--data", str(write_named_csv(root / "train.csv", 60, 0)),
+                 "--method", "lora", "--max-steps", "2", "--batch-size", "16", "--no-initial-eval",
+                 "--output-dir", str(out)]) == 0
+    assert json.loads((out / "run_config.json").read_text())["labels"] == ["negative", "positive"]
+    return out
+
+
+def eval_json(run, tmp_path, capsys, *args) -> tuple[int, dict, str]:
+    out = tmp_path / "eval.json"
+    out.unlink(missing_ok=True)
+    code = main(["eval", "--adapter", str(run), *args, "--output", str(out)])
+    captured = capsys.readouterr()
+    return code, json.loads(out.read_text()) if code == 0 else {}, captured.out + captured.err
+
+
+def test_eval_of_a_data_file_scores_the_whole_file(named_run, tmp_path, capsys):
+    data = write_named_csv(tmp_path / "hundred.csv", 100, seed=3)
+    code, metrics, printed = eval_json(named_run, tmp_path, capsys, "--data", str(data))
+    assert code == 0 and metrics["num_examples"] == 100 and metrics["split"] == "all"
+    assert f"on all of {data}" in printed and "(100 examples)" in printed
+    code, metrics, printed = eval_json(named_run, tmp_path, capsys, "--data", str(data), "--split", "test")
+    assert code == 0 and metrics["num_examples"] == 10 and "(10 examples)" in printed  # a split when asked for
+    code, metrics, _ = eval_json(named_run, tmp_path, capsys)  # the run's own data: its test split
+    assert code == 0 and metrics["split"] == "test"
+    assert metrics["num_examples"] == json.loads((named_run / "metrics.json").read_text())["num_test"]
+
+
+def test_integer_labels_index_the_named_labels_of_the_model(named_run, tmp_path, capsys):
+    named = write_named_csv(tmp_path / "named.csv", 50, seed=4)
+    ints = write_named_csv(tmp_path / "ints.csv", 50, seed=4, names=("0", "1"))
+    code, by_name, _ = eval_json(named_run, tmp_path, capsys, "--data", str(named))
+    assert code == 0
+    code, by_index, _ = eval_json(named_run, tmp_path, capsys, "--data", str(ints))
+    assert code == 0 and by_index["num_examples"] == by_name["num_examples"] == 50
+    assert by_index["all"] == by_name["all"]
+    swapped = write_named_csv(tmp_path / "swapped.csv", 50, seed=4, names=("1", "0"))  # 1 = positive: all wrong
+    code, flipped, _ = eval_json(named_run, tmp_path, capsys, "--data", str(swapped))
+    assert code == 0 and flipped["all"]["accuracy"] == pytest.approx(1 - by_name["all"]["accuracy"])
+    wide = write_named_csv(tmp_path / "wide.csv", 50, seed=4, names=("0", "2"))
+    code, _, printed = eval_json(named_run, tmp_path, capsys, "--data", str(wide))
+    assert code == 2 and "integer label(s) ['2'] out of range" in printed
+    assert "labels ['negative', 'positive'] (0 = 'negative'), so they must be 0..1" in printed
+    other = write_named_csv(tmp_path / "other.csv", 50, seed=4, names=("bad", "good"))
+    code, _, printed = eval_json(named_run, tmp_path, capsys, "--data", str(other))
+    assert code == 2 and "['bad', 'good'] are not labels the model was trained on" in printed
+    assert "or their indices 0..1" in printed
