@@ -118,3 +118,62 @@ class Adapter(nn.Module):
         for LoRA; a role may hold several matrices (HydraLoRA's B heads). ``peftlab analyze`` compares each role
         across runs. ``{}``: the method has none."""
         return {}
+
+
+# -- does a saved adapter fit its own config? -------------------------------------------------------------------------
+PROBE_WIDTHS = (1031, 1033)  # d_in, d_out of the probe layer: primes that no rank-derived size is likely to equal
+
+
+def _probe_shapes(adapter_cls: type[Adapter], config: AdapterConfig, r: int) -> dict[str, tuple[int, ...]] | None:
+    """Each parameter's shape of ``adapter_cls`` with rank ``r`` on a probe linear layer (None: cannot be built)."""
+    import warnings
+
+    import torch
+
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. HRA's odd-r init notice: only the shapes are wanted
+            adapter = adapter_cls(LayerView(nn.Linear(*PROBE_WIDTHS, bias=False)), config, r)
+    except (ValueError, TypeError, RuntimeError):
+        return None
+    return {name: tuple(value.shape) for name, value in adapter.state_dict().items()}
+
+
+def _fits(expected: tuple[int, ...], saved: tuple[int, ...]) -> bool:
+    """Whether a saved shape can be ``expected`` on some layer: the layer widths (the probe's) may be anything."""
+    return len(expected) == len(saved) and all(e in PROBE_WIDTHS or e == s
+                                               for e, s in zip(expected, saved, strict=True))
+
+
+def config_mismatch(config: AdapterConfig, tensors: dict[str, Tensor]) -> str | None:
+    """Why ``tensors`` (a saved adapter, keys ``<module>.<parameter>``) cannot have been made with ``config``, on any
+    base model; ``None`` when every shape fits (then a shape error on loading is the base model's).
+
+    The method's adapter is built with the config's rank for each module (``rank_for``) on a probe linear layer
+    (widths :data:`PROBE_WIDTHS`): in its parameter shapes the layer widths may be anything, every other size (r,
+    heads, ...) must equal the saved one. Only tensors whose rank (ndim) agrees are compared, so a layer kind the
+    probe does not model never gives a false alarm.
+    """
+    adapter_cls = ADAPTERS.get(config.method)
+    probes: dict[int, dict[str, tuple[int, ...]] | None] = {}
+    if adapter_cls is None or (names := _probe_shapes(adapter_cls, config, config.r)) is None:
+        return None
+    for key in sorted(tensors):
+        name = next((n for n in names if key.endswith("." + n)), None)
+        if name is None:  # a modules_to_save copy or a trained bias
+            continue
+        module = key[: -len(name) - 1]
+        r = config.rank_for(module)
+        shapes = probes.setdefault(r, _probe_shapes(adapter_cls, config, r))
+        saved = tuple(tensors[key].shape)
+        if shapes is None or len(shapes[name]) != len(saved) or _fits(shapes[name], saved):
+            continue
+        widths = tuple("d" if e in PROBE_WIDTHS else e for e in shapes[name])
+        candidates = sorted({s // m for s in saved for m in range(1, 9) if s % m == 0 and s // m != r})  # r, k·r, ...
+        found = next((k for k in candidates if _fits(
+            (probes.setdefault(k, _probe_shapes(adapter_cls, config, k)) or {}).get(name, ()), saved)), None)
+        rank = f"the weights have rank {found}" if found else f"the weights' {key} has shape {list(saved)}"
+        return (f"the config says r={r} for {module} but {rank} ({name} is {list(saved)}, the config gives "
+                f"{list(widths)} with d a layer width): the adapter_config.json does not match the saved weights "
+                "(adapter_model.safetensors); restore the config the adapter was saved with")
+    return None
