@@ -147,33 +147,37 @@ def _fits(expected: tuple[int, ...], saved: tuple[int, ...]) -> bool:
 
 def config_mismatch(config: AdapterConfig, tensors: dict[str, Tensor]) -> str | None:
     """Why ``tensors`` (a saved adapter, keys ``<module>.<parameter>``) cannot have been made with ``config``, on any
-    base model; ``None`` when every shape fits (then a shape error on loading is the base model's).
+    base model; ``None`` when that is not certain (then a shape error on loading is the base model's).
 
-    The method's adapter is built with the config's rank for each module (``rank_for``) on a probe linear layer
-    (widths :data:`PROBE_WIDTHS`): in its parameter shapes the layer widths may be anything, every other size (r,
-    heads, ...) must equal the saved one. Only tensors whose rank (ndim) agrees are compared, so a layer kind the
-    probe does not model never gives a false alarm.
+    For each module the method's adapter is built on a probe linear layer (widths :data:`PROBE_WIDTHS`): in its
+    parameter shapes the layer widths may be anything, every other size must equal the saved one. A module is
+    reported only when its tensors do not fit the config's rank for it (``rank_for``) but all fit another rank k
+    ("the weights have rank k"): sizes that depend on the layer itself (MTLoRA's fused slices) never give a false
+    alarm.
     """
     adapter_cls = ADAPTERS.get(config.method)
     probes: dict[int, dict[str, tuple[int, ...]] | None] = {}
+
+    def fits(r: int, state: dict[str, tuple[int, ...]]) -> bool:
+        shapes = probes[r] if r in probes else probes.setdefault(r, _probe_shapes(adapter_cls, config, r))
+        return shapes is not None and all(_fits(shapes.get(n, ()), shape) for n, shape in state.items())
+
     if adapter_cls is None or (names := _probe_shapes(adapter_cls, config, config.r)) is None:
         return None
-    for key in sorted(tensors):
+    modules: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, value in tensors.items():  # modules_to_save copies and trained biases match no parameter name
         name = next((n for n in names if key.endswith("." + n)), None)
-        if name is None:  # a modules_to_save copy or a trained bias
+        if name is not None:
+            modules.setdefault(key[: -len(name) - 1], {})[name] = tuple(value.shape)
+    for module in sorted(modules):
+        state, r = modules[module], config.rank_for(module)
+        if fits(r, state):
             continue
-        module = key[: -len(name) - 1]
-        r = config.rank_for(module)
-        shapes = probes.setdefault(r, _probe_shapes(adapter_cls, config, r))
-        saved = tuple(tensors[key].shape)
-        if shapes is None or len(shapes[name]) != len(saved) or _fits(shapes[name], saved):
-            continue
-        widths = tuple("d" if e in PROBE_WIDTHS else e for e in shapes[name])
-        candidates = sorted({s // m for s in saved for m in range(1, 9) if s % m == 0 and s // m != r})  # r, k·r, ...
-        found = next((k for k in candidates if _fits(
-            (probes.setdefault(k, _probe_shapes(adapter_cls, config, k)) or {}).get(name, ()), saved)), None)
-        rank = f"the weights have rank {found}" if found else f"the weights' {key} has shape {list(saved)}"
-        return (f"the config says r={r} for {module} but {rank} ({name} is {list(saved)}, the config gives "
-                f"{list(widths)} with d a layer width): the adapter_config.json does not match the saved weights "
-                "(adapter_model.safetensors); restore the config the adapter was saved with")
+        sizes = {size // m for shape in state.values() for size in shape for m in range(1, 9) if size % m == 0}
+        found = next((k for k in sorted(sizes - {r}) if fits(k, state)), None)
+        if found is not None:
+            saved = ", ".join(f"{n} {list(shape)}" for n, shape in sorted(state.items()))
+            return (f"the config says r={r} but the weights have rank {found} (module {module}: {saved}): the "
+                    "adapter_config.json does not match the saved weights (adapter_model.safetensors); restore the "
+                    f"config the adapter was saved with (r={found})")
     return None
