@@ -155,3 +155,16 @@ def test_analyze_bad_inputs(tmp_path, capsys):
     assert "same shape" in one_error_line(capsys)
     assert main(["analyze", *folders[:2], "--groups", "a,b,c", "--out", out]) == 2
     assert "one per run" in one_error_line(capsys)
+
+
+def test_analyze_never_overwrites_an_earlier_analysis_without_overwrite(tmp_path, capsys):
+    folders = [str(f) for f in lora_runs(tmp_path)]
+    out = tmp_path / "analysis"
+    out.mkdir()
+    (out / "analysis.json").write_text('{"earlier": true}')
+    assert main(["analyze", *folders, "--out", str(out)]) == 2
+    err = one_error_line(capsys)
+    assert "already holds analysis.json" in err and "--overwrite" in err
+    assert json.loads((out / "analysis.json").read_text()) == {"earlier": True} and not (out / "analysis.png").exists()
+    assert main(["analyze", *folders, "--out", str(out), "--overwrite"]) == 0
+    assert json.loads((out / "analysis.json").read_text())["method"] == "lora"

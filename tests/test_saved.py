@@ -49,3 +49,33 @@ def test_merge_and_export_refuse_a_folder_without_an_adapter(tmp_path, capsys):
         assert main([command, "--adapter", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
         assert "holds no adapter" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_inspect_and_loading_blame_a_config_that_does_not_match_its_own_weights(tmp_path, capsys):
+    """adapter_config.json edited to r=8 over rank-4 weights: inspect exits 2, loading says config ≠ weights."""
+    from conftest import tiny_bert
+
+    from peftlab import AdapterModel, HRAConfig
+    from peftlab.errors import AdapterLoadError
+
+    folder = tmp_path / "hra"
+    model = AdapterModel(tiny_bert(), HRAConfig(r=4, target_modules=["query"]))
+    model.save_pretrained(folder)
+    assert main(["inspect", str(folder)]) == 0 and "hra_u [32, 4]" in capsys.readouterr().out
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
+    assert main(["inspect", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("peftlab inspect: error:"), err
+    assert "the config says r=8 but the weights have rank 4 (module bert.encoder.layer.0.attention.self.query: " \
+        "hra_u [32, 4])" in err
+    assert "adapter_config.json does not match the saved weights" in err and "different base model" not in err
+    with pytest.raises(AdapterLoadError, match="the config says r=8 but the weights have rank 4") as raised:
+        AdapterModel.from_pretrained(tiny_bert(), folder)
+    assert "different base model" not in str(raised.value)
+    (folder / "adapter_config.json").write_text(json.dumps(config))  # restored: a different base still is one
+    with pytest.raises(AdapterLoadError, match="different base model"):
+        from transformers import BertConfig, BertForSequenceClassification
+
+        AdapterModel.from_pretrained(BertForSequenceClassification(BertConfig(
+            vocab_size=100, hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)), folder)

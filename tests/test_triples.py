@@ -107,7 +107,7 @@ def test_splits_keep_every_input_with_all_its_references(tmp_path):
     ({"benchmark": []}, "is not a WebNLG file"),
     ([{"tripleset": [["a", "p"]], "annotations": [{"text": "x"}]}], "entry 1 is not a DART entry"),
     ([{"tripleset": [["a", "p", "b"]]}], "entry 1 is not a DART entry"),
-    ([{"tripleset": [["a", "p", "b"]], "annotations": []}], "holds no DART input with a reference"),
+    ([{"tripleset": [["a", "p", "b"]], "annotations": []}], "holds no DART input with a triple and a reference"),
 ])
 def test_a_file_of_the_wrong_shape_is_one_data_error(tmp_path, content, message):
     path = tmp_path / "bad.json"

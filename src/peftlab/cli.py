@@ -64,7 +64,8 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", help="the run's output folder (adapter or full model); optional with --task " + TASK)
     p.add_argument("--task", help=f"task, when the folder does not record it; {TASK}: accuracy on MMLU-style "
                    "questions, each option scored by log-likelihood (a base --model, or any --adapter run)")
-    p.add_argument("--split", choices=SPLITS, help="split to score (default test)")
+    p.add_argument("--split", choices=SPLITS, help="split to score (default test; a --data FILE is scored whole "
+                   "unless --split picks one of its seeded splits)")
     p.add_argument("--max-samples", type=positive_int, help=f"score at most N examples ({TASK}: per subject)")
     p.add_argument("--batch-size", type=positive_int, help="evaluation batch size")
     p.add_argument("--output", metavar="FILE.json", help="also write the metrics to this JSON file")
@@ -195,14 +196,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """metrics of a saved adapter (or model)
 
     Evaluate a trained run; by default with the model, data and split options it was trained with,
-    on the test split. --task multiple-choice scores MMLU-style questions by the log-likelihood of each
-    option (a base --model or any run), with per-subject, macro and micro accuracy.
+    on the test split. A --data FILE is scored whole (every row), unless --split is given. --task
+    multiple-choice scores MMLU-style questions by the log-likelihood of each option (a base --model or any
+    run), with per-subject, macro and micro accuracy.
     """
     from peftlab.recipes import evaluate, summary_line
 
     names = ("text_column", "label_column", *GENERATION_FIELDS, "subjects", "shots", "continuation")
     changes = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
-    metrics = evaluate(args.adapter, task=args.task, model=args.model, data=args.data, split=args.split or "test",
+    metrics = evaluate(args.adapter, task=args.task, model=args.model, data=args.data, split=args.split,
                        max_samples=args.max_samples, batch_size=args.batch_size, **changes)
     print(json.dumps(metrics, indent=2, default=str))
     print(summary_line(metrics, args.adapter))
@@ -297,6 +299,7 @@ def _analyze_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN", help="adapter folders (or run folders), at least 2")
     p.add_argument("--groups", help="comma-separated group of each run (default: its data name, else its folder name)")
     p.add_argument("--out", default="analysis", help="output folder (default analysis)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier analysis.json / analysis.png in --out")
 
 
 @command(_analyze_flags, config=False)
@@ -309,7 +312,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from peftlab.recipes.analyze import analyze
 
     groups = [g.strip() for g in args.groups.split(",")] if args.groups else None
-    print("\n".join(analyze(args.runs, groups, args.out)))
+    print("\n".join(analyze(args.runs, groups, args.out, args.overwrite)))
     return 0
 
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from peftlab import interop, io, lowmem
 from peftlab.config import AdapterConfig
 from peftlab.errors import AdapterError, AdapterLoadError, ConfigError
-from peftlab.methods.base import Adapter
+from peftlab.methods.base import Adapter, config_mismatch
 
 if TYPE_CHECKING:
     from peftlab.model import AdapterModel
@@ -96,7 +96,13 @@ class AdapterFiles:
         """
         name = adapter_name or self.active_adapter
         params = self.adapter_parameters(name)
-        io.check_matching(params, tensors, source)
+        try:
+            io.check_matching(params, tensors, source)
+        except AdapterLoadError:  # the config and the weights may disagree whatever the base model: say so
+            reason = config_mismatch(self.peft_config[name], tensors)
+            if reason is None:
+                raise
+            raise AdapterLoadError(f"{source}: {reason}") from None
         done: set[str] = set()
         for owner, wrapper, module, device in self._owners(name):
             keys = module.state_dict().keys()

@@ -15,6 +15,7 @@ Rows have the E2E columns (``mr`` = the linearised triples, ``ref`` = one refere
 entry's DBpedia category, ``""`` for DART), so ``group_references`` and ``split_by_mr`` keep every input with
 all its references in one split, and WebNLG scores can be reported on the seen categories, the unseen ones and
 all, as the LoRA and MTLoRA papers do (:data:`WEBNLG_SEEN_CATEGORIES`).
+Entries without triples (no input) and empty references are skipped; a file with no input left is a DataError.
 """
 
 from __future__ import annotations
@@ -61,9 +62,10 @@ def _load_json(path: Path, kind: str, shape: str) -> Any:
         raise DataError(f"{path} is not valid JSON ({e}); a {kind} file looks like {shape}.") from None
 
 
-def _dataset(path: Path, kind: str, rows: list[dict[str, str]]) -> hf.Dataset:
+def _dataset(path: Path, kind: str, rows: list[dict[str, str]], shape: str) -> hf.Dataset:
     if not rows:
-        raise DataError(f"{path} holds no {kind} input with a reference.")
+        raise DataError(f"{path} holds no {kind} input with a triple and a reference; each entry needs both, "
+                        f"as in {shape}.")
     return hf.Dataset.from_list(rows, features=_FEATURES)
 
 
@@ -80,8 +82,9 @@ def _read(path: str | Path, kind: str, shape: str, entries: Any, parse: Any) -> 
             mr, refs, category = parse(entry)
         except (AttributeError, KeyError, TypeError, ValueError):
             raise DataError(f"{path}: entry {i} is not a {kind} entry; expected {shape}.") from None
-        rows += [{"mr": mr, "ref": str(ref).strip(), "category": str(category)} for ref in refs]
-    return _dataset(path, kind, rows)
+        if mr.strip():  # an entry without triples has no input to learn from
+            rows += [{"mr": mr, "ref": str(ref).strip(), "category": str(category)} for ref in refs if str(ref).strip()]
+    return _dataset(path, kind, rows, shape)
 
 
 def _webnlg_entry(wrapper: dict[str, Any]) -> tuple[str, list[str], str]:

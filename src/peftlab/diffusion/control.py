@@ -18,6 +18,7 @@ import functools
 import importlib.util
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,9 +40,26 @@ def check_control(control: str) -> str:
     return control
 
 
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # 16-bit, 32-bit integer and float greyscale
+
+
+def as_rgb(image: Any) -> Any:
+    """``image`` as RGB PIL. Greyscale wider than 8 bits (PIL modes I;16, I, F) is first scaled by its own range,
+    min..max → 0..255 (a constant image → 0), since PIL's ``convert`` clips it at 255 (16-bit values above 255
+    would all turn white); 8-bit images are converted unchanged."""
+    from PIL import Image
+
+    if image.mode not in WIDE_GREY_MODES:
+        return image.convert("RGB")
+    grey = np.asarray(image, dtype=np.float64)
+    low, high = (float(grey.min()), float(grey.max())) if grey.size else (0.0, 0.0)
+    scaled = (grey - low) * (255.0 / (high - low)) if high > low else np.zeros_like(grey)
+    return Image.fromarray(np.round(scaled).astype(np.uint8), mode="L").convert("RGB")
+
+
 def _grey(image) -> np.ndarray:
-    """One image (PIL or array) → (h, w) grey float in [0, 1], at its own size."""
-    return glyphs.to_array(image, None)[0]
+    """One image (PIL or array) → (h, w) grey float in [0, 1], at its own size (wide greyscale: :func:`as_rgb`)."""
+    return glyphs.to_array(as_rgb(image) if getattr(image, "mode", None) in WIDE_GREY_MODES else image, None)[0]
 
 
 def canny_edges(image, sigma: float = CANNY_SIGMA) -> np.ndarray:

@@ -128,3 +128,66 @@ class Adapter(nn.Module):
         for LoRA; a role may hold several matrices (HydraLoRA's B heads). ``peftlab analyze`` compares each role
         across runs. ``{}``: the method has none."""
         return {}
+
+
+# -- does a saved adapter fit its own config? -------------------------------------------------------------------------
+PROBE_WIDTHS = (1031, 1033)  # d_in, d_out of the probe layer: primes that no rank-derived size is likely to equal
+
+
+def _probe_shapes(adapter_cls: type[Adapter], config: AdapterConfig, r: int) -> dict[str, tuple[int, ...]] | None:
+    """Each parameter's shape of ``adapter_cls`` with rank ``r`` on a probe linear layer (None: cannot be built)."""
+    import warnings
+
+    import torch
+
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. HRA's odd-r init notice: only the shapes are wanted
+            adapter = adapter_cls(LayerView(nn.Linear(*PROBE_WIDTHS, bias=False)), config, r)
+    except (ValueError, TypeError, RuntimeError):
+        return None
+    return {name: tuple(value.shape) for name, value in adapter.state_dict().items()}
+
+
+def _fits(expected: tuple[int, ...], saved: tuple[int, ...]) -> bool:
+    """Whether a saved shape can be ``expected`` on some layer: the layer widths (the probe's) may be anything."""
+    return len(expected) == len(saved) and all(e in PROBE_WIDTHS or e == s
+                                               for e, s in zip(expected, saved, strict=True))
+
+
+def config_mismatch(config: AdapterConfig, tensors: dict[str, Tensor]) -> str | None:
+    """Why ``tensors`` (a saved adapter, keys ``<module>.<parameter>``) cannot have been made with ``config``, on any
+    base model; ``None`` when that is not certain (then a shape error on loading is the base model's).
+
+    For each module the method's adapter is built on a probe linear layer (widths :data:`PROBE_WIDTHS`): in its
+    parameter shapes the layer widths may be anything, every other size must equal the saved one. A module is
+    reported only when its tensors do not fit the config's rank for it (``rank_for``) but all fit another rank k
+    ("the weights have rank k"): sizes that depend on the layer itself (MTLoRA's fused slices) never give a false
+    alarm.
+    """
+    adapter_cls = ADAPTERS.get(config.method)
+    probes: dict[int, dict[str, tuple[int, ...]] | None] = {}
+
+    def fits(r: int, state: dict[str, tuple[int, ...]]) -> bool:
+        shapes = probes[r] if r in probes else probes.setdefault(r, _probe_shapes(adapter_cls, config, r))
+        return shapes is not None and all(_fits(shapes.get(n, ()), shape) for n, shape in state.items())
+
+    if adapter_cls is None or (names := _probe_shapes(adapter_cls, config, config.r)) is None:
+        return None
+    modules: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, value in tensors.items():  # modules_to_save copies and trained biases match no parameter name
+        name = next((n for n in names if key.endswith("." + n)), None)
+        if name is not None:
+            modules.setdefault(key[: -len(name) - 1], {})[name] = tuple(value.shape)
+    for module in sorted(modules):
+        state, r = modules[module], config.rank_for(module)
+        if fits(r, state):
+            continue
+        sizes = {size // m for shape in state.values() for size in shape for m in range(1, 9) if size % m == 0}
+        found = next((k for k in sorted(sizes - {r}) if fits(k, state)), None)
+        if found is not None:
+            saved = ", ".join(f"{n} {list(shape)}" for n, shape in sorted(state.items()))
+            return (f"the config says r={r} but the weights have rank {found} (module {module}: {saved}): the "
+                    "adapter_config.json does not match the saved weights (adapter_model.safetensors); restore the "
+                    f"config the adapter was saved with (r={found})")
+    return None

@@ -32,7 +32,7 @@ from peftlab.layers import CLASSIFIER_HEADS
 from peftlab.recipes.adapters import method_spec, method_specs
 from peftlab.recipes.compare import compare
 from peftlab.recipes.multiple_choice import TASK as MULTIPLE_CHOICE  # an evaluation task only
-from peftlab.recipes.options import TASKS, RunOptions, check_split, eval_options
+from peftlab.recipes.options import IMAGE_TASKS, TASKS, WHOLE, RunOptions, check_split, eval_options
 from peftlab.recipes.rundir import check_trained, is_adapter_dir, saved_run_options
 
 MULTIPLE_CHOICE_OPTIONS = ("subjects", "shots", "continuation")
@@ -91,7 +91,7 @@ def task_of(folder: str | os.PathLike | None, task: str | None = None) -> str:
 def evaluate(
     folder: str | os.PathLike | None,
     task: str | None = None,
-    split: str = "test",
+    split: str | None = None,
     max_samples: int | None = None,
     batch_size: int | None = None,
     **changes: Any,
@@ -100,7 +100,9 @@ def evaluate(
 
     The run is scored with the options it was trained with (``run_config.json``), so by default the numbers
     equal the ``test`` entry of its ``metrics.json``; ``changes`` (``model``, ``data``, ``text_column``,
-    generation options, ...) and ``batch_size`` replace them, ``None`` keeps them.
+    generation options, ...) and ``batch_size`` replace them, ``None`` keeps them. ``split`` defaults to
+    ``test``; a data *file* given in ``changes`` without a ``split`` is scored whole (split :data:`WHOLE`),
+    while a named data set keeps its seeded test split.
     ``task="multiple-choice"`` scores any model, a run's or a base model (``folder=None``, ``model=NAME``), on
     questions that are not its training data: see :func:`peftlab.recipes.multiple_choice.evaluate`.
     """
@@ -111,13 +113,17 @@ def evaluate(
     if task == MULTIPLE_CHOICE:
         from peftlab.recipes import multiple_choice
 
-        return multiple_choice.evaluate(folder, split=split, max_samples=max_samples, batch_size=batch_size,
+        return multiple_choice.evaluate(folder, split=split or "test", max_samples=max_samples, batch_size=batch_size,
                                         **changes)
     own = [k for k in MULTIPLE_CHOICE_OPTIONS if changes.pop(k, None) is not None]
     if own:
         raise RecipeError(f"{', '.join('--' + k for k in own)} apply only to --task {MULTIPLE_CHOICE}")
     check_trained(folder)
-    check_split(split)
+    data = changes.get("data")
+    whole = split is None and task not in IMAGE_TASKS and data is not None and Path(str(data)).expanduser().is_file()
+    split = WHOLE if whole else split or "test"
+    if not whole:
+        check_split(split)
     options = eval_options(folder, task, saved_run_options(folder), {**changes, "eval_batch_size": batch_size})
     return recipe(task).evaluate(folder, options, split, max_samples)
 
@@ -130,6 +136,11 @@ def summary_line(metrics: dict[str, Any], folder: str | os.PathLike | None) -> s
 
         return summary(metrics, folder)
     value = metrics[split].get(metrics["metric"])
-    return (f"{split} {metrics['metric']} of {folder} on {metrics['data']}: "
-            f"{f'{value:.4f}' if isinstance(value, float) else value} "
-            f"({metrics.get('num_examples', metrics.get('num_mrs'))} examples)")
+    if metrics["task"] in IMAGE_TASKS:  # scored on the images it generated; num_examples counts its training data
+        count, what = metrics.get("num_eval_images"), "generated images"
+    else:
+        count, what = metrics.get("num_examples", metrics.get("num_mrs")), "examples"
+    where = f"all of {metrics['data']}" if split == WHOLE else metrics["data"]
+    return (f"{split} {metrics['metric']} of {folder} on {where}: "
+            f"{f'{value:.4f}' if isinstance(value, float) else value}"
+            + (f" ({count} {what})" if isinstance(count, int) else ""))

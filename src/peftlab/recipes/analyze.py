@@ -266,12 +266,19 @@ def plot_reflections(numbers: dict[str, Any], path: Path) -> None:
 
 
 # -- the command ----------------------------------------------------------------------------------------------------
-def analyze(folders: list[str], groups: list[str] | None, out: str | os.PathLike) -> list[str]:
-    """Compare the runs' adapters (see the module docstring); write analysis.json / .png to ``out``."""
-    runs = load_runs(list(folders), groups)
+def analyze(folders: list[str], groups: list[str] | None, out: str | os.PathLike,
+            overwrite: bool = False) -> list[str]:
+    """Compare the runs' adapters (see the module docstring); write analysis.json / .png to ``out``.
+
+    An earlier analysis in ``out`` is replaced only with ``overwrite`` (else RecipeError, before any work)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise RecipeError(f"--out {out} exists and is a file, not a folder")
+    earlier = [name for name in (JSON_FILE, PLOT_FILE) if (out / name).exists()]
+    if earlier and not overwrite:
+        raise RecipeError(f"--out {out} already holds {' and '.join(earlier)} of an earlier analysis; pass "
+                          "--overwrite to replace them, or choose another --out folder")
+    runs = load_runs(list(folders), groups)
     out.mkdir(parents=True, exist_ok=True)
     counts = Counter(run.group for run in runs)
     method = runs[0].method

@@ -24,11 +24,11 @@ from peftlab.errors import RecipeError
 from peftlab.metrics import exact_match, perplexity
 from peftlab.recipes.generation import generate
 from peftlab.recipes.lm import encode_records, load_trained, mean_loss, start_run
-from peftlab.recipes.options import RunOptions
+from peftlab.recipes.options import WHOLE, RunOptions
 from peftlab.recipes.rundir import (
     owns_output_dir,
 )
-from peftlab.recipes.training import fmt, log, run_training, select, speed, strip_prefix
+from peftlab.recipes.training import fmt, log, run_training, select, speed, split_rows, strip_prefix
 
 PROMPT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
@@ -156,7 +156,8 @@ def evaluate(adapter: str | os.PathLike, options: RunOptions, split: str, max_sa
     """Exact match and perplexity of a trained run on a split (the run's own options unless overridden)."""
     records = load_records(options.data, options.split_seed)
     net, tokenizer = load_trained(adapter, options.model)
-    rows = select(records[split], max_samples or options.max_test_samples, options.split_seed)
+    limit = max_samples or (None if split == WHOLE else options.max_test_samples)
+    rows = select(split_rows(records, split), limit, options.split_seed)
     if not len(rows):
         raise RecipeError(f"{options.data}: the {split} split is empty")
     metrics, _ = evaluate_answers(net, tokenizer, rows, options)

@@ -43,6 +43,7 @@ from peftlab.recipes.training import (
     run_training,
     select,
     speed,
+    split_rows,
     strip_prefix,
     tracking_callbacks,
     training_arguments,
@@ -66,11 +67,11 @@ RARE_LABEL = 50  # a label with at most 1/50 of the rows of the most common one 
 def load_data(options: RunOptions, model_labels: list[str] | None = None, num_model_labels: int | None = None):
     """The data as a ``DatasetDict`` (``text`` [, ``text_pair``], ``label``) and its label names (``None``: regression).
 
-    ``model_labels`` (the labels a trained model knows) maps the data's labels onto the model's by name;
-    ``num_model_labels`` / ``options.num_labels`` bound the label values. Out-of-range labels, unknown
-    label names and empty splits raise ``RecipeError``, and so does, for training without ``--num-labels``, a label
-    with at most 1/50 of the rows of the most common one (a stray value, e.g. one ``7`` in a 0/1 column, would
-    otherwise add a class); ``--num-labels`` confirms such a class.
+    ``model_labels`` (the labels a trained model knows) maps the data's labels onto the model's by name (integer
+    labels for named ones: by index, see :func:`map_to_model_labels`); ``num_model_labels`` / ``options.num_labels``
+    bound the label values. Out-of-range labels, unknown label names and empty splits raise ``RecipeError``, and so
+    does, for training without ``--num-labels``, a label with at most 1/50 of the rows of the most common one (a
+    stray value, e.g. one ``7`` in a 0/1 column, would otherwise add a class); ``--num-labels`` confirms such a class.
     """
     import datasets as hf
 
@@ -99,13 +100,7 @@ def load_data(options: RunOptions, model_labels: list[str] | None = None, num_mo
             )
     mapping: list[int] | None = None
     if model_labels is not None and names != model_labels:
-        unknown = [n for n in names if n not in model_labels]
-        if unknown:
-            raise RecipeError(
-                f"{options.data}: label value(s) {unknown[:5]} out of range: the model was trained on the labels "
-                f"{model_labels}"
-            )
-        mapping = [model_labels.index(n) for n in names]
+        mapping = map_to_model_labels(str(options.data), names, model_labels)
         names = list(model_labels)
     elif limit is not None:
         if all(_is_int(n) for n in names):  # integer labels keep their values 0..K-1
@@ -129,6 +124,24 @@ def load_data(options: RunOptions, model_labels: list[str] | None = None, num_mo
                 data = data.map(lambda b: {"label": [mapping[v] for v in b["label"]]}, batched=True)
             data = data.cast_column("label", hf.ClassLabel(names=names))
     return data, names
+
+
+def map_to_model_labels(data: str, names: list[str], model_labels: list[str]) -> list[int]:
+    """The model's class index of each of the data's label names: by name, or, when the data's labels are all
+    integers and the model's labels are names (none an integer), integer k means the model's k-th label
+    (0 → ``model_labels[0]``); anything else is a RecipeError that lists the model's labels."""
+    unknown = [n for n in names if n not in model_labels]
+    if not unknown:
+        return [model_labels.index(n) for n in names]
+    indices = "" if any(_is_int(m) for m in model_labels) else f", or their indices 0..{len(model_labels) - 1}"
+    if not indices or not all(_is_int(n) for n in names):
+        raise RecipeError(f"{data}: label value(s) {unknown[:5]} are not labels the model was trained on: use its "
+                          f"labels {model_labels}{indices}")
+    bad = [n for n in names if not 0 <= int(n) < len(model_labels)]
+    if bad:
+        raise RecipeError(f"{data}: integer label(s) {bad[:5]} out of range: integer labels index the model's labels "
+                          f"{model_labels} (0 = {model_labels[0]!r}), so they must be 0..{len(model_labels) - 1}")
+    return [int(n) for n in names]
 
 
 def _is_int(text: str) -> bool:
@@ -297,7 +310,8 @@ def evaluate(adapter: str | os.PathLike, options: RunOptions, split: str, max_sa
                           f"model in {adapter} has {count} output(s)")
     net, tokenizer, _ = load_trained(adapter, options.model, count)
     limit = max_samples or {"test": options.max_test_samples, "validation": options.max_eval_samples}.get(split)
-    rows = tokenize(select(data_set[split], limit, options.split_seed), tokenizer, options.max_length, sort=True)
+    rows = tokenize(select(split_rows(data_set, split), limit, options.split_seed), tokenizer, options.max_length,
+                    sort=True)
     if not len(rows):
         raise RecipeError(f"{options.data}: the {split} split is empty")
     regression = data_names is None

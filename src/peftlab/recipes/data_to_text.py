@@ -24,12 +24,13 @@ from typing import Any
 from peftlab.errors import RecipeError
 from peftlab.recipes.generation import generate
 from peftlab.recipes.lm import load_trained, start_run
-from peftlab.recipes.options import RunOptions
+from peftlab.recipes.options import WHOLE, RunOptions
 from peftlab.recipes.rundir import (
     owns_output_dir,
 )
-from peftlab.recipes.training import run_training, strip_prefix
+from peftlab.recipes.training import quiet_datasets, run_training, split_rows, strip_prefix
 
+MIN_INPUTS = 3  # one distinct input for each of train, validation and test
 GENERATED_MRS = 400  # distinct MRs of ``e2e-synthetic`` (2-3 references each)
 NAMED_DATA = {"e2e-synthetic": "seeded synthetic restaurant MRs in the E2E format, 2-3 references each"}
 
@@ -55,8 +56,9 @@ def data_format(name: str) -> str:
     return (triples_format(path) if path.is_file() else None) or "e2e"
 
 
-def load_pairs(name: str, split_seed: int = 0):
-    """A ``DatasetDict`` (train/validation/test) of ``{mr, ref}`` rows, every input in one split."""
+def load_pairs(name: str, split_seed: int = 0, min_inputs: int = 1):
+    """A ``DatasetDict`` (train/validation/test) of ``{mr, ref}`` rows, every input in one split; rows without an
+    input are dropped, and fewer than ``min_inputs`` distinct inputs (training: one per split) is a DataError."""
     from peftlab.data import DataError, generate_e2e, read_e2e, read_triples, split_by_mr
 
     if name in NAMED_DATA:
@@ -69,6 +71,12 @@ def load_pairs(name: str, split_seed: int = 0):
             f"unknown data-to-text data {name!r}; known: {', '.join(NAMED_DATA)}, an E2E file "
             "('mr || reference' lines, or a CSV with columns mr, ref), or a WebNLG / DART JSON file"
         )
+    with quiet_datasets():
+        pairs = pairs.filter(lambda row: bool(row["mr"].strip()))
+    inputs = len(set(pairs["mr"]))
+    if inputs < min_inputs:
+        raise DataError(f"{name} has {inputs} distinct input(s) with a reference; the train, validation and test "
+                        f"splits need at least {min_inputs}: add inputs (meaning representations or triples)")
     return split_by_mr(pairs, seed=split_seed)
 
 
@@ -131,7 +139,7 @@ def _test_pairs(pairs, limit: int | None, seed: int):
 @owns_output_dir
 def train(options: RunOptions, checkpoint: str | None) -> dict[str, Any]:
     """Train on MR → text pairs; write adapter, metrics (BLEU, NIST, ROUGE-L, ...), curve and predictions."""
-    run = start_run(options, load_pairs(options.data, options.split_seed), _prompt, _reference,
+    run = start_run(options, load_pairs(options.data, options.split_seed, MIN_INPUTS), _prompt, _reference,
                     lambda pairs: _test_pairs(pairs["test"], options.max_test_samples, options.split_seed),
                     lambda rows: f"{len(set(rows['mr']))} test MRs")
     test_pairs = run.test_rows
@@ -165,7 +173,8 @@ def summary(scores: dict[str, Any]) -> str:
 def evaluate(adapter: str | os.PathLike, options: RunOptions, split: str, max_samples: int | None) -> dict[str, Any]:
     """Generation metrics of a trained run on a split (the run's own options unless overridden)."""
     pairs = load_pairs(options.data, options.split_seed)
-    rows = _test_pairs(pairs[split], max_samples or options.max_test_samples, options.split_seed)
+    limit = max_samples or (None if split == WHOLE else options.max_test_samples)
+    rows = _test_pairs(split_rows(pairs, split), limit, options.split_seed)
     if not len(rows):
         raise RecipeError(f"{options.data}: the {split} split is empty")
     net, tokenizer = load_trained(adapter, options.model)

@@ -5,8 +5,13 @@
 ``--adapter`` is a pipeline adapter folder (``pipeline.json`` + one adapter folder per component, see
 :mod:`peftlab.diffusion.pipeline`) or a merged pipeline folder; ``--model`` is the base pipeline (default: the
 one the adapters name). The images are ``<out stem>-<i>.png`` next to the grid ``<out>``; every file is written
-to a temporary file and renamed into place. The same ``--seed`` gives the same images (the initial noise comes
-from a CPU generator, so also across devices up to float rounding).
+to a temporary file and renamed into place. The same ``--seed`` and ``--batch-size`` give the same images (the
+initial noise comes from one CPU generator, so also across devices up to float rounding).
+
+Limits, checked before the pipeline is loaded: at most :data:`MAX_IMAGES` images per call (every image is kept
+for the grid), denoised ``--batch-size`` at a time so that memory does not grow with ``--num-images``; the folder
+of ``--out`` must be writable (a folder, or creatable). With ``--control-type`` on a run trained with another
+control map (its ``run_config.json``), the error names the type the run was trained with.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 from peftlab import io
 from peftlab.errors import RecipeError
 
+MAX_IMAGES = 256  # per call: the images are kept for the grid (256 at 512² are ~200 MB)
 SCHEDULER_EXAMPLES = ("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
                       "EulerAncestralDiscreteScheduler", "PNDMScheduler", "LMSDiscreteScheduler")
 
@@ -40,7 +46,8 @@ class GenerateOptions:
     control_type: str | None = _flag("compute the control map from --control IMG (then any image like the "
                                      "targets): canny, landmarks or segmentation; the map is written as "
                                      "<stem>-control.png (default: --control IMG is the map itself)")
-    num_images: int = _flag("number of images", default=4)
+    num_images: int = _flag(f"number of images, at most {MAX_IMAGES} per call", default=4)
+    batch_size: int = _flag("images denoised at once (memory grows with it, not with --num-images)", default=4)
     seed: int = _flag("seed of the initial noise", default=0)
     steps: int = _flag("denoising steps", default=20)
     guidance_scale: float = _flag("classifier-free guidance scale (1: none)", default=7.5)
@@ -62,14 +69,18 @@ class GenerateOptions:
         """One-line errors for values no pipeline can use."""
         if not self.prompt:
             raise RecipeError("the following arguments are required: --prompt")
-        for name in ("num_images", "steps", "height", "width"):
+        for name in ("num_images", "batch_size", "steps", "height", "width"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise RecipeError(f"--{name.replace('_', '-')} must be a positive integer; got {value!r}")
+        if self.num_images > MAX_IMAGES:
+            raise RecipeError(f"--num-images {self.num_images} is over the limit of {MAX_IMAGES} images per call (all "
+                              "are kept for the grid); make several calls with different --seed and --out")
         if not isinstance(self.guidance_scale, (int, float)) or not math.isfinite(self.guidance_scale):
             raise RecipeError(f"--guidance-scale must be a finite number; got {self.guidance_scale!r}")
         if not str(self.out).lower().endswith(".png") or Path(self.out).is_dir():
             raise RecipeError(f"--out {self.out} must name a .png file (the grid)")
+        check_writable(Path(self.out))
         if self.control_type is not None:
             from peftlab.diffusion.control import CONTROLS
 
@@ -77,6 +88,37 @@ class GenerateOptions:
                 raise RecipeError(f"unknown --control-type {self.control_type!r}; choose one of: {', '.join(CONTROLS)}")
             if self.control is None:
                 raise RecipeError("--control-type computes the control map of an image: pass it with --control IMG")
+
+
+def check_writable(out: Path) -> None:
+    """RecipeError unless the images can be written next to ``out``: its folder is a folder (or can be made) in
+    which a file can be created."""
+    import tempfile
+
+    folder = out.absolute().parent
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise RecipeError(f"--out {out}: {existing} is a file, not a folder; choose an --out in a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise RecipeError(f"--out {out}: cannot write in {existing} ({err.strerror or err}); choose an --out in a "
+                          "writable folder") from None
+
+
+def trained_control(adapter: str | None) -> str | None:
+    """The control map type a run was trained with (its ``run_config.json``; a checkpoint: its run's), or None."""
+    from peftlab.recipes.rundir import read_run
+
+    if adapter is None:
+        return None
+    folder = Path(adapter)
+    for candidate in (folder, folder.parent) if folder.name.startswith("checkpoint-") else (folder,):
+        options = (read_run(candidate) or {}).get("options") or {}
+        if options.get("task") == "controllable" and options.get("control"):
+            return str(options["control"])
+    return None
 
 
 def scheduler_class(name: str) -> type:
@@ -144,13 +186,9 @@ def control_image(pipe: Any, path: str | None) -> dict[str, Any]:
     if not has_control:
         raise RecipeError("this run has no control encoder (no controlnet/ in its folder), so --control cannot be "
                           "used; train one with --task controllable")
-    from PIL import Image, UnidentifiedImageError
+    from peftlab.recipes.image_data import open_image
 
-    try:
-        with Image.open(path) as image:
-            return {"image": image.convert("RGB")}
-    except (OSError, UnidentifiedImageError, ValueError):
-        raise RecipeError(f"--control {path} is not a readable image (missing, or not a PNG or JPEG)") from None
+    return {"image": open_image(Path(path), "--control")}
 
 
 def control_from_image(image: Any, control_type: str, height: int, width: int) -> Any:
@@ -179,6 +217,11 @@ def generate(options: GenerateOptions) -> list[Path]:
     import torch
 
     options.validate()
+    trained = trained_control(options.adapter)
+    if options.control_type is not None and trained not in (None, options.control_type):
+        raise RecipeError(f"--control-type {options.control_type}: the run {options.adapter} was trained on "
+                          f"{trained} control maps; pass --control-type {trained} (or a ready {trained} map with "
+                          "--control alone)")
     pipe = load_for_generation(options.adapter, options.model)
     check_prompt(pipe.tokenizer, options.prompt, "--prompt")
     if options.negative_prompt is not None:
@@ -195,10 +238,13 @@ def generate(options: GenerateOptions) -> list[Path]:
     pipe.to(device)
     pipe.set_progress_bar_config(desc="peftlab generate", leave=False)
     generator = torch.Generator("cpu").manual_seed(options.seed)
+    images: list[Any] = []
     with torch.inference_mode(), conditioned(pipe, control, height, width):
-        images = pipe(options.prompt, negative_prompt=options.negative_prompt, num_images_per_prompt=options.num_images,
-                      num_inference_steps=options.steps, guidance_scale=options.guidance_scale, height=height,
-                      width=width, generator=generator, output_type="pil", **control).images
+        while len(images) < options.num_images:  # --batch-size at a time, one generator: memory stays bounded
+            count = min(options.batch_size, options.num_images - len(images))
+            images += pipe(options.prompt, negative_prompt=options.negative_prompt, num_images_per_prompt=count,
+                           num_inference_steps=options.steps, guidance_scale=options.guidance_scale, height=height,
+                           width=width, generator=generator, output_type="pil", **control).images
     paths = write_images(images, Path(options.out))
     if control_map is not None:
         out = Path(options.out)

@@ -37,13 +37,20 @@ MANIFEST = "manifest.json"
 
 
 def open_image(path: Path, what: str) -> Any:
-    """An RGB PIL image, or DataError naming the file (missing, truncated, not an image)."""
+    """An RGB PIL image (:func:`as_rgb`), or DataError naming the file (missing, truncated, not an image, or over
+    PIL's decompression-bomb limit of 2 × ``Image.MAX_IMAGE_PIXELS`` pixels)."""
     from PIL import Image, UnidentifiedImageError
+
+    from peftlab.diffusion.control import as_rgb
 
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert("RGB")
+            return as_rgb(image)
+    except Image.DecompressionBombError as err:
+        size = str(err).split(", could be")[0]  # "Image size (N pixels) exceeds limit of M pixels"
+        raise DataError(f"{what}: {path} is too large to open safely: {size} (PIL's decompression-bomb guard); "
+                        "downscale the image") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
         raise DataError(f"{what}: {path} is not a readable image (missing, truncated, or not PNG/JPEG/WebP/BMP)") \
             from None

@@ -31,6 +31,7 @@ TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "m
 # HRA at its text default 1e-2 forgets much more of the prior than at 3e-3; LoRA-family defaults are 3e-3 already.
 IMAGE_MAX_DEFAULT_LR = 3e-3
 SPLITS = ("test", "validation", "train")
+WHOLE = "all"  # the split name of a data file given to ``peftlab eval`` without --split: every row of it
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "classification": {"model": "minilm", "data": "movie-snippets", "max_length": 64, "batch_size": 32,
                        "num_beams": 1, "max_new_tokens": 64},

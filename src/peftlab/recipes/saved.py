@@ -15,8 +15,8 @@ from torch import nn
 
 from peftlab import io
 from peftlab.config import AdapterConfig
-from peftlab.errors import RecipeError
-from peftlab.methods.base import ADAPTERS
+from peftlab.errors import AdapterLoadError, RecipeError
+from peftlab.methods.base import ADAPTERS, config_mismatch
 from peftlab.recipes.rundir import METRICS_FILE, is_adapter_dir, read_run
 
 
@@ -120,6 +120,9 @@ def describe(folder: str | os.PathLike) -> list[str]:
         data = io.read_json(folder / io.CONFIG_NAME)
         config = AdapterConfig.from_dict({k: v for k, v in data.items() if k != "base_model_name_or_path"})
         tensors = io.load_tensors(folder)
+        reason = config_mismatch(config, tensors)
+        if reason is not None:
+            raise AdapterLoadError(f"{folder} cannot be loaded: {reason}")
         lines.append("adapter config:")
         lines += [f"  {key}: {json.dumps(data[key])}" for key in sorted(data)]
     elif (folder / "config.json").is_file():

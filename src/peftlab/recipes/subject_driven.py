@@ -130,7 +130,7 @@ def train(options: RunOptions, checkpoint: str | None = None) -> dict[str, Any]:
         "task": options.task, "method": options.method, "model": options.model, "metric": METRIC, "lr": options.lr,
         "instance_data": options.instance_data, "num_instance_images": len(ready["instances"]),
         "num_class_images": len(ready["classes"]), "class_images_reused": ready["class_images_reused"],
-        "test": after, "before": before, "skipped": skipped,
+        "num_eval_images": len(samples), "test": after, "before": before, "skipped": skipped,
         **{k: v for k, v in training.items() if k != "losses"},
     }
     it.finish_image_run(pipe, out, metrics, samples, training["losses"], options.keep_checkpoints)

@@ -219,6 +219,18 @@ def select(data: Any, limit: int | None, seed: int) -> Any:
     return data.shuffle(seed=seed).select(range(limit))
 
 
+def split_rows(data: Any, split: str) -> Any:
+    """The rows of ``split`` of a ``DatasetDict``; :data:`~peftlab.recipes.options.WHOLE`: all its splits together
+    (``peftlab eval --data FILE`` scores the whole file)."""
+    from peftlab.recipes.options import WHOLE
+
+    if split != WHOLE:
+        return data[split]
+    import datasets as hf
+
+    return hf.concatenate_datasets([part for part in data.values() if len(part)])
+
+
 def with_length(data: Any, sort: bool = False) -> Any:
     """Add a ``length`` column (tokens per row) for length-grouped batches; ``sort`` orders the rows by it.
 
