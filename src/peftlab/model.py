@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from peftlab import lowmem
+from peftlab.checkpointing import GradientCheckpointing
 from peftlab.config import AdapterConfig
 from peftlab.errors import AdapterError, ConfigError, TargetError
 from peftlab.inject import (
@@ -39,7 +40,7 @@ from peftlab.mixed import mixed_batch
 from peftlab.saving import AdapterFiles
 
 
-class AdapterModel(AdapterFiles, nn.Module):
+class AdapterModel(AdapterFiles, GradientCheckpointing, nn.Module):
     """A model with one or more named adapters.
 
     Args:
