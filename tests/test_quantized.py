@@ -233,12 +233,24 @@ def test_a_quantized_tensor_subclass_that_cannot_be_read_is_a_clear_error():
     from peftlab.errors import PeftlabError
     from peftlab.layers import dequantized_weight
 
-    class Opaque(torch.Tensor):  # stands in for a quantized subclass without a usable dequantize()
+    class Opaque(torch.Tensor):  # stands in for a torchao subclass without a usable dequantize()
         def dequantize(self):
             raise NotImplementedError
+
+    Opaque.__module__ = "torchao.dtypes.opaque"
 
     layer = nn.Linear(8, 4)
     layer.weight = nn.Parameter(layer.weight.detach().as_subclass(Opaque), requires_grad=False)
     assert LayerView(layer).quantized == "subclass"
     with pytest.raises(PeftlabError, match="tensor subclass peftlab cannot read"):
         dequantized_weight(layer, "subclass")
+
+
+def test_adapters_go_on_a_base_on_the_meta_device(saved_llama):
+    """A base built without data (``torch.device("meta")``): the finite-weight check has no values to read."""
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(AutoConfig.from_pretrained(saved_llama))
+    wrapped = get_adapter_model(model, make_config("lora"), low_cpu_mem_usage=True)
+    assert all(p.is_meta for p in wrapped.adapter_parameters("default").values())

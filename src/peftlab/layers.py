@@ -79,8 +79,8 @@ def rounding_warning(kind: str, action: str) -> str:
 
 def quantization(module: nn.Module) -> str | None:
     """How ``module``'s weight is quantized: ``"nf4"`` / ``"fp4"`` (bitsandbytes 4-bit), ``"int8"``
-    (bitsandbytes 8-bit, once quantized), ``"subclass"`` (another quantized tensor subclass, e.g. torchao's),
-    or ``None`` for a plain floating-point (or meta) weight."""
+    (bitsandbytes 8-bit, once quantized), ``"subclass"`` (a torchao quantized tensor subclass), or ``None`` for
+    a plain floating-point (or meta) weight."""
     w = getattr(module, "weight", None)
     if not isinstance(w, Tensor):
         return None
@@ -89,7 +89,7 @@ def quantization(module: nn.Module) -> str | None:
         return str(w.quant_type)
     if cls == "Int8Params" and w.dtype == torch.int8:
         return "int8"
-    if type(w) not in (Tensor, nn.Parameter) and cls not in ("Params4bit", "Int8Params"):
+    if type(w).__module__.split(".")[0] == "torchao":  # e.g. AffineQuantizedTensor (not DTensor & co.)
         return "subclass"
     return None
 
