@@ -254,3 +254,23 @@ def test_adapters_go_on_a_base_on_the_meta_device(saved_llama):
         model = LlamaForCausalLM(AutoConfig.from_pretrained(saved_llama))
     wrapped = get_adapter_model(model, make_config("lora"), low_cpu_mem_usage=True)
     assert all(p.is_meta for p in wrapped.adapter_parameters("default").values())
+
+
+def test_merging_into_a_torchao_weight_is_refused():
+    from peftlab.errors import MergeError
+
+    class FakeAffineQuantized(torch.Tensor):  # a torchao weight: readable (dequantize), not writable by peftlab
+        def dequantize(self):
+            return self.as_subclass(torch.Tensor)
+
+    FakeAffineQuantized.__module__ = "torchao.dtypes.fake"
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 4))
+    base[0].weight = nn.Parameter(base[0].weight.detach().as_subclass(FakeAffineQuantized), requires_grad=False)
+    model = get_adapter_model(base, ADAPTERS["lora"].config_class(r=2, target_modules=["0"], init_weights=False))
+    x = torch.randn(3, 8)
+    before = model(x).detach()
+    with pytest.raises(MergeError, match="merge on the full-precision base"):
+        model.merge()
+    assert model.merged_adapters == []
+    torch.testing.assert_close(model(x).detach(), before, atol=0, rtol=0)

@@ -181,8 +181,8 @@ class AdapterLayer(Delegating):
     @torch.no_grad()
     def commit_merge(self, plan: tuple[dict[str, dict[str, Any]], Tensor]) -> None:
         record, weight = plan
-        self._warn_rounding("merge")
         self.view.write_flat_weight(weight)
+        self._warn_rounding("merge")
         self.merge_record.update(record)
 
     def _warn_rounding(self, action: str) -> None:
@@ -204,8 +204,8 @@ class AdapterLayer(Delegating):
         weight = self._working_weight()
         for n in reversed(record):
             weight = self.adapters[n].unmerged_weight(weight, **record[n])
-        self._warn_rounding("unmerge")
         self.view.write_flat_weight(weight)
+        self._warn_rounding("unmerge")
         self.merge_record.clear()
         return record
 
