@@ -77,8 +77,10 @@ class GradientCheckpointing:
         if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5
             base.activation_checkpointing_enable(activation_checkpointing_kwargs=options, **kwargs)
         elif hasattr(base, "enable_gradient_checkpointing"):  # diffusers: block calls func(module, *args)
-            base.enable_gradient_checkpointing(
-                lambda module, *args: checkpoint(module.__call__, *args, **options), **kwargs)
+            if kwargs.get("every_n_layers", 1) != 1 or kwargs.get("offload", False):
+                raise UnsupportedError(f"{type(base).__name__} (diffusers) checkpoints every block on the device; "
+                                       f"every_n_layers / offload ({kwargs}) are for transformers models")
+            base.enable_gradient_checkpointing(lambda module, *args: checkpoint(module.__call__, *args, **options))
         elif hasattr(base, "gradient_checkpointing_enable"):
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options, **kwargs)
         else:
