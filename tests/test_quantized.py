@@ -25,6 +25,7 @@ bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed 
 METHOD_NAMES = sorted(ADAPTERS)
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 ATOL = 1e-5  # fp32 rounding of the same math in a different order; the quantization error of W is ~1e-2
+EVAL_ATOL = 0.02  # int8 eval error here ≈ 0.006 on logits of size ~1; the adapters move them by 0.17 … 1
 INPUT = torch.tensor([[3, 17, 5, 42, 8, 1, 60, 33, 12, 7], [9, 2, 44, 21, 6, 30, 11, 50, 4, 19]])
 
 
@@ -140,6 +141,21 @@ def test_output_equals_the_adapter_on_the_dequantized_base(saved_llama, method, 
         warnings.simplefilter("ignore")
         torch.testing.assert_close(quantized(input_ids=INPUT).logits.detach(),
                                    reference(input_ids=INPUT).logits.detach(), atol=ATOL, rtol=0)
+
+
+def test_eval_forward_over_more_tokens_than_outputs(saved_llama, method, bits):
+    """Inference over more tokens than a layer has outputs (where HRA would pick its weight path on a float
+    layer) runs the quantized layers with their own weight. bitsandbytes' eval forward is approximate (LLM.int8()
+    rounds the activations to int8; a 4-bit layer may compute in bf16 on AVX512-BF16 CPUs): ``EVAL_ATOL``."""
+    ids = torch.arange(80).remainder(64).reshape(1, 80)  # 80 tokens > d_out = 64
+    quantized = quiet(get_adapter_model, load(saved_llama, bits), make_config(method))
+    perturb(quantized)
+    reference = get_adapter_model(dequantized(saved_llama, quantized.base_model), make_config(method)).eval()
+    reference.set_adapter_state_dict(quantized.adapter_state_dict("default"))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(quantized.eval()(input_ids=ids).logits, reference(input_ids=ids).logits,
+                                   atol=EVAL_ATOL, rtol=0)
 
 
 def test_trains_on_a_quantized_base(saved_llama, method, bits):
