@@ -72,9 +72,10 @@ ROUNDING = {  # how far requantizing moves one weight entry: half the widest gap
 
 def rounding_warning(kind: str, action: str) -> str:
     """The warning for merging into (``action="merge"``) or unmerging from a quantized weight, stating the rounding."""
+    other = "the unmerged model's" if action == "merge" else "the base model's before the merge"
     return (f"{action.capitalize()} on a {kind}-quantized layer: its weight is dequantized, {action}d and requantized, "
             f"which moves each weight entry by {ROUNDING.get(kind, 'one quantisation step')}; the outputs differ "
-            f"from the {'un' if action == 'merge' else ''}merged model's by that rounding")
+            f"from {other} by that rounding")
 
 
 def quantization(module: nn.Module) -> str | None:
