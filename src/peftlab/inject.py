@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from peftlab import lowmem, matching
 from peftlab.config import AdapterConfig
 from peftlab.errors import MergeError, TargetError
-from peftlab.layers import OUTPUT_HEADS, SUPPORTED_TYPES, LayerView, layer_kind
+from peftlab.layers import OUTPUT_HEADS, SUPPORTED_TYPES, LayerView, layer_kind, rounding_warning
 from peftlab.methods.base import Adapter
 from peftlab.mixed import RowPlan, run_segments
 
@@ -182,7 +182,12 @@ class AdapterLayer(Delegating):
     def commit_merge(self, plan: tuple[dict[str, dict[str, Any]], Tensor]) -> None:
         record, weight = plan
         self.view.write_flat_weight(weight)
+        self._warn_rounding("merge")
         self.merge_record.update(record)
+
+    def _warn_rounding(self, action: str) -> None:
+        if self.view.quantized:
+            warnings.warn(rounding_warning(self.view.quantized, action), stacklevel=4)
 
     def _working_weight(self) -> Tensor:
         """A copy of the flat weight to merge into (fp32 for half-precision layers)."""
@@ -200,6 +205,7 @@ class AdapterLayer(Delegating):
         for n in reversed(record):
             weight = self.adapters[n].unmerged_weight(weight, **record[n])
         self.view.write_flat_weight(weight)
+        self._warn_rounding("unmerge")
         self.merge_record.clear()
         return record
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from peftlab import lowmem
+from peftlab.checkpointing import GradientCheckpointing
 from peftlab.config import AdapterConfig
 from peftlab.errors import AdapterError, ConfigError, TargetError
 from peftlab.inject import (
@@ -40,7 +41,7 @@ from peftlab.mixed import mixed_batch
 from peftlab.saving import AdapterFiles
 
 
-class AdapterModel(AdapterFiles, LoraExporting, nn.Module):
+class AdapterModel(AdapterFiles, LoraExporting, GradientCheckpointing, nn.Module):
     """A model with one or more named adapters.
 
     Args:
@@ -142,7 +143,8 @@ class AdapterModel(AdapterFiles, LoraExporting, nn.Module):
             problem = adapter_cls.check_layer(view, r, config)
             if problem:
                 raise TargetError(f"cannot put a {config.method} adapter on {name}: {problem}")
-            if not torch.isfinite(view.flat_weight().detach()).all():
+            weight = view.flat_weight().detach()  # dequantized for a quantized layer
+            if not weight.is_meta and not torch.isfinite(weight).all():
                 raise TargetError(f"{name}'s weight holds NaN or inf values; the base model is corrupt")
             plans.append((name, module, view, r))
         for name, module, view, r in plans:

@@ -116,6 +116,11 @@ class Adapter(nn.Module):
         """A term added to the training loss (already weighted), or ``None``."""
         return None
 
+    def checkpointing_problem(self, reentrant: bool) -> str | None:
+        """Why this adapter cannot train under gradient checkpointing (``reentrant``: ``use_reentrant=True``, whose
+        first forward runs without autograd), with what to do instead; ``None`` if it can."""
+        return None
+
     @classmethod
     def diagnostics(cls, state: dict[str, Tensor]) -> dict[str, float]:
         """Numbers worth reporting about one layer's adapter, from its saved tensors (``peftlab inspect``

@@ -59,7 +59,8 @@ class HRAConfig(AdapterConfig):
             what LoRA costs); otherwise the low-rank path (4·d_out·d_in·r extra FLOPs for W·V and its
             gradient, instead of the 2·N·d_out·d_in input gradient) unless the batch has at most 2r
             tokens. In inference, the weight path when the batch has more tokens than the layer has
-            outputs, else the activation path.
+            outputs, else the activation path. A quantized layer (bitsandbytes 4/8-bit) always takes the
+            activation path, whatever this says: it runs only with its own weight.
     """
 
     method: ClassVar[str] = "hra"
@@ -224,6 +225,8 @@ class HRAAdapter(Adapter):
         return vt.t(), t
 
     def multiplicative_path(self, x: Tensor, layer: LayerView) -> str:
+        if layer.quantized:  # the base layer runs only with its own (quantized) weight: W is never rebuilt
+            return "activation"
         if layer.kind == "conv2d":
             return "weight"
         if self.forward_path != "auto":

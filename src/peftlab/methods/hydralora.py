@@ -278,6 +278,17 @@ class HydraLoraAdapter(Adapter):
             raise RuntimeError("no routing statistics yet: run a forward pass through the model first")
         return self._weights.detach().reshape(-1, self.num_heads).float().mean(0)
 
+    def checkpointing_problem(self, reentrant: bool) -> str | None:
+        """The balance loss is built from the router probabilities of the forward; reentrant checkpointing runs
+        that forward without autograd (and its recomputation comes after the loss), so the loss could not train
+        the router. Non-reentrant checkpointing keeps the graph: the loss and its gradient are those of a run
+        without checkpointing (the recomputation in backward replaces, never adds to, the recorded probabilities)."""
+        if reentrant and self.balance_loss_weight > 0:
+            return (f"HydraLoRA's balance loss (balance_loss_weight={self.balance_loss_weight}) needs the forward's "
+                    "autograd graph, which reentrant checkpointing does not keep; use gradient_checkpointing_kwargs="
+                    "{'use_reentrant': False} or balance_loss_weight=0")
+        return None
+
     def extra_loss(self) -> Tensor | None:
         if self.balance_loss_weight <= 0 or self._probs is None:
             return None
