@@ -16,7 +16,8 @@ Endpoints (JSON):
 misses a field, or holds an empty text, a lone surrogate or ``NaN`` answers 422; so does a prompt that does not
 fit the model's context with ``max_new_tokens`` more, before it is queued; a body over ``--max-body-bytes``
 answers 413. With ``--api-key`` (or ``PEFTLAB_API_KEY``) every endpoint but ``/health`` answers 401 without
-``Authorization: Bearer KEY``.
+``Authorization: Bearer KEY``. The OpenAI-compatible ``/v1/models``, ``/v1/completions`` and
+``/v1/chat/completions`` are in :mod:`peftlab.recipes.openai_api`.
 
 Batching: requests go into an asyncio queue; one worker takes the first waiting request, collects more until it
 holds ``max_batch_size`` or ``max_wait_ms`` has passed, and runs them as mixed-adapter batches
@@ -124,6 +125,8 @@ def create_app(served: ServedModel, max_batch_size: int = 8, max_wait_ms: float 
     """The FastAPI application serving ``served`` (its :class:`Batcher` is ``app.state.service.batcher``)."""
     from fastapi import Depends, FastAPI
 
+    from peftlab.recipes.openai_api import add_openai_routes
+
     service = Service(served, max_batch_size, max_wait_ms, max_body_bytes, api_key)
 
     @contextlib.asynccontextmanager
@@ -171,6 +174,7 @@ def create_app(served: ServedModel, max_batch_size: int = 8, max_wait_ms: float 
     async def health() -> dict[str, Any]:  # open without the API key, for load balancers and probes
         return {"status": "stopping" if service.batcher.stopping.is_set() else "ok", **service.batcher.stats}
 
+    add_openai_routes(app, service, keyed)
     return app
 
 
