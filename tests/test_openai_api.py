@@ -152,6 +152,13 @@ def test_errors_have_openai_shape_and_status(served, client):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="hra", prompt="the cat " * 300, max_tokens=16)
     assert err.value.body["code"] == "context_length_exceeded"
+    surrogate = httpx.post(f"{client.base_url}chat/completions", timeout=60,
+                           content=b'{"model": "hra", "messages": [{"role": "user", "content": "a \\ud800"}]}',
+                           headers={"content-type": "application/json"})
+    assert surrogate.status_code == 400 and "lone surrogate" in surrogate.json()["error"]["message"]
+    empty_system = [{"role": "system", "content": ""}, MESSAGES[1]]  # an empty message is allowed
+    chat = client.chat.completions.create(model="hra", messages=empty_system, max_tokens=3, temperature=0)
+    assert chat.choices[0].message.content == alone(served, "hra", "system: \nuser: a dog ran in the\nassistant:", 3)
 
 
 def test_api_key_is_required_when_set(served):

@@ -103,7 +103,7 @@ class Message(BaseModel):
     @classmethod
     def _text(cls, value: str | list[TextPart]) -> str:
         text = value if isinstance(value, str) else "".join(part.text for part in value)
-        return check_text(text, "message content")
+        return check_text(text, "message content", allow_empty=True)  # the template adds the roles
 
 
 class ChatRequest(Sampling):

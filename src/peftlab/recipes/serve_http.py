@@ -38,9 +38,10 @@ class ApiError(Exception):
         return {"detail": self.detail}
 
 
-def check_text(value: str, what: str) -> str:
-    """``value`` if it is non-empty valid Unicode (no lone surrogate, which no tokenizer can encode)."""
-    if not value:
+def check_text(value: str, what: str, allow_empty: bool = False) -> str:
+    """``value`` if it is valid Unicode (no lone surrogate, which no tokenizer can encode) and, unless
+    ``allow_empty``, not empty."""
+    if not value and not allow_empty:
         raise ValueError(f"{what} is empty; give some text")
     try:
         value.encode("utf-8")
