@@ -224,16 +224,18 @@ def name_folder(text: str) -> tuple[str, str]:
 
 def add_flags(p: Any) -> None:
     """The flags of ``peftlab serve``."""
+    from peftlab.cli_flags import positive_int
+
     p.add_argument("--model", required=True, help="base model: a known name (smollm2-135m, minilm), a folder or a "
                    "Hub name")
     p.add_argument("--adapter", action="append", type=name_folder, metavar="NAME=FOLDER", required=True,
                    help="an adapter folder to serve under NAME (repeat the flag for several)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=port_number, default=8000, help="port, 0-65535 (default 8000)")
-    p.add_argument("--max-batch-size", type=int, default=8, help="most requests in one batch (default 8)")
+    p.add_argument("--max-batch-size", type=positive_int, default=8, help="most requests in one batch (default 8)")
     p.add_argument("--max-wait-ms", type=float, default=10.0,
                    help="how long the first request of a batch waits for more (default 10)")
-    p.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
+    p.add_argument("--max-body-bytes", type=positive_int, default=MAX_BODY_BYTES,
                    help=f"largest request body; a larger one answers 413 (default {MAX_BODY_BYTES}, 1 MiB)")
     p.add_argument("--api-key", default=os.environ.get("PEFTLAB_API_KEY") or None,
                    help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: the "
