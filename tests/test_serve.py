@@ -37,10 +37,8 @@ def perturb(model, seed: int) -> None:
                 p.add_((0.5 if "classifier" in name else 0.3) * torch.randn(p.shape, generator=g))
 
 
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
+def build_folders(root: Path) -> Path:
     """A tiny GPT-2 with an HRA and a LoRA adapter, and a tiny BERT classifier with two LoRA adapters."""
-    root = tmp_path_factory.mktemp("serve")
     save_tiny_lm(root / "lm", TEXTS, vocab_size=300)
     save_tiny_classifier(root / "cls")
     lm_configs = {"hra": HRAConfig(r=2, target_modules=["c_attn", "c_fc"]),
@@ -55,6 +53,11 @@ def folders(tmp_path_factory):
         perturb(model, 10 + seed)
         model.save_pretrained(root / name)
     return root
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return build_folders(tmp_path_factory.mktemp("serve"))
 
 
 def free_socket() -> socket.socket:
