@@ -97,3 +97,25 @@ def test_fsdp2_adapters_of_every_method_save_as_one_process_trains_them(tmp_path
         reloaded = AdapterModel.from_pretrained(tiny_llama(), tmp_path / method / "gathered")
         for key, value in reloaded.adapter_state_dict().items():
             assert torch.allclose(value, reference[key], atol=1e-5, rtol=0), key
+
+
+# -- DeepSpeed ZeRO-3 --------------------------------------------------------------------------------------------
+@pytest.mark.multiprocess
+def test_zero3_partitioned_adapters_save_as_one_process_trains_them_and_load_back(tmp_path):
+    """ZeRO-3 with the adapters partitioned: each way of saving gathers them (it used to write (0,)-shaped tensors),
+    and an adapter loaded into the partitioned model lands in its partitions."""
+    pytest.importorskip("deepspeed")
+    from workers.zero3_hra import adapter_model, train
+
+    initial = adapter_model()
+    initial.save_pretrained(tmp_path / "initial")
+    reference = train(str(tmp_path / "one")).model.adapter_state_dict()  # one process, the whole batch
+    assert max((reference[k] - v).abs().max() for k, v in initial.adapter_state_dict().items()) > 1e-3
+    torchrun(WORKERS / "zero3_hra.py", str(tmp_path / "out"), str(tmp_path / "initial"),
+             env={"DS_ACCELERATOR": "cpu"})
+    for kind in ("trainer", "no16bit", "direct"):
+        assert_close(tmp_path / "out" / kind, reference)
+    assert_close(tmp_path / "out" / "reloaded", initial.adapter_state_dict(), atol=0)
+    reloaded = AdapterModel.from_pretrained(adapter_model().base_model, tmp_path / "out" / "trainer")
+    for key, value in reloaded.adapter_state_dict().items():
+        assert torch.allclose(value, reference[key], atol=1e-5, rtol=0), key
