@@ -5,7 +5,8 @@ under DeepSpeed ZeRO-3, the adapters partitioned too (``stage3_param_persistence
 ``OUT/trainer`` (``Trainer.save_model``: HF's gathered 16-bit state dict), ``OUT/no16bit`` (ZeRO-3 without
 ``stage3_gather_16bit_weights_on_model_save``: HF passes an empty state dict) and ``OUT/direct``
 (``save_pretrained`` on every process). Then it loads the adapter in folder LOAD into the partitioned model (as
-``load_best_model_at_end`` and resuming do) and saves it again to ``OUT/reloaded``. ``train(...)`` without
+``load_best_model_at_end`` and resuming do) and saves it again to ``OUT/reloaded``; then ``set_adapter_state_dict``
+puts the trained adapter back (``OUT/set``). ``train(...)`` without
 DeepSpeed, in one process with the whole batch, is the test's reference run.
 """
 
@@ -22,6 +23,7 @@ from conftest import tiny_bert  # noqa: E402
 from workers.ddp_hra import Data  # noqa: E402
 
 from peftlab import AdapterModel, HRAConfig, Trainer, get_adapter_model  # noqa: E402
+from peftlab.io import load_tensors  # noqa: E402
 
 STEPS = 3
 BATCH = 8  # the global batch: one process takes all of it, two processes half each
@@ -94,6 +96,9 @@ def main(out: str, load: str) -> None:
     model.save_pretrained(os.path.join(out, "direct"), is_main_process=main_process)
     trainer._load_from_checkpoint(load)  # what resuming (and load_best_model_at_end) does
     model.save_pretrained(os.path.join(out, "reloaded"), is_main_process=main_process)
+    torch.distributed.barrier()  # OUT/trainer is written (by the main process) before every process reads it
+    model.set_adapter_state_dict(load_tensors(os.path.join(out, "trainer")))  # back to the trained adapter
+    model.save_pretrained(os.path.join(out, "set"), is_main_process=main_process)
 
 
 if __name__ == "__main__":
