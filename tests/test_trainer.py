@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import tiny_bert
 from safetensors.torch import load_file
@@ -95,6 +96,7 @@ def test_resume_continues_from_the_adapter_checkpoint(tmp_path):
         assert torch.allclose(value, full_state[key], atol=1e-6), key
 
 
+@pytest.mark.multiprocess
 def test_two_process_ddp_ends_with_identical_adapters(tmp_path):
     worker = Path(__file__).parent / "workers" / "ddp_hra.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}

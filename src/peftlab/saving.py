@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from peftlab import interop, io, lowmem
+from peftlab import interop, io, lowmem, sharded
 from peftlab.config import AdapterConfig
 from peftlab.errors import AdapterError, AdapterLoadError, ConfigError
 from peftlab.methods.base import Adapter, config_mismatch
@@ -93,54 +93,93 @@ class AdapterFiles:
         An adapter made with ``low_cpu_mem_usage=True`` (on the meta device) takes the tensors themselves,
         moved to its layer's device and converted to its dtype only where they differ, so nothing is
         allocated twice (they then share memory with ``tensors``); an ordinary adapter gets them copied in.
+        Adapters partitioned by DeepSpeed ZeRO-3 are gathered, written and re-partitioned (a collective: call it
+        on every process, with the same tensors).
         """
         name = adapter_name or self.active_adapter
         params = self.adapter_parameters(name)
-        try:
-            io.check_matching(params, tensors, source)
-        except AdapterLoadError:  # the config and the weights may disagree whatever the base model: say so
-            reason = config_mismatch(self.peft_config[name], tensors)
-            if reason is None:
-                raise
-            raise AdapterLoadError(f"{source}: {reason}") from None
-        done: set[str] = set()
-        for owner, wrapper, module, device in self._owners(name):
-            keys = module.state_dict().keys()
-            lowmem.materialise(module, {key: tensors[f"{owner}.{key}"] for key in keys}, device)
-            done.update(f"{owner}.{key}" for key in keys)
-            if isinstance(module, Adapter):
-                module.materialised()
-            lowmem.unguard_if_loaded(wrapper, "adapters" if isinstance(module, Adapter) else "copies")
-        with torch.no_grad():  # trained biases: parameters of the base model, always real
-            for key in params.keys() - done:
-                params[key].copy_(tensors[key].to(device=params[key].device, dtype=params[key].dtype))
+        with sharded.gathered(params.values(), modify=True):  # ZeRO-3: into the full tensors, re-partitioned after
+            try:
+                io.check_matching(params, tensors, source)
+            except AdapterLoadError:  # the config and the weights may disagree whatever the base model: say so
+                reason = config_mismatch(self.peft_config[name], tensors)
+                if reason is None:
+                    raise
+                raise AdapterLoadError(f"{source}: {reason}") from None
+            done: set[str] = set()
+            for owner, wrapper, module, device in self._owners(name):
+                keys = module.state_dict().keys()
+                lowmem.materialise(module, {key: tensors[f"{owner}.{key}"] for key in keys}, device)
+                done.update(f"{owner}.{key}" for key in keys)
+                if isinstance(module, Adapter):
+                    module.materialised()
+                lowmem.unguard_if_loaded(wrapper, "adapters" if isinstance(module, Adapter) else "copies")
+            with torch.no_grad():  # trained biases: parameters of the base model, always real
+                for key in params.keys() - done:
+                    params[key].copy_(tensors[key].to(device=params[key].device, dtype=params[key].dtype))
 
     # -- saving ----------------------------------------------------------------------------------------------
+    def _state_keys(self: AdapterModel, adapter_name: str) -> dict[str, str]:
+        """adapter key (as :meth:`adapter_state_dict` gives it) → key of the same tensor in ``self.state_dict()``."""
+        paths = {id(module): path for path, module in self.named_modules()}
+        keys: dict[str, str] = {}
+        for owner, _, module, _ in self._owners(adapter_name):
+            for key in module.state_dict():
+                keys[f"{owner}.{key}"] = f"{paths[id(module)]}.{key}"
+        if self.peft_config[adapter_name].bias != "none":
+            for name in self._trainable_biases([adapter_name]):
+                keys[original_name(name)] = f"base_model.{name}"
+        return keys
+
+    def _tensors_to_save(
+        self: AdapterModel, adapter_name: str, state_dict: dict[str, Tensor] | None
+    ) -> dict[str, Tensor]:
+        """One adapter's full tensors: picked from ``state_dict`` if given, else gathered from the (possibly
+        sharded) parameters (a collective); :class:`AdapterError` if one has not its declared shape."""
+        live = self.adapter_parameters(adapter_name)
+        if state_dict is not None:
+            tensors = sharded.pick(state_dict, self._state_keys(adapter_name), adapter_name)
+        else:
+            tensors = sharded.full_tensors(live)
+        sharded.check_full_shapes(tensors, {k: sharded.declared_shape(v) for k, v in live.items()}, adapter_name)
+        return tensors
+
     def save_pretrained(
         self: AdapterModel,
         save_directory: str | os.PathLike,
         selected_adapters: list[str] | None = None,
         format: str = "peftlab",
         is_main_process: bool = True,
+        state_dict: dict[str, Tensor] | None = None,
         **_: Any,
     ) -> None:
         """Write each adapter (``default`` at the top, others in sub-folders named after them, as HF PEFT
         does); :meth:`from_pretrained` loads them all back.
 
         ``format="peft"`` writes files that ``peft.PeftModel.from_pretrained`` loads (methods HF PEFT has).
+
+        ``state_dict``: the model's full state dict (keys of ``self.state_dict()``), e.g. the one
+        ``transformers.Trainer`` gathers under FSDP or DeepSpeed ZeRO-3; the adapters' tensors are taken from it
+        instead of from the parameters. Without it, parameters sharded by FSDP2 (``DTensor``) or partitioned by
+        ZeRO-3 are gathered first: a collective, so call ``save_pretrained`` on every process, with
+        ``is_main_process`` true on one of them. Only the main process writes. A tensor whose shape is not the
+        adapter's declared shape (e.g. a ZeRO-3 partition of shape (0,)) is an :class:`AdapterError`, never a file.
         """
-        if not is_main_process:
-            return
         if format not in FORMATS:
             raise ConfigError(f"format={format!r}: use one of {list(FORMATS)}")
+        if not is_main_process and state_dict is not None:
+            return  # nothing to gather: the main process has the full state dict
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         self._check_loaded(names, "save")
         base_name = getattr(getattr(self.base_model, "config", None), "name_or_path", None)
         for name in names:
+            tensors = self._tensors_to_save(name, state_dict)
+            if not is_main_process:
+                continue
             folder = Path(save_directory) if name == "default" else Path(save_directory) / name
-            config, tensors = self.peft_config[name], self.adapter_state_dict(name)
+            config = self.peft_config[name]
             if format == "peft":
-                layers = {n: (layer.view.kind, tuple(layer.base_layer.weight.shape))
+                layers = {n: (layer.view.kind, sharded.declared_shape(layer.base_layer.weight))
                           for n, layer in self._layers() if name in layer.adapters}
                 data = interop.peft_config(config, sorted(layers), base_name)
                 tensors = interop.tensors_to_peft(tensors, layers)

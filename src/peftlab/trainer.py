@@ -20,7 +20,7 @@ import transformers
 from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from peftlab import io
+from peftlab import io, sharded
 from peftlab.model import AdapterModel
 
 TRAINING_ARGS_NAME = "training_args.bin"
@@ -78,24 +78,43 @@ class Trainer(transformers.Trainer):
         return self.label_smoother(outputs, labels, shift_labels=shift, num_items_in_batch=num_items_in_batch), outputs
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write the adapter folder (not the whole model). HF calls this on every process; under FSDP and
+        DeepSpeed ZeRO-3 ``state_dict`` is the model's full state dict that HF gathered (on the main process), and
+        the adapters are taken from it. ZeRO-3 without ``stage3_gather_16bit_weights_on_model_save`` gathers
+        nothing (HF passes an empty dummy): then every process takes part in gathering the adapters alone."""
         adapter_model = self._adapter_model()
         if adapter_model is None:
             return super()._save(output_dir, state_dict)
         output_dir = output_dir or self.args.output_dir
+        if self._zero3_without_gathering():
+            state_dict = None
+        elif not self.args.should_save:
+            return None
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+        adapter_model.save_pretrained(output_dir, state_dict=state_dict, is_main_process=self.args.should_save)
         if not self.args.should_save:
             return None
-        os.makedirs(output_dir, exist_ok=True)
-        adapter_model.save_pretrained(output_dir)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
         return None
 
+    def _zero3_without_gathering(self) -> bool:
+        """DeepSpeed ZeRO-3 without ``stage3_gather_16bit_weights_on_model_save``: HF gathers no state dict."""
+        if not self.is_deepspeed_enabled or self.accelerator.deepspeed_config["zero_optimization"]["stage"] != 3:
+            return False
+        return not self.model_wrapped.zero_gather_16bit_weights_on_model_save()
+
     def _restore_adapters(self, folder: str) -> None:
+        """Copy the adapters saved in ``folder`` into the model (into the full tensors of ZeRO-3 partitioned
+        adapters, re-partitioned afterwards: every process must call this)."""
         adapter_model = self._adapter_model()
         for name in adapter_model.peft_config:
             path = Path(folder) if name == "default" else Path(folder) / name
-            io.check_and_copy(adapter_model.adapter_parameters(name), io.load_tensors(path), path)
+            params = adapter_model.adapter_parameters(name)
+            with sharded.gathered(params.values(), modify=True):
+                io.check_and_copy(params, io.load_tensors(path), path)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if self._adapter_model(model) is None:
