@@ -199,8 +199,10 @@ def train(options: RunOptions, checkpoint: str | None) -> dict[str, Any]:
     test_set = tokenize(select(data["test"], options.max_test_samples, options.split_seed), tokenizer,
                         options.max_length, sort=True)
     metric = main_metric(options, regression)
+    # average_tokens_across_devices off: a classifier's loss is a mean per device already (HF would multiply it by
+    # the number of processes, so DDP / ZeRO runs would take N times the gradient of a one-process run)
     args = training_arguments(options, len(train_set), metric, greater_is_better=True,
-                              label_smoothing_factor=options.label_smoothing)
+                              label_smoothing_factor=options.label_smoothing, average_tokens_across_devices=False)
     with args.main_process_first(local=False):
         out = start_output_dir(options, main_process=args.process_index == 0, extra={"labels": names})
     trainer = Trainer(
