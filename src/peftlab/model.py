@@ -141,7 +141,7 @@ class AdapterModel(AdapterFiles, nn.Module):
             problem = adapter_cls.check_layer(view, r, config)
             if problem:
                 raise TargetError(f"cannot put a {config.method} adapter on {name}: {problem}")
-            if not torch.isfinite(view.flat_weight().detach()).all():
+            if not view.module.weight.is_meta and not torch.isfinite(view.flat_weight().detach()).all():
                 raise TargetError(f"{name}'s weight holds NaN or inf values; the base model is corrupt")
             plans.append((name, module, view, r))
         for name, module, view, r in plans:
