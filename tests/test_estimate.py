@@ -119,3 +119,6 @@ def test_cli_prints_the_table_and_json(small, capsys):
                           "activations", "recompute", "logits_and_loss"))
     assert main(["estimate", "--model", str(small), "--r", "4"]) == 0
     assert "total per device" in capsys.readouterr().out
+    # one plain name is a suffix, as in peftlab train (not a regex that would match nothing whole)
+    assert main(["estimate", "--model", str(small), "--method", "lora", "--target-modules", "q_proj", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["trainable_parameters"] == LORA_R8 // 2

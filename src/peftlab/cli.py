@@ -364,12 +364,9 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     adapter_args = dict(args.adapter_arg or [])
     adapter_args.update({k.removeprefix("method_field_"): v for k, v in vars(args).items()
                          if k.startswith("method_field_") and v is not None})
-    targets = args.target_modules
-    if targets and targets != "all-linear" and "," in targets:
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    result = estimate_memory(args.model, args.method or "hra", args.r, targets, args.batch_size, args.seq_len,
-                             args.resolution, args.precision, args.gradient_checkpointing, args.quantization,
-                             args.zero_stage, args.fsdp, args.num_devices, adapter_args)
+    result = estimate_memory(args.model, args.method or "hra", args.r, args.target_modules, args.batch_size,
+                             args.seq_len, args.resolution, args.precision, args.gradient_checkpointing,
+                             args.quantization, args.zero_stage, args.fsdp, args.num_devices, adapter_args)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
     return 0
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,11 +139,15 @@ def estimate_memory(
     """Estimate the memory per device of training ``method`` on ``model`` (a folder with ``config.json`` or
     ``unet/config.json``, a ``.json`` file, or a Hub id with a network); see the module docstring for the
     formulas. ``seq_len`` is tokens per example for a language model; ``resolution`` (pixels, default the
-    UNet's ``sample_size``·8) for a UNet. ``fsdp`` (full shard) is counted as ZeRO-3."""
+    UNet's ``sample_size``·8) for a UNet. ``fsdp`` (full shard) is counted as ZeRO-3. ``target_modules`` as in
+    ``peftlab train``: a list, comma-separated names (``"q_proj,v_proj"``), a regex or ``"all-linear"``."""
     from peftlab import estimate_model as em
     from peftlab.model import get_adapter_model
 
     _check(precision, quantization, zero_stage, num_devices, batch_size, seq_len)
+    if isinstance(target_modules, str) and re.fullmatch(r"[\w.-]+(\s*,\s*[\w.-]+)*", target_modules):
+        if target_modules != "all-linear":  # plain names are suffixes ("q_proj,v_proj"), as in peftlab train
+            target_modules = [t.strip() for t in target_modules.split(",")]
     dtype = PRECISIONS[precision]
     raw = em.read_model_config(model)
     unet = em.is_unet(raw)
