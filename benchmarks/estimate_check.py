@@ -21,14 +21,19 @@ from pathlib import Path
 import _harness as h
 
 from peftlab.estimate import estimate_memory
-from peftlab.estimate_model import measured_peak
+from peftlab.estimate_model import measured_peak, measured_unet_peak
 
 LLAMA = {"model_type": "llama", "hidden_act": "silu", "max_position_embeddings": 512, "tie_word_embeddings": False}
 SMALL = {**LLAMA, "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 4, "vocab_size": 8000}
 WIDER = {**LLAMA, "hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 4, "num_attention_heads": 8,
          "num_key_value_heads": 4, "vocab_size": 32000}
-# (name, config, method, r, batch, length, precision, checkpointing)
+# a small Stable-Diffusion-like UNet: 2 blocks (32, 64 channels), cross-attention on 32-wide text states
+UNET = {"_class_name": "UNet2DConditionModel", "block_out_channels": [32, 64], "cross_attention_dim": 32,
+        "sample_size": 32, "layers_per_block": 1, "attention_head_dim": 8, "norm_num_groups": 8, "in_channels": 4,
+        "out_channels": 4, "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"]}
+# (name, config, method, r, batch, length (UNet: latent side), precision, checkpointing)
 CASES = [
     ("small", SMALL, "lora", 8, 4, 256, "fp32", False),
     ("small", SMALL, "hra", 8, 4, 256, "fp32", True),
@@ -38,6 +43,8 @@ CASES = [
     ("wider", WIDER, "lora", 16, 2, 128, "bf16", False),
     ("wider", WIDER, "hydralora", 16, 2, 128, "bf16", True),
     ("wider", WIDER, "lora", 16, 4, 256, "fp32", True),
+    ("unet", UNET, "hra", 4, 2, 32, "fp32", False),
+    ("unet", UNET, "lora", 4, 4, 32, "fp32", False),
 ]
 
 
@@ -47,7 +54,9 @@ def check(config: dict, method: str, r: int, batch: int, length: int, precision:
     path = folder / "config.json"
     path.write_text(json.dumps(config))
     estimate = estimate_memory(path, method, r, batch_size=batch, seq_len=length, precision=precision,
-                               gradient_checkpointing=ckpt)
+                               gradient_checkpointing=ckpt, resolution=8 * length)
+    if "block_out_channels" in config:
+        return estimate.total, measured_unet_peak(config, method, r, batch)
     return estimate.total, measured_peak(config, method, r, batch, length, precision, ckpt)
 
 
@@ -65,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             ratio = estimated / measured
             print(f"{name} {method} {precision} ckpt={ckpt}: estimate {h.fmt_mb(estimated)}, measured "
                   f"{h.fmt_mb(measured)}, ratio {ratio:.2f} ({time.perf_counter() - start:.1f} s)", file=sys.stderr)
-            rows.append([f"{name} (h {config['hidden_size']}, {config['num_hidden_layers']} layers, "
-                         f"V {config['vocab_size']})", method, str(r), f"{batch} × {length}", precision,
+            what = "UNet (32, 64 channels)" if name == "unet" else (
+                f"{name} (h {config['hidden_size']}, {config['num_hidden_layers']} layers, V {config['vocab_size']})")
+            size = f"{batch} × {length}" if name != "unet" else f"{batch} × {length}² latents"
+            rows.append([what, method, str(r), size, precision,
                          "on" if ckpt else "off", h.fmt_mb(estimated), h.fmt_mb(measured), f"{ratio:.2f}",
                          "yes" if abs(ratio - 1) <= 0.2 else "NO"])
     lines += h.markdown_table(["model", "method", "r", "batch", "precision", "checkpointing", "estimate",

@@ -15,7 +15,7 @@ from peftlab.cli import main
 from peftlab.config import registered_methods
 from peftlab.errors import ConfigError, ModelError, PeftlabError, RecipeError, TargetError
 from peftlab.estimate import estimate_memory, quantized_bytes
-from peftlab.estimate_model import adapter_config, measured_peak
+from peftlab.estimate_model import adapter_config, measured_peak, measured_unet_peak
 
 ROOT = Path(__file__).resolve().parents[1]
 # h 256, 2 layers, MLP 688, vocab 8000: P = 2·8000·256 + 2·(4·256² + 3·256·688 + 2·256) + 256 = 5,678,336
@@ -81,7 +81,25 @@ def test_quantized_base_bytes(small):
 def test_estimate_within_20_percent_of_measured_peak(small, method, precision, checkpointing):
     estimate = estimate_memory(small, method, 8, batch_size=4, seq_len=256, precision=precision,
                                gradient_checkpointing=checkpointing)
+    if checkpointing:  # the recomputed layer and the logits are never alive together: the larger counts
+        assert 0 < estimate.recompute < estimate.logits_and_loss
+        assert estimate.total == sum(estimate.to_dict()[k] for k in (
+            "base_weights", "adapter_weights", "gradients", "optimizer_states", "activations", "logits_and_loss"))
     measured = measured_peak(SMALL, method, 8, 4, 256, precision, checkpointing)
+    assert abs(estimate.total / measured - 1) <= TOLERANCE, (estimate.total, measured)
+
+
+TINY_UNET = {"_class_name": "UNet2DConditionModel", "block_out_channels": [32, 64], "cross_attention_dim": 32,
+             "sample_size": 32, "layers_per_block": 1, "attention_head_dim": 8, "norm_num_groups": 8,
+             "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D",
+                                                                                          "CrossAttnUpBlock2D"]}
+
+
+def test_unet_estimate_within_20_percent_of_measured_peak(tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps(TINY_UNET))  # a pipeline folder's layout
+    estimate = estimate_memory(tmp_path, "hra", 4, batch_size=2, precision="fp32")
+    measured = measured_unet_peak(TINY_UNET, "hra", 4, 2)
     assert abs(estimate.total / measured - 1) <= TOLERANCE, (estimate.total, measured)
 
 

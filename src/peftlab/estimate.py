@@ -20,6 +20,7 @@ trainable parameters are counted exactly for every registered method. With P bas
   (LoRA-family adapters keep their input cast to fp32). With gradient checkpointing each layer keeps only its
   input (p·t·h) and one layer is recomputed in full during backward (**recompute**). **logits and loss**:
   12·t·V (fp32 logits, the log-softmax kept for backward, and the two fp32 gradients of the loss's backward).
+  The total is the sum, except that the recomputed layer and the logits are not alive at once: the larger counts.
   A UNet's activations are traced on meta over one whole forward (b latents of (resolution/8)², 77 text tokens).
 
 Not counted: the CUDA context (~0.5-1 GB), allocator fragmentation and caching, temporary buffers (a
@@ -51,6 +52,7 @@ LABELS = {"base_weights": "base weights", "gathered_weights": "gathered block (Z
           "adapter_weights": "adapter weights (fp32)", "gradients": "gradients (fp32)",
           "optimizer_states": "AdamW states (fp32 exp_avg, exp_avg_sq)", "activations": "activations",
           "recompute": "recomputed layer (checkpointing)", "logits_and_loss": "logits and loss"}
+TRANSIENT = ("recompute", "logits_and_loss")  # alive at different times: the total counts the larger
 
 
 @dataclass(frozen=True)
@@ -71,8 +73,11 @@ class MemoryEstimate:
 
     @property
     def total(self) -> int:
-        """The sum of the components: the estimated peak per device, without what is not counted."""
-        return sum(getattr(self, name) for name in COMPONENTS)
+        """The estimated peak per device, without what is not counted: the sum of the components, except that
+        the recomputed layer and the logits are never alive together (with checkpointing, the loss's backward
+        ends before the last layer is recomputed), so only the larger of the two counts."""
+        persistent = sum(getattr(self, name) for name in COMPONENTS if name not in TRANSIENT)
+        return persistent + max(self.recompute, self.logits_and_loss)
 
     def to_dict(self) -> dict[str, Any]:
         """Every component in bytes, the total, the parameter counts and the settings (JSON-ready)."""
@@ -84,14 +89,15 @@ class MemoryEstimate:
         share = 100 * self.trainable_parameters / max(self.base_parameters, 1)
         lines = [f"{s['model']}: {s['method']} r={s['r']} on {s['targets']}",
                  f"  {self.trainable_parameters:,} trainable / {self.base_parameters:,} base parameters "
-                 f"({share:.3f} %); {s['workload']}, {s['precision']}, base {s['base']}, "
+                 f"({share:.3f} %); {s['workload']}, base {s['base']}, "
                  f"checkpointing {'on' if s['gradient_checkpointing'] else 'off'}, {s['sharding']}",
                  f"  {'component':<42}{'GiB':>10}{'share':>8}"]
         for name in COMPONENTS:
             value = getattr(self, name)
             if value:
                 lines.append(f"  {LABELS[name]:<42}{value / 2**30:>10.3f}{100 * value / self.total:>7.1f}%")
-        lines.append(f"  {'total per device':<42}{self.total / 2**30:>10.3f}")
+        overlap = " (recomputed layer and logits: the larger)" if self.recompute else ""
+        lines.append(f"  {'total per device':<42}{self.total / 2**30:>10.3f}{overlap}")
         return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -178,15 +179,46 @@ def trace_adapted_linear(config: AdapterConfig, d_in: int, d_out: int, r: int, t
     return LayerTrace(own, sum(seen.values()))
 
 
+class _FusedAttention(torch.autograd.Function):
+    """Shapes of ``scaled_dot_product_attention`` on meta, saving what a fused kernel (flash / memory-efficient)
+    saves for backward: q, k, v, the output and the fp32 log-sum-exp per query; never the a·s² scores, which the
+    math fallback that meta tensors would run keeps."""
+
+    @staticmethod
+    def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        out = query.new_empty((*query.shape[:-1], value.shape[-1]))
+        lse = query.new_empty(query.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(query, key, value, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        query, key, value, _, _ = ctx.saved_tensors
+        return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+@contextlib.contextmanager
+def fused_attention() -> Iterator[None]:
+    """Inside the block, ``F.scaled_dot_product_attention`` saves for backward what a fused kernel saves."""
+    functional = torch.nn.functional
+    original = functional.scaled_dot_product_attention
+    functional.scaled_dot_product_attention = lambda q, k, v, *args, **kwargs: _FusedAttention.apply(q, k, v)
+    try:
+        yield
+    finally:
+        functional.scaled_dot_product_attention = original
+
+
 def trace_unet(model: nn.Module, batch: int, latent: int, dtype: torch.dtype) -> int:
     """Saved-for-backward bytes of one training forward of a UNet (with its adapters) on meta: ``batch`` noisy
-    latents of ``latent × latent`` pixels, a timestep each, text states of 77 tokens."""
+    latents of ``latent × latent`` pixels, a timestep each, text states of 77 tokens; attention as a fused
+    kernel keeps it (:func:`fused_attention`)."""
     config = model.config
     sample = torch.empty(batch, config.in_channels, latent, latent, device="meta", dtype=dtype)
     text = torch.empty(batch, 77, config.cross_attention_dim, device="meta", dtype=dtype)
     steps = torch.zeros(batch, dtype=torch.long, device="meta")
     model.train()
-    with saved_storages({_storage_key(p) for p in model.parameters()}) as seen:
+    with fused_attention(), saved_storages({_storage_key(p) for p in model.parameters()}) as seen:
         model(sample, steps, encoder_hidden_states=text)
     return sum(seen.values())
 
@@ -246,3 +278,32 @@ def measured_peak(config: dict[str, Any], method: str, r: int, batch_size: int, 
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids = torch.randint(0, config["vocab_size"], (batch_size, seq_len))
     return measure_training_step(model, {"input_ids": ids, "labels": ids})
+
+
+class _DenoisingLoss(nn.Module):
+    """A UNet's training forward for :func:`measure_training_step`: predict the noise, mean squared error."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample: torch.Tensor, steps: torch.Tensor, text: torch.Tensor, noise: torch.Tensor) -> Any:
+        prediction = self.unet(sample, steps, encoder_hidden_states=text).sample
+        return types.SimpleNamespace(loss=nn.functional.mse_loss(prediction, noise))
+
+
+def measured_unet_peak(config: dict[str, Any], method: str, r: int, batch_size: int, seed: int = 0) -> int:
+    """:func:`measure_training_step` of a real (random) fp32 UNet built from ``config`` on the CPU, with the
+    adapter ``peftlab estimate`` assumes, on ``batch_size`` latents of ``sample_size``² and 77 text tokens."""
+    from diffusers import UNet2DConditionModel
+
+    from peftlab.model import get_adapter_model
+
+    torch.manual_seed(seed)
+    with _quiet():
+        unet = UNet2DConditionModel.from_config(config)
+    model = get_adapter_model(unet, adapter_config(method, unet, r, None, None, unet=True))
+    shape = (batch_size, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    batch = {"sample": torch.randn(shape), "steps": torch.randint(0, 1000, (batch_size,)),
+             "text": torch.randn(batch_size, 77, unet.config.cross_attention_dim), "noise": torch.randn(shape)}
+    return measure_training_step(_DenoisingLoss(model), batch)
