@@ -9,6 +9,7 @@
     peftlab generate --adapter runs/dog --prompt "a photo of sks dog" --num-images 4 --out grid.png
     peftlab analyze runs/lora-a runs/lora-b runs/lora-c runs/lora-d --out analysis/   (A vs B across tasks)
     peftlab serve   --model smollm2-135m --adapter math=runs/math --adapter chat=runs/chat --port 8000
+    peftlab estimate --model configs/models/llama-2-7b.json --method hra --r 32 --gradient-checkpointing
 
 Every subcommand takes ``--config file.yaml`` (keys are the long option names; flags given on the
 command line win). Bad input ends with one ``peftlab <command>: error: ...`` line on stderr and exit
@@ -339,6 +340,52 @@ def _serve_module():  # imported on use: FastAPI and uvicorn load only for `peft
 def cmd_serve(args: argparse.Namespace) -> int:
     """serve adapters of one base model over HTTP; concurrent requests run as mixed-adapter batches"""
     return _serve_module().main(args)
+
+
+def _estimate_flags(p: argparse.ArgumentParser) -> None:
+    from peftlab.cli_flags import _key_value
+    from peftlab.estimate import PRECISIONS, QUANTIZATIONS
+
+    p.add_argument("--model", required=True, help="a folder with config.json (or unet/config.json), a .json file, "
+                   "or a Hub id (needs a network); e.g. configs/models/llama-2-7b.json")
+    add_method_flags(p)
+    p.add_argument("--r", type=positive_int, default=8, help="adapter rank (default 8)")
+    p.add_argument("--target-modules", help="comma-separated layer names, a regex or all-linear (default: the "
+                   "method's defaults, as peftlab train)")
+    p.add_argument("--adapter-arg", action="append", type=_key_value, metavar="KEY=VALUE",
+                   help="another field of the method's config (repeatable)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="per-device batch size (default 4)")
+    p.add_argument("--seq-len", type=positive_int, default=512, help="tokens per example (default 512)")
+    p.add_argument("--resolution", type=positive_int, help="UNet: image size in pixels (default sample_size·8)")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="bf16",
+                   help="dtype of the base weights and activations; adapters stay fp32 (default bf16)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="keep only each layer's input")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
+                   help="bitsandbytes base: nf4, nf4-double (double quant) or int8 (default none)")
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=0, help="DeepSpeed ZeRO stage")
+    p.add_argument("--fsdp", action="store_true", help="FSDP full shard (counted as ZeRO-3)")
+    p.add_argument("--num-devices", type=int, default=1, help="data-parallel devices (default 1)")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON (bytes)")
+
+
+@command(_estimate_flags, config=False)
+def cmd_estimate(args: argparse.Namespace) -> int:
+    """memory per device of training an adapter, from a model's config.json (no weights)
+
+    Builds the model on the meta device, puts the adapter on it, and prints the bytes of the base weights,
+    adapter weights, gradients, AdamW states, activations and logits per device (not counted: CUDA context,
+    allocator fragmentation, temporary buffers).
+    """
+    from peftlab.estimate import estimate_memory
+
+    adapter_args = dict(args.adapter_arg or [])
+    adapter_args.update({k.removeprefix("method_field_"): v for k, v in vars(args).items()
+                         if k.startswith("method_field_") and v is not None})
+    result = estimate_memory(args.model, args.method or "hra", args.r, args.target_modules, args.batch_size,
+                             args.seq_len, args.resolution, args.precision, args.gradient_checkpointing,
+                             args.quantization, args.zero_stage, args.fsdp, args.num_devices, adapter_args)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+    return 0
 
 
 # -- entry point --------------------------------------------------------------------------------------------------
