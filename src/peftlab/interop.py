@@ -22,8 +22,9 @@ from typing import Any
 
 from torch import Tensor
 
-from peftlab.config import AdapterConfig, peft_methods, registered_methods
+from peftlab.config import AdapterConfig
 from peftlab.errors import UnsupportedError
+from peftlab.methods import peft_methods, registered_methods
 
 PREFIX = "base_model.model."
 SHARED_FIELDS = ("r", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save")

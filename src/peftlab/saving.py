@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from peftlab import interop, io, lowmem
-from peftlab.config import AdapterConfig
 from peftlab.errors import AdapterError, AdapterLoadError, ConfigError
+from peftlab.methods import config_from_dict
 from peftlab.methods.base import Adapter
 
 if TYPE_CHECKING:
@@ -163,7 +163,7 @@ class AdapterFiles:
         if peft:
             config = interop.config_from_peft(data, [n for n, _ in self.base_model.named_modules()])
         else:
-            config = AdapterConfig.from_dict(data)
+            config = config_from_dict(data)
         tensors = io.load_tensors(path)
         self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
         try:

@@ -20,7 +20,6 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from peftlab.config import AdapterConfig
-from peftlab.errors import MergeError  # noqa: F401  (re-exported: methods raise it)
 from peftlab.layers import LayerView
 
 ADAPTERS: dict[str, type[Adapter]] = {}

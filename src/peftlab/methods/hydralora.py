@@ -36,7 +36,6 @@ from torch import Tensor, nn
 
 from peftlab.config import (
     AdapterConfig,
-    ConfigError,
     check_finite,
     check_nonnegative,
     check_positive,
@@ -44,8 +43,9 @@ from peftlab.config import (
     check_probability,
     register_method,
 )
+from peftlab.errors import ConfigError, MergeError
 from peftlab.layers import LayerView
-from peftlab.methods.base import Adapter, MergeError
+from peftlab.methods.base import Adapter
 
 ROUTER_INPUTS = ("x", "lora")
 AUTO = "auto"  # num_heads="auto": resolved from the training texts before the model is built
