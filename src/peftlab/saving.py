@@ -4,7 +4,7 @@ An adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors`
 them atomically and reads them safely). A model with several adapters saves the ``default`` one at the top
 and the others in sub-folders named after them, as HF PEFT does; :meth:`AdapterFiles.from_pretrained`
 loads them all back. A folder written by HF PEFT loads through the same methods: its config and tensor
-layout are translated by the pure converters in :mod:`peftlab.interop`.
+layout are translated by the pure converters in :mod:`peftlab.peft_format`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from peftlab import interop, io, lowmem
+from peftlab import io, lowmem, peft_format
 from peftlab.errors import AdapterError, AdapterLoadError, ConfigError
 from peftlab.methods import config_from_dict
 from peftlab.methods.base import Adapter
@@ -136,8 +136,8 @@ class AdapterFiles:
             if format == "peft":
                 layers = {n: (layer.view.kind, tuple(layer.base_layer.weight.shape))
                           for n, layer in self._layers() if name in layer.adapters}
-                data = interop.peft_config(config, sorted(layers), base_name)
-                tensors = interop.tensors_to_peft(tensors, layers)
+                data = peft_format.peft_config(config, sorted(layers), base_name)
+                tensors = peft_format.tensors_to_peft(tensors, layers)
             else:
                 data = {**config.to_dict(), "base_model_name_or_path": base_name}
             io.save_tensors(folder / io.WEIGHTS_NAME, tensors, metadata={"format": "pt"})
@@ -159,9 +159,9 @@ class AdapterFiles:
         """
         data = io.read_json(Path(path) / io.CONFIG_NAME)
         data.pop("base_model_name_or_path", None)
-        peft = interop.is_peft_config(data)
+        peft = peft_format.is_peft_config(data)
         if peft:
-            config = interop.config_from_peft(data, [n for n, _ in self.base_model.named_modules()])
+            config = peft_format.config_from_peft(data, [n for n, _ in self.base_model.named_modules()])
         else:
             config = config_from_dict(data)
         tensors = io.load_tensors(path)
@@ -169,7 +169,7 @@ class AdapterFiles:
         try:
             if peft:
                 shapes = {k: tuple(v.shape) for k, v in self.adapter_parameters(adapter_name).items()}
-                tensors = interop.tensors_from_peft(tensors, shapes)
+                tensors = peft_format.tensors_from_peft(tensors, shapes)
             self.set_adapter_state_dict(tensors, adapter_name, source=str(path))
         except Exception:
             self.delete_adapter(adapter_name)
@@ -234,6 +234,6 @@ def load_peft_adapter(
     from peftlab.model import AdapterModel
 
     data = io.read_json(Path(path) / io.CONFIG_NAME)
-    if not interop.is_peft_config(data):
+    if not peft_format.is_peft_config(data):
         raise AdapterLoadError(f"{path} is not a PEFT adapter (no peft_type); use AdapterModel.from_pretrained")
     return AdapterModel.from_pretrained(base_model, path, adapter_name, is_trainable=is_trainable)
