@@ -143,13 +143,4 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def __getattr__(name: str) -> Any:
-    """``peftlab.interop.load_peft_adapter``: the documented name, kept; the loading itself is model code."""
-    if name == "load_peft_adapter":
-        from peftlab.saving import load_peft_adapter
-
-        return load_peft_adapter
-    raise AttributeError(f"module 'peftlab.interop' has no attribute {name!r}")
-
-
 __all__ = ["config_from_peft", "is_peft_config", "peft_config", "tensors_from_peft", "tensors_to_peft"]

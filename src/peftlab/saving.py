@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from peftlab import io, lowmem, peft_format
-from peftlab.errors import AdapterError, AdapterLoadError, ConfigError
+from peftlab.errors import AdapterError, ConfigError
 from peftlab.methods import config_from_dict
 from peftlab.methods.base import Adapter
 
@@ -221,19 +221,3 @@ def adapter_folders(path: Path, top_name: str) -> dict[str, Path]:
         if "." not in sub.name and (sub / io.CONFIG_NAME).is_file() and not (sub / TRAINER_STATE_NAME).exists():
             found.setdefault(sub.name, sub)
     return found or {top_name: path}  # nothing there: loading the top gives the error that says so
-
-
-def load_peft_adapter(
-    base_model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
-) -> AdapterModel:
-    """Wrap ``base_model`` with an adapter saved by HF PEFT's ``save_pretrained`` (methods PEFT has too).
-
-    The same as ``AdapterModel.from_pretrained``, which reads PEFT folders too; this name refuses a folder
-    that PEFT did not write.
-    """
-    from peftlab.model import AdapterModel
-
-    data = io.read_json(Path(path) / io.CONFIG_NAME)
-    if not peft_format.is_peft_config(data):
-        raise AdapterLoadError(f"{path} is not a PEFT adapter (no peft_type); use AdapterModel.from_pretrained")
-    return AdapterModel.from_pretrained(base_model, path, adapter_name, is_trainable=is_trainable)
