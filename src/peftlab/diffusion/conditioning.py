@@ -99,8 +99,6 @@ def new_condition_encoder(pipe: Any) -> ConditionEncoder:
 
 def save_condition_encoder(encoder: ConditionEncoder, folder: str | os.PathLike) -> Path:
     """Write ``config.json`` and ``model.safetensors`` into a temporary folder renamed to ``folder``."""
-    from peftlab.diffusion.pipeline import save_folder_atomically
-
     config = {"out_channels": encoder.out_channels, "downscale": encoder.downscale,
               "in_channels": encoder.in_channels, "hidden_channels": list(encoder.hidden_channels)}
 
@@ -108,7 +106,7 @@ def save_condition_encoder(encoder: ConditionEncoder, folder: str | os.PathLike)
         io.save_tensors(tmp / WEIGHTS_FILE, encoder.state_dict())
         io.atomic_write_json(tmp / CONFIG_FILE, config)
 
-    return save_folder_atomically(Path(folder), write)
+    return io.atomic_write_folder(folder, write)
 
 
 def load_condition_encoder(folder: str | os.PathLike) -> ConditionEncoder:

@@ -33,8 +33,6 @@ Measured (``benchmarks/tiny_digits.py --force``, torch 2.13 CPU, 2 threads): 609
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -47,6 +45,7 @@ import torch.nn.functional as F
 
 from peftlab.data import glyphs
 from peftlab.errors import ConfigError
+from peftlab.io import atomic_write_folder, atomic_write_json
 
 EMBEDDED_MODEL = "tiny-digits"
 MODEL_VERSION = 1  # bump when the recipe changes, so an old cached model is not reused
@@ -220,14 +219,13 @@ def parameter_counts(components: dict[str, Any]) -> dict[str, int]:
 
 def pretrain(out_dir: str | os.PathLike, config: PretrainConfig | None = None,
              progress: Callable[[str, int, float], None] | None = None) -> dict[str, Any]:
-    """Pretrain ``tiny-digits`` and save it as a diffusers pipeline folder at ``out_dir`` (which must not exist).
+    """Pretrain ``tiny-digits`` and save it as a diffusers pipeline folder at ``out_dir`` (a new or empty folder).
 
     Writes into ``out_dir`` directly: :func:`ensure_pretrained` gives it a temporary folder and renames it.
     Returns the report also saved as ``peftlab_pretrain.json`` (config, seconds per stage, losses, parameters).
     """
     from diffusers import StableDiffusionPipeline
 
-    from peftlab.io import atomic_write_json
 
     config = (config or PretrainConfig()).validate()
     start = time.perf_counter()
@@ -288,18 +286,7 @@ def ensure_pretrained(cache_dir: str | os.PathLike | None = None, *, force: bool
             return target  # another process finished it while we waited
         print(f"[peftlab] pretraining the embedded model {EMBEDDED_MODEL} once (about 10 CPU-minutes); "
               f"it is cached in {target}", flush=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-        try:
-            pretrain(tmp / "pipeline", config, progress=_print_progress())
-            old = None
-            if target.exists():
-                old = target.parent / f".{target.name}.old.{os.getpid()}"
-                os.replace(target, old)
-            os.replace(tmp / "pipeline", target)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write_folder(target, lambda tmp: pretrain(tmp, config, progress=_print_progress()))
     return target
 
 

@@ -26,8 +26,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -226,7 +224,7 @@ def save_pipeline_adapters(pipe: Any, folder: str | os.PathLike, format: str = "
     if CONTROL_COMPONENT in pipe.components:
         controlnet = pipe.components[CONTROL_COMPONENT]
         with quiet():
-            save_folder_atomically(folder / CONTROL_COMPONENT, controlnet.save_pretrained)
+            io.atomic_write_folder(folder / CONTROL_COMPONENT, controlnet.save_pretrained)
         info["control"] = CONTROL_COMPONENT
     if ATTRIBUTE_CONDITION in pipe.__dict__:
         from peftlab.diffusion.conditioning import save_condition_encoder
@@ -341,25 +339,6 @@ def merge_pipeline(pipe: Any, safe_merge: bool = True, **options: Any) -> Any:
     return pipe
 
 
-def save_folder_atomically(out: Path, write: Any, overwrite: bool = True) -> Path:
-    """Call ``write(tmp)`` on a temporary folder next to ``out``, then rename it to ``out`` (replacing an old one),
-    so a failed write never leaves a half-written folder."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        write(tmp)
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
-            os.replace(out, old / "previous")
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
 def merge_folder(folder: str | os.PathLike, out: str | os.PathLike, base: str | None = None) -> Any:
     """``peftlab merge`` on a pipeline adapter folder: a plain diffusers pipeline folder in ``out``, which
     ``DiffusionPipeline.from_pretrained(out)`` loads without peftlab. Returns the merged pipeline."""
@@ -374,7 +353,7 @@ def merge_folder(folder: str | os.PathLike, out: str | os.PathLike, base: str | 
 
             save_condition_encoder(pipe.__dict__[ATTRIBUTE_CONDITION].encoder, tmp / CONDITION_COMPONENT)
 
-    save_folder_atomically(Path(out), write)
+    io.atomic_write_folder(Path(out), write)
     return pipe
 
 
