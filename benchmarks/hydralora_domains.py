@@ -37,7 +37,7 @@ from transformers import DataCollatorWithPadding, set_seed
 from transformers.trainer_callback import PrinterCallback
 
 from peftlab.data import load_dataset
-from peftlab.hydralora import estimate_num_heads
+from peftlab.data.clusters import estimate_num_heads
 from peftlab.models import load_classifier
 from peftlab.recipes.adapters import count_parameters, prepare_model
 from peftlab.recipes.classification import tokenize

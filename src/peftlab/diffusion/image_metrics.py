@@ -178,16 +178,6 @@ def subject_similarity(images, reference_images) -> float:
     return mean_pairwise_cosine(glyph_features(images) - mu, glyph_features(reference_images) - mu)
 
 
-def stand_in_scores(images, labels: Sequence[int | str] | None = None, reference_images=None) -> ImageMetrics:
-    """``class_accuracy`` (when labels are given) and ``subject_similarity`` (when references are given)."""
-    result = ImageMetrics()
-    if labels is not None:
-        result.values["class_accuracy"] = class_accuracy(images, labels)
-    if reference_images is not None:
-        result.values["subject_similarity"] = subject_similarity(images, reference_images)
-    return result
-
-
 # -- encoder metrics (CLIP, DINO) ---------------------------------------------------------------------------
 def _rgb(images) -> list:
     """Images as RGB PIL images for an encoder's processor (colour kept; grey arrays repeated on 3 channels)."""

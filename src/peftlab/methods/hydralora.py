@@ -59,7 +59,7 @@ class HydraLoraConfig(AdapterConfig):
     Args:
         alpha: scaling numerator; the update is scaled by alpha / r.
         dropout: dropout on the adapter's input (training only; one mask shared by all heads).
-        num_heads: N, the number of B heads (``peftlab.hydralora.estimate_num_heads`` suggests one).
+        num_heads: N, the number of B heads (``peftlab.estimate_num_heads`` suggests one).
         router_input: ``"x"`` routes on the layer input (the released code), ``"lora"`` on A·dropout(x)
             (the paper's W_g ∈ R^{r×N}).
         top_k: keep only the k most probable heads per token and renormalise (``None``: dense routing).

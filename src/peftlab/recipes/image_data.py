@@ -54,11 +54,11 @@ def image_files(folder: Path, flag: str) -> list[Path]:
     if not folder.is_dir():
         raise DataError(f"{flag} {folder} is not a folder; give a folder of images"
                         + (f" or {GLYPH_PREFIX}LETTER" if flag == "--instance-data" else ""))
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
         raise DataError(f"{flag} {folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); put the training "
                         "images in it")
-    return files
+    return paths
 
 
 def resize_all(images: list[Any], resolution: int) -> list[Any]:
@@ -78,8 +78,8 @@ def instance_images(spec: str, resolution: int) -> list[Any]:
         except ConfigError as err:  # not one letter A-Z
             raise DataError(f"--instance-data {spec}: {err}") from None
         return resize_all(glyphs.to_pil(grey), resolution)
-    files = image_files(Path(spec).expanduser(), "--instance-data")
-    return resize_all([open_image(f, "--instance-data") for f in files], resolution)
+    paths = image_files(Path(spec).expanduser(), "--instance-data")
+    return resize_all([open_image(f, "--instance-data") for f in paths], resolution)
 
 
 def pixels(images: list[Any]) -> Any:
@@ -179,10 +179,10 @@ def _rows(data: str) -> tuple[Path, list[dict[str, Any]]]:
             raise DataError(f"--data {data}: a data file must be .jsonl with file_name / text / control_file rows")
         base, lines = path.parent, path.read_text().splitlines()
     else:
-        files = image_files(path, "--data")
+        paths = image_files(path, "--data")
         base = path
         meta = path / METADATA_FILE
-        lines = meta.read_text().splitlines() if meta.is_file() else [json.dumps({"file_name": f.name}) for f in files]
+        lines = meta.read_text().splitlines() if meta.is_file() else [json.dumps({"file_name": f.name}) for f in paths]
     rows = []
     for number, line in enumerate(lines, 1):
         if not line.strip():

@@ -45,10 +45,10 @@ from peftlab.recipes.rundir import (
     METRICS_FILE,
     TRAINER_STATE,
     checkpoint_folders,
-    fault_point,
     remove_checkpoints,
+    write_metrics,
 )
-from peftlab.recipes.training import PeakMemory, _jsonable, log, plot_training_curve
+from peftlab.recipes.training import PeakMemory, log, plot_training_curve
 
 SAMPLES_FILE = "samples.png"
 CHECKPOINT_WEIGHTS = "trainable.safetensors"
@@ -182,7 +182,7 @@ def save_checkpoint(out: Path, step: int, pipe: Any, named: dict[str, nn.Paramet
                     generator: torch.Generator | None, losses: list[float], runtime: float) -> Path:
     """Write ``out/checkpoint-<step>`` (see the module docstring; ``trainer_state.json`` last), then delete the
     older checkpoints."""
-    import io as bytes_io
+    from io import BytesIO
 
     from peftlab.diffusion.pipeline import save_pipeline_adapters
 
@@ -193,10 +193,9 @@ def save_checkpoint(out: Path, step: int, pipe: Any, named: dict[str, nn.Paramet
     io.save_tensors(folder / CHECKPOINT_WEIGHTS, dict(named))
     state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(),
              "generator": None if generator is None else generator.get_state()}
-    buffer = bytes_io.BytesIO()
+    buffer = BytesIO()
     torch.save(state, buffer)
     io.atomic_write_bytes(folder / CHECKPOINT_STATE, buffer.getvalue())
-    fault_point("image-checkpoint")  # everything but trainer_state.json is written: an incomplete checkpoint
     io.atomic_write_json(folder / TRAINER_STATE, {"global_step": step, "losses": losses, "train_runtime_s": runtime})
     for older in checkpoint_folders(out):
         if older != folder:
@@ -352,11 +351,10 @@ def finish_image_run(pipe: Any, out: Path, metrics: dict[str, Any], samples: lis
     from peftlab.recipes.generate import grid_shape
 
     save_pipeline_adapters(pipe, out)
-    fault_point("final-save")
     if samples:
         io.atomic_write_image(out / SAMPLES_FILE, make_image_grid(samples, *grid_shape(len(samples))))
     plot_training_curve([{"step": i + 1, "loss": v} for i, v in enumerate(losses)], out / CURVE_FILE, "loss")
-    io.atomic_write_json(out / METRICS_FILE, _jsonable(metrics))
+    write_metrics(out, metrics)
     if not keep_checkpoints:
         remove_checkpoints(out)
 

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 import shutil
-import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -49,15 +49,24 @@ CURVE_FILE = "training_curve.png"
 LOCK_FILE = ".peftlab.lock"
 TRAINER_STATE = TRAINER_STATE_NAME  # HF writes it last into a checkpoint: the checkpoint is complete once it reads
 EMPTY, IN_PROGRESS, FINISHED, FOREIGN = "empty", "in progress", "finished", "not a peftlab run"
-FAULT_POINT_ENV = "PEFTLAB_FAULT_POINT"
 
 
-def fault_point(name: str) -> None:
-    """Test hook: kill this process with SIGKILL (as a crash or ``kill -9`` would) when ``$PEFTLAB_FAULT_POINT`` is
-    ``name``. ``tests/test_faults.py`` stops runs at chosen points of their writes with it; with the variable unset
-    (always, outside tests) it costs one lookup."""
-    if os.environ.get(FAULT_POINT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+def write_metrics(out: Path, metrics: dict[str, Any]) -> None:
+    """Write ``metrics.json`` (the run's last file: the folder is a finished run once it is there); numbers that
+    JSON cannot hold (tensors, NaN, inf) are written as plain numbers or strings."""
+    io.atomic_write_json(out / METRICS_FILE, _jsonable(metrics))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    return value
 
 
 def is_main_process() -> bool:
