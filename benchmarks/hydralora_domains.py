@@ -36,9 +36,9 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, set_seed
 from transformers.trainer_callback import PrinterCallback
 
+from peftlab.base_models import load_classifier
 from peftlab.data import load_dataset
 from peftlab.data.clusters import estimate_num_heads
-from peftlab.models import load_classifier
 from peftlab.recipes.adapters import count_parameters, prepare_model
 from peftlab.recipes.classification import tokenize
 from peftlab.recipes.options import RunOptions

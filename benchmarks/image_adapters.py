@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from _harness import add_run_options, apply_run_options, emit_report, header_lines, markdown_table
 
-from peftlab.io import atomic_write_bytes, atomic_write_json
+from peftlab.files import atomic_write_bytes, atomic_write_json
 from peftlab.recipes import RunOptions, train
 
 METHODS = ("hra", "lora", "hydralora", "mtlora")

@@ -37,7 +37,7 @@ from peftlab.data import (
 from peftlab.data import cache as cache_mod
 from peftlab.data import datasets as ds_mod
 from peftlab.data.cache import Archive, extract_file, fetch_archive
-from peftlab.io import atomic_write_folder
+from peftlab.files import atomic_write_folder
 
 
 # ---- cache -------------------------------------------------------------------------------------------

@@ -357,14 +357,14 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(base_dir, tmp
     # killed while writing checkpoint-4 (before its trainer_state.json): resumed from checkpoint-2, same end
     killed = tmp_path / "killed"
     steps = iter(range(1, 100))
-    write_json = it.io.atomic_write_json
+    write_json = it.files.atomic_write_json
 
     def dies_before_the_second_trainer_state(path, data):  # as a crash would: checkpoint-4 lacks only that file
         if Path(path).name == it.TRAINER_STATE and next(steps) == 2:
             raise ZeroDivisionError("killed")
         return write_json(path, data)
 
-    monkeypatch.setattr(it.io, "atomic_write_json", dies_before_the_second_trainer_state)
+    monkeypatch.setattr(it.files, "atomic_write_json", dies_before_the_second_trainer_state)
     with pytest.raises(ZeroDivisionError):
         main(args(killed))
     monkeypatch.undo()

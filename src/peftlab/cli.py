@@ -196,9 +196,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(json.dumps(metrics, indent=2, default=str))
     print(summary_line(metrics, args.adapter))
     if args.output:
-        from peftlab import io
+        from peftlab import files
 
-        io.atomic_write_json(args.output, metrics)
+        files.atomic_write_json(args.output, metrics)
     return 0
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from torch import nn
 
-from peftlab import io, peft_format
+from peftlab import files, peft_format
 from peftlab.errors import AdapterLoadError
 from peftlab.model import AdapterModel
 
@@ -24,7 +24,7 @@ def load_peft_adapter(
     The same as ``AdapterModel.from_pretrained``, which reads PEFT folders too; this name refuses a folder
     that PEFT did not write.
     """
-    data = io.read_json(Path(path) / io.CONFIG_NAME)
+    data = files.read_json(Path(path) / files.CONFIG_NAME)
     if not peft_format.is_peft_config(data):
         raise AdapterLoadError(f"{path} is not a PEFT adapter (no peft_type); use AdapterModel.from_pretrained")
     return AdapterModel.from_pretrained(base_model, path, adapter_name, is_trainable=is_trainable)

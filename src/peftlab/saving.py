@@ -1,6 +1,6 @@
 """Saving and loading an ``AdapterModel``'s adapters: peftlab's folders and HF PEFT's, one code path.
 
-An adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (:mod:`peftlab.io` writes
+An adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (:mod:`peftlab.files` writes
 them atomically and reads them safely). A model with several adapters saves the ``default`` one at the top
 and the others in sub-folders named after them, as HF PEFT does; :meth:`AdapterFiles.from_pretrained`
 loads them all back. A folder written by HF PEFT loads through the same methods: its config and tensor
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from peftlab import io, lowmem, peft_format
+from peftlab import files, lowmem, peft_format
 from peftlab.errors import AdapterError, ConfigError
 from peftlab.methods import config_from_dict
 from peftlab.methods.base import Adapter
@@ -96,7 +96,7 @@ class AdapterFiles:
         """
         name = adapter_name or self.active_adapter
         params = self.adapter_parameters(name)
-        io.check_matching(params, tensors, source)
+        files.check_matching(params, tensors, source)
         done: set[str] = set()
         for owner, wrapper, module, device in self._owners(name):
             keys = module.state_dict().keys()
@@ -140,8 +140,8 @@ class AdapterFiles:
                 tensors = peft_format.tensors_to_peft(tensors, layers)
             else:
                 data = {**config.to_dict(), "base_model_name_or_path": base_name}
-            io.save_tensors(folder / io.WEIGHTS_NAME, tensors, metadata={"format": "pt"})
-            io.atomic_write_json(folder / io.CONFIG_NAME, data)
+            files.save_tensors(folder / files.WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+            files.atomic_write_json(folder / files.CONFIG_NAME, data)
 
     # -- loading ---------------------------------------------------------------------------------------------
     def load_adapter(
@@ -157,14 +157,14 @@ class AdapterFiles:
         ``low_cpu_mem_usage=True``: the adapter is created on the meta device and takes the file's tensors
         themselves (:mod:`peftlab.lowmem`) instead of being initialised and then overwritten; same result.
         """
-        data = io.read_json(Path(path) / io.CONFIG_NAME)
+        data = files.read_json(Path(path) / files.CONFIG_NAME)
         data.pop("base_model_name_or_path", None)
         peft = peft_format.is_peft_config(data)
         if peft:
             config = peft_format.config_from_peft(data, [n for n, _ in self.base_model.named_modules()])
         else:
             config = config_from_dict(data)
-        tensors = io.load_tensors(path)
+        tensors = files.load_tensors(path)
         self.add_adapter(adapter_name, config, low_cpu_mem_usage=low_cpu_mem_usage)
         try:
             if peft:
@@ -215,9 +215,9 @@ class AdapterFiles:
 
 def adapter_folders(path: Path, top_name: str) -> dict[str, Path]:
     """name → folder of the adapters in ``path``: its top (as ``top_name``), then its sub-folders by name."""
-    found = {top_name: path} if (path / io.CONFIG_NAME).is_file() else {}
+    found = {top_name: path} if (path / files.CONFIG_NAME).is_file() else {}
     subfolders = sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
     for sub in subfolders:
-        if "." not in sub.name and (sub / io.CONFIG_NAME).is_file() and not (sub / TRAINER_STATE_NAME).exists():
+        if "." not in sub.name and (sub / files.CONFIG_NAME).is_file() and not (sub / TRAINER_STATE_NAME).exists():
             found.setdefault(sub.name, sub)
     return found or {top_name: path}  # nothing there: loading the top gives the error that says so

@@ -20,7 +20,7 @@ import transformers
 from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from peftlab import io
+from peftlab import files
 from peftlab.model import AdapterModel
 
 TRAINING_ARGS_NAME = "training_args.bin"
@@ -95,7 +95,7 @@ class Trainer(transformers.Trainer):
         adapter_model = self._adapter_model()
         for name in adapter_model.peft_config:
             path = Path(folder) if name == "default" else Path(folder) / name
-            io.check_and_copy(adapter_model.adapter_parameters(name), io.load_tensors(path), path)
+            files.check_and_copy(adapter_model.adapter_parameters(name), files.load_tensors(path), path)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if self._adapter_model(model) is None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftlab.errors import DataError  # noqa: F401  (re-exported by peftlab.data)
-from peftlab.io import atomic_write_bytes
+from peftlab.files import atomic_write_bytes
 
 
 @dataclass(frozen=True)

@@ -128,7 +128,7 @@ def subject_images(letter: str, count: int = 6, seed: int = 0, size: int = IMAGE
 
 def write_subject_folder(letter: str, folder, count: int = 6, seed: int = 0) -> list[Path]:
     """Write :func:`subject_images` as ``<letter>-<i>.png`` into ``folder`` (atomically, one file at a time)."""
-    from peftlab.io import atomic_write_image
+    from peftlab.files import atomic_write_image
 
     folder = Path(folder)
     return [atomic_write_image(folder / f"{letter}-{i}.png", image)

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from peftlab.data import glyphs
 from peftlab.errors import ConfigError
-from peftlab.io import atomic_write_folder, atomic_write_json
+from peftlab.files import atomic_write_folder, atomic_write_json
 
 EMBEDDED_MODEL = "tiny-digits"
 MODEL_VERSION = 1  # bump when the recipe changes, so an old cached model is not reused

@@ -120,7 +120,7 @@ def _classifier(cache_root: str | None = None) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file, save
 
     from peftlab.data.cache import cache_dir
-    from peftlab.io import atomic_write_bytes
+    from peftlab.files import atomic_write_bytes
 
     path = Path(cache_root or cache_dir()) / "models" / f"glyph-classifier-v{CLASSIFIER_VERSION}.safetensors"
     if path.is_file():
@@ -194,7 +194,7 @@ def _rgb(images) -> list:
 
 def _load(loader, encoder: str | os.PathLike):
     """``loader.from_pretrained(encoder)`` without remote code and with transformers quiet; the error on failure."""
-    from peftlab.models import quiet_transformers
+    from peftlab.base_models import quiet_transformers
 
     with quiet_transformers():
         return loader.from_pretrained(str(encoder), trust_remote_code=False)

@@ -32,7 +32,7 @@ from typing import Any
 
 from torch import nn
 
-from peftlab import io
+from peftlab import files
 from peftlab._version import __version__
 from peftlab.config import AdapterConfig
 from peftlab.errors import AdapterLoadError, ModelError, TargetError
@@ -57,7 +57,7 @@ def quiet() -> Iterator[None]:
     """Silence diffusers' and transformers' load reports and loading bars inside the block."""
     from diffusers.utils import logging as diffusers_logging
 
-    from peftlab.models import quiet_transformers
+    from peftlab.base_models import quiet_transformers
 
     level, bars = diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled()
     diffusers_logging.set_verbosity_error()
@@ -224,14 +224,14 @@ def save_pipeline_adapters(pipe: Any, folder: str | os.PathLike, format: str = "
     if CONTROL_COMPONENT in pipe.components:
         controlnet = pipe.components[CONTROL_COMPONENT]
         with quiet():
-            io.atomic_write_folder(folder / CONTROL_COMPONENT, controlnet.save_pretrained)
+            files.atomic_write_folder(folder / CONTROL_COMPONENT, controlnet.save_pretrained)
         info["control"] = CONTROL_COMPONENT
     if ATTRIBUTE_CONDITION in pipe.__dict__:
         from peftlab.diffusion.conditioning import save_condition_encoder
 
         save_condition_encoder(pipe.__dict__[ATTRIBUTE_CONDITION].encoder, folder / CONDITION_COMPONENT)
         info["control"] = CONDITION_COMPONENT
-    io.atomic_write_json(folder / PIPELINE_FILE, info)
+    files.atomic_write_json(folder / PIPELINE_FILE, info)
     return folder
 
 
@@ -241,7 +241,7 @@ def read_pipeline_file(folder: str | os.PathLike) -> dict[str, Any]:
     if not is_pipeline_adapter_dir(folder):
         raise AdapterLoadError(f"{folder} holds no pipeline adapters (no {PIPELINE_FILE}); save them with "
                                "save_pipeline_adapters or peftlab train")
-    info = io.read_json(folder / PIPELINE_FILE)
+    info = files.read_json(folder / PIPELINE_FILE)
     components = info.get("components")
     if not isinstance(info.get("base_model"), (str, type(None))) or not isinstance(components, list) or not all(
             isinstance(c, str) and c and "/" not in c and not c.startswith(".") for c in components):
@@ -353,7 +353,7 @@ def merge_folder(folder: str | os.PathLike, out: str | os.PathLike, base: str | 
 
             save_condition_encoder(pipe.__dict__[ATTRIBUTE_CONDITION].encoder, tmp / CONDITION_COMPONENT)
 
-    io.atomic_write_folder(Path(out), write)
+    files.atomic_write_folder(Path(out), write)
     return pipe
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from peftlab import io
+from peftlab import files
 from peftlab.errors import RecipeError
 from peftlab.layers import CLASSIFIER_HEADS
 from peftlab.recipes.adapters import method_spec, method_specs
@@ -80,12 +80,12 @@ def task_of(folder: str | os.PathLike | None, task: str | None = None) -> str:
     if options is not None:
         return options.task
     if is_adapter_dir(folder):
-        heads = [k for k in io.load_tensors(folder) if k.split(".")[0] in CLASSIFIER_HEADS]
+        heads = [k for k in files.load_tensors(folder) if k.split(".")[0] in CLASSIFIER_HEADS]
         return "classification" if heads else "causal-lm"
     if (folder / "config.json").is_file():
-        archs = io.read_json(folder / "config.json").get("architectures") or [""]
+        archs = files.read_json(folder / "config.json").get("architectures") or [""]
         return "classification" if archs[0].endswith("SequenceClassification") else "causal-lm"
-    raise RecipeError(f"{folder} holds neither an adapter ({io.CONFIG_NAME}) nor a model (config.json)")
+    raise RecipeError(f"{folder} holds neither an adapter ({files.CONFIG_NAME}) nor a model (config.json)")
 
 
 def evaluate(

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peftlab import io
+from peftlab import files
 from peftlab.errors import RecipeError
 
 SCHEDULER_EXAMPLES = ("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
@@ -202,7 +202,7 @@ def generate(options: GenerateOptions) -> list[Path]:
     paths = write_images(images, Path(options.out))
     if control_map is not None:
         out = Path(options.out)
-        paths.insert(-1, io.atomic_write_image(out.with_name(f"{out.stem}-control.png"), control_map))
+        paths.insert(-1, files.atomic_write_image(out.with_name(f"{out.stem}-control.png"), control_map))
     return paths
 
 
@@ -224,9 +224,9 @@ def write_images(images: list[Any], out: Path) -> list[Path]:
     """Each image as ``<stem>-<i>.png`` next to ``out``, then the grid as ``out``; all written atomically."""
     from diffusers.utils import make_image_grid
 
-    paths = [io.atomic_write_image(out.with_name(f"{out.stem}-{i}.png"), image) for i, image in enumerate(images)]
+    paths = [files.atomic_write_image(out.with_name(f"{out.stem}-{i}.png"), image) for i, image in enumerate(images)]
     rows, cols = grid_shape(len(images))
-    paths.append(io.atomic_write_image(out, make_image_grid(list(images), rows, cols)))
+    paths.append(files.atomic_write_image(out, make_image_grid(list(images), rows, cols)))
     return paths
 
 

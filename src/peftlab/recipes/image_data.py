@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from peftlab import io
+from peftlab import files
 from peftlab.data import glyphs
 from peftlab.errors import ConfigError, DataError, RecipeError
 
@@ -144,11 +144,11 @@ def class_images(pipe: Any, model: str, prompt: str, count: int, seed: int, reso
 
     def write(tmp: Path) -> None:
         for name, image in zip(names, images, strict=True):
-            io.atomic_write_image(tmp / name, image)
-        io.atomic_write_json(tmp / MANIFEST, {"model": model, "prompt": prompt, "count": count, "seed": seed,
+            files.atomic_write_image(tmp / name, image)
+        files.atomic_write_json(tmp / MANIFEST, {"model": model, "prompt": prompt, "count": count, "seed": seed,
                                               "resolution": resolution, "steps": steps, "guidance": guidance})
 
-    io.atomic_write_folder(folder, write)
+    files.atomic_write_folder(folder, write)
     return images, False
 
 

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from peftlab import io
+from peftlab import files
 from peftlab.errors import PeftlabError, RecipeError
 from peftlab.recipes.options import RunOptions
 from peftlab.recipes.rundir import (
@@ -190,13 +190,13 @@ def save_checkpoint(out: Path, step: int, pipe: Any, named: dict[str, nn.Paramet
     if folder.exists():
         shutil.rmtree(folder)
     save_pipeline_adapters(pipe, folder)
-    io.save_tensors(folder / CHECKPOINT_WEIGHTS, dict(named))
+    files.save_tensors(folder / CHECKPOINT_WEIGHTS, dict(named))
     state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(),
              "generator": None if generator is None else generator.get_state()}
     buffer = BytesIO()
     torch.save(state, buffer)
-    io.atomic_write_bytes(folder / CHECKPOINT_STATE, buffer.getvalue())
-    io.atomic_write_json(folder / TRAINER_STATE, {"global_step": step, "losses": losses, "train_runtime_s": runtime})
+    files.atomic_write_bytes(folder / CHECKPOINT_STATE, buffer.getvalue())
+    files.atomic_write_json(folder / TRAINER_STATE, {"global_step": step, "losses": losses, "train_runtime_s": runtime})
     for older in checkpoint_folders(out):
         if older != folder:
             shutil.rmtree(older, ignore_errors=True)
@@ -227,7 +227,7 @@ def load_checkpoint(checkpoint: str, named: dict[str, nn.Parameter], optimizer: 
     torch.set_rng_state(state["torch_rng"])
     if generator is not None and state["generator"] is not None:
         generator.set_state(state["generator"])
-    return io.read_json(folder / TRAINER_STATE)
+    return files.read_json(folder / TRAINER_STATE)
 
 
 def fit(pipe: Any, modules: list[nn.Module], sample: Callable[[], Batch], options: RunOptions,
@@ -352,7 +352,7 @@ def finish_image_run(pipe: Any, out: Path, metrics: dict[str, Any], samples: lis
 
     save_pipeline_adapters(pipe, out)
     if samples:
-        io.atomic_write_image(out / SAMPLES_FILE, make_image_grid(samples, *grid_shape(len(samples))))
+        files.atomic_write_image(out / SAMPLES_FILE, make_image_grid(samples, *grid_shape(len(samples))))
     plot_training_curve([{"step": i + 1, "loss": v} for i, v in enumerate(losses)], out / CURVE_FILE, "loss")
     write_metrics(out, metrics)
     if not keep_checkpoints:
@@ -362,7 +362,7 @@ def finish_image_run(pipe: Any, out: Path, metrics: dict[str, Any], samples: lis
 def saved_metrics(folder: Any) -> dict[str, Any]:
     """``peftlab eval`` of an image run: the metrics its training wrote (its samples are seeded, so sampling
     again would give the same numbers on the same machine)."""
-    metrics = io.read_json(Path(folder) / METRICS_FILE)
+    metrics = files.read_json(Path(folder) / METRICS_FILE)
     return {**metrics, "split": "test", "data": metrics.get("data") or metrics.get("instance_data")}
 
 

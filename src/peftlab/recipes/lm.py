@@ -61,7 +61,7 @@ def setup(options: RunOptions, records, prompt_fn, response_fn):
     """Model with the method, tokenizer, tokenised train/validation sets, ``TrainingArguments`` (also data-to-text)."""
     from transformers import set_seed
 
-    from peftlab.models import load_causal_lm
+    from peftlab.base_models import load_causal_lm
 
     set_seed(options.seed)
     model, tokenizer = load_causal_lm(options.model)
@@ -144,7 +144,7 @@ def start_run(options: RunOptions, records, prompt_fn, response_fn, test_rows, d
 
 def load_trained(path: str | os.PathLike, model_name: str | None = None):
     """(model, tokenizer) of a trained run: the base causal LM with the adapter, or the saved full model."""
-    from peftlab.models import load_causal_lm
+    from peftlab.base_models import load_causal_lm
 
     if is_adapter_dir(path):
         model, tokenizer = load_causal_lm(base_model_name(path, model_name))

@@ -176,7 +176,7 @@ def train(options) -> dict[str, Any]:
 
 def load_model(adapter: str | os.PathLike | None, model: str | None):
     """(model, tokenizer): the base causal LM ``model`` (default smollm2-135m), or a trained run with its adapter."""
-    from peftlab.models import load_causal_lm
+    from peftlab.base_models import load_causal_lm
     from peftlab.recipes.lm import load_trained
     from peftlab.recipes.rundir import check_trained
 

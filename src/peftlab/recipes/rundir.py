@@ -6,7 +6,7 @@ and at the end the adapter (or model), ``training_curve.png`` and, last, ``metri
 of these states (:func:`folder_state`):
 
 * ``empty``: nothing in it, or only peftlab's own leftovers of a killed run (temporary ``.<name>.<random>.tmp``
-  files of :func:`peftlab.io.atomic_write_bytes`, the lock file ``.peftlab.lock``);
+  files of :func:`peftlab.files.atomic_write_bytes`, the lock file ``.peftlab.lock``);
 * ``in progress``: a ``run_config.json`` but no ``metrics.json``; ``--resume`` continues it from its last complete
   checkpoint (from step 0 when there is none), or only writes the final outputs when training had already reached
   its last step (a run killed during its final save);
@@ -36,7 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from peftlab import io
+from peftlab import files
 from peftlab._version import __version__
 from peftlab.errors import RecipeError
 from peftlab.recipes.adapters import FULL
@@ -54,7 +54,7 @@ EMPTY, IN_PROGRESS, FINISHED, FOREIGN = "empty", "in progress", "finished", "not
 def write_metrics(out: Path, metrics: dict[str, Any]) -> None:
     """Write ``metrics.json`` (the run's last file: the folder is a finished run once it is there); numbers that
     JSON cannot hold (tensors, NaN, inf) are written as plain numbers or strings."""
-    io.atomic_write_json(out / METRICS_FILE, _jsonable(metrics))
+    files.atomic_write_json(out / METRICS_FILE, _jsonable(metrics))
 
 
 def _jsonable(value: Any) -> Any:
@@ -75,12 +75,12 @@ def is_main_process() -> bool:
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / io.CONFIG_NAME).is_file()
+    return (Path(path) / files.CONFIG_NAME).is_file()
 
 
 def is_leftover(path: Path) -> bool:
     """A file peftlab may leave behind when killed: the lock file, a temporary file of an atomic write."""
-    return path.name == LOCK_FILE or (io.TEMPORARY_FILE.fullmatch(path.name) is not None and path.is_file())
+    return path.name == LOCK_FILE or (files.TEMPORARY_FILE.fullmatch(path.name) is not None and path.is_file())
 
 
 def read_run(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -109,7 +109,7 @@ def base_model_name(adapter_dir: str | os.PathLike, model: str | None = None) ->
     if options is not None and options.model:
         return options.model
     if is_adapter_dir(adapter_dir):
-        name = io.read_json(Path(adapter_dir) / io.CONFIG_NAME).get("base_model_name_or_path")
+        name = files.read_json(Path(adapter_dir) / files.CONFIG_NAME).get("base_model_name_or_path")
         if name:
             return str(name)
     raise RecipeError(f"{adapter_dir} does not record its base model; pass --model")
@@ -201,7 +201,7 @@ def check_output_dir(options: RunOptions, kind: str = "train", main_process: boo
             raise RecipeError(f"--resume: {out} holds a different run ({changes}); resume it with its own options")
         checkpoint = last_checkpoint(out)
         if state == FINISHED:
-            metrics = io.read_json(out / METRICS_FILE)
+            metrics = files.read_json(out / METRICS_FILE)
             step = int(metrics.get("global_step", 0))
             if _budget_reached(old, options, step):
                 raise RunFinished(
@@ -254,14 +254,14 @@ def start_output_dir(
         record = {"kind": kind, "peftlab_version": __version__, "options": options.to_dict(), **(extra or {})}
         if options.resume and (previous := read_run(out)):
             record["resumed"] = [*previous.get("resumed", []), time.strftime("%Y-%m-%d %H:%M:%S")]
-        io.atomic_write_json(out / RUN_FILE, record)
+        files.atomic_write_json(out / RUN_FILE, record)
     return out
 
 
 def remove_leftovers(out: Path) -> None:
     """Delete what a killed run left behind: temporary files of atomic writes, checkpoints whose save was cut short."""
     for path in out.rglob(".*.tmp"):
-        if io.TEMPORARY_FILE.fullmatch(path.name) and path.is_file():
+        if files.TEMPORARY_FILE.fullmatch(path.name) and path.is_file():
             path.unlink()
     for checkpoint in checkpoint_folders(out):
         if not is_complete_checkpoint(checkpoint):

