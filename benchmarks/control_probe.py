@@ -8,7 +8,7 @@ held-out digits x with control c (and caption), fixed noise Îµ and timesteps t â
 A model that ignores the control has gap 0; one that uses it has gap > 0. Two modes:
 
 * default: train the condition encoder **alone** (frozen UNet, no adapters) on ``tiny-digits-edges`` with the
-  recipe's own loop (:func:`peftlab.recipes.image_training.fit`: AdamW, warm-up + linear decay, clipping 1.0,
+  recipe's own loop (:func:`peftlab.recipes.image.training.fit`: AdamW, warm-up + linear decay, clipping 1.0,
   the recipe's 50 % caption dropout) and report the gap before and after. ``--control target`` gives the encoder
   the target image itself (an upper bound: the most informative control there is);
 * ``--run RUN``: probe a trained controllable run (its adapters and encoder) on the same held-out digits.
@@ -30,9 +30,9 @@ from _harness import emit_report, header_lines, markdown_table
 
 from peftlab.diffusion.conditioning import attach_condition_encoder, condition_hook, new_condition_encoder
 from peftlab.diffusion.control import control_tensor
-from peftlab.recipes import image_data
-from peftlab.recipes import image_training as it
-from peftlab.recipes.controllable import control_sampler
+from peftlab.recipes.image import data as image_data
+from peftlab.recipes.image import training as it
+from peftlab.recipes.image.controllable import control_sampler
 from peftlab.recipes.options import RunOptions
 
 TIMESTEPS = (200, 400, 600, 800)

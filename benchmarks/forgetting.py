@@ -36,10 +36,10 @@ import torch
 from _harness import add_run_options, apply_run_options, emit_report, header_lines, markdown_table, parse_ints
 
 from peftlab import AdapterModel, files
-from peftlab.recipes import multiple_choice as mc
 from peftlab.recipes import train
-from peftlab.recipes.lm import load_trained
 from peftlab.recipes.options import RunOptions
+from peftlab.recipes.text import multiple_choice as mc
+from peftlab.recipes.text.lm import load_trained
 from peftlab.spectrum import relative_spectral_change, spectral_changes
 
 SUBJECTS = ("high school geography", "high school psychology", "marketing", "miscellaneous", "world religions")

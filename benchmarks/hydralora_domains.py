@@ -40,8 +40,8 @@ from peftlab.base_models import load_classifier
 from peftlab.data import load_dataset
 from peftlab.data.clusters import estimate_num_heads
 from peftlab.recipes.adapters import count_parameters, prepare_model
-from peftlab.recipes.classification import tokenize
 from peftlab.recipes.options import RunOptions
+from peftlab.recipes.text.classification import tokenize
 from peftlab.recipes.training import quiet_datasets, select, training_arguments
 from peftlab.trainer import Trainer
 

@@ -135,7 +135,7 @@ def sample_grid(results: dict[str, Any], seed: int, steps: tuple[int, int], path
     from PIL import Image
 
     from peftlab.data import glyphs
-    from peftlab.recipes.image_data import held_out_edges
+    from peftlab.recipes.image.data import held_out_edges
 
     subject = any(run_key("subject-driven", m, seed, steps[0], None) in results for m in METHODS)
     controls = list(glyphs.to_array(held_out_edges(control, TILE, per_task).controls))

@@ -17,7 +17,7 @@ from collections import Counter
 from _harness import markdown_table
 
 from peftlab.data.clusters import estimate_num_heads
-from peftlab.recipes.causal_lm import load_records, record_prompt
+from peftlab.recipes.text.causal_lm import load_records, record_prompt
 
 
 def main() -> None:

@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 from matplotlib.figure import Figure
 
-import peftlab.recipes.classification
+import peftlab.recipes.text.classification
 from peftlab.cli import main
 
 

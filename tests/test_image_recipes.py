@@ -26,8 +26,8 @@ from peftlab.diffusion.conditioning import attach_condition_encoder, controlled,
 from peftlab.diffusion.control import control_tensor
 from peftlab.diffusion.pipeline import load_pipeline_adapters, merge_pipeline, save_pipeline_adapters
 from peftlab.errors import RecipeError
-from peftlab.recipes import image_data
-from peftlab.recipes import image_training as it
+from peftlab.recipes.image import data as image_data
+from peftlab.recipes.image import training as it
 from peftlab.recipes.options import RunOptions
 
 SIZE = 16

@@ -12,11 +12,11 @@ from conftest import save_tiny_lm, tiny_bert, tiny_gpt2
 
 from peftlab import AdapterModel
 from peftlab.cli import main
+from peftlab.commands.compare import markdown_table, other_metrics, summarize
 from peftlab.errors import RecipeError
-from peftlab.recipes import causal_lm, lm
 from peftlab.recipes.adapters import default_targets, method_specs, prepare_model
-from peftlab.recipes.compare import markdown_table, other_metrics, summarize
 from peftlab.recipes.options import RunOptions
+from peftlab.recipes.text import causal_lm, lm
 
 
 @pytest.fixture(scope="module")

@@ -27,13 +27,13 @@ from types import ModuleType
 from typing import Any
 
 from peftlab import files
+from peftlab.commands.compare import compare
 from peftlab.errors import RecipeError
 from peftlab.layers import CLASSIFIER_HEADS
 from peftlab.recipes.adapters import method_spec, method_specs
-from peftlab.recipes.compare import compare
-from peftlab.recipes.multiple_choice import TASK as MULTIPLE_CHOICE  # an evaluation task only
 from peftlab.recipes.options import TASKS, RunOptions, check_split, eval_options
 from peftlab.recipes.rundir import check_trained, is_adapter_dir, saved_run_options
+from peftlab.recipes.text.multiple_choice import TASK as MULTIPLE_CHOICE  # an evaluation task only
 
 MULTIPLE_CHOICE_OPTIONS = ("subjects", "shots", "continuation")
 
@@ -46,17 +46,17 @@ __all__ = [
 def recipe(task: str) -> ModuleType:
     """The recipe module of a task."""
     if task == "classification":
-        from peftlab.recipes import classification as module
+        from peftlab.recipes.text import classification as module
     elif task == "causal-lm":
-        from peftlab.recipes import causal_lm as module
+        from peftlab.recipes.text import causal_lm as module
     elif task == "data-to-text":
-        from peftlab.recipes import data_to_text as module
+        from peftlab.recipes.text import data_to_text as module
     elif task == "subject-driven":
-        from peftlab.recipes import subject_driven as module
+        from peftlab.recipes.image import subject_driven as module
     elif task == "controllable":
-        from peftlab.recipes import controllable as module
+        from peftlab.recipes.image import controllable as module
     elif task == "multiple-choice":  # evaluation only
-        from peftlab.recipes import multiple_choice as module
+        from peftlab.recipes.text import multiple_choice as module
     else:
         raise RecipeError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}, and multiple-choice for eval")
     return module
@@ -102,14 +102,14 @@ def evaluate(
     equal the ``test`` entry of its ``metrics.json``; ``changes`` (``model``, ``data``, ``text_column``,
     generation options, ...) and ``batch_size`` replace them, ``None`` keeps them.
     ``task="multiple-choice"`` scores any model, a run's or a base model (``folder=None``, ``model=NAME``), on
-    questions that are not its training data: see :func:`peftlab.recipes.multiple_choice.evaluate`.
+    questions that are not its training data: see :func:`peftlab.recipes.text.multiple_choice.evaluate`.
     """
     if folder is None and task != MULTIPLE_CHOICE:
         raise RecipeError(f"the following arguments are required: --adapter (optional only with --task "
                           f"{MULTIPLE_CHOICE})")
     task = task_of(folder, task)
     if task == MULTIPLE_CHOICE:
-        from peftlab.recipes import multiple_choice
+        from peftlab.recipes.text import multiple_choice
 
         return multiple_choice.evaluate(folder, split=split, max_samples=max_samples, batch_size=batch_size,
                                         **changes)
@@ -126,7 +126,7 @@ def summary_line(metrics: dict[str, Any], folder: str | os.PathLike | None) -> s
     """One line for the end of ``peftlab eval``: the main metric on the split."""
     split = metrics["split"]
     if metrics["task"] == MULTIPLE_CHOICE:
-        from peftlab.recipes.multiple_choice import summary
+        from peftlab.recipes.text.multiple_choice import summary
 
         return summary(metrics, folder)
     value = metrics[split].get(metrics["metric"])

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.errors import RecipeError
-from peftlab.recipes.generation import generate
-from peftlab.recipes.lm import load_trained, start_run
 from peftlab.recipes.options import RunOptions
 from peftlab.recipes.rundir import (
     owns_output_dir,
 )
+from peftlab.recipes.text.generation import generate
+from peftlab.recipes.text.lm import load_trained, start_run
 from peftlab.recipes.training import run_training, strip_prefix
 
 GENERATED_MRS = 400  # distinct MRs of ``e2e-synthetic`` (2-3 references each)

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 from peftlab.diffusion.control import control_tensor
-from peftlab.recipes import image_data
-from peftlab.recipes import image_training as it
+from peftlab.recipes.image import data as image_data
+from peftlab.recipes.image import training as it
 from peftlab.recipes.options import RunOptions
 from peftlab.recipes.rundir import owns_output_dir, start_output_dir
 from peftlab.recipes.training import log

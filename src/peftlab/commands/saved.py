@@ -39,11 +39,11 @@ def load_for_inference(adapter: str | os.PathLike, model: str | None) -> tuple[n
         raise RecipeError(f"{adapter} holds no adapter ({what}); merge and export need an adapter folder "
                           "written by peftlab train")
     if task_of(adapter) == "classification":
-        from peftlab.recipes.classification import load_trained
+        from peftlab.recipes.text.classification import load_trained
 
         net, tokenizer, _ = load_trained(adapter, model)
         return net, tokenizer
-    from peftlab.recipes.lm import load_trained
+    from peftlab.recipes.text.lm import load_trained
 
     return load_trained(adapter, model)
 

@@ -177,8 +177,8 @@ def train(options) -> dict[str, Any]:
 def load_model(adapter: str | os.PathLike | None, model: str | None):
     """(model, tokenizer): the base causal LM ``model`` (default smollm2-135m), or a trained run with its adapter."""
     from peftlab.base_models import load_causal_lm
-    from peftlab.recipes.lm import load_trained
     from peftlab.recipes.rundir import check_trained
+    from peftlab.recipes.text.lm import load_trained
 
     if adapter is None:
         net, tokenizer = load_causal_lm(model or DEFAULT_MODEL)

@@ -80,7 +80,7 @@ def resolution(pipe: Any, options: RunOptions) -> int:
 
 def check_prompts(pipe: Any, prompts: dict[str, str]) -> None:
     """One-line errors for an empty prompt or one longer than the text encoder takes (77 tokens for CLIP)."""
-    from peftlab.recipes.generate import check_prompt
+    from peftlab.commands.generate import check_prompt
 
     for flag, text in prompts.items():
         check_prompt(pipe.tokenizer, text, flag)
@@ -347,8 +347,8 @@ def finish_image_run(pipe: Any, out: Path, metrics: dict[str, Any], samples: lis
     checkpoint is removed after."""
     from diffusers.utils import make_image_grid
 
+    from peftlab.commands.generate import grid_shape
     from peftlab.diffusion.pipeline import save_pipeline_adapters
-    from peftlab.recipes.generate import grid_shape
 
     save_pipeline_adapters(pipe, out)
     if samples:

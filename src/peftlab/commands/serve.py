@@ -76,7 +76,7 @@ class ServedModel:
         from peftlab.base_models import load_causal_lm, load_classifier
         from peftlab.model import AdapterModel
         from peftlab.recipes import task_of
-        from peftlab.recipes.classification import saved_labels
+        from peftlab.recipes.text.classification import saved_labels
 
         if not adapters:
             raise RecipeError("give at least one adapter to serve: --adapter NAME=FOLDER")
@@ -137,7 +137,7 @@ class ServedModel:
     @torch.no_grad()
     def generate(self, requests: list[GenerateRequest], max_new_tokens: int, num_beams: int) -> list[dict[str, Any]]:
         """One left-padded mixed-adapter ``generate`` call for ``requests``."""
-        from peftlab.recipes.generation import eos_id
+        from peftlab.recipes.text.generation import eos_id
 
         tokenizer, side = self.tokenizer, self.tokenizer.padding_side
         tokenizer.padding_side = "left"

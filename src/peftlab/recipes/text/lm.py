@@ -18,9 +18,9 @@ import torch
 from peftlab.errors import PeftlabError, RecipeError
 from peftlab.model import AdapterModel
 from peftlab.recipes.adapters import count_parameters, prepare_model
-from peftlab.recipes.generation import eos_id, write_jsonl
 from peftlab.recipes.options import RunOptions
 from peftlab.recipes.rundir import CURVE_FILE, METRICS_FILE, base_model_name, is_adapter_dir, start_output_dir
+from peftlab.recipes.text.generation import eos_id, write_jsonl
 from peftlab.recipes.training import finish_run, log, quiet_datasets, select, training_arguments, with_length
 
 
