@@ -1,17 +1,17 @@
-"""Training recipes: thin wiring of data → model → adapter → ``peftlab.Trainer`` → metrics, one file per task.
+"""Training recipes: thin wiring of data → model → adapter → ``peftlab.Trainer`` → metrics, one module per task.
 
-* ``classification``: sequence classification / regression with GLUE metrics.
-* ``causal_lm``: instruction tuning, loss on the response only, exact match of the final answer and perplexity.
-* ``data_to_text``: E2E-style generation with beam search, BLEU / NIST / ROUGE-L (METEOR / CIDEr when available).
-* ``subject_driven``: DreamBooth with prior preservation on a diffusers pipeline (HF ``accelerate`` loop).
-* ``controllable``: a condition encoder + UNet adapters, image generation from a control map (canny, ...).
+* ``text/``: ``classification`` (sequence classification / regression, GLUE metrics), ``causal_lm`` (instruction
+  tuning, loss on the response only), ``data_to_text`` (E2E-style generation, BLEU / NIST / ROUGE-L),
+  ``multiple_choice`` (log-likelihood scoring, evaluation only), and what they share: ``lm`` (prompt → response
+  fine-tuning) and ``generation`` (decoding).
+* ``image/``: ``subject_driven`` (DreamBooth with prior preservation) and ``controllable`` (a condition encoder +
+  UNet adapters) on a diffusers pipeline, with their loop (``training``) and data (``data``).
+* here, shared by every task: ``options`` (``RunOptions``), ``adapters`` (method names → adapted model),
+  ``rundir`` (the run folder) and ``training`` (HF ``Trainer`` arguments, the run, peak memory, outputs).
 
-``train(options)`` and ``evaluate(folder)`` pick the recipe by task; ``compare`` (:mod:`.compare`) trains
-several methods and seeds under one budget and tabulates them. The shared parts, one concern per module:
-``options`` (``RunOptions``), ``adapters`` (method names → adapted model), ``rundir`` (the run folder),
-``training`` (HF ``Trainer`` arguments, the run, peak memory, outputs), ``lm`` (prompt → response
-fine-tuning), ``generation`` (decoding). Every run writes ``metrics.json``, the adapter (or model)
-and ``training_curve.png`` into its output folder.
+``train(options)`` and ``evaluate(folder)`` pick the recipe by task. Every run writes ``metrics.json``, the
+adapter (or model) and ``training_curve.png`` into its output folder. The commands built on the recipes
+(``compare``, ``analyze``, ``serve``, ``saved``, ``generate``) are in :mod:`peftlab.commands`.
 
 ```python
 from peftlab.recipes import RunOptions, train
@@ -27,7 +27,6 @@ from types import ModuleType
 from typing import Any
 
 from peftlab import files
-from peftlab.commands.compare import compare
 from peftlab.errors import RecipeError
 from peftlab.layers import CLASSIFIER_HEADS
 from peftlab.recipes.adapters import method_spec, method_specs
@@ -38,7 +37,7 @@ from peftlab.recipes.text.multiple_choice import TASK as MULTIPLE_CHOICE  # an e
 MULTIPLE_CHOICE_OPTIONS = ("subjects", "shots", "continuation")
 
 __all__ = [
-    "TASKS", "RecipeError", "RunOptions", "compare", "evaluate", "method_spec", "method_specs", "recipe", "task_of",
+    "TASKS", "RecipeError", "RunOptions", "evaluate", "method_spec", "method_specs", "recipe", "task_of",
     "train",
 ]
 
