@@ -23,6 +23,7 @@ import logging
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -41,19 +42,29 @@ logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
+def quiet_logging(*libraries: Any) -> Iterator[None]:
+    """Silence the load reports and progress bars of HF libraries inside the block; each of ``libraries`` is one's
+    ``utils.logging`` module (transformers', diffusers'), restored as it was after."""
+    saved = [(library, library.get_verbosity(), library.is_progress_bar_enabled()) for library in libraries]
+    for library in libraries:
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for library, level, bars in saved:
+            library.set_verbosity(level)
+            if bars:
+                library.enable_progress_bar()
+
+
+@contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
     """Silence transformers' load report and progress bars for the duration of the block."""
     from transformers.utils import logging
 
-    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
+    with quiet_logging(logging):
         yield
-    finally:
-        logging.set_verbosity(level)
-        if bars:
-            logging.enable_progress_bar()
 
 
 def _package_dir(module: str, pip_name: str) -> Path:

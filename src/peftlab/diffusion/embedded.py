@@ -127,6 +127,20 @@ def _pixels(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images)[:, None].repeat(1, 3, 1, 1) * 2 - 1
 
 
+def _optimizer_step(optimizer: Any, schedule: Any, loss: torch.Tensor, where: tuple[str, int],
+                    progress: Callable[[str, int, float], None] | None) -> float:
+    """After ``backward``: the optimiser (and ``schedule``) step, gradients cleared; ``loss`` reported to ``progress``
+    as (stage, step, value) and returned."""
+    optimizer.step()
+    if schedule is not None:
+        schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    value = loss.item()
+    if progress:
+        progress(*where, value)
+    return value
+
+
 def train_vae(vae, images: np.ndarray, config: PretrainConfig, generator: torch.Generator,
               progress: Callable[[str, int, float], None] | None = None) -> float:
     """Fit the autoencoder on reconstruction + 10⁻⁶·KL, set ``scaling_factor`` = 1 / latent std; return the last MSE."""
@@ -140,11 +154,7 @@ def train_vae(vae, images: np.ndarray, config: PretrainConfig, generator: torch.
         reconstruction = vae.decode(posterior.sample(generator=generator)).sample
         loss = F.mse_loss(reconstruction, batch)
         (loss + 1e-6 * posterior.kl().mean()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        mse = loss.item()
-        if progress:
-            progress("vae", step, mse)
+        mse = _optimizer_step(optimizer, None, loss, ("vae", step), progress)
     vae.eval()
     latents = encode_latents(vae, images, scale=False)
     vae.register_to_config(scaling_factor=float(1.0 / latents.std().clamp_min(1e-6)))
@@ -201,12 +211,7 @@ def train_denoiser(components: dict[str, Any], latents: torch.Tensor, captions: 
         loss = (min_snr_weights(alphas_cumprod, t, config.snr_gamma) * per_sample).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = loss.item()
-        if progress:
-            progress("unet", step, loss_value)
+        loss_value = _optimizer_step(optimizer, schedule, loss, ("unet", step), progress)
     unet.eval()
     text_encoder.eval()
     return loss_value

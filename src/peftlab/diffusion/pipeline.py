@@ -56,19 +56,12 @@ ATTRIBUTE_CONDITION = "peftlab_condition"  # peftlab.diffusion.conditioning.ATTR
 def quiet() -> Iterator[None]:
     """Silence diffusers' and transformers' load reports and loading bars inside the block."""
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
-    from peftlab.base_models import quiet_transformers
+    from peftlab.base_models import quiet_logging
 
-    level, bars = diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled()
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    try:
-        with quiet_transformers():
-            yield
-    finally:
-        diffusers_logging.set_verbosity(level)
-        if bars:
-            diffusers_logging.enable_progress_bar()
+    with quiet_logging(diffusers_logging, transformers_logging):
+        yield
 
 
 # -- the base pipeline -------------------------------------------------------------------------------------------
