@@ -1,25 +1,6 @@
 """Saving and loading adapter files: safetensors + JSON, written atomically, read as untrusted input.
 
-A saved adapter is a folder with ``adapter_config.json`` (the config, the method, the peftlab version)
-and ``adapter_model.safetensors`` (tensors keyed ``<module name>.<parameter>``). Every file is written
-to a temporary file in the same folder and renamed into place, so a crash never leaves a half-written
-adapter; files get the usual mode (``0o666`` less the umask), as ``open()`` would give them.
-
-An adapter folder may come from anyone, so reading it trusts nothing:
-
-- **Pickles** (a PEFT ``adapter_model.bin``) are only read with ``torch.load(..., weights_only=True)``;
-  a file holding other Python objects is refused, never unpickled, and the error never suggests the
-  unsafe ``weights_only=False``. What is loaded must be a dict of tensors keyed by strings.
-- **safetensors** headers are checked by the safetensors library before any tensor is allocated
-  (shapes against offsets, offsets against the file size, header size), so a crafted header gives
-  :class:`~peftlab.errors.AdapterLoadError`, not a huge allocation.
-- **Symbolic links.** A file read from a folder (``adapter_config.json``, the weights, a model's
-  ``config.json``) may be a symbolic link only if it resolves to a file inside that folder (the folder
-  itself may be a link), so a shared adapter cannot make peftlab read ``/etc/...`` or ``/dev/zero``.
-  One exception: the Hugging Face hub cache, where ``<repo>/snapshots/<revision>/<file>`` links to
-  ``<repo>/blobs/<hash>``. (Hard links cannot be told apart from plain files and are not checked.)
-- JSON that is not an object, nests too deeply, or holds absurd numbers gives AdapterLoadError;
-  the config's fields are then checked by :meth:`peftlab.config.AdapterConfig.validate`.
+Design notes: ``docs/design.md``, section peftlab.files.
 """
 
 from __future__ import annotations

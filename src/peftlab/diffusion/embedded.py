@@ -1,33 +1,6 @@
 """The embedded offline text-to-image model ``tiny-digits``: pretrained once on packaged images, then cached.
 
-No pretrained text-to-image weights install from a package registry, so peftlab pretrains a small latent
-diffusion model on first use, from images it ships with (:mod:`peftlab.data.glyphs`): scikit-learn's 1,797
-handwritten digits upscaled to 32×32 ("a handwritten digit 3") and 100 renderings of each printed letter
-``A``–``H`` (Pillow, 5 DejaVu fonts; "a printed letter A"). Letters ``I``–``Z`` are never shown: they are
-unseen concepts for subject-driven fine-tuning. The result is an ordinary diffusers ``StableDiffusionPipeline`` folder
-(``DiffusionPipeline.from_pretrained(path)`` loads it) in ``<cache>/models/tiny-digits-v1``.
-
-Components (sizes in :func:`build_components`):
-
-* ``vae``: ``AutoencoderKL``, 3 blocks (8, 16, 16 channels), 4× downsampling: 32×32×3 → 8×8×4 latents.
-  Trained first, alone, on reconstruction ‖D(E(x)) − x‖² + 10⁻⁶·KL; ``scaling_factor`` = 1 / std of the
-  latents, so the diffusion model sees unit-variance latents, as in Stable Diffusion.
-* ``text_encoder``: ``CLIPTextModel`` (hidden 32, 2 layers, 2 heads) over OpenAI CLIP's real BPE vocabulary
-  (49,408 tokens), **trained jointly with the UNet from random initialisation** (no weight decay, so token
-  rows never seen in pretraining, e.g. ``sks``, keep their random initial embedding for later fine-tuning).
-* ``unet``: ``UNet2DConditionModel`` (32, 64 channels; cross-attention at 4×4 and in the middle block,
-  ``cross_attention_dim`` 32), ε-prediction.
-* ``scheduler``: DDIM (``clip_sample=False``) over a 1,000-step cosine (``squaredcos_cap_v2``) schedule;
-  training uses the DDPM forward process x_t = √ᾱ_t·z₀ + √(1−ᾱ_t)·ε of that same schedule.
-
-Denoiser objective: E_{t,ε} w(t)·‖ε − ε_θ(x_t, t, τ(c))‖² with min-SNR weighting w(t) = min(SNR(t), 5) / SNR(t)
-(Hang et al., 2023) and the caption c replaced by "" with probability 0.1, so classifier-free guidance works.
-Everything is seeded: the same :class:`PretrainConfig` gives the same weights on the same machine.
-
-Measured (``benchmarks/tiny_digits.py --force``, torch 2.13 CPU, 2 threads): 609 s of process CPU time
-(17 min wall on 2 cores shared with other jobs, load average ~6); 1.6 M text-encoder, 1.0 M UNet and
-0.06 M VAE parameters. The stand-in classifier recognises 100 % of the samples for "a handwritten digit k"
-(4 per digit, 20 DDIM steps, guidance 4 or 7.5) and 38-47 % for the eight letters (chance 1/36).
+Design notes: ``docs/design.md``, section peftlab.diffusion.embedded.
 """
 
 from __future__ import annotations
@@ -179,7 +152,7 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma
 
 def train_denoiser(components: dict[str, Any], latents: torch.Tensor, captions: list[str], config: PretrainConfig,
                    generator: torch.Generator, progress: Callable[[str, int, float], None] | None = None) -> float:
-    """Train UNet + text encoder jointly on ε-prediction (see the module docstring). Returns the last loss."""
+    """Train UNet + text encoder jointly on ε-prediction (docs/design.md). Returns the last loss."""
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_cosine_schedule_with_warmup
 

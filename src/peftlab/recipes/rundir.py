@@ -1,25 +1,6 @@
 """The run folder: what a training run writes, the rules that keep an earlier result from being lost, and its lock.
 
-A run folder holds ``run_config.json`` (the options, written first), ``checkpoint-*`` folders (HF ``Trainer``'s,
-or the image recipes' own; one is complete once its ``trainer_state.json``, which both write last, is readable),
-and at the end the adapter (or model), ``training_curve.png`` and, last, ``metrics.json``. So a folder is in one
-of these states (:func:`folder_state`):
-
-* ``empty``: nothing in it, or only peftlab's own leftovers of a killed run (temporary ``.<name>.<random>.tmp``
-  files of :func:`peftlab.files.atomic_write_bytes`, the lock file ``.peftlab.lock``);
-* ``in progress``: a ``run_config.json`` but no ``metrics.json``; ``--resume`` continues it from its last complete
-  checkpoint (from step 0 when there is none), or only writes the final outputs when training had already reached
-  its last step (a run killed during its final save);
-* ``finished``: ``metrics.json`` is written; ``--resume`` with the same budget does nothing (exit 0, with a
-  message), with a larger ``--max-steps`` it trains on from the last checkpoint;
-* anything else was not written by peftlab and is never used, not even with ``--overwrite``.
-
-``check_output_dir`` decides, before anything is written, whether a run may use a folder: an existing
-folder is refused unless it is empty, or ``overwrite`` is set and it holds a peftlab run, or ``resume``
-is set and it holds the same run. :func:`owns_output_dir` (on each recipe's ``train``) locks the folder for the
-whole run: a second run on it fails at once. The lock is an OS lock (``filelock``: ``flock``), so the OS
-releases it when its process dies, even by ``kill -9``. In a distributed run only the main process (``RANK``
-0) takes it. Stale temporary files and incomplete checkpoints are removed only while holding the lock.
+Design notes: ``docs/design.md``, section peftlab.recipes.rundir.
 """
 
 from __future__ import annotations

@@ -1,27 +1,7 @@
 """What the image recipes share: the pipeline and its adapters, latents and prompts, the denoising loss, the
 training loop (HF ``accelerate``), sampling for the metrics, and the run folder's final files.
 
-Objective (ε-prediction, as the pipeline was pretrained): with z₀ = s·E(x) the scaled VAE latent of an image x,
-t ~ U{0, …, T−1}, ε ~ N(0, I) and x_t = √ᾱ_t·z₀ + √(1−ᾱ_t)·ε (the DDPM forward process of the pipeline's own
-noise schedule),
-
-    L = Σ_i w_i · ‖ε_i − ε_θ(x_{t,i}, t_i, τ(c_i))‖² / d
-
-over a batch, with per-example weights w_i (DreamBooth: 1/n on the n instance examples, λ/m on the m class
-examples; controllable: 1/n). Only the adapters (and the condition encoder) are trained: the optimiser gets
-nothing else, and everything else has ``requires_grad = False``.
-
-The loop is HF ``accelerate``'s: ``Accelerator(mixed_precision, gradient_accumulation_steps)``,
-``accelerator.prepare``, ``accelerator.accumulate``, ``accelerator.backward``, gradient clipping at 1.0, and a
-warm-up + linear decay from ``transformers.get_scheduler``. Single process.
-
-Checkpoints: every ``--eval-steps`` steps and at the last step, ``checkpoint-<step>/`` holds the adapters as a
-pipeline adapter folder (``peftlab generate --adapter RUN/checkpoint-<step>`` samples from it), the trainable
-tensors by name (``trainable.safetensors``), the optimiser, schedule and random-generator states
-(``training_state.pt``, read back with ``torch.load(weights_only=True)``) and, written last, ``trainer_state.json``
-(step, losses): a checkpoint without it is incomplete and ignored. Only the newest complete one is kept.
-``--resume`` continues from it with the same parameters, optimiser moments, learning rate and random draws, so a
-run stopped after a checkpoint and resumed ends where an uninterrupted run ends (on CPU, bit for bit).
+Design notes: ``docs/design.md``, section peftlab.recipes.image.training.
 """
 
 from __future__ import annotations
@@ -146,7 +126,7 @@ def draw_noise(batch: Batch, num_train_timesteps: int, generator: torch.Generato
 
 
 def denoising_loss(pipe: Any, scheduler: Any, batch: Batch, hook: Any = None) -> Tensor:
-    """L = Σ_i w_i·mean‖ε_i − ε_θ(x_t, t, τ(c_i))‖² (see the module docstring); ``hook``: the condition encoder's."""
+    """L = Σ_i w_i·mean‖ε_i − ε_θ(x_t, t, τ(c_i))‖² (docs/design.md); ``hook``: the condition encoder's."""
     device = pipe.unet.device
     z0, noise, t = batch.latents.to(device), batch.noise.to(device), batch.timesteps.to(device)
     noisy = scheduler.add_noise(z0, noise, t)
@@ -180,7 +160,7 @@ def trainable(modules: list[nn.Module]) -> list[nn.Parameter]:
 
 def save_checkpoint(out: Path, step: int, pipe: Any, named: dict[str, nn.Parameter], optimizer: Any, schedule: Any,
                     generator: torch.Generator | None, losses: list[float], runtime: float) -> Path:
-    """Write ``out/checkpoint-<step>`` (see the module docstring; ``trainer_state.json`` last), then delete the
+    """Write ``out/checkpoint-<step>`` (docs/design.md; ``trainer_state.json`` last), then delete the
     older checkpoints."""
     from io import BytesIO
 
