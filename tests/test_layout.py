@@ -156,3 +156,15 @@ def test_every_peftlab_name_in_readme_imports(name):
 def test_no_module_is_too_long(path):
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_LINES, f"{path.relative_to(SRC)} has {lines} lines; split it by concern (at most {MAX_LINES})"
+
+
+@pytest.mark.parametrize("module", ["peftlab.cli", "peftlab"])
+def test_the_command_line_runs_as_a_module(module):
+    """README runs ``-m peftlab.cli train`` under torchrun / accelerate; ``-m peftlab`` is the same command."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", module, "train", "--help"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--method" in done.stdout and "usage: peftlab train" in done.stdout
