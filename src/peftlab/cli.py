@@ -210,7 +210,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     mean ± std, trainable parameters, time per step, peak memory) and write compare.md, compare.json
     and compare.png (metric vs trainable parameters).
     """
-    from peftlab.commands import compare
+    from peftlab.commands.compare import compare
 
     methods = args.methods or "hra,lora,full,linear-probe"  # a YAML config may give a list
     methods = [str(m).strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if str(m).strip()]
