@@ -1,2 +1,2 @@
-"""Image recipes on diffusers pipelines: subject-driven and controllable, with their training loop
-(``training``) and their data (``data``)."""
+"""Image recipes on diffusers pipelines: subject-driven and controllable, one run template (``run``: a typed
+prepared run, then fit and score), their loop and sampling (``training``) and their data (``data``)."""

@@ -31,7 +31,7 @@ import torch
 
 from peftlab.diffusion.control import control_tensor
 from peftlab.recipes.image import data as image_data
-from peftlab.recipes.image.run import Objective, PreparedRun, Scores, train_prepared
+from peftlab.recipes.image.run import Objective, PreparedRun, Scores, evaluate, train_prepared
 from peftlab.recipes.image.training import (
     check_prompts,
     example_sampler,
@@ -39,7 +39,6 @@ from peftlab.recipes.image.training import (
     load_base,
     resolution,
     sample_images,
-    saved_metrics,
     token_ids,
 )
 from peftlab.recipes.options import RunOptions
@@ -128,6 +127,5 @@ def train(options: RunOptions, checkpoint: str | None = None) -> dict[str, Any]:
     return train_prepared(prepare(options), options, checkpoint, keys)
 
 
-def evaluate(folder: Any, options: RunOptions, split: str, max_samples: int | None) -> dict[str, Any]:
-    """``peftlab eval`` of a controllable run: the metrics written at the end of training."""
-    return saved_metrics(folder)
+__all__ = ["CAPTION_DROPOUT", "METRIC_BY_CONTROL", "ControlRun", "control_sampler", "evaluate", "evaluate_samples",
+           "prepare", "train"]

@@ -33,7 +33,7 @@ import torch
 
 from peftlab.data import glyphs
 from peftlab.recipes.image import data as image_data
-from peftlab.recipes.image.run import Objective, PreparedRun, Scores, train_prepared
+from peftlab.recipes.image.run import Objective, PreparedRun, Scores, evaluate, train_prepared
 from peftlab.recipes.image.training import (
     Batch,
     check_prompts,
@@ -43,7 +43,6 @@ from peftlab.recipes.image.training import (
     load_base,
     resolution,
     sample_images,
-    saved_metrics,
     token_ids,
 )
 from peftlab.recipes.options import RunOptions
@@ -148,6 +147,5 @@ def train(options: RunOptions, checkpoint: str | None = None) -> dict[str, Any]:
     return train_prepared(prepare(options), options, checkpoint, ("subject_similarity", "prior_class_accuracy"))
 
 
-def evaluate(folder: Any, options: RunOptions, split: str, max_samples: int | None) -> dict[str, Any]:
-    """``peftlab eval`` of a subject-driven run: the metrics written at the end of training."""
-    return saved_metrics(folder)
+__all__ = ["METRIC", "PRIOR_PROMPTS", "SubjectRun", "evaluate", "evaluate_samples", "prepare", "sampler", "train",
+           "training_data"]
