@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from peftlab.data import glyphs
 from peftlab.diffusion.control import control_tensor
 from peftlab.recipes.image import data as image_data
 from peftlab.recipes.image.run import Objective, PreparedRun, Scores, evaluate, train_prepared
@@ -97,9 +98,10 @@ def evaluate_samples(pipe: Any, options: RunOptions, size: int, held_out: image_
 
     controls = control_tensor(held_out.controls, size) if control else None
     samples = sample_images(pipe, held_out.captions, options, size, options.seed, controls)
-    result = im.control_fidelity(samples, held_out.controls, options.control)
+    grey = glyphs.to_array(samples, None)  # normalised once: the metrics take the array as it is
+    result = im.control_fidelity(grey, glyphs.to_array(held_out.controls, None), options.control)
     if held_out.labels is not None:
-        result.values["class_accuracy"] = im.class_accuracy(samples, held_out.labels)
+        result.values["class_accuracy"] = im.class_accuracy(grey, held_out.labels)
     else:
         result.skipped["class_accuracy"] = "the data have no glyph labels (tiny-digits-edges has)"
     return result.values, result.skipped, samples

@@ -129,8 +129,8 @@ def evaluate_samples(pipe: Any, options: RunOptions, size: int, instances: list[
     subject = sample_images(pipe, [options.instance_prompt] * options.num_eval_images, options, size, options.seed)
     prior = sample_images(pipe, list(PRIOR_PROMPTS) * 2, options, size, options.seed + 1)
     result = im.ImageMetrics(values={
-        "subject_similarity": im.subject_similarity(subject, instances),
-        "prior_class_accuracy": im.class_accuracy(prior, [k % 10 for k in range(len(prior))]),
+        "subject_similarity": im.subject_similarity(glyphs.to_array(subject), glyphs.to_array(instances)),
+        "prior_class_accuracy": im.class_accuracy(glyphs.to_array(prior), [k % 10 for k in range(len(prior))]),
     })
     clip, dino = encoder_names(options.eval_encoder)
     result.update(im.clip_scores(subject, options.instance_prompt, instances, clip))
