@@ -256,6 +256,37 @@ def markdown_table(header: list[str], rows: Iterable[list[str]], right: set[int]
     return [markdown_row(header), markdown_row(align), *(markdown_row(row) for row in rows)]
 
 
+def variant_table(header: list[str], timings: Timings, variants: Iterable[str], labels: dict[str, str],
+                  phases: list[str], ref: str, lead: list[str] | None = None,
+                  extra: Callable[[str], list[str]] = lambda name: [], right: set[int] | None = None) -> list[str]:
+    """A Markdown table of timed variants, one row each: ``lead`` cells, the variant's label, per phase its median
+    ms and the ratio to variant ``ref`` in the same run, ``extra(variant)`` and the number of kept repetitions; a
+    variant that was not measured reads "skipped"."""
+    lead = lead or []
+    refs = {phase: timings.median_ms(f"{ref}/{phase}") for phase in phases}
+    rows = []
+    for name in variants:
+        if f"{name}/{phases[0]}" not in timings.samples:
+            rows.append([*lead, labels[name], "skipped"] + ["—"] * (len(header) - len(lead) - 2))
+            continue
+        times = [timings.median_ms(f"{name}/{phase}") for phase in phases]
+        cells = [cell for t, phase in zip(times, phases, strict=True) for cell in (fmt_ms(t), ratio(t, refs[phase]))]
+        rows.append([*lead, labels[name], *cells, *extra(name), str(timings.count(f"{name}/{phases[0]}"))])
+    return markdown_table(header, rows, right)
+
+
+def medians_line(timings: Timings, variants: Iterable[str], labels: dict[str, str], phases: list[str]) -> str:
+    """``LoRA 1.2/3.4 ms, HRA ...``: the median ms of each measured variant, its phases separated by ``/``."""
+    return ", ".join(f"{labels[n]} {'/'.join(fmt_ms(timings.median_ms(f'{n}/{p}')) for p in phases)} ms"
+                     for n in variants if f"{n}/{phases[0]}" in timings.samples)
+
+
+def goal_line(goal: str, verdict: bool | str | None, detail: str = "") -> str:
+    """One line of a benchmark's goals: ``goal: yes (detail)``; ``None`` reads "not measured"."""
+    word = {True: "yes", False: "no", None: "not measured"}.get(verdict, verdict)  # type: ignore[call-overload]
+    return f"{goal}: {word}" + (f" ({detail})" if detail else "")
+
+
 def emit_report(lines: list[str], out: Path | None) -> None:
     """Print the report after a blank line and, if ``out`` is given, also write it there."""
     report = "\n".join(lines) + "\n"

@@ -8,7 +8,7 @@ held-out digits x with control c (and caption), fixed noise ε and timesteps t �
 A model that ignores the control has gap 0; one that uses it has gap > 0. Two modes:
 
 * default: train the condition encoder **alone** (frozen UNet, no adapters) on ``tiny-digits-edges`` with the
-  recipe's own loop (:func:`peftlab.recipes.image_training.fit`: AdamW, warm-up + linear decay, clipping 1.0,
+  recipe's own loop (:func:`peftlab.recipes.image.training.fit`: AdamW, warm-up + linear decay, clipping 1.0,
   the recipe's 50 % caption dropout) and report the gap before and after. ``--control target`` gives the encoder
   the target image itself (an upper bound: the most informative control there is);
 * ``--run RUN``: probe a trained controllable run (its adapters and encoder) on the same held-out digits.
@@ -30,9 +30,9 @@ from _harness import emit_report, header_lines, markdown_table
 
 from peftlab.diffusion.conditioning import attach_condition_encoder, condition_hook, new_condition_encoder
 from peftlab.diffusion.control import control_tensor
-from peftlab.recipes import image_data
-from peftlab.recipes import image_training as it
-from peftlab.recipes.controllable import control_sampler
+from peftlab.recipes.image import data as image_data
+from peftlab.recipes.image import training as image_training
+from peftlab.recipes.image.controllable import control_sampler
 from peftlab.recipes.options import RunOptions
 
 TIMESTEPS = (200, 400, 600, 800)
@@ -47,23 +47,24 @@ def controls_of(examples: image_data.ControlExamples, control: str) -> torch.Ten
 def held_out_inputs(pipe: Any, held_out: image_data.ControlExamples) -> tuple[torch.Tensor, torch.Tensor]:
     """The held-out targets' latents and caption token ids (the frozen VAE and tokenizer: the same before and after
     training)."""
-    return it.latents_of(pipe, image_data.pixels(held_out.targets)), it.token_ids(pipe, held_out.captions)
+    latents = image_training.latents_of(pipe, image_data.pixels(held_out.targets))
+    return latents, image_training.token_ids(pipe, held_out.captions)
 
 
 def probe(pipe: Any, latents: torch.Tensor, ids: torch.Tensor, controls: torch.Tensor) -> dict[str, float]:
     """Mean held-out loss over :data:`TIMESTEPS` with the own and with shuffled controls, and the relative gap
     (``latents``, ``ids``: the held-out targets' latents and caption token ids)."""
     hook = condition_hook(pipe)
-    scheduler = it.noise_scheduler(pipe)
+    scheduler = image_training.noise_scheduler(pipe)
     n = len(latents)
     shuffled = controls[torch.roll(torch.arange(n), 1)]  # every example gets another one's control
     losses = {"own": 0.0, "shuffled": 0.0}
     for t in TIMESTEPS:
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(t))
         for name, control in (("own", controls), ("shuffled", shuffled)):
-            batch = it.Batch(latents, ids, torch.full((n,), 1 / n), control, noise, torch.full((n,), t))
+            batch = image_training.Batch(latents, ids, torch.full((n,), 1 / n), control, noise, torch.full((n,), t))
             with torch.no_grad():
-                losses[name] += it.denoising_loss(pipe, scheduler, batch, hook).item() / len(TIMESTEPS)
+                losses[name] += image_training.denoising_loss(pipe, scheduler, batch, hook).item() / len(TIMESTEPS)
     return {**losses, "gap": (losses["shuffled"] - losses["own"]) / losses["own"]}
 
 
@@ -94,7 +95,7 @@ def main() -> None:
         options = RunOptions(task="controllable", method="lora", seed=args.seed, max_steps=args.steps, lr=args.lr,
                              output_dir="unused").resolved()
         torch.manual_seed(args.seed)
-        pipe = it.load_base(options)
+        pipe = image_training.load_base(options)
         encoder = new_condition_encoder(pipe)
         attach_condition_encoder(pipe, encoder)
         examples = image_data.control_examples("tiny-digits-edges", map_type, SIZE, options.max_train_samples,
@@ -104,7 +105,7 @@ def main() -> None:
         inputs = held_out_inputs(pipe, held_out)
         before = probe(pipe, *inputs, held)
         start = time.perf_counter()
-        training = it.fit(pipe, [encoder], sample, options, hook=condition_hook(pipe), progress=False)
+        training = image_training.fit(pipe, [encoder], sample, options, hook=condition_hook(pipe), progress=False)
         wall = time.perf_counter() - start
         after = probe(pipe, *inputs, held)
         for label, result in (("before (E_φ = 0)", before), (f"after {args.steps} steps", after)):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from peftlab import io
+from peftlab import files
 from peftlab.data import generate_e2e, group_references, parse_mr
 
 
@@ -41,8 +41,8 @@ def main() -> None:
              "annotations": [{"source": "e2e-synthetic", "text": ref} for ref in refs]}
             for mr, refs in grouped.items()]
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    io.atomic_write_json(args.out_dir / "webnlg-standin.json", webnlg)
-    io.atomic_write_json(args.out_dir / "dart-standin.json", dart)
+    files.atomic_write_json(args.out_dir / "webnlg-standin.json", webnlg)
+    files.atomic_write_json(args.out_dir / "dart-standin.json", dart)
     print(f"wrote {len(grouped)} inputs to {args.out_dir}/webnlg-standin.json and dart-standin.json")
 
 

@@ -35,11 +35,11 @@ from typing import Any
 import torch
 from _harness import add_run_options, apply_run_options, emit_report, header_lines, markdown_table, parse_ints
 
-from peftlab import AdapterModel, io
-from peftlab.recipes import multiple_choice as mc
+from peftlab import AdapterModel, files
 from peftlab.recipes import train
-from peftlab.recipes.lm import load_trained
 from peftlab.recipes.options import RunOptions
+from peftlab.recipes.text import multiple_choice as mc
+from peftlab.recipes.text.lm import load_trained
 from peftlab.spectrum import relative_spectral_change, spectral_changes
 
 SUBJECTS = ("high school geography", "high school psychology", "marketing", "miscellaneous", "world religions")
@@ -82,7 +82,7 @@ def spectrum(folder: str, base_weights: dict[str, torch.Tensor]) -> list[float]:
 
 
 def target_weights() -> dict[str, torch.Tensor]:
-    from peftlab.models import load_causal_lm
+    from peftlab.base_models import load_causal_lm
 
     model, _ = load_causal_lm("smollm2-135m")
     return {name: p.detach().clone() for name, p in model.named_parameters()
@@ -105,7 +105,7 @@ def cached(path: Path, compute: Callable[[], dict[str, float]]) -> dict[str, flo
     if path.is_file():
         return json.loads(path.read_text())
     value = compute()
-    io.atomic_write_json(path, value)
+    files.atomic_write_json(path, value)
     return value
 
 

@@ -57,14 +57,15 @@ from _harness import (  # noqa: E402
     apply_run_options,
     emit_report,
     fmt_mb,
-    fmt_ms,
+    goal_line,
     header_lines,
-    markdown_table,
     measure_saved,
+    medians_line,
     parse_ints,
     ratio,
     ratio_of,
     run_interleaved,
+    variant_table,
 )
 from torch import Tensor, nn  # noqa: E402
 
@@ -283,40 +284,23 @@ def linear_table(results: list[LinearResult]) -> list[str]:
         "d", "tokens", "r", "variant", "fwd ms", "fwd ×LoRA", "fwd+bwd ms", "fwd+bwd ×LoRA",
         "saved new MB", "saved shared MB", "largest new saved", "d×d saved", "n",
     ]  # fmt: skip
-    rows = []
+    lines: list[str] = []
     for res in results:
-        t = res.timings
-        ref_f, ref_fb = t.median_ms("lora/fwd"), t.median_ms("lora/fwd_bwd")
-        for name in LINEAR_VARIANTS:
-            if f"{name}/fwd" not in t.samples:
-                rows.append([str(res.d), str(res.tokens), str(res.r), LABELS[name]] + ["skipped"] + ["—"] * 8)
-                continue
-            f, fb = t.median_ms(f"{name}/fwd"), t.median_ms(f"{name}/fwd_bwd")
+        def saved(name: str, res: LinearResult = res) -> list[str]:
             s = res.saved[name]
-            rows.append(
-                [
-                    str(res.d), str(res.tokens), str(res.r), LABELS[name],
-                    fmt_ms(f), ratio(f, ref_f), fmt_ms(fb), ratio(fb, ref_fb),
-                    fmt_mb(s.new_bytes), fmt_mb(s.shared_bytes), s.describe_largest(),
-                    "yes" if s.square else "no", str(t.count(f"{name}/fwd")),
-                ]
-            )  # fmt: skip
-    return markdown_table(header, rows, right={0, 1, 2, 4, 5, 6, 7, 8, 9, 12})
+            return [fmt_mb(s.new_bytes), fmt_mb(s.shared_bytes), s.describe_largest(), "yes" if s.square else "no"]
+
+        table = variant_table(header, res.timings, LINEAR_VARIANTS, LABELS, ["fwd", "fwd_bwd"], "lora",
+                              [str(res.d), str(res.tokens), str(res.r)], saved, right={0, 1, 2, 4, 5, 6, 7, 8, 9, 12})
+        lines += table if not lines else table[2:]
+    return lines
 
 
 def model_table(res: ModelResult) -> list[str]:
-    header = ["variant", "trainable params", "step ms", "step ×LoRA", "saved new MB", "n"]
-    ref = res.timings.median_ms("lora/step")
-    rows = []
-    for name in MODEL_VARIANTS:
-        ms = res.timings.median_ms(f"{name}/step")
-        rows.append(
-            [
-                LABELS[name], f"{res.n_trainable[name]:,}", fmt_ms(ms), ratio(ms, ref),
-                fmt_mb(res.saved[name].new_bytes), str(res.timings.count(f"{name}/step")),
-            ]
-        )  # fmt: skip
-    return markdown_table(header, rows, right={1, 2, 3, 4, 5})
+    header = ["variant", "step ms", "step ×LoRA", "trainable params", "saved new MB", "n"]
+    return variant_table(header, res.timings, MODEL_VARIANTS, LABELS, ["step"], "lora",
+                         extra=lambda name: [f"{res.n_trainable[name]:,}", fmt_mb(res.saved[name].new_bytes)],
+                         right={1, 2, 3, 4, 5})
 
 
 def where(res: LinearResult) -> str:
@@ -349,26 +333,25 @@ def peft_over_lora(res: LinearResult) -> str:
 def summary_lines(results: list[LinearResult], model: ModelResult | None, input_grad: bool = False) -> list[str]:
     lines = []
     vs_lora = [(x, res) for res in results if (x := time_ratio(res, "hra", "lora")) is not None]
+    goal = f"peftlab HRA fwd+bwd ≤ {GOAL_VS_LORA}× LoRA at every size"
     if not vs_lora:
-        lines.append(f"peftlab HRA fwd+bwd ≤ {GOAL_VS_LORA}× LoRA at every size: not measured")
+        lines.append(goal_line(goal, None))
     else:
         worst = max(vs_lora, key=lambda s: s[0])
-        ok = "yes" if worst[0] <= GOAL_VS_LORA else "no"
         over = [res for x, res in vs_lora if x > GOAL_VS_LORA]
-        lines.append(
-            f"peftlab HRA fwd+bwd ≤ {GOAL_VS_LORA}× LoRA at every size: {ok} "
-            f"(worst {worst[0]:.2f}× at {where(worst[1])}, where the FLOP ratio is "
-            f"{flop_ratio(worst[1], input_grad):.2f}×; {len(over)} of {len(results)} sizes above {GOAL_VS_LORA}×"
-            + (f": {'; '.join(where(r) for r in over)}" if over else "") + ")"
-        )
+        lines.append(goal_line(goal, worst[0] <= GOAL_VS_LORA,
+                               f"worst {worst[0]:.2f}× at {where(worst[1])}, where the FLOP ratio is "
+                               f"{flop_ratio(worst[1], input_grad):.2f}×; {len(over)} of {len(results)} sizes above "
+                               f"{GOAL_VS_LORA}×" + (f": {'; '.join(where(r) for r in over)}" if over else "")))
 
     speedups = [(x, res) for res in results
                 if res.d == GOAL_PEFT_DIM and (x := time_ratio(res, "peft_hra", "hra")) is not None]
+    goal = f"≥ {GOAL_VS_PEFT:.0f}× faster than PEFT HRA at d={GOAL_PEFT_DIM}"
     if not speedups:
-        lines.append(f"≥ {GOAL_VS_PEFT:.0f}× faster than PEFT HRA at d={GOAL_PEFT_DIM}: not measured in this run")
+        lines.append(goal_line(goal, "not measured in this run"))
     else:
         low = min(speedups, key=lambda s: s[0])
-        ok = "yes" if low[0] >= GOAL_VS_PEFT else "no"
+        ok: bool | str = low[0] >= GOAL_VS_PEFT
         # Where LoRA itself is not GOAL_VS_PEFT× faster than PEFT HRA, the frozen layer's own N·d² GEMM (which
         # every adapter runs) bounds the speed-up: the goal is then out of reach for any method.
         short = [res for x, res in speedups if x < GOAL_VS_PEFT]
@@ -380,24 +363,20 @@ def summary_lines(results: list[LinearResult], model: ModelResult | None, input_
         each = "; ".join(
             f"tokens={res.tokens}, r={res.r}: {x:.1f}× (LoRA {peft_over_lora(res)})" for x, res in speedups
         )
-        lines.append(
-            f"≥ {GOAL_VS_PEFT:.0f}× faster than PEFT HRA at d={GOAL_PEFT_DIM} (fwd+bwd): {ok} "
-            f"(min {low[0]:.1f}× at {where(low[1])}; per size: {each})"
-        )
+        lines.append(goal_line(f"{goal} (fwd+bwd)", ok, f"min {low[0]:.1f}× at {where(low[1])}; per size: {each}"))
 
     square = [res for res in results if res.saved["hra"].square]
     if square:
-        lines.append(f"no d×d tensor saved for backward: no (at {', '.join(where(r) for r in square)})")
+        lines.append(goal_line("no d×d tensor saved for backward", False, f"at {', '.join(where(r) for r in square)}"))
     else:
         biggest = max(results, key=lambda res: res.saved["hra"].new_bytes)
         s = biggest.saved["hra"]
         n_peft = sum("peft_hra" in res.saved for res in results)
         n_peft_sq = sum("peft_hra" in res.saved and res.saved["peft_hra"].square for res in results)
         peft_note = f"; PEFT HRA saves d×d tensors at {n_peft_sq}/{n_peft} sizes" if n_peft else ""
-        lines.append(
-            "no d×d tensor saved for backward: yes (peftlab HRA's largest new saved tensor: "
-            f"{s.describe_largest()} at {where(biggest)}; the frozen W may be referenced, never copied{peft_note})"
-        )
+        lines.append(goal_line("no d×d tensor saved for backward", True,
+                               f"peftlab HRA's largest new saved tensor: {s.describe_largest()} at {where(biggest)}; "
+                               f"the frozen W may be referenced, never copied{peft_note}"))
     if model is not None:
         t = model.timings
         lora = t.median_ms("lora/step")
@@ -477,16 +456,8 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(res)
                     t = res.timings
                     err = "" if res.max_rel_err is None else f", HRA vs PEFT max rel err {res.max_rel_err:.1e}"
-                    print(
-                        f"[{time.perf_counter() - t0:5.1f} s] d={d} tokens={tokens} r={r} input_grad={input_grad}: "
-                        + ", ".join(
-                            f"{LABELS[n]} {fmt_ms(t.median_ms(n + '/fwd'))}/{fmt_ms(t.median_ms(n + '/fwd_bwd'))} ms"
-                            for n in LINEAR_VARIANTS
-                            if f"{n}/fwd" in t.samples
-                        )
-                        + err,
-                        flush=True,
-                    )
+                    print(f"[{time.perf_counter() - t0:5.1f} s] d={d} tokens={tokens} r={r} input_grad={input_grad}: "
+                          + medians_line(t, LINEAR_VARIANTS, LABELS, ["fwd", "fwd_bwd"]) + err, flush=True)
         title = "input requires grad" if input_grad else "input does not require grad (the adapter params train)"
         sections.append((title, results))
 
@@ -495,11 +466,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         model = bench_minilm(args)
         gc.collect()
-        print(
-            f"[{time.perf_counter() - t0:5.1f} s] MiniLM {args.batch}×{args.seq_len}: "
-            + ", ".join(f"{LABELS[n]} {fmt_ms(model.timings.median_ms(n + '/step'))} ms" for n in MODEL_VARIANTS),
-            flush=True,
-        )
+        print(f"[{time.perf_counter() - t0:5.1f} s] MiniLM {args.batch}×{args.seq_len}: "
+              + medians_line(model.timings, MODEL_VARIANTS, LABELS, ["step"]), flush=True)
 
     for title, results in sections:
         lines += ["", f"## One Linear(d, d): {title}", ""] + linear_table(results)

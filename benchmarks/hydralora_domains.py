@@ -36,12 +36,12 @@ from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, set_seed
 from transformers.trainer_callback import PrinterCallback
 
+from peftlab.base_models import load_classifier
 from peftlab.data import load_dataset
-from peftlab.hydralora import estimate_num_heads
-from peftlab.models import load_classifier
+from peftlab.data.clusters import estimate_num_heads
 from peftlab.recipes.adapters import count_parameters, prepare_model
-from peftlab.recipes.classification import tokenize
 from peftlab.recipes.options import RunOptions
+from peftlab.recipes.text.classification import tokenize
 from peftlab.recipes.training import quiet_datasets, select, training_arguments
 from peftlab.trainer import Trainer
 

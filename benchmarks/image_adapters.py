@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from _harness import add_run_options, apply_run_options, emit_report, header_lines, markdown_table
 
-from peftlab.io import atomic_write_bytes, atomic_write_json
+from peftlab.files import atomic_write_bytes, atomic_write_json
 from peftlab.recipes import RunOptions, train
 
 METHODS = ("hra", "lora", "hydralora", "mtlora")
@@ -135,7 +135,7 @@ def sample_grid(results: dict[str, Any], seed: int, steps: tuple[int, int], path
     from PIL import Image
 
     from peftlab.data import glyphs
-    from peftlab.recipes.image_data import held_out_edges
+    from peftlab.recipes.image.data import held_out_edges
 
     subject = any(run_key("subject-driven", m, seed, steps[0], None) in results for m in METHODS)
     controls = list(glyphs.to_array(held_out_edges(control, TILE, per_task).controls))

@@ -89,7 +89,7 @@ class PeakRSS:
 def load_base(model_dir: str):
     from transformers import AutoModelForCausalLM
 
-    from peftlab.models import quiet_transformers
+    from peftlab.base_models import quiet_transformers
 
     with quiet_transformers():
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -130,7 +130,7 @@ def prepare(args: argparse.Namespace, folder: Path) -> tuple[str, list[int]]:
         model_dir = str(folder / "base")
         LlamaForCausalLM(config).save_pretrained(model_dir)
     else:
-        from peftlab.models import resolve_model
+        from peftlab.base_models import resolve_model
 
         model_dir = resolve_model("smollm2-135m")
     model = AdapterModel(load_base(model_dir))

@@ -45,7 +45,7 @@ def load(args: argparse.Namespace):
         config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
         return LlamaForCausalLM(config).eval(), "random Llama (4 layers, hidden 256)"
-    from peftlab.models import load_causal_lm
+    from peftlab.base_models import load_causal_lm
 
     model, _ = load_causal_lm(args.model)
     return model.eval(), args.model

@@ -4,7 +4,7 @@
 
 Loads the causal-LM recipe's training split of ``--data`` (a named mixture or a .json/.jsonl file whose
 records carry a ``task`` field), builds the prompts exactly as ``peftlab train --task causal-lm
---method hydralora --num-heads auto`` does, runs ``peftlab.hydralora.estimate_num_heads`` on them and prints
+--method hydralora --num-heads auto`` does, runs ``peftlab.estimate_num_heads`` on them and prints
 N and a task × cluster table of example counts. A cluster that holds several tasks means the heads cannot
 split by task; a task spread over clusters means it has sub-populations (templates, sub-tasks).
 """
@@ -16,8 +16,8 @@ from collections import Counter
 
 from _harness import markdown_table
 
-from peftlab.hydralora import estimate_num_heads
-from peftlab.recipes.causal_lm import load_records, record_prompt
+from peftlab.data.clusters import estimate_num_heads
+from peftlab.recipes.text.causal_lm import load_records, record_prompt
 
 
 def main() -> None:

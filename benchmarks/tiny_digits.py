@@ -24,7 +24,7 @@ from _harness import add_run_options, apply_run_options, emit_report, header_lin
 
 from peftlab.data import glyphs
 from peftlab.diffusion import embedded, image_metrics
-from peftlab.io import atomic_write_bytes
+from peftlab.files import atomic_write_bytes
 
 
 def grid_png(images: np.ndarray, columns: int, pad: int = 2) -> bytes:

@@ -129,7 +129,7 @@ def save_tiny_classifier(folder) -> None:
     (``initializer_range=0.1``: with the default 0.02 the attention passes almost no signal in a few steps)."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from peftlab.models import resolve_model
+    from peftlab.base_models import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm"))
     torch.manual_seed(0)

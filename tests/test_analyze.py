@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from peftlab.cli import main
-from peftlab.recipes.analyze import cosine_distances, group_distances, mean_over_layers, reflection_stats
+from peftlab.commands.analyze import cosine_distances, group_distances, mean_over_layers, reflection_stats
 
 LAYERS = [f"encoder.layer.{i}.attention.self.query" for i in range(3)]
 

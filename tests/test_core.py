@@ -22,7 +22,7 @@ from peftlab import (
     MergeError,
     get_adapter_model,
 )
-from peftlab.io import CONFIG_NAME, WEIGHTS_NAME
+from peftlab.files import CONFIG_NAME, WEIGHTS_NAME
 
 
 def trainable_names(model: nn.Module) -> set[str]:

@@ -36,7 +36,8 @@ from peftlab.data import (
 )
 from peftlab.data import cache as cache_mod
 from peftlab.data import datasets as ds_mod
-from peftlab.data.cache import Archive, atomic_save_dir, extract_file, fetch_archive
+from peftlab.data.cache import Archive, extract_file, fetch_archive
+from peftlab.files import atomic_write_folder
 
 
 # ---- cache -------------------------------------------------------------------------------------------
@@ -94,16 +95,24 @@ def test_extract_file_follows_nested_archives(tmp_path, monkeypatch):
         extract_file(archive, "pkg-1.0/inner.zip", "missing.txt")
 
 
-def test_atomic_save_dir_leaves_nothing_on_failure(tmp_path):
+def test_atomic_write_folder_leaves_nothing_on_failure(tmp_path):
     def broken(folder):
         (folder / "half.bin").write_bytes(b"x")
         raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError):
-        atomic_save_dir(tmp_path / "model", broken)
+        atomic_write_folder(tmp_path / "model", broken, replace=False)
     assert list(tmp_path.iterdir()) == []
-    atomic_save_dir(tmp_path / "model", lambda folder: (folder / "ok.txt").write_text("ok"))
+    atomic_write_folder(tmp_path / "model", replace=False, write=lambda folder: (folder / "ok.txt").write_text("ok"))
     assert (tmp_path / "model" / "ok.txt").read_text() == "ok"
+    atomic_write_folder(tmp_path / "model", replace=False, write=lambda folder: (folder / "new.txt").write_text("x"))
+    assert [p.name for p in (tmp_path / "model").iterdir()] == ["ok.txt"]  # a cache entry is kept
+    with pytest.raises(RuntimeError):
+        atomic_write_folder(tmp_path / "model", broken)
+    assert [p.name for p in tmp_path.iterdir()] == ["model"] and (tmp_path / "model" / "ok.txt").is_file()
+    atomic_write_folder(tmp_path / "model", lambda folder: (folder / "new.txt").write_text("x"))
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # replaced, and no old copy left beside it
+    assert [p.name for p in (tmp_path / "model").iterdir()] == ["new.txt"]
 
 
 # ---- real named data sets ------------------------------------------------------------------------------

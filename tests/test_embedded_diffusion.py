@@ -97,3 +97,16 @@ def test_glyph_inputs_are_checked():
     resized = glyphs.to_array([np.zeros((8, 8)), np.ones((64, 64, 3))])
     assert resized.shape == (2, 32, 32) and resized[1].min() == pytest.approx(1.0)
 
+
+
+def test_a_normalised_batch_passes_through_to_array_unchanged():
+    """The image recipes normalise their samples once; every metric then takes that array as it is."""
+    rng = np.random.default_rng(0)
+    pictures = glyphs.to_pil(rng.random((3, 16, 16)).astype(np.float32))
+    grey = glyphs.to_array(pictures, None)
+    assert grey.dtype == np.float32 and grey.shape == (3, 16, 16)
+    assert glyphs.to_array(grey, None) is grey and glyphs.to_array(grey, 16) is grey  # no second pass, no copy
+    np.testing.assert_array_equal(glyphs.to_array(grey[0], None), grey[:1])
+    np.testing.assert_array_equal(glyphs.to_array(list(grey), None), grey)  # the slow path gives the same
+    assert glyphs.to_array(grey).shape == (3, 32, 32)  # another size is still resized
+    assert glyphs.to_array(grey.astype(np.float64), None) is not grey

@@ -1,11 +1,12 @@
 """Fault injection: ``peftlab train`` killed with SIGKILL at chosen points of its writes, then resumed.
 
 Each run (the tiny BERT of ``test_cli``, 32 training rows, 4 steps, checkpoints at steps 2 and 4) runs in a
-process of its own with ``PEFTLAB_FAULT_POINT`` naming where it must die: ``peftlab.recipes.rundir.fault_point``
-kills the process there with SIGKILL. Besides the points peftlab itself marks (``final-save``), the process calls
-``fault_point`` just before every ``os.replace`` (``rename:<file>``: the temporary file of an atomic write is
-complete, the rename is not done) and every ``torch.save`` (``save:<file>``: the checkpoint files before it are
-written, it and those after are not), ``<file>`` relative to the run folder. After the kill, every file in the
+process of its own with ``PEFTLAB_FAULT_POINT`` naming where it must die: the runner's ``fault_point`` kills the
+process there with SIGKILL. The process calls ``fault_point`` just before every ``os.replace`` (``rename:<file>``:
+the temporary file of an atomic write is complete, the rename is not done) and every ``torch.save``
+(``save:<file>``: the checkpoint files before it are
+written, it and those after are not) and the training curve's ``savefig`` (``plot:<file>``: the final adapter is
+written, the metrics are not), ``<file>`` relative to the run folder. After the kill, every file in the
 folder must be absent or complete, and ``--resume`` (or a plain rerun) must finish the run with exactly the
 requested steps and leave no temporary file behind. The killed runs are forked from one process that imported
 peftlab once and run together: the module takes about 30 s on 2 cores.
@@ -35,7 +36,7 @@ FAULTS = {
     "first-checkpoint": ("rename:checkpoint-2/adapter_model.safetensors", "resume", 0),  # no complete checkpoint
     "checkpoint-files": ("save:checkpoint-4/optimizer.pt", "resume", 2),  # checkpoint-4 without optimizer, state
     "final-adapter": ("rename:adapter_model.safetensors", "resume", STEPS),  # trained; the final adapter half-written
-    "final-save": ("final-save", "resume", STEPS),  # the final adapter written, the metrics not
+    "final-save": ("plot:training_curve.png", "resume", STEPS),  # the final adapter written, the metrics not
     "metrics": ("rename:metrics.json", "resume", STEPS),  # everything but metrics.json
 }
 
@@ -43,14 +44,19 @@ FAULTS = {
 # ``peftlab train`` with a fault point before each rename and torch.save into its run folder; the parent prints
 # the children's exit codes (``-9``: killed) as JSON.
 RUNNER = """
-import json, os, sys
+import json, os, signal, sys
 from pathlib import Path
 
 import torch
+from matplotlib.figure import Figure
 
-import peftlab.recipes.classification
+import peftlab.recipes.text.classification
 from peftlab.cli import main
-from peftlab.recipes.rundir import fault_point
+
+
+def fault_point(name):
+    if os.environ.get("PEFTLAB_FAULT_POINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def train(point, out, argv):
@@ -70,6 +76,7 @@ def train(point, out, argv):
 
     os.replace = with_point("rename", os.replace)
     torch.save = with_point("save", torch.save)
+    Figure.savefig = with_point("plot", Figure.savefig)  # (figure, file): the training curve, after the adapter
     return main(argv)
 
 

@@ -141,7 +141,7 @@ def test_a_16_bit_control_image_gives_the_control_map_of_its_8_bit_equivalent(tm
     from PIL import Image
 
     from peftlab.diffusion.control import make_control
-    from peftlab.recipes.image_data import open_image
+    from peftlab.recipes.image.data import open_image
 
     eight, wide = wide_grey_versions(tmp_path)
     expected = np.asarray(make_control(open_image(eight, "--control"), control))

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from peftlab import AdapterModel, ConfigError, HydraLoraConfig, LoraConfig, MergeError, get_adapter_model
-from peftlab.hydralora import elbow_from_gains, estimate_num_heads
+from peftlab.data.clusters import elbow_from_gains, estimate_num_heads
 from peftlab.layers import LayerView
 from peftlab.methods.hydralora import HydraLoraAdapter
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,8 +26,8 @@ from peftlab.diffusion.conditioning import attach_condition_encoder, controlled,
 from peftlab.diffusion.control import control_tensor
 from peftlab.diffusion.pipeline import load_pipeline_adapters, merge_pipeline, save_pipeline_adapters
 from peftlab.errors import RecipeError
-from peftlab.recipes import image_data
-from peftlab.recipes import image_training as it
+from peftlab.recipes.image import data as image_data
+from peftlab.recipes.image import training as image_training
 from peftlab.recipes.options import RunOptions
 
 SIZE = 16
@@ -44,7 +45,7 @@ def base_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(base_dir):
-    return it.load_base(RunOptions(task="subject-driven", model=str(base_dir)).resolved())
+    return image_training.load_base(RunOptions(task="subject-driven", model=str(base_dir)).resolved())
 
 
 @pytest.fixture
@@ -65,17 +66,18 @@ def options(base_dir, task: str, method: str = "hra", **changes) -> RunOptions:
     return RunOptions(**values).resolved()
 
 
-def fixed_batch(pipe, control: bool, seed: int = 0) -> it.Batch:
+def fixed_batch(pipe, control: bool, seed: int = 0) -> image_training.Batch:
     g = torch.Generator().manual_seed(seed)
     images = torch.rand(2, 3, SIZE, SIZE, generator=g) * 2 - 1
-    batch = it.Batch(it.latents_of(pipe, images), it.token_ids(pipe, ["a photo of sks dog", "a photo of a dog"]),
-                     torch.tensor([0.5, 0.5]), (images[:, :1].repeat(1, 3, 1, 1) > 0).float() if control else None)
-    return it.draw_noise(batch, pipe.scheduler.config.num_train_timesteps, g)
+    ids = image_training.token_ids(pipe, ["a photo of sks dog", "a photo of a dog"])
+    batch = image_training.Batch(image_training.latents_of(pipe, images), ids, torch.tensor([0.5, 0.5]),
+                                 (images[:, :1].repeat(1, 3, 1, 1) > 0).float() if control else None)
+    return image_training.draw_noise(batch, pipe.scheduler.config.num_train_timesteps, g)
 
 
 def setup(pipe, opts: RunOptions, control: bool, text_encoder: bool = False):
     """The trainable modules of a recipe (adapters on the UNet [+ text encoder], the condition encoder) and its hook."""
-    models = it.add_adapters(pipe, opts, text_encoder, ["a photo of sks dog"])
+    models = image_training.add_adapters(pipe, opts, text_encoder, ["a photo of sks dog"])
     modules = [m.base_model for m in models.values()]
     hook = None
     if control:
@@ -96,7 +98,7 @@ def test_one_step_changes_only_adapters_and_encoder(pipe, base_dir, task, method
     trained = {n: p.detach().clone() for i, m in enumerate(modules) for n, p in
                ((f"{i}.{n}", p) for n, p in m.named_parameters()) if p.requires_grad}
     batch = fixed_batch(pipe, control)
-    result = it.fit(pipe, modules, lambda: batch, opts, hook=hook, progress=False)
+    result = image_training.fit(pipe, modules, lambda: batch, opts, hook=hook, progress=False)
     assert np.isfinite(result["final_loss"]) and result["global_step"] == 1
     after = {f"{i}.{n}": p for i, m in enumerate(modules) for n, p in m.named_parameters() if p.requires_grad}
     changed = {n for n in trained if not torch.equal(trained[n], after[n])}
@@ -121,7 +123,7 @@ def test_twenty_steps_on_one_batch_lower_the_loss(pipe, base_dir, task):
     opts = options(base_dir, task, "lora", lr=1e-2, max_steps=20)
     modules, hook = setup(pipe, opts, control)
     batch = fixed_batch(pipe, control)
-    losses = it.fit(pipe, modules, lambda: batch, opts, hook=hook, progress=False)["losses"]
+    losses = image_training.fit(pipe, modules, lambda: batch, opts, hook=hook, progress=False)["losses"]
     assert len(losses) == 20 and losses[-1] < 0.7 * losses[0], losses
 
 
@@ -132,11 +134,11 @@ def test_the_loss_regresses_what_the_scheduler_predicts(pipe, prediction_type):
     from diffusers import DDIMScheduler
 
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type)
-    scheduler = it.noise_scheduler(pipe)
+    scheduler = image_training.noise_scheduler(pipe)
     assert scheduler.config.prediction_type == prediction_type
     batch = fixed_batch(pipe, control=False)
     with torch.no_grad():
-        loss = it.denoising_loss(pipe, scheduler, batch)
+        loss = image_training.denoising_loss(pipe, scheduler, batch)
         a = scheduler.alphas_cumprod[batch.timesteps].view(-1, 1, 1, 1)
         z0, noise = batch.latents, batch.noise
         noisy = a.sqrt() * z0 + (1 - a).sqrt() * noise
@@ -150,10 +152,10 @@ def test_the_loss_regresses_what_the_scheduler_predicts(pipe, prediction_type):
 
 
 def test_an_unknown_prediction_type_is_refused(pipe):
-    scheduler = it.noise_scheduler(pipe)
+    scheduler = image_training.noise_scheduler(pipe)
     scheduler.register_to_config(prediction_type="flow")
     with pytest.raises(RecipeError, match="prediction_type='flow'"):
-        it.denoising_loss(pipe, scheduler, fixed_batch(pipe, control=False))
+        image_training.denoising_loss(pipe, scheduler, fixed_batch(pipe, control=False))
 
 
 def test_condition_encoder_starts_as_the_base_and_tiles_over_the_batch(pipe):
@@ -193,7 +195,7 @@ def control_run(pipe, base_dir, tmp_path):
     opts = options(base_dir, "controllable", "hra", lr=3e-2, max_steps=3)
     modules, hook = setup(pipe, opts, control=True)
     batch = fixed_batch(pipe, control=True)
-    it.fit(pipe, modules, lambda: batch, opts, hook=hook, progress=False)
+    image_training.fit(pipe, modules, lambda: batch, opts, hook=hook, progress=False)
     torch.nn.init.normal_(modules[-1].zero_conv.weight, std=0.2)
     hook.control = None
     return save_pipeline_adapters(pipe, tmp_path / "run")
@@ -355,7 +357,7 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(base_dir, tmp
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     assert main(args(straight)) == 0
     assert [p.name for p in checkpoint_folders(straight)] == ["checkpoint-4"]  # only the newest is kept
-    save = it.save_checkpoint
+    save = image_training.save_checkpoint
 
     def crash_after_step_2(out, step, *rest, **kwargs):
         folder = save(out, step, *rest, **kwargs)
@@ -363,7 +365,7 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(base_dir, tmp
             raise Crash
         return folder
 
-    monkeypatch.setattr(it, "save_checkpoint", crash_after_step_2)
+    monkeypatch.setattr(image_training, "save_checkpoint", crash_after_step_2)
     with pytest.raises(Crash):
         main(args(crashed))
     monkeypatch.undo()
@@ -371,7 +373,7 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(base_dir, tmp
     capsys.readouterr()
     assert main([*args(crashed), "--resume"]) == 0
     assert f"resuming from {crashed / 'checkpoint-2'} (step 2 of 4)" in capsys.readouterr().out
-    want, got = (load_file(run / "checkpoint-4" / it.CHECKPOINT_WEIGHTS) for run in (straight, crashed))
+    want, got = (load_file(run / "checkpoint-4" / image_training.CHECKPOINT_WEIGHTS) for run in (straight, crashed))
     assert set(want) == set(got) and any(k.startswith("1.") for k in want)  # adapters and the condition encoder
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
@@ -387,7 +389,14 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(base_dir, tmp
     # killed while writing checkpoint-4 (before its trainer_state.json): resumed from checkpoint-2, same end
     killed = tmp_path / "killed"
     steps = iter(range(1, 100))
-    monkeypatch.setattr(it, "fault_point", lambda name: name == "image-checkpoint" and next(steps) == 2 and 1 / 0)
+    write_json = image_training.files.atomic_write_json
+
+    def dies_before_the_second_trainer_state(path, data):  # as a crash would: checkpoint-4 lacks only that file
+        if Path(path).name == image_training.TRAINER_STATE and next(steps) == 2:
+            raise ZeroDivisionError("killed")
+        return write_json(path, data)
+
+    monkeypatch.setattr(image_training.files, "atomic_write_json", dies_before_the_second_trainer_state)
     with pytest.raises(ZeroDivisionError):
         main(args(killed))
     monkeypatch.undo()
@@ -396,7 +405,7 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(base_dir, tmp
     assert main([*args(killed), "--resume"]) == 0
     assert f"resuming from {killed / 'checkpoint-2'} (step 2 of 4)" in capsys.readouterr().out
     assert [p.name for p in checkpoint_folders(killed)] == ["checkpoint-4"]
-    got = load_file(killed / "checkpoint-4" / it.CHECKPOINT_WEIGHTS)
+    got = load_file(killed / "checkpoint-4" / image_training.CHECKPOINT_WEIGHTS)
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
 
@@ -407,17 +416,17 @@ def test_resume_from_a_corrupt_checkpoint_is_a_one_line_error(base_dir, tmp_path
     args = ["train", "--task", "controllable", "--model", str(base_dir), "--data", str(tmp_path / "digits"),
             "--control", "canny", "--method", "hra", "--max-steps", "2", "--eval-steps", "1", "--output-dir", str(out),
             *FAST]
-    save = it.save_checkpoint
+    save = image_training.save_checkpoint
 
     def crash_after_step_1(folder, step, *rest, **kwargs):
         save(folder, step, *rest, **kwargs)
         raise Crash
 
-    monkeypatch.setattr(it, "save_checkpoint", crash_after_step_1)
+    monkeypatch.setattr(image_training, "save_checkpoint", crash_after_step_1)
     with pytest.raises(Crash):
         main(args)
     monkeypatch.undo()
-    (out / "checkpoint-1" / it.CHECKPOINT_WEIGHTS).write_bytes(b"not safetensors")
+    (out / "checkpoint-1" / image_training.CHECKPOINT_WEIGHTS).write_bytes(b"not safetensors")
     capsys.readouterr()
     assert main([*args, "--resume"]) == 2
     err = capsys.readouterr().err.strip()

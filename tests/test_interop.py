@@ -11,7 +11,7 @@ from conftest import tiny_bert
 from test_core import Mixed
 
 from peftlab import AdapterLoadError, AdapterModel, HRAConfig, LoraConfig, get_adapter_model
-from peftlab.interop import load_peft_adapter
+from peftlab.interop import load_peft_adapter  # the path README documents
 
 
 def _perturb(model: torch.nn.Module) -> None:

@@ -291,8 +291,7 @@ def test_pipeline_export_loads_with_diffusers_load_lora_weights(method, sd_base,
 
 
 def test_pipeline_export_refuses_what_a_diffusers_lora_file_cannot_hold(sd_base, tmp_path):
-    from peftlab.diffusion.pipeline import add_pipeline_adapters
-    from peftlab.lora_export import to_lora_pipeline
+    from peftlab.diffusion.pipeline import add_pipeline_adapters, to_lora_pipeline
 
     pipe = copy.deepcopy(sd_base[1])
     add_pipeline_adapters(pipe, {"unet": LoraConfig(r=2, bias="lora_only")})

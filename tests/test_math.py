@@ -22,7 +22,7 @@ from peftlab.data import (
     read_instructions,
 )
 from peftlab.metrics import exact_match
-from peftlab.recipes import causal_lm
+from peftlab.recipes.text import causal_lm
 
 # A few records in each data set's own layout, written for these tests (same columns and answer conventions).
 METAMATHQA = [

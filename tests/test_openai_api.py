@@ -11,8 +11,8 @@ import pytest
 import torch
 from test_serve import PROMPTS, Running, alone, build_folders
 
+from peftlab.commands.serve import ServedModel, create_app
 from peftlab.mixed import BASE
-from peftlab.recipes.serve import ServedModel, create_app
 
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
             "{% if add_generation_prompt %}assistant:{% endif %}")

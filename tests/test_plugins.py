@@ -89,7 +89,7 @@ def test_a_method_registered_in_a_test_trains_through_the_cli(toy_method, tiny, 
 
 def test_a_method_from_an_installed_package_registers_through_the_entry_point(tmp_path, monkeypatch):
     """A fake installed distribution whose entry point names a module that registers a method."""
-    import peftlab.config as config
+    import peftlab.methods as config
 
     site = tmp_path / "site"
     (site / "toyplug-1.0.dist-info").mkdir(parents=True)
@@ -112,7 +112,7 @@ def test_a_method_from_an_installed_package_registers_through_the_entry_point(tm
 
 
 def test_a_broken_plugin_warns_and_peftlab_still_works(tmp_path, monkeypatch):
-    import peftlab.config as config
+    import peftlab.methods as config
 
     site = tmp_path / "site"
     (site / "badplug-1.0.dist-info").mkdir(parents=True)

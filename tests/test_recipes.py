@@ -12,11 +12,11 @@ from conftest import save_tiny_lm, tiny_bert, tiny_gpt2
 
 from peftlab import AdapterModel
 from peftlab.cli import main
+from peftlab.commands.compare import markdown_table, other_metrics, summarize
 from peftlab.errors import RecipeError
-from peftlab.recipes import causal_lm, lm
 from peftlab.recipes.adapters import default_targets, method_specs, prepare_model
-from peftlab.recipes.compare import markdown_table, other_metrics, summarize
 from peftlab.recipes.options import RunOptions
+from peftlab.recipes.text import causal_lm, lm
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_default_targets_and_learning_rates():
 
 # -- causal LM: loss masking and answer scoring ------------------------------------------------------------------------
 def test_loss_is_masked_on_the_prompt(tiny_lm):
-    from peftlab.models import load_causal_lm
+    from peftlab.base_models import load_causal_lm
 
     _, tokenizer = load_causal_lm(str(tiny_lm))  # as the recipe loads it: pad token = EOS
     prompt = causal_lm.format_prompt("Tom has 3 apples and gets 4 more. How many?")

@@ -244,8 +244,8 @@ def test_eval_of_a_run_without_its_adapter_says_to_resume_it(finished, tmp_path,
 # -- data -----------------------------------------------------------------------------------------------------------
 def test_a_stray_label_stops_the_run_until_num_labels_confirms_it(tiny, tmp_path, capsys):
     """One row labelled 7 among 300 rows of 0/1 would silently make a 3-class problem."""
-    from peftlab.recipes.classification import load_data
     from peftlab.recipes.options import RunOptions
+    from peftlab.recipes.text.classification import load_data
 
     data = write_keyword_csv(tmp_path / "stray.csv", 300, labels={150: "7"})
     out = tmp_path / "run"

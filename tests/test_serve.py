@@ -20,9 +20,9 @@ import torch
 from conftest import save_tiny_classifier, save_tiny_lm
 
 from peftlab import HRAConfig, LoraConfig, get_adapter_model
+from peftlab.base_models import load_causal_lm, load_classifier
+from peftlab.commands.serve import ServedModel, create_app
 from peftlab.mixed import BASE
-from peftlab.models import load_causal_lm, load_classifier
-from peftlab.recipes.serve import ServedModel, create_app
 
 TEXTS = ["the cat sat on the mat", "a dog ran in the park", "one two three four five six", "red green blue"] * 10
 PROMPTS = ["the cat", "a dog ran in the", "one two", "red green blue and"]

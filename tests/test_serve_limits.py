@@ -19,8 +19,8 @@ import torch
 from test_serve import SRC, Running, alone, build_folders, free_socket
 
 from peftlab import LoraConfig, get_adapter_model
-from peftlab.recipes.serve import ServedModel, create_app
-from peftlab.recipes.serve_model import Batcher
+from peftlab.commands.serve import ServedModel, create_app
+from peftlab.commands.serve_model import Batcher
 
 LONE_SURROGATE = b'{"adapter": "hra", "prompt": "the \\ud800 cat", "max_new_tokens": 4}'  # JSON escape, not UTF-8
 

@@ -20,7 +20,7 @@ from conftest import tiny_bert
 from safetensors.torch import load_file
 
 from peftlab import AdapterError, AdapterModel, HRAConfig, get_adapter_model
-from peftlab.io import WEIGHTS_NAME
+from peftlab.files import WEIGHTS_NAME
 
 WORKERS = Path(__file__).parent / "workers"
 

@@ -70,7 +70,7 @@ def test_an_image_run_logs_its_loss_to_tensorboard(tmp_path):
     from conftest import tiny_sd_pipeline
     from test_image_recipes import fixed_batch, options, setup
 
-    from peftlab.recipes import image_training as it
+    from peftlab.recipes.image import training as it
 
     base = tmp_path / "base"
     tiny_sd_pipeline(unet_widths=(16, 32), vae_widths=(8, 16), norm_groups=8, latent_size=8,

@@ -18,7 +18,7 @@ from transformers import TrainingArguments
 from workers.ddp_hra import Data
 
 from peftlab import AdapterModel, HRAConfig, Trainer, get_adapter_model
-from peftlab.io import CONFIG_NAME, WEIGHTS_NAME
+from peftlab.files import CONFIG_NAME, WEIGHTS_NAME
 
 
 def _args(tmp_path: Path, **kw) -> TrainingArguments:

@@ -12,7 +12,7 @@ from test_recipes import tiny_lm  # noqa: F401  (the module-scoped fixture)
 from peftlab.cli import main
 from peftlab.data import DataError, group_references, linearise, read_dart, read_triples, read_webnlg, triples_format
 from peftlab.metrics import generation_metrics
-from peftlab.recipes.data_to_text import data_format, load_pairs, seen_unseen_metrics
+from peftlab.recipes.text.data_to_text import data_format, load_pairs, seen_unseen_metrics
 
 
 def webnlg_entry(i: int, triples: list[tuple[str, str, str]], lexes: list[tuple[str, str]],

@@ -33,8 +33,8 @@ from peftlab import (
     MTLoraConfig,
     PeftlabError,
     TargetError,
+    files,
     get_adapter_model,
-    io,
     matching,
 )
 from peftlab.config import AdapterConfig
@@ -84,9 +84,9 @@ def saved_adapter(folder: Path, **config) -> Path:
 
 
 def edit_config(folder: Path, **changes) -> None:
-    data = json.loads((folder / io.CONFIG_NAME).read_text())
+    data = json.loads((folder / files.CONFIG_NAME).read_text())
     data.update(changes)
-    (folder / io.CONFIG_NAME).write_text(json.dumps(data))
+    (folder / files.CONFIG_NAME).write_text(json.dumps(data))
 
 
 def wrapped_ranks(model: AdapterModel) -> dict[str, int]:
@@ -232,7 +232,7 @@ CRAFTED_SAFETENSORS = {
 @pytest.mark.parametrize("content", CRAFTED_SAFETENSORS.values(), ids=CRAFTED_SAFETENSORS.keys())
 def test_crafted_safetensors_file_is_refused_without_allocating(content, tmp_path):
     folder = saved_adapter(tmp_path)
-    (folder / io.WEIGHTS_NAME).write_bytes(content)
+    (folder / files.WEIGHTS_NAME).write_bytes(content)
     text = one_line_error(AdapterLoadError, lambda: AdapterModel.from_pretrained(tiny_bert(), folder))
     assert "is not a readable safetensors file" in text and "corrupt" in text
 
@@ -285,7 +285,7 @@ def test_adapter_config_json_with_unexpected_types_gives_a_config_error(changes,
 )
 def test_adapter_config_json_that_is_not_a_json_object_gives_a_load_error(content, message, tmp_path):
     folder = saved_adapter(tmp_path)
-    (folder / io.CONFIG_NAME).write_bytes(content.encode("latin-1"))
+    (folder / files.CONFIG_NAME).write_bytes(content.encode("latin-1"))
     text = one_line_error(AdapterLoadError, lambda: AdapterModel.from_pretrained(tiny_bert(), folder))
     assert message in text and len(text) < 600
 
@@ -301,11 +301,11 @@ def test_every_bad_config_error_is_a_peftlab_error():
 def pickle_folder(folder: Path, obj=None, raw: bytes | None = None) -> Path:
     """An adapter folder whose tensors are in ``adapter_model.bin`` (torch.save of ``obj``, or ``raw``)."""
     saved_adapter(folder)
-    (folder / io.WEIGHTS_NAME).unlink()
+    (folder / files.WEIGHTS_NAME).unlink()
     if raw is not None:
-        (folder / io.PICKLE_WEIGHTS_NAME).write_bytes(raw)
+        (folder / files.PICKLE_WEIGHTS_NAME).write_bytes(raw)
     else:
-        torch.save(obj, folder / io.PICKLE_WEIGHTS_NAME)
+        torch.save(obj, folder / files.PICKLE_WEIGHTS_NAME)
     return folder
 
 
@@ -317,7 +317,7 @@ def test_pickle_holding_the_tensors_loads(tmp_path):
     source = get_adapter_model(tiny_bert(), LoraConfig(r=2, target_modules=["query"]))
     state = source.adapter_state_dict()
     folder = pickle_folder(tmp_path, state)
-    loaded = io.load_tensors(folder)
+    loaded = files.load_tensors(folder)
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
 
 
@@ -336,7 +336,7 @@ def test_pickle_with_unexpected_structure_gives_a_load_error(obj, message, tmp_p
     folder = pickle_folder(tmp_path, obj)
     text = one_line_error(AdapterLoadError, lambda: AdapterModel.from_pretrained(tiny_bert(), folder))
     assert re.search(message, text), text
-    assert str(folder / io.PICKLE_WEIGHTS_NAME) in text
+    assert str(folder / files.PICKLE_WEIGHTS_NAME) in text
 
 
 UNSAFE_ADVICE = re.compile(r"weights_only.{0,20}(False|=\s*False)|add_safe_globals|safe_globals|\btrust", re.I)
@@ -372,7 +372,7 @@ needs_symlinks = pytest.mark.skipif(sys.platform == "win32", reason="symlinks ne
 
 
 @needs_symlinks
-@pytest.mark.parametrize("file", [io.WEIGHTS_NAME, io.CONFIG_NAME])
+@pytest.mark.parametrize("file", [files.WEIGHTS_NAME, files.CONFIG_NAME])
 def test_symlink_pointing_outside_the_adapter_folder_is_refused(file, tmp_path):
     outside = saved_adapter(tmp_path / "elsewhere")
     folder = saved_adapter(tmp_path / "adapter")
@@ -387,14 +387,14 @@ def test_symlink_chain_that_ends_outside_is_refused_and_dangling_link_named(tmp_
     outside = saved_adapter(tmp_path / "elsewhere")
     folder = saved_adapter(tmp_path / "adapter")
     (folder / "sub").mkdir()
-    (folder / "sub" / "hop").symlink_to(outside / io.WEIGHTS_NAME)
-    (folder / io.WEIGHTS_NAME).unlink()
-    (folder / io.WEIGHTS_NAME).symlink_to(Path("sub") / "hop")
-    text = one_line_error(AdapterLoadError, lambda: io.load_tensors(folder))
+    (folder / "sub" / "hop").symlink_to(outside / files.WEIGHTS_NAME)
+    (folder / files.WEIGHTS_NAME).unlink()
+    (folder / files.WEIGHTS_NAME).symlink_to(Path("sub") / "hop")
+    text = one_line_error(AdapterLoadError, lambda: files.load_tensors(folder))
     assert "symbolic link" in text and "outside the folder" in text
-    (folder / io.CONFIG_NAME).unlink()
-    (folder / io.CONFIG_NAME).symlink_to("/nonexistent/secret.json")
-    text = one_line_error(AdapterLoadError, lambda: io.read_json(folder / io.CONFIG_NAME))
+    (folder / files.CONFIG_NAME).unlink()
+    (folder / files.CONFIG_NAME).symlink_to("/nonexistent/secret.json")
+    text = one_line_error(AdapterLoadError, lambda: files.read_json(folder / files.CONFIG_NAME))
     assert "symbolic link" in text and "outside the folder" in text
 
 
@@ -402,7 +402,7 @@ def test_symlink_chain_that_ends_outside_is_refused_and_dangling_link_named(tmp_
 def test_symlinks_that_stay_inside_are_followed(tmp_path):
     real = saved_adapter(tmp_path / "real")
     (real / "files").mkdir()
-    for file in (io.WEIGHTS_NAME, io.CONFIG_NAME):
+    for file in (files.WEIGHTS_NAME, files.CONFIG_NAME):
         (real / file).rename(real / "files" / file)
         (real / file).symlink_to(Path("files") / file)
     (tmp_path / "link").symlink_to(real, target_is_directory=True)  # the folder itself may be a link
@@ -418,7 +418,7 @@ def test_hugging_face_hub_cache_layout_is_followed(tmp_path):
     snapshot = repo / "snapshots" / "0123abc"
     (repo / "blobs").mkdir(parents=True)
     snapshot.mkdir(parents=True)
-    for i, file in enumerate((io.WEIGHTS_NAME, io.CONFIG_NAME)):
+    for i, file in enumerate((files.WEIGHTS_NAME, files.CONFIG_NAME)):
         (source / file).rename(repo / "blobs" / f"blob{i}")
         (snapshot / file).symlink_to(Path("..") / ".." / "blobs" / f"blob{i}")
     assert wrapped_ranks(AdapterModel.from_pretrained(tiny_bert(), snapshot))
@@ -436,26 +436,26 @@ def umask(request):
 def test_files_are_written_with_the_umask_mode(umask, tmp_path):
     expected = 0o666 & ~umask
     get_adapter_model(tiny_bert(), LoraConfig(r=2, target_modules=["query"])).save_pretrained(tmp_path / "a")
-    io.atomic_write_json(tmp_path / "metrics.json", {"accuracy": 1.0})
+    files.atomic_write_json(tmp_path / "metrics.json", {"accuracy": 1.0})
     cache.atomic_write_bytes(tmp_path / "data.bin", b"x")
-    for path in (tmp_path / "a" / io.CONFIG_NAME, tmp_path / "a" / io.WEIGHTS_NAME, tmp_path / "metrics.json",
+    for path in (tmp_path / "a" / files.CONFIG_NAME, tmp_path / "a" / files.WEIGHTS_NAME, tmp_path / "metrics.json",
                  tmp_path / "data.bin"):
         assert stat.S_IMODE(path.stat().st_mode) == expected, path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "data.bin", "metrics.json"]  # no temporary left
 
 
 def test_one_atomic_writer():
-    assert cache.atomic_write_bytes is io.atomic_write_bytes
+    assert cache.atomic_write_bytes is files.atomic_write_bytes
 
 
 def test_atomic_write_leaves_the_old_file_when_writing_fails(tmp_path, monkeypatch):
     path = tmp_path / "f.json"
-    io.atomic_write_bytes(path, b"old")
+    files.atomic_write_bytes(path, b"old")
 
     def broken_fsync(fd):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "fsync", broken_fsync)
     with pytest.raises(OSError, match="disk full"):
-        io.atomic_write_bytes(path, b"new")
+        files.atomic_write_bytes(path, b"new")
     assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f.json"]

@@ -21,13 +21,13 @@ from peftlab.errors import (
     UnsupportedError,
 )
 from peftlab.inject import AdapterLayer
+from peftlab.interop import load_peft_adapter
 from peftlab.matching import component_targets
 from peftlab.methods.hra import HRAConfig
 from peftlab.methods.hydralora import HydraLoraConfig
 from peftlab.methods.lora import LoraConfig
 from peftlab.methods.mtlora import MTLoraConfig
 from peftlab.model import AdapterModel, get_adapter_model
-from peftlab.saving import load_peft_adapter
 
 __all__ = [
     "AdapterConfig",

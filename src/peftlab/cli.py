@@ -59,8 +59,8 @@ def _adapter_to_folder_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _eval_flags(p: argparse.ArgumentParser) -> None:
-    from peftlab.recipes.multiple_choice import CONTINUATIONS, TASK
     from peftlab.recipes.options import SPLITS, RunOptions
+    from peftlab.recipes.text.multiple_choice import CONTINUATIONS, TASK
 
     p.add_argument("--adapter", help="the run's output folder (adapter or full model); optional with --task " + TASK)
     p.add_argument("--task", help=f"task, when the folder does not record it; {TASK}: accuracy on MMLU-style "
@@ -210,9 +210,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(json.dumps(metrics, indent=2, default=str))
     print(summary_line(metrics, args.adapter))
     if args.output:
-        from peftlab import io
+        from peftlab import files
 
-        io.atomic_write_json(args.output, metrics)
+        files.atomic_write_json(args.output, metrics)
     return 0
 
 
@@ -224,7 +224,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     mean ± std, trainable parameters, time per step, peak memory) and write compare.md, compare.json
     and compare.png (metric vs trainable parameters).
     """
-    from peftlab.recipes import compare
+    from peftlab.commands.compare import compare
 
     methods = args.methods or "hra,lora,full,linear-probe"  # a YAML config may give a list
     methods = [str(m).strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if str(m).strip()]
@@ -256,7 +256,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     Merge the adapter into the base weights (merge_and_unload) and save a plain transformers model with its
     tokenizer (AutoModel*.from_pretrained); a pipeline's adapters give a DiffusionPipeline folder.
     """
-    from peftlab.recipes import saved
+    from peftlab.commands import saved
 
     merged = saved.merge(args.adapter, args.out, args.model, args.overwrite)
     print(f"merged {args.adapter} into {type(merged).__name__}; wrote a plain checkpoint to {args.out}")
@@ -271,7 +271,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     (those HF PEFT has too), --format lora writes any method as an exactly equal LoRA adapter (HydraLoRA with a
     fixed --head-weights). The base model comes from --model or the adapter's config.
     """
-    from peftlab.recipes import saved
+    from peftlab.commands import saved
 
     options = {} if args.head_weights is None else {"head_weights": args.head_weights}
     saved.export(args.adapter, args.out, args.format or "peft", args.model, args.overwrite, **options)
@@ -282,7 +282,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _generate_flags(p: argparse.ArgumentParser) -> None:
-    from peftlab.recipes.generate import GenerateOptions
+    from peftlab.commands.generate import GenerateOptions
 
     add_field_flags(p, GenerateOptions, help=GenerateOptions.flag_help())
 
@@ -290,7 +290,7 @@ def _generate_flags(p: argparse.ArgumentParser) -> None:
 @command(_generate_flags)
 def cmd_generate(args: argparse.Namespace) -> int:
     """images from a text-to-image pipeline with a run's adapters (any diffusers scheduler): each image and a grid"""
-    from peftlab.recipes.generate import run
+    from peftlab.commands.generate import run
 
     print(run(args))
     return 0
@@ -310,7 +310,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     Write analysis.json (cosine distances of the factors within and between groups, per layer) and analysis.png
     (t-SNE panels) to --out. HRA runs: the mean |cos| between reflection vectors and ‖I − ÛᵀÛ‖_F per layer.
     """
-    from peftlab.recipes.analyze import analyze
+    from peftlab.commands.analyze import analyze
 
     groups = [g.strip() for g in args.groups.split(",")] if args.groups else None
     print("\n".join(analyze(args.runs, groups, args.out, args.overwrite)))
@@ -325,14 +325,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     diagnostics (for HRA the orthogonality ‖I − ÛᵀÛ‖_F of each layer's reflection vectors); with the
     run's metrics.
     """
-    from peftlab.recipes import saved
+    from peftlab.commands import saved
 
     print("\n".join(saved.describe(args.folder)))
     return 0
 
 
 def _serve_module():  # imported on use: FastAPI and uvicorn load only for `peftlab serve`
-    from peftlab.recipes import serve
+    from peftlab.commands import serve
     return serve
 
 

@@ -101,7 +101,7 @@ def _positive_fields() -> tuple[str, ...]:
 def add_method_flags(parser: argparse.ArgumentParser) -> None:
     """``--method`` (every registered method and variant) and the flags each method's config exposes
     (``cli_fields``, e.g. ``--num-heads``, ``--structure``); their values go to the method's config."""
-    from peftlab.config import registered_methods
+    from peftlab.methods import registered_methods
     from peftlab.recipes.adapters import method_specs
 
     group = parser.add_argument_group("method")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -149,7 +148,8 @@ class AdapterConfig:
     def to_peft(self, targets: list[str]) -> dict[str, Any]:
         """This method's own fields in PEFT's ``adapter_config.json`` names (targeting fields excluded), for
         an adapter on exactly the modules ``targets``; ``UnsupportedError`` if PEFT cannot express it."""
-        raise UnsupportedError(f"HF PEFT has no {self.method} method; only {peft_methods()} export to it")
+        peft = sorted(name for name, cls in METHODS.items() if cls.peft_type)
+        raise UnsupportedError(f"HF PEFT has no {self.method} method; only {peft} export to it")
 
     # -- serialisation ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -163,11 +163,12 @@ class AdapterConfig:
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> AdapterConfig:
-        """Build the config of the method named in ``data["method"]``."""
+        """Build the config of the method named in ``data["method"]``, among the registered ones
+        (:func:`peftlab.methods.config_from_dict` loads the plugins first)."""
         data = dict(data)
         method = data.pop("method", None)
         data.pop("peftlab_version", None)
-        methods = registered_methods()
+        methods = METHODS
         if not isinstance(method, str) or method not in methods:
             raise ConfigError(
                 f"adapter config names method {method!r}, which this peftlab does not know; "
@@ -184,9 +185,7 @@ class AdapterConfig:
         return cls(**data)
 
 
-METHODS: dict[str, type[AdapterConfig]] = {}
-ENTRY_POINT_GROUP = "peftlab.methods"
-_plugins_loaded = False
+METHODS: dict[str, type[AdapterConfig]] = {}  # method name → config class; read through peftlab.methods
 
 
 def register_method(config_cls: type[AdapterConfig]) -> type[AdapterConfig]:
@@ -195,35 +194,6 @@ def register_method(config_cls: type[AdapterConfig]) -> type[AdapterConfig]:
         raise TypeError(f"{config_cls.__name__} must set the class attribute `method`")
     METHODS[config_cls.method] = config_cls
     return config_cls
-
-
-def registered_methods() -> dict[str, type[AdapterConfig]]:
-    """Every known method: the built-in ones, those registered in code, and third-party ones.
-
-    A package adds a method by registering its config module under the ``peftlab.methods`` entry point
-    group (``[project.entry-points."peftlab.methods"] mymethod = "mypkg.mymethod"``); the module is
-    imported here once, and its ``@register_method`` does the rest. A plugin that fails to import is
-    reported with a warning and skipped.
-    """
-    global _plugins_loaded
-    import peftlab.methods  # noqa: F401  (registers the built-in methods)
-
-    if not _plugins_loaded:
-        _plugins_loaded = True
-        from importlib.metadata import entry_points
-
-        for entry in entry_points(group=ENTRY_POINT_GROUP):
-            try:
-                entry.load()
-            except Exception as err:  # a broken plugin must not break peftlab
-                warnings.warn(f"peftlab: method plugin {entry.name!r} ({entry.value}) failed to load: {err}",
-                              stacklevel=2)
-    return METHODS
-
-
-def peft_methods() -> list[str]:
-    """Methods that HF PEFT has too (they load from and export to its format)."""
-    return sorted(name for name, cls in registered_methods().items() if cls.peft_type)
 
 
 # -- checks for numeric config fields (every method validates its numbers with these) -------------------------

@@ -41,8 +41,8 @@ import torch
 from torch import nn
 
 from peftlab.errors import ConfigError, UnsupportedError
+from peftlab.estimate_model import PRECISIONS
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANTIZATIONS = ("none", "nf4", "nf4-double", "int8")
 NF4_BLOCK, DOUBLE_QUANT_BLOCK = 64, 256
 ADAPTER_BYTES = 4  # adapters train in fp32 (peftlab.inject.adapter_parameters_dtype)

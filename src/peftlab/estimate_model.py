@@ -22,6 +22,8 @@ from torch import nn
 from peftlab.config import AdapterConfig
 from peftlab.errors import ConfigError, ModelError
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 UNET_CLASS = "UNet2DConditionModel"
 # Layers that read the same input tensor: an adapter that saves its (uncast) input saves it once for the group.
 SHARED_INPUTS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"query", "key", "value"},
@@ -267,7 +269,6 @@ def measured_peak(config: dict[str, Any], method: str, r: int, batch_size: int, 
     adapter ``peftlab estimate`` assumes (same method, rank, default targets), in ``precision``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from peftlab.estimate import PRECISIONS
     from peftlab.model import get_adapter_model
 
     torch.manual_seed(seed)

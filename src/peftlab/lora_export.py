@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from peftlab import interop, io
+from peftlab import files, peft_format
 from peftlab.errors import MergeError, UnsupportedError
 from peftlab.methods.base import ADAPTERS
 
@@ -57,8 +57,8 @@ class LoraExport:
     def save(self, folder: str | os.PathLike) -> Path:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (atomically) to ``folder``."""
         folder = Path(folder)
-        io.save_tensors(folder / io.WEIGHTS_NAME, self.tensors, metadata={"format": "pt"})
-        io.atomic_write_json(folder / io.CONFIG_NAME, self.config)
+        files.save_tensors(folder / files.WEIGHTS_NAME, self.tensors, metadata={"format": "pt"})
+        files.atomic_write_json(folder / files.CONFIG_NAME, self.config)
         return folder
 
 
@@ -158,34 +158,4 @@ def to_lora(model: AdapterModel, adapter_names: list[str], options: dict[str, An
         "fan_in_fan_out": all(kind == "conv1d" for kind, _ in layers.values()), "init_lora_weights": True,
         "use_dora": False,
     }
-    return LoraExport(config, interop.tensors_to_peft(state, layers))
-
-
-def to_lora_pipeline(pipe: Any, out: str | os.PathLike, **options: Any) -> Path:
-    """A diffusers pipeline's adapters as LoRA: ``out/<component>/`` (PEFT folders) and ``out/`` +
-    ``pytorch_lora_weights.safetensors``, one file of ``unet.`` / ``text_encoder.`` prefixed PEFT keys at scale 1,
-    which ``pipe.load_lora_weights(out)`` loads."""
-    from peftlab.diffusion.pipeline import ATTRIBUTE_CONDITION, CONTROL_COMPONENT, pipeline_adapters
-
-    if CONTROL_COMPONENT in pipe.components or ATTRIBUTE_CONDITION in pipe.__dict__:
-        raise UnsupportedError("this run also trained a control encoder, which a LoRA file cannot hold; "
-                               "export it with --format peft instead")
-    registry = pipeline_adapters(pipe)
-    other = sorted(set(registry) - set(DIFFUSERS_COMPONENTS))
-    if other:
-        raise UnsupportedError(f"diffusers' LoRA files hold {list(DIFFUSERS_COMPONENTS)} only, not {other}")
-    exports = {name: model.to_lora(**options) for name, model in registry.items()}
-    combined: dict[str, Tensor] = {}
-    for name, export in exports.items():
-        extra = sorted(k for k in export.tensors if ".lora_" not in k)
-        if extra:
-            raise UnsupportedError(
-                f"the {name} adapter trains {extra[0].removeprefix(interop.PREFIX)} (bias or modules_to_save), "
-                "which diffusers' LoRA files cannot hold (every key must be a LoRA factor); train with bias='none' "
-                "and no modules_to_save, or use --format peft")
-        combined.update({f"{name}.{k.removeprefix(interop.PREFIX)}": v for k, v in export.tensors.items()})
-    out = Path(out)
-    for name, export in exports.items():
-        export.save(out / name)
-    io.save_tensors(out / DIFFUSERS_LORA_FILE, combined, metadata={"format": "pt"})
-    return out
+    return LoraExport(config, peft_format.tensors_to_peft(state, layers))

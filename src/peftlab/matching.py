@@ -1,41 +1,6 @@
 """Module-name matching, written once and bounded in time: every config field that names modules uses it.
 
-Three forms, as in HF PEFT:
-
-- a **list** of name suffixes: ``["query"]`` matches ``bert.encoder.layer.0.attention.self.query``
-  (the whole name, or a ``.``-separated tail of it; no regex);
-- a **regex string**, matched against the *full* module name (``target_modules``, ``exclude_modules``);
-- a **dict key** (``rank_pattern``, MTLoRA's ``fused_slices``): a suffix *or* a full-name regex;
-  the first key that matches wins.
-
-:func:`component_targets` writes the regex that picks layers inside named components of a multimodal model
-(``{"language_model": ["q_proj"], "vision_tower": ["fc1"]}``).
-
-The layer index (``layers_to_transform``) is the number after a layer-list name:
-``...layer.3.attention...`` → 3 (``layers_pattern`` names the list; by default common names are tried).
-
-Bounded time. A pattern comes from an ``adapter_config.json``, i.e. from whoever shared the adapter, so it
-is untrusted input. Python's ``re`` backtracks: ``(\\w+\\.?)+X`` takes hours on a 40-character module name
-and cannot be interrupted. Patterns are therefore run by the ``regex`` package (already a dependency of
-``transformers`` and pinned in requirements.txt) with its ``timeout=`` argument, and checked first:
-
-1. syntax by Python's ``re`` itself, so the accepted language and the results are those of ``re``
-   (``regex`` in its default V0 mode is compatible with it; the ``regex``-only syntax such as fuzzy
-   matching is refused);
-2. at most :data:`MAX_PATTERN_LENGTH` characters, and counted repeats that multiply to at most
-   :data:`MAX_EXPANDED_SIZE` elements (``regex`` expands ``(?:a{1000}){1000}`` in memory when compiling);
-3. a probe: the compiled pattern is run on a few long, realistic module names (:data:`PROBE_NAMES`);
-   a pattern that does not finish within :data:`MATCH_TIMEOUT_S` is refused.
-
-Each match is then also limited to :data:`MATCH_TIMEOUT_S`; the first match that runs out stops
-everything with a :class:`~peftlab.errors.ConfigError` that names the field and the pattern and says to
-simplify it. (The ``regex`` engine also avoids most exponential cases by itself: ``(\\w+\\.?)+X`` fails at
-once because no ``X`` is present.)
-
-Why not a linear-time engine (``google-re2``)? It installs, but it refuses look-arounds and
-back-references, which PEFT users write in ``target_modules`` (``^(?!.*vision_tower).*q_proj$`` for
-multimodal models): adapters saved with such patterns would stop loading. ``regex`` + time limit keeps
-every pattern ``re`` accepted and needs no new dependency.
+Design notes: ``docs/design.md``, section peftlab.matching.
 """
 
 from __future__ import annotations
@@ -134,7 +99,7 @@ def _problem(field: str, pattern: str, err: ValueError) -> ConfigError:
 
 
 def compile_pattern(pattern: str, field: str = "pattern") -> regex.Pattern:
-    """``pattern`` compiled after the checks in the module docstring; :class:`ConfigError` naming ``field`` if not."""
+    """``pattern`` compiled after the checks of docs/design.md; :class:`ConfigError` naming ``field`` if not."""
     try:
         return _compile(pattern)
     except ValueError as err:

@@ -1,10 +1,10 @@
 """Saving and loading an ``AdapterModel``'s adapters: peftlab's folders and HF PEFT's, one code path.
 
-An adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (:mod:`peftlab.io` writes
+An adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (:mod:`peftlab.files` writes
 them atomically and reads them safely). A model with several adapters saves the ``default`` one at the top
 and the others in sub-folders named after them, as HF PEFT does; :meth:`AdapterFiles.from_pretrained`
 loads them all back. A folder written by HF PEFT loads through the same methods: its config and tensor
-layout are translated by the pure converters in :mod:`peftlab.interop`.
+layout are translated by the pure converters in :mod:`peftlab.peft_format`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from peftlab import interop, io, lowmem, sharded
+from peftlab import files, lowmem, peft_format, sharded
 from peftlab.config import AdapterConfig
 from peftlab.errors import AdapterError, AdapterLoadError, ConfigError
+from peftlab.methods import config_from_dict
 from peftlab.methods.base import Adapter, config_mismatch
 
 if TYPE_CHECKING:
@@ -100,7 +101,7 @@ class AdapterFiles:
         params = self.adapter_parameters(name)
         with sharded.gathered(params.values(), modify=True):  # ZeRO-3: into the full tensors, re-partitioned after
             try:
-                io.check_matching(params, tensors, source)
+                files.check_matching(params, tensors, source)
             except AdapterLoadError:  # the config and the weights may disagree whatever the base model: say so
                 reason = config_mismatch(self.peft_config[name], tensors)
                 if reason is None:
@@ -181,12 +182,12 @@ class AdapterFiles:
             if format == "peft":
                 layers = {n: (layer.view.kind, sharded.declared_shape(layer.base_layer.weight))
                           for n, layer in self._layers() if name in layer.adapters}
-                data = interop.peft_config(config, sorted(layers), base_name)
-                tensors = interop.tensors_to_peft(tensors, layers)
+                data = peft_format.peft_config(config, sorted(layers), base_name)
+                tensors = peft_format.tensors_to_peft(tensors, layers)
             else:
                 data = {**config.to_dict(), "base_model_name_or_path": base_name}
-            io.save_tensors(folder / io.WEIGHTS_NAME, tensors, metadata={"format": "pt"})
-            io.atomic_write_json(folder / io.CONFIG_NAME, data)
+            files.save_tensors(folder / files.WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+            files.atomic_write_json(folder / files.CONFIG_NAME, data)
 
     # -- loading ---------------------------------------------------------------------------------------------
     def load_adapter(
@@ -206,14 +207,14 @@ class AdapterFiles:
         ``low_cpu_mem_usage=True``: the adapter is created on the meta device and takes the file's tensors
         themselves (:mod:`peftlab.lowmem`) instead of being initialised and then overwritten; same result.
         """
-        data = io.read_json(Path(path) / io.CONFIG_NAME)
+        data = files.read_json(Path(path) / files.CONFIG_NAME)
         data.pop("base_model_name_or_path", None)
-        peft = interop.is_peft_config(data)
+        peft = peft_format.is_peft_config(data)
         if peft:
-            config = interop.config_from_peft(data, [n for n, _ in self.base_model.named_modules()])
+            config = peft_format.config_from_peft(data, [n for n, _ in self.base_model.named_modules()])
         else:
-            config = AdapterConfig.from_dict(data)
-        tensors = io.load_tensors(path)
+            config = config_from_dict(data)
+        tensors = files.load_tensors(path)
         existing = self.peft_config.get(adapter_name)
         if existing is not None:
             check_same_config(existing, config, adapter_name, path)
@@ -222,7 +223,7 @@ class AdapterFiles:
         try:
             if peft:
                 shapes = {k: tuple(v.shape) for k, v in self.adapter_parameters(adapter_name).items()}
-                tensors = interop.tensors_from_peft(tensors, shapes)
+                tensors = peft_format.tensors_from_peft(tensors, shapes)
             self.set_adapter_state_dict(tensors, adapter_name, source=str(path))
         except Exception:
             if existing is None:
@@ -286,25 +287,9 @@ def check_same_config(existing: AdapterConfig, config: AdapterConfig, adapter_na
 
 def adapter_folders(path: Path, top_name: str) -> dict[str, Path]:
     """name → folder of the adapters in ``path``: its top (as ``top_name``), then its sub-folders by name."""
-    found = {top_name: path} if (path / io.CONFIG_NAME).is_file() else {}
+    found = {top_name: path} if (path / files.CONFIG_NAME).is_file() else {}
     subfolders = sorted(p for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
     for sub in subfolders:
-        if "." not in sub.name and (sub / io.CONFIG_NAME).is_file() and not (sub / TRAINER_STATE_NAME).exists():
+        if "." not in sub.name and (sub / files.CONFIG_NAME).is_file() and not (sub / TRAINER_STATE_NAME).exists():
             found.setdefault(sub.name, sub)
     return found or {top_name: path}  # nothing there: loading the top gives the error that says so
-
-
-def load_peft_adapter(
-    base_model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
-) -> AdapterModel:
-    """Wrap ``base_model`` with an adapter saved by HF PEFT's ``save_pretrained`` (methods PEFT has too).
-
-    The same as ``AdapterModel.from_pretrained``, which reads PEFT folders too; this name refuses a folder
-    that PEFT did not write.
-    """
-    from peftlab.model import AdapterModel
-
-    data = io.read_json(Path(path) / io.CONFIG_NAME)
-    if not interop.is_peft_config(data):
-        raise AdapterLoadError(f"{path} is not a PEFT adapter (no peft_type); use AdapterModel.from_pretrained")
-    return AdapterModel.from_pretrained(base_model, path, adapter_name, is_trainable=is_trainable)

@@ -20,7 +20,7 @@ import transformers
 from torch import nn
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from peftlab import io, sharded
+from peftlab import files, sharded
 from peftlab.model import AdapterModel
 
 TRAINING_ARGS_NAME = "training_args.bin"
@@ -114,7 +114,7 @@ class Trainer(transformers.Trainer):
             path = Path(folder) if name == "default" else Path(folder) / name
             params = adapter_model.adapter_parameters(name)
             with sharded.gathered(params.values(), modify=True):
-                io.check_and_copy(params, io.load_tensors(path), path)
+                files.check_and_copy(params, files.load_tensors(path), path)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if self._adapter_model(model) is None:

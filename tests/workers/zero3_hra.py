@@ -23,7 +23,7 @@ from conftest import tiny_bert  # noqa: E402
 from workers.ddp_hra import Data  # noqa: E402
 
 from peftlab import AdapterModel, HRAConfig, Trainer, get_adapter_model  # noqa: E402
-from peftlab.io import load_tensors  # noqa: E402
+from peftlab.files import load_tensors  # noqa: E402
 
 STEPS = 3
 BATCH = 8  # the global batch: one process takes all of it, two processes half each

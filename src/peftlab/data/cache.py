@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peftlab.errors import DataError  # noqa: F401  (re-exported by peftlab.data)
-from peftlab.io import atomic_write_bytes
+from peftlab.files import atomic_write_bytes
 
 
 @dataclass(frozen=True)
@@ -126,20 +125,3 @@ def extract_file(archive: Archive, *members: str) -> Path:
         blob = _read_member(blob, member, container)
         container = member
     return atomic_write_bytes(target, blob)
-
-
-def atomic_save_dir(target: Path, write) -> Path:
-    """Create folder ``target`` by calling ``write(tmp_dir)`` then renaming; keep an existing one."""
-    if target.is_dir():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        if not target.is_dir():  # a concurrent writer that won the race is fine; anything else is not
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target

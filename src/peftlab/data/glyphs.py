@@ -128,7 +128,7 @@ def subject_images(letter: str, count: int = 6, seed: int = 0, size: int = IMAGE
 
 def write_subject_folder(letter: str, folder, count: int = 6, seed: int = 0) -> list[Path]:
     """Write :func:`subject_images` as ``<letter>-<i>.png`` into ``folder`` (atomically, one file at a time)."""
-    from peftlab.io import atomic_write_image
+    from peftlab.files import atomic_write_image
 
     folder = Path(folder)
     return [atomic_write_image(folder / f"{letter}-{i}.png", image)
@@ -152,10 +152,14 @@ def to_array(images, size: int | None = IMAGE_SIZE) -> np.ndarray:
     """PIL images, (N, h, w) / (N, h, w, 3) arrays in [0, 1], or one such image → (N, size, size) grey in [0, 1].
 
     RGB is reduced to its channel mean; other sizes are resized bilinearly (``size=None`` keeps the size, which
-    must then be the same for all images).
+    must then be the same for all images). A float32 (N, h, w) array of the right size is returned as it is, so a
+    batch normalised once (as the image recipes' scoring does) passes through every metric without a copy.
     """
     from PIL import Image
 
+    if isinstance(images, np.ndarray) and images.dtype == np.float32 and images.ndim in (2, 3) and (
+            size is None or images.shape[-2:] == (size, size)):
+        return images if images.ndim == 3 else images[None]  # normalised already: passed through, not copied
     if isinstance(images, Image.Image) or (isinstance(images, np.ndarray) and images.ndim == 2):
         images = [images]
     arrays = []

@@ -9,7 +9,7 @@ add_pipeline_adapters(pipe, {"unet": HRAConfig(r=8), "text_encoder": HRAConfig(r
 ``pipeline`` (adapters on the components, one folder per pipeline, merge, PEFT export), ``tokenizer``
 (OpenAI CLIP's BPE, offline), ``control`` / ``conditioning`` (control maps; the condition encoder hooked onto the
 UNet's ``conv_in``), ``embedded`` (the offline ``tiny-digits`` model) and ``image_metrics``. The training recipes
-are :mod:`peftlab.recipes.subject_driven` and :mod:`peftlab.recipes.controllable`.
+are :mod:`peftlab.recipes.image.subject_driven` and :mod:`peftlab.recipes.image.controllable`.
 Nothing heavy is imported until a name is used: diffusers loads lazily.
 """
 

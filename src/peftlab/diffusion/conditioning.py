@@ -26,7 +26,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from peftlab import io
+from peftlab import files
 from peftlab.diffusion.control import ConditionEncoder
 from peftlab.errors import AdapterLoadError, ConfigError
 
@@ -99,16 +99,14 @@ def new_condition_encoder(pipe: Any) -> ConditionEncoder:
 
 def save_condition_encoder(encoder: ConditionEncoder, folder: str | os.PathLike) -> Path:
     """Write ``config.json`` and ``model.safetensors`` into a temporary folder renamed to ``folder``."""
-    from peftlab.diffusion.pipeline import save_folder_atomically
-
     config = {"out_channels": encoder.out_channels, "downscale": encoder.downscale,
               "in_channels": encoder.in_channels, "hidden_channels": list(encoder.hidden_channels)}
 
     def write(tmp: Path) -> None:
-        io.save_tensors(tmp / WEIGHTS_FILE, encoder.state_dict())
-        io.atomic_write_json(tmp / CONFIG_FILE, config)
+        files.save_tensors(tmp / WEIGHTS_FILE, encoder.state_dict())
+        files.atomic_write_json(tmp / CONFIG_FILE, config)
 
-    return save_folder_atomically(Path(folder), write)
+    return files.atomic_write_folder(folder, write)
 
 
 def load_condition_encoder(folder: str | os.PathLike) -> ConditionEncoder:
@@ -119,7 +117,7 @@ def load_condition_encoder(folder: str | os.PathLike) -> ConditionEncoder:
     if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise AdapterLoadError(f"{folder} holds no condition encoder ({CONFIG_FILE} and {WEIGHTS_FILE}); "
                                "the run folder is incomplete")
-    config = io.read_json(folder / CONFIG_FILE)
+    config = files.read_json(folder / CONFIG_FILE)
     try:
         encoder = ConditionEncoder(int(config["out_channels"]), int(config["downscale"]),
                                    int(config.get("in_channels", 3)), tuple(config["hidden_channels"]))

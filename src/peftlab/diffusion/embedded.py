@@ -1,40 +1,11 @@
 """The embedded offline text-to-image model ``tiny-digits``: pretrained once on packaged images, then cached.
 
-No pretrained text-to-image weights install from a package registry, so peftlab pretrains a small latent
-diffusion model on first use, from images it ships with (:mod:`peftlab.data.glyphs`): scikit-learn's 1,797
-handwritten digits upscaled to 32×32 ("a handwritten digit 3") and 100 renderings of each printed letter
-``A``–``H`` (Pillow, 5 DejaVu fonts; "a printed letter A"). Letters ``I``–``Z`` are never shown: they are
-unseen concepts for subject-driven fine-tuning. The result is an ordinary diffusers ``StableDiffusionPipeline`` folder
-(``DiffusionPipeline.from_pretrained(path)`` loads it) in ``<cache>/models/tiny-digits-v1``.
-
-Components (sizes in :func:`build_components`):
-
-* ``vae``: ``AutoencoderKL``, 3 blocks (8, 16, 16 channels), 4× downsampling: 32×32×3 → 8×8×4 latents.
-  Trained first, alone, on reconstruction ‖D(E(x)) − x‖² + 10⁻⁶·KL; ``scaling_factor`` = 1 / std of the
-  latents, so the diffusion model sees unit-variance latents, as in Stable Diffusion.
-* ``text_encoder``: ``CLIPTextModel`` (hidden 32, 2 layers, 2 heads) over OpenAI CLIP's real BPE vocabulary
-  (49,408 tokens), **trained jointly with the UNet from random initialisation** (no weight decay, so token
-  rows never seen in pretraining, e.g. ``sks``, keep their random initial embedding for later fine-tuning).
-* ``unet``: ``UNet2DConditionModel`` (32, 64 channels; cross-attention at 4×4 and in the middle block,
-  ``cross_attention_dim`` 32), ε-prediction.
-* ``scheduler``: DDIM (``clip_sample=False``) over a 1,000-step cosine (``squaredcos_cap_v2``) schedule;
-  training uses the DDPM forward process x_t = √ᾱ_t·z₀ + √(1−ᾱ_t)·ε of that same schedule.
-
-Denoiser objective: E_{t,ε} w(t)·‖ε − ε_θ(x_t, t, τ(c))‖² with min-SNR weighting w(t) = min(SNR(t), 5) / SNR(t)
-(Hang et al., 2023) and the caption c replaced by "" with probability 0.1, so classifier-free guidance works.
-Everything is seeded: the same :class:`PretrainConfig` gives the same weights on the same machine.
-
-Measured (``benchmarks/tiny_digits.py --force``, torch 2.13 CPU, 2 threads): 609 s of process CPU time
-(17 min wall on 2 cores shared with other jobs, load average ~6); 1.6 M text-encoder, 1.0 M UNet and
-0.06 M VAE parameters. The stand-in classifier recognises 100 % of the samples for "a handwritten digit k"
-(4 per digit, 20 DDIM steps, guidance 4 or 7.5) and 38-47 % for the eight letters (chance 1/36).
+Design notes: ``docs/design.md``, section peftlab.diffusion.embedded.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -47,6 +18,7 @@ import torch.nn.functional as F
 
 from peftlab.data import glyphs
 from peftlab.errors import ConfigError
+from peftlab.files import atomic_write_folder, atomic_write_json
 
 EMBEDDED_MODEL = "tiny-digits"
 MODEL_VERSION = 1  # bump when the recipe changes, so an old cached model is not reused
@@ -128,6 +100,20 @@ def _pixels(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images)[:, None].repeat(1, 3, 1, 1) * 2 - 1
 
 
+def _optimizer_step(optimizer: Any, schedule: Any, loss: torch.Tensor, where: tuple[str, int],
+                    progress: Callable[[str, int, float], None] | None) -> float:
+    """After ``backward``: the optimiser (and ``schedule``) step, gradients cleared; ``loss`` reported to ``progress``
+    as (stage, step, value) and returned."""
+    optimizer.step()
+    if schedule is not None:
+        schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    value = loss.item()
+    if progress:
+        progress(*where, value)
+    return value
+
+
 def train_vae(vae, images: np.ndarray, config: PretrainConfig, generator: torch.Generator,
               progress: Callable[[str, int, float], None] | None = None) -> float:
     """Fit the autoencoder on reconstruction + 10⁻⁶·KL, set ``scaling_factor`` = 1 / latent std; return the last MSE."""
@@ -141,11 +127,7 @@ def train_vae(vae, images: np.ndarray, config: PretrainConfig, generator: torch.
         reconstruction = vae.decode(posterior.sample(generator=generator)).sample
         loss = F.mse_loss(reconstruction, batch)
         (loss + 1e-6 * posterior.kl().mean()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        mse = loss.item()
-        if progress:
-            progress("vae", step, mse)
+        mse = _optimizer_step(optimizer, None, loss, ("vae", step), progress)
     vae.eval()
     latents = encode_latents(vae, images, scale=False)
     vae.register_to_config(scaling_factor=float(1.0 / latents.std().clamp_min(1e-6)))
@@ -170,7 +152,7 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma
 
 def train_denoiser(components: dict[str, Any], latents: torch.Tensor, captions: list[str], config: PretrainConfig,
                    generator: torch.Generator, progress: Callable[[str, int, float], None] | None = None) -> float:
-    """Train UNet + text encoder jointly on ε-prediction (see the module docstring). Returns the last loss."""
+    """Train UNet + text encoder jointly on ε-prediction (docs/design.md). Returns the last loss."""
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
@@ -202,12 +184,7 @@ def train_denoiser(components: dict[str, Any], latents: torch.Tensor, captions: 
         loss = (min_snr_weights(alphas_cumprod, t, config.snr_gamma) * per_sample).mean()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = loss.item()
-        if progress:
-            progress("unet", step, loss_value)
+        loss_value = _optimizer_step(optimizer, schedule, loss, ("unet", step), progress)
     unet.eval()
     text_encoder.eval()
     return loss_value
@@ -220,14 +197,13 @@ def parameter_counts(components: dict[str, Any]) -> dict[str, int]:
 
 def pretrain(out_dir: str | os.PathLike, config: PretrainConfig | None = None,
              progress: Callable[[str, int, float], None] | None = None) -> dict[str, Any]:
-    """Pretrain ``tiny-digits`` and save it as a diffusers pipeline folder at ``out_dir`` (which must not exist).
+    """Pretrain ``tiny-digits`` and save it as a diffusers pipeline folder at ``out_dir`` (a new or empty folder).
 
     Writes into ``out_dir`` directly: :func:`ensure_pretrained` gives it a temporary folder and renames it.
     Returns the report also saved as ``peftlab_pretrain.json`` (config, seconds per stage, losses, parameters).
     """
     from diffusers import StableDiffusionPipeline
 
-    from peftlab.io import atomic_write_json
 
     config = (config or PretrainConfig()).validate()
     start = time.perf_counter()
@@ -288,18 +264,7 @@ def ensure_pretrained(cache_dir: str | os.PathLike | None = None, *, force: bool
             return target  # another process finished it while we waited
         print(f"[peftlab] pretraining the embedded model {EMBEDDED_MODEL} once (about 10 CPU-minutes); "
               f"it is cached in {target}", flush=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-        try:
-            pretrain(tmp / "pipeline", config, progress=_print_progress())
-            old = None
-            if target.exists():
-                old = target.parent / f".{target.name}.old.{os.getpid()}"
-                os.replace(target, old)
-            os.replace(tmp / "pipeline", target)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write_folder(target, lambda tmp: pretrain(tmp, config, progress=_print_progress()))
     return target
 
 

@@ -1,33 +1,6 @@
 """Image metrics for subject-driven and controllable generation, with and without an encoder model.
 
-Every scoring function returns an :class:`ImageMetrics`: ``values`` (name → number) and ``skipped``
-(name → why it was not computed, e.g. the encoder could not be loaded). A metric is never silently dropped.
-
-**Stand-ins that need no download** (for the embedded ``tiny-digits`` model; the glyph classes of
-:mod:`peftlab.data.glyphs`):
-
-* features f(x) = HOG(x) (scikit-image; 9 orientations, 8×8-pixel cells, 2×2-cell blocks on the 32×32 grey
-  image) ⊕ the image bilinearly reduced to 16×16;
-* :func:`class_accuracy` (stand-in for CLIP-T prompt fidelity): a multinomial logistic regression
-  (scikit-learn) on standardised f(x), fitted once on 75 % of the digits (stratified, seed 0) and 60 renderings
-  of each letter A–Z (50 L-BFGS iterations, C = 0.1), then cached as safetensors in
-  ``<cache>/models/glyph-classifier-v2.safetensors`` (fitted in ~15 s on first use);
-  :func:`held_out_digits` are the other 25 %;
-* :func:`subject_similarity` (stand-in for DINO / CLIP-I): mean over all (generated, reference) pairs of
-  cos(f(x) − μ, f(r) − μ), μ the mean feature of the classifier's training images, so that unrelated glyphs
-  score near 0 and identical images score 1.
-
-**With an encoder** (any local folder or hub name; ``trust_remote_code`` is never used):
-:func:`clip_scores` gives CLIP-I = mean pairwise cos(E_img(x), E_img(r)) and CLIP-T = mean cos(E_img(xᵢ),
-E_txt(promptᵢ)) with ``transformers.CLIPModel``; :func:`dino_similarity` gives mean pairwise cosine of the CLS
-tokens (``AutoModel(...).last_hidden_state[:, 0]``).
-
-**Control fidelity without a model** (:func:`control_fidelity`): canny edge F1 with a pixel tolerance
-(precision = share of output edge pixels within ``tolerance`` px of a control edge pixel, recall the other
-way, distances from ``scipy.ndimage.distance_transform_edt``; F1 = 2PR/(P+R), 0 when either map is empty
-and the other is not, 1 when both are empty) and SSIM (``skimage.metrics.structural_similarity``,
-data range 1) between the control map and the same map computed from the output; for landmarks the mean
-distance in pixels between the control's and the output's 68 dlib landmarks (skipped without dlib).
+Design notes: ``docs/design.md``, section peftlab.diffusion.image_metrics.
 """
 
 from __future__ import annotations
@@ -120,7 +93,7 @@ def _classifier(cache_root: str | None = None) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file, save
 
     from peftlab.data.cache import cache_dir
-    from peftlab.io import atomic_write_bytes
+    from peftlab.files import atomic_write_bytes
 
     path = Path(cache_root or cache_dir()) / "models" / f"glyph-classifier-v{CLASSIFIER_VERSION}.safetensors"
     if path.is_file():
@@ -178,16 +151,6 @@ def subject_similarity(images, reference_images) -> float:
     return mean_pairwise_cosine(glyph_features(images) - mu, glyph_features(reference_images) - mu)
 
 
-def stand_in_scores(images, labels: Sequence[int | str] | None = None, reference_images=None) -> ImageMetrics:
-    """``class_accuracy`` (when labels are given) and ``subject_similarity`` (when references are given)."""
-    result = ImageMetrics()
-    if labels is not None:
-        result.values["class_accuracy"] = class_accuracy(images, labels)
-    if reference_images is not None:
-        result.values["subject_similarity"] = subject_similarity(images, reference_images)
-    return result
-
-
 # -- encoder metrics (CLIP, DINO) ---------------------------------------------------------------------------
 def _rgb(images) -> list:
     """Images as RGB PIL images for an encoder's processor (colour kept; grey arrays repeated on 3 channels)."""
@@ -204,7 +167,7 @@ def _rgb(images) -> list:
 
 def _load(loader, encoder: str | os.PathLike):
     """``loader.from_pretrained(encoder)`` without remote code and with transformers quiet; the error on failure."""
-    from peftlab.models import quiet_transformers
+    from peftlab.base_models import quiet_transformers
 
     with quiet_transformers():
         return loader.from_pretrained(str(encoder), trust_remote_code=False)

@@ -26,19 +26,18 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
-from peftlab import io
+from peftlab import files, peft_format
 from peftlab._version import __version__
 from peftlab.config import AdapterConfig
-from peftlab.errors import AdapterLoadError, ModelError, TargetError
+from peftlab.errors import AdapterLoadError, ModelError, TargetError, UnsupportedError
 from peftlab.layers import layer_kind
+from peftlab.lora_export import DIFFUSERS_COMPONENTS, DIFFUSERS_LORA_FILE
 from peftlab.methods.base import ADAPTERS
 from peftlab.model import AdapterModel
 
@@ -58,19 +57,12 @@ ATTRIBUTE_CONDITION = "peftlab_condition"  # peftlab.diffusion.conditioning.ATTR
 def quiet() -> Iterator[None]:
     """Silence diffusers' and transformers' load reports and loading bars inside the block."""
     from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
-    from peftlab.models import quiet_transformers
+    from peftlab.base_models import quiet_logging
 
-    level, bars = diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled()
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    try:
-        with quiet_transformers():
-            yield
-    finally:
-        diffusers_logging.set_verbosity(level)
-        if bars:
-            diffusers_logging.enable_progress_bar()
+    with quiet_logging(diffusers_logging, transformers_logging):
+        yield
 
 
 # -- the base pipeline -------------------------------------------------------------------------------------------
@@ -226,14 +218,14 @@ def save_pipeline_adapters(pipe: Any, folder: str | os.PathLike, format: str = "
     if CONTROL_COMPONENT in pipe.components:
         controlnet = pipe.components[CONTROL_COMPONENT]
         with quiet():
-            save_folder_atomically(folder / CONTROL_COMPONENT, controlnet.save_pretrained)
+            files.atomic_write_folder(folder / CONTROL_COMPONENT, controlnet.save_pretrained)
         info["control"] = CONTROL_COMPONENT
     if ATTRIBUTE_CONDITION in pipe.__dict__:
         from peftlab.diffusion.conditioning import save_condition_encoder
 
         save_condition_encoder(pipe.__dict__[ATTRIBUTE_CONDITION].encoder, folder / CONDITION_COMPONENT)
         info["control"] = CONDITION_COMPONENT
-    io.atomic_write_json(folder / PIPELINE_FILE, info)
+    files.atomic_write_json(folder / PIPELINE_FILE, info)
     return folder
 
 
@@ -243,7 +235,7 @@ def read_pipeline_file(folder: str | os.PathLike) -> dict[str, Any]:
     if not is_pipeline_adapter_dir(folder):
         raise AdapterLoadError(f"{folder} holds no pipeline adapters (no {PIPELINE_FILE}); save them with "
                                "save_pipeline_adapters or peftlab train")
-    info = io.read_json(folder / PIPELINE_FILE)
+    info = files.read_json(folder / PIPELINE_FILE)
     components = info.get("components")
     if not isinstance(info.get("base_model"), (str, type(None))) or not isinstance(components, list) or not all(
             isinstance(c, str) and c and "/" not in c and not c.startswith(".") for c in components):
@@ -341,25 +333,6 @@ def merge_pipeline(pipe: Any, safe_merge: bool = True, **options: Any) -> Any:
     return pipe
 
 
-def save_folder_atomically(out: Path, write: Any, overwrite: bool = True) -> Path:
-    """Call ``write(tmp)`` on a temporary folder next to ``out``, then rename it to ``out`` (replacing an old one),
-    so a failed write never leaves a half-written folder."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        write(tmp)
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
-            os.replace(out, old / "previous")
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
 def merge_folder(folder: str | os.PathLike, out: str | os.PathLike, base: str | None = None) -> Any:
     """``peftlab merge`` on a pipeline adapter folder: a plain diffusers pipeline folder in ``out``, which
     ``DiffusionPipeline.from_pretrained(out)`` loads without peftlab. Returns the merged pipeline."""
@@ -374,7 +347,7 @@ def merge_folder(folder: str | os.PathLike, out: str | os.PathLike, base: str | 
 
             save_condition_encoder(pipe.__dict__[ATTRIBUTE_CONDITION].encoder, tmp / CONDITION_COMPONENT)
 
-    save_folder_atomically(Path(out), write)
+    files.atomic_write_folder(Path(out), write)
     return pipe
 
 
@@ -389,3 +362,31 @@ __all__ = [
     "default_targets", "export_folder", "is_pipeline_adapter_dir", "load_pipeline", "load_pipeline_adapters",
     "merge_folder", "merge_pipeline", "pipeline_adapters", "save_pipeline_adapters", "with_control_encoder",
 ]
+
+
+def to_lora_pipeline(pipe: Any, out: str | os.PathLike, **options: Any) -> Path:
+    """A diffusers pipeline's adapters as LoRA: ``out/<component>/`` (PEFT folders) and ``out/`` +
+    ``pytorch_lora_weights.safetensors``, one file of ``unet.`` / ``text_encoder.`` prefixed PEFT keys at scale 1,
+    which ``pipe.load_lora_weights(out)`` loads."""
+    if CONTROL_COMPONENT in pipe.components or ATTRIBUTE_CONDITION in pipe.__dict__:
+        raise UnsupportedError("this run also trained a control encoder, which a LoRA file cannot hold; "
+                               "export it with --format peft instead")
+    registry = pipeline_adapters(pipe)
+    other = sorted(set(registry) - set(DIFFUSERS_COMPONENTS))
+    if other:
+        raise UnsupportedError(f"diffusers' LoRA files hold {list(DIFFUSERS_COMPONENTS)} only, not {other}")
+    exports = {name: model.to_lora(**options) for name, model in registry.items()}
+    combined: dict[str, Tensor] = {}
+    for name, export in exports.items():
+        extra = sorted(k for k in export.tensors if ".lora_" not in k)
+        if extra:
+            raise UnsupportedError(
+                f"the {name} adapter trains {extra[0].removeprefix(peft_format.PREFIX)} (bias or modules_to_save), "
+                "which diffusers' LoRA files cannot hold (every key must be a LoRA factor); train with bias='none' "
+                "and no modules_to_save, or use --format peft")
+        combined.update({f"{name}.{k.removeprefix(peft_format.PREFIX)}": v for k, v in export.tensors.items()})
+    out = Path(out)
+    for name, export in exports.items():
+        export.save(out / name)
+    files.save_tensors(out / DIFFUSERS_LORA_FILE, combined, metadata={"format": "pt"})
+    return out

@@ -54,8 +54,8 @@ def clip_vocabulary(path: Path) -> tuple[dict[str, int], list[str]]:
 
 def clip_tokenizer_dir() -> Path:
     """A folder holding CLIP's tokenizer files (written once, atomically, under peftlab's cache)."""
-    from peftlab.data.cache import atomic_save_dir, cache_dir
-    from peftlab.io import atomic_write_bytes, atomic_write_json
+    from peftlab.data.cache import cache_dir
+    from peftlab.files import atomic_write_bytes, atomic_write_folder, atomic_write_json
 
     target = cache_dir() / "tokenizers" / "clip-bpe"
     if (target / "vocab.json").is_file() and (target / "merges.txt").is_file():
@@ -70,7 +70,7 @@ def clip_tokenizer_dir() -> Path:
             "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
             "pad_token": "<|endoftext|>", "do_lower_case": True})
 
-    return atomic_save_dir(target, write)
+    return atomic_write_folder(target, write, replace=False)
 
 
 def clip_tokenizer(**kwargs: Any):
@@ -80,7 +80,7 @@ def clip_tokenizer(**kwargs: Any):
     """
     from transformers import CLIPTokenizer
 
-    from peftlab.models import quiet_transformers
+    from peftlab.base_models import quiet_transformers
 
     with quiet_transformers():
         return CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir()),

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from peftlab.config import AdapterConfig
-from peftlab.errors import MergeError, UnsupportedError  # noqa: F401  (MergeError re-exported: methods raise it)
+from peftlab.errors import UnsupportedError
 from peftlab.layers import LayerView
 
 ADAPTERS: dict[str, type[Adapter]] = {}

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from peftlab.config import AdapterConfig, ConfigError, check_nonnegative, register_method
-from peftlab.errors import UnsupportedError
+from peftlab.config import AdapterConfig, check_nonnegative, register_method
+from peftlab.errors import ConfigError, UnsupportedError
 from peftlab.layers import LayerView
 from peftlab.methods.base import Adapter
 

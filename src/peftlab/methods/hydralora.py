@@ -36,7 +36,6 @@ from torch import Tensor, nn
 
 from peftlab.config import (
     AdapterConfig,
-    ConfigError,
     check_finite,
     check_nonnegative,
     check_positive,
@@ -44,9 +43,9 @@ from peftlab.config import (
     check_probability,
     register_method,
 )
-from peftlab.errors import UnsupportedError
+from peftlab.errors import ConfigError, MergeError, UnsupportedError
 from peftlab.layers import LayerView
-from peftlab.methods.base import Adapter, MergeError
+from peftlab.methods.base import Adapter
 
 ROUTER_INPUTS = ("x", "lora")
 AUTO = "auto"  # num_heads="auto": resolved from the training texts before the model is built
@@ -60,7 +59,7 @@ class HydraLoraConfig(AdapterConfig):
     Args:
         alpha: scaling numerator; the update is scaled by alpha / r.
         dropout: dropout on the adapter's input (training only; one mask shared by all heads).
-        num_heads: N, the number of B heads (``peftlab.hydralora.estimate_num_heads`` suggests one).
+        num_heads: N, the number of B heads (``peftlab.estimate_num_heads`` suggests one).
         router_input: ``"x"`` routes on the layer input (the released code), ``"lora"`` on A·dropout(x)
             (the paper's W_g ∈ R^{r×N}).
         top_k: keep only the k most probable heads per token and renormalise (``None``: dense routing).

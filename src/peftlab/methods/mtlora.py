@@ -53,12 +53,12 @@ from torch import Tensor, nn
 from peftlab import matching
 from peftlab.config import (
     AdapterConfig,
-    ConfigError,
     check_nonnegative,
     check_positive_int,
     check_probability,
     register_method,
 )
+from peftlab.errors import ConfigError
 from peftlab.layers import LayerView
 from peftlab.methods.base import Adapter
 

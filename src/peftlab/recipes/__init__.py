@@ -1,17 +1,17 @@
-"""Training recipes: thin wiring of data → model → adapter → ``peftlab.Trainer`` → metrics, one file per task.
+"""Training recipes: thin wiring of data → model → adapter → ``peftlab.Trainer`` → metrics, one module per task.
 
-* ``classification``: sequence classification / regression with GLUE metrics.
-* ``causal_lm``: instruction tuning, loss on the response only, exact match of the final answer and perplexity.
-* ``data_to_text``: E2E-style generation with beam search, BLEU / NIST / ROUGE-L (METEOR / CIDEr when available).
-* ``subject_driven``: DreamBooth with prior preservation on a diffusers pipeline (HF ``accelerate`` loop).
-* ``controllable``: a condition encoder + UNet adapters, image generation from a control map (canny, ...).
+* ``text/``: ``classification`` (sequence classification / regression, GLUE metrics), ``causal_lm`` (instruction
+  tuning, loss on the response only), ``data_to_text`` (E2E-style generation, BLEU / NIST / ROUGE-L),
+  ``multiple_choice`` (log-likelihood scoring, evaluation only), and what they share: ``lm`` (prompt → response
+  fine-tuning) and ``generation`` (decoding).
+* ``image/``: ``subject_driven`` (DreamBooth with prior preservation) and ``controllable`` (a condition encoder +
+  UNet adapters) on a diffusers pipeline, with their loop (``training``) and data (``data``).
+* here, shared by every task: ``options`` (``RunOptions``), ``adapters`` (method names → adapted model),
+  ``rundir`` (the run folder) and ``training`` (HF ``Trainer`` arguments, the run, peak memory, outputs).
 
-``train(options)`` and ``evaluate(folder)`` pick the recipe by task; ``compare`` (:mod:`.compare`) trains
-several methods and seeds under one budget and tabulates them. The shared parts, one concern per module:
-``options`` (``RunOptions``), ``adapters`` (method names → adapted model), ``rundir`` (the run folder),
-``training`` (HF ``Trainer`` arguments, the run, peak memory, outputs), ``lm`` (prompt → response
-fine-tuning), ``generation`` (decoding). Every run writes ``metrics.json``, the adapter (or model)
-and ``training_curve.png`` into its output folder.
+``train(options)`` and ``evaluate(folder)`` pick the recipe by task. Every run writes ``metrics.json``, the
+adapter (or model) and ``training_curve.png`` into its output folder. The commands built on the recipes
+(``compare``, ``analyze``, ``serve``, ``saved``, ``generate``) are in :mod:`peftlab.commands`.
 
 ```python
 from peftlab.recipes import RunOptions, train
@@ -26,19 +26,18 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from peftlab import io
+from peftlab import files
 from peftlab.errors import RecipeError
 from peftlab.layers import CLASSIFIER_HEADS
 from peftlab.recipes.adapters import method_spec, method_specs
-from peftlab.recipes.compare import compare
-from peftlab.recipes.multiple_choice import TASK as MULTIPLE_CHOICE  # an evaluation task only
 from peftlab.recipes.options import IMAGE_TASKS, TASKS, WHOLE, RunOptions, check_split, eval_options
 from peftlab.recipes.rundir import check_trained, is_adapter_dir, saved_run_options
+from peftlab.recipes.text.multiple_choice import TASK as MULTIPLE_CHOICE  # an evaluation task only
 
 MULTIPLE_CHOICE_OPTIONS = ("subjects", "shots", "continuation")
 
 __all__ = [
-    "TASKS", "RecipeError", "RunOptions", "compare", "evaluate", "method_spec", "method_specs", "recipe", "task_of",
+    "TASKS", "RecipeError", "RunOptions", "evaluate", "method_spec", "method_specs", "recipe", "task_of",
     "train",
 ]
 
@@ -46,17 +45,17 @@ __all__ = [
 def recipe(task: str) -> ModuleType:
     """The recipe module of a task."""
     if task == "classification":
-        from peftlab.recipes import classification as module
+        from peftlab.recipes.text import classification as module
     elif task == "causal-lm":
-        from peftlab.recipes import causal_lm as module
+        from peftlab.recipes.text import causal_lm as module
     elif task == "data-to-text":
-        from peftlab.recipes import data_to_text as module
+        from peftlab.recipes.text import data_to_text as module
     elif task == "subject-driven":
-        from peftlab.recipes import subject_driven as module
+        from peftlab.recipes.image import subject_driven as module
     elif task == "controllable":
-        from peftlab.recipes import controllable as module
+        from peftlab.recipes.image import controllable as module
     elif task == "multiple-choice":  # evaluation only
-        from peftlab.recipes import multiple_choice as module
+        from peftlab.recipes.text import multiple_choice as module
     else:
         raise RecipeError(f"unknown task {task!r}; known tasks: {', '.join(TASKS)}, and multiple-choice for eval")
     return module
@@ -80,12 +79,12 @@ def task_of(folder: str | os.PathLike | None, task: str | None = None) -> str:
     if options is not None:
         return options.task
     if is_adapter_dir(folder):
-        heads = [k for k in io.load_tensors(folder) if k.split(".")[0] in CLASSIFIER_HEADS]
+        heads = [k for k in files.load_tensors(folder) if k.split(".")[0] in CLASSIFIER_HEADS]
         return "classification" if heads else "causal-lm"
     if (folder / "config.json").is_file():
-        archs = io.read_json(folder / "config.json").get("architectures") or [""]
+        archs = files.read_json(folder / "config.json").get("architectures") or [""]
         return "classification" if archs[0].endswith("SequenceClassification") else "causal-lm"
-    raise RecipeError(f"{folder} holds neither an adapter ({io.CONFIG_NAME}) nor a model (config.json)")
+    raise RecipeError(f"{folder} holds neither an adapter ({files.CONFIG_NAME}) nor a model (config.json)")
 
 
 def evaluate(
@@ -104,14 +103,14 @@ def evaluate(
     ``test``; a data *file* given in ``changes`` without a ``split`` is scored whole (split :data:`WHOLE`),
     while a named data set keeps its seeded test split.
     ``task="multiple-choice"`` scores any model, a run's or a base model (``folder=None``, ``model=NAME``), on
-    questions that are not its training data: see :func:`peftlab.recipes.multiple_choice.evaluate`.
+    questions that are not its training data: see :func:`peftlab.recipes.text.multiple_choice.evaluate`.
     """
     if folder is None and task != MULTIPLE_CHOICE:
         raise RecipeError(f"the following arguments are required: --adapter (optional only with --task "
                           f"{MULTIPLE_CHOICE})")
     task = task_of(folder, task)
     if task == MULTIPLE_CHOICE:
-        from peftlab.recipes import multiple_choice
+        from peftlab.recipes.text import multiple_choice
 
         return multiple_choice.evaluate(folder, split=split or "test", max_samples=max_samples, batch_size=batch_size,
                                         **changes)
@@ -132,7 +131,7 @@ def summary_line(metrics: dict[str, Any], folder: str | os.PathLike | None) -> s
     """One line for the end of ``peftlab eval``: the main metric on the split."""
     split = metrics["split"]
     if metrics["task"] == MULTIPLE_CHOICE:
-        from peftlab.recipes.multiple_choice import summary
+        from peftlab.recipes.text.multiple_choice import summary
 
         return summary(metrics, folder)
     value = metrics[split].get(metrics["metric"])

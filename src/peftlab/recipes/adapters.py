@@ -1,6 +1,6 @@
 """From a method name on the command line to a model ready to train.
 
-Method names come from the registry (:func:`peftlab.config.registered_methods`): each config class
+Method names come from the registry (:func:`peftlab.methods.registered_methods`): each config class
 brings its name, its ``variants`` (``mtlora-icfm`` → ``structure="icfm"``), its default learning rate
 and a one-line description, so a new method is usable here without editing this file. Two names are
 not adapters: ``full`` (every weight trains) and ``linear-probe`` (only the classification head trains).
@@ -15,9 +15,10 @@ from typing import Any
 
 from torch import nn
 
-from peftlab.config import AdapterConfig, registered_methods
+from peftlab.config import AdapterConfig
 from peftlab.errors import ConfigError, PeftlabError, RecipeError
 from peftlab.layers import CLASSIFIER_HEADS
+from peftlab.methods import registered_methods
 from peftlab.model import AdapterModel, get_adapter_model
 
 FULL, LINEAR_PROBE = "full", "linear-probe"

@@ -1,42 +1,23 @@
 """The run folder: what a training run writes, the rules that keep an earlier result from being lost, and its lock.
 
-A run folder holds ``run_config.json`` (the options, written first), ``checkpoint-*`` folders (HF ``Trainer``'s,
-or the image recipes' own; one is complete once its ``trainer_state.json``, which both write last, is readable),
-and at the end the adapter (or model), ``training_curve.png`` and, last, ``metrics.json``. So a folder is in one
-of these states (:func:`folder_state`):
-
-* ``empty``: nothing in it, or only peftlab's own leftovers of a killed run (temporary ``.<name>.<random>.tmp``
-  files of :func:`peftlab.io.atomic_write_bytes`, the lock file ``.peftlab.lock``);
-* ``in progress``: a ``run_config.json`` but no ``metrics.json``; ``--resume`` continues it from its last complete
-  checkpoint (from step 0 when there is none), or only writes the final outputs when training had already reached
-  its last step (a run killed during its final save);
-* ``finished``: ``metrics.json`` is written; ``--resume`` with the same budget does nothing (exit 0, with a
-  message), with a larger ``--max-steps`` it trains on from the last checkpoint;
-* anything else was not written by peftlab and is never used, not even with ``--overwrite``.
-
-``check_output_dir`` decides, before anything is written, whether a run may use a folder: an existing
-folder is refused unless it is empty, or ``overwrite`` is set and it holds a peftlab run, or ``resume``
-is set and it holds the same run. :func:`owns_output_dir` (on each recipe's ``train``) locks the folder for the
-whole run: a second run on it fails at once. The lock is an OS lock (``filelock``: ``flock``), so the OS
-releases it when its process dies, even by ``kill -9``. In a distributed run only the main process (``RANK``
-0) takes it. Stale temporary files and incomplete checkpoints are removed only while holding the lock.
+Design notes: ``docs/design.md``, section peftlab.recipes.rundir.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 import shutil
-import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from peftlab import io
+from peftlab import files
 from peftlab._version import __version__
 from peftlab.errors import RecipeError
 from peftlab.recipes.adapters import FULL
@@ -49,15 +30,24 @@ CURVE_FILE = "training_curve.png"
 LOCK_FILE = ".peftlab.lock"
 TRAINER_STATE = TRAINER_STATE_NAME  # HF writes it last into a checkpoint: the checkpoint is complete once it reads
 EMPTY, IN_PROGRESS, FINISHED, FOREIGN = "empty", "in progress", "finished", "not a peftlab run"
-FAULT_POINT_ENV = "PEFTLAB_FAULT_POINT"
 
 
-def fault_point(name: str) -> None:
-    """Test hook: kill this process with SIGKILL (as a crash or ``kill -9`` would) when ``$PEFTLAB_FAULT_POINT`` is
-    ``name``. ``tests/test_faults.py`` stops runs at chosen points of their writes with it; with the variable unset
-    (always, outside tests) it costs one lookup."""
-    if os.environ.get(FAULT_POINT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+def write_metrics(out: Path, metrics: dict[str, Any]) -> None:
+    """Write ``metrics.json`` (the run's last file: the folder is a finished run once it is there); numbers that
+    JSON cannot hold (tensors, NaN, inf) are written as plain numbers or strings."""
+    files.atomic_write_json(out / METRICS_FILE, _jsonable(metrics))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    return value
 
 
 def is_main_process() -> bool:
@@ -66,12 +56,12 @@ def is_main_process() -> bool:
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / io.CONFIG_NAME).is_file()
+    return (Path(path) / files.CONFIG_NAME).is_file()
 
 
 def is_leftover(path: Path) -> bool:
     """A file peftlab may leave behind when killed: the lock file, a temporary file of an atomic write."""
-    return path.name == LOCK_FILE or (io.TEMPORARY_FILE.fullmatch(path.name) is not None and path.is_file())
+    return path.name == LOCK_FILE or (files.TEMPORARY_FILE.fullmatch(path.name) is not None and path.is_file())
 
 
 def read_run(path: str | os.PathLike) -> dict[str, Any] | None:
@@ -100,7 +90,7 @@ def base_model_name(adapter_dir: str | os.PathLike, model: str | None = None) ->
     if options is not None and options.model:
         return options.model
     if is_adapter_dir(adapter_dir):
-        name = io.read_json(Path(adapter_dir) / io.CONFIG_NAME).get("base_model_name_or_path")
+        name = files.read_json(Path(adapter_dir) / files.CONFIG_NAME).get("base_model_name_or_path")
         if name:
             return str(name)
     raise RecipeError(f"{adapter_dir} does not record its base model; pass --model")
@@ -192,7 +182,7 @@ def check_output_dir(options: RunOptions, kind: str = "train", main_process: boo
             raise RecipeError(f"--resume: {out} holds a different run ({changes}); resume it with its own options")
         checkpoint = last_checkpoint(out)
         if state == FINISHED:
-            metrics = io.read_json(out / METRICS_FILE)
+            metrics = files.read_json(out / METRICS_FILE)
             step = int(metrics.get("global_step", 0))
             if _budget_reached(old, options, step):
                 raise RunFinished(
@@ -245,14 +235,14 @@ def start_output_dir(
         record = {"kind": kind, "peftlab_version": __version__, "options": options.to_dict(), **(extra or {})}
         if options.resume and (previous := read_run(out)):
             record["resumed"] = [*previous.get("resumed", []), time.strftime("%Y-%m-%d %H:%M:%S")]
-        io.atomic_write_json(out / RUN_FILE, record)
+        files.atomic_write_json(out / RUN_FILE, record)
     return out
 
 
 def remove_leftovers(out: Path) -> None:
     """Delete what a killed run left behind: temporary files of atomic writes, checkpoints whose save was cut short."""
     for path in out.rglob(".*.tmp"):
-        if io.TEMPORARY_FILE.fullmatch(path.name) and path.is_file():
+        if files.TEMPORARY_FILE.fullmatch(path.name) and path.is_file():
             path.unlink()
     for checkpoint in checkpoint_folders(out):
         if not is_complete_checkpoint(checkpoint):

@@ -20,9 +20,8 @@ from typing import Any
 
 import torch
 
-from peftlab import io
 from peftlab.recipes.options import RunOptions
-from peftlab.recipes.rundir import CURVE_FILE, METRICS_FILE, TRAINER_STATE, fault_point, remove_checkpoints
+from peftlab.recipes.rundir import CURVE_FILE, TRAINER_STATE, remove_checkpoints, write_metrics
 
 
 def world_size() -> int:
@@ -296,24 +295,11 @@ def finish_run(trainer: Any, out: Path, metrics: dict[str, Any], metric: str, ke
     trainer.save_model(str(out))
     if not trainer.is_world_process_zero():
         return
-    fault_point("final-save")  # the adapter is written, the metrics are not
     trainer.save_state()
     plot_training_curve(trainer.state.log_history, out / CURVE_FILE, metric)
-    io.atomic_write_json(out / METRICS_FILE, _jsonable(metrics))
+    write_metrics(out, metrics)
     if not keep_checkpoints:
         remove_checkpoints(out)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if hasattr(value, "item") and callable(value.item):
-        return value.item()
-    return value
 
 
 def log(message: str, enabled: bool = True) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peftlab import io
+from peftlab import files
 from peftlab.errors import RecipeError
 
 MAX_IMAGES = 256  # per call: the images are kept for the grid (256 at 512² are ~200 MB)
@@ -186,7 +186,7 @@ def control_image(pipe: Any, path: str | None) -> dict[str, Any]:
     if not has_control:
         raise RecipeError("this run has no control encoder (no controlnet/ in its folder), so --control cannot be "
                           "used; train one with --task controllable")
-    from peftlab.recipes.image_data import open_image
+    from peftlab.recipes.image.data import open_image
 
     return {"image": open_image(Path(path), "--control")}
 
@@ -248,7 +248,7 @@ def generate(options: GenerateOptions) -> list[Path]:
     paths = write_images(images, Path(options.out))
     if control_map is not None:
         out = Path(options.out)
-        paths.insert(-1, io.atomic_write_image(out.with_name(f"{out.stem}-control.png"), control_map))
+        paths.insert(-1, files.atomic_write_image(out.with_name(f"{out.stem}-control.png"), control_map))
     return paths
 
 
@@ -270,9 +270,9 @@ def write_images(images: list[Any], out: Path) -> list[Path]:
     """Each image as ``<stem>-<i>.png`` next to ``out``, then the grid as ``out``; all written atomically."""
     from diffusers.utils import make_image_grid
 
-    paths = [io.atomic_write_image(out.with_name(f"{out.stem}-{i}.png"), image) for i, image in enumerate(images)]
+    paths = [files.atomic_write_image(out.with_name(f"{out.stem}-{i}.png"), image) for i, image in enumerate(images)]
     rows, cols = grid_shape(len(images))
-    paths.append(io.atomic_write_image(out, make_image_grid(list(images), rows, cols)))
+    paths.append(files.atomic_write_image(out, make_image_grid(list(images), rows, cols)))
     return paths
 
 

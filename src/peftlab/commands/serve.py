@@ -17,12 +17,12 @@ misses a field, or holds an empty text, a lone surrogate or ``NaN`` answers 422;
 fit the model's context with ``max_new_tokens`` more, before it is queued; a body over ``--max-body-bytes``
 answers 413. With ``--api-key`` (or ``PEFTLAB_API_KEY``) every endpoint but ``/health`` answers 401 without
 ``Authorization: Bearer KEY``. The OpenAI-compatible ``/v1/models``, ``/v1/completions`` and
-``/v1/chat/completions`` are in :mod:`peftlab.recipes.openai_api`.
+``/v1/chat/completions`` are in :mod:`peftlab.commands.openai_api`.
 
 Batching: requests go into an asyncio queue; one worker takes the first waiting request, collects more until it
 holds ``max_batch_size`` or ``max_wait_ms`` has passed, and runs them as mixed-adapter batches
 (:mod:`peftlab.mixed`; generation requests with the same ``max_new_tokens`` / ``num_beams`` share one
-``generate`` call). The model runs in a worker thread (:mod:`peftlab.recipes.serve_model`), one batch at a
+``generate`` call). The model runs in a worker thread (:mod:`peftlab.commands.serve_model`), one batch at a
 time, so the server keeps accepting requests meanwhile. Each row's result is what the model gives that row alone
 with its adapter active (up to float rounding of padded batches). A batch that fails runs again request by
 request, so one bad request never fails another. One SIGTERM / Ctrl-C stops the server promptly: the running
@@ -40,9 +40,9 @@ from typing import Any
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from peftlab.commands.serve_http import ApiError, check_key, check_text, install_error_handler, read_body
+from peftlab.commands.serve_model import CLASSIFY, GENERATE, Batcher, Job, ServedModel, ShuttingDown
 from peftlab.errors import AdapterError, RecipeError
-from peftlab.recipes.serve_http import ApiError, check_key, check_text, install_error_handler, read_body
-from peftlab.recipes.serve_model import CLASSIFY, GENERATE, Batcher, Job, ServedModel, ShuttingDown
 
 __all__ = ["ClassifyRequest", "GenerateRequest", "ServedModel", "create_app", "serve"]
 MAX_BODY_BYTES = 1 << 20
@@ -125,7 +125,7 @@ def create_app(served: ServedModel, max_batch_size: int = 8, max_wait_ms: float 
     """The FastAPI application serving ``served`` (its :class:`Batcher` is ``app.state.service.batcher``)."""
     from fastapi import Depends, FastAPI
 
-    from peftlab.recipes.openai_api import add_openai_routes
+    from peftlab.commands.openai_api import add_openai_routes
 
     service = Service(served, max_batch_size, max_wait_ms, max_body_bytes, api_key)
 

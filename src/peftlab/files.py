@@ -1,25 +1,6 @@
 """Saving and loading adapter files: safetensors + JSON, written atomically, read as untrusted input.
 
-A saved adapter is a folder with ``adapter_config.json`` (the config, the method, the peftlab version)
-and ``adapter_model.safetensors`` (tensors keyed ``<module name>.<parameter>``). Every file is written
-to a temporary file in the same folder and renamed into place, so a crash never leaves a half-written
-adapter; files get the usual mode (``0o666`` less the umask), as ``open()`` would give them.
-
-An adapter folder may come from anyone, so reading it trusts nothing:
-
-- **Pickles** (a PEFT ``adapter_model.bin``) are only read with ``torch.load(..., weights_only=True)``;
-  a file holding other Python objects is refused, never unpickled, and the error never suggests the
-  unsafe ``weights_only=False``. What is loaded must be a dict of tensors keyed by strings.
-- **safetensors** headers are checked by the safetensors library before any tensor is allocated
-  (shapes against offsets, offsets against the file size, header size), so a crafted header gives
-  :class:`~peftlab.errors.AdapterLoadError`, not a huge allocation.
-- **Symbolic links.** A file read from a folder (``adapter_config.json``, the weights, a model's
-  ``config.json``) may be a symbolic link only if it resolves to a file inside that folder (the folder
-  itself may be a link), so a shared adapter cannot make peftlab read ``/etc/...`` or ``/dev/zero``.
-  One exception: the Hugging Face hub cache, where ``<repo>/snapshots/<revision>/<file>`` links to
-  ``<repo>/blobs/<hash>``. (Hard links cannot be told apart from plain files and are not checked.)
-- JSON that is not an object, nests too deeply, or holds absurd numbers gives AdapterLoadError;
-  the config's fields are then checked by :meth:`peftlab.config.AdapterConfig.validate`.
+Design notes: ``docs/design.md``, section peftlab.files.
 """
 
 from __future__ import annotations
@@ -29,6 +10,9 @@ import os
 import pickle
 import re
 import secrets
+import shutil
+import tempfile
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -90,6 +74,36 @@ def atomic_write_image(path: str | os.PathLike, image: Any, format: str = "PNG")
     buffer = BytesIO()
     image.save(buffer, format=format)
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+def atomic_write_folder(out: str | os.PathLike, write: Callable[[Path], Any], *, replace: bool = True) -> Path:
+    """Create the folder ``out`` atomically: ``write(tmp)`` fills a temporary folder beside it, which is then
+    renamed to ``out``, so a failed or killed write never leaves a half-written ``out``; return ``out``.
+
+    ``replace=True``: an existing ``out`` is replaced (a saved pipeline, a merged model). ``replace=False``: an
+    existing ``out`` is kept and ``write`` is not called (a cache entry; when another process finished the same
+    entry first, its copy wins).
+    """
+    out = Path(out)
+    if not replace and out.is_dir():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        write(tmp)
+        old = None
+        if replace and out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
+            os.replace(out, old / "previous")
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError:
+        if replace or not out.is_dir():  # keeping: a concurrent writer that won the race is fine
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:

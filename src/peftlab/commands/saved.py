@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from peftlab import io
+from peftlab import files
 from peftlab.config import AdapterConfig
 from peftlab.errors import AdapterLoadError, RecipeError
 from peftlab.methods.base import ADAPTERS, config_mismatch
@@ -39,11 +39,11 @@ def load_for_inference(adapter: str | os.PathLike, model: str | None) -> tuple[n
         raise RecipeError(f"{adapter} holds no adapter ({what}); merge and export need an adapter folder "
                           "written by peftlab train")
     if task_of(adapter) == "classification":
-        from peftlab.recipes.classification import load_trained
+        from peftlab.recipes.text.classification import load_trained
 
         net, tokenizer, _ = load_trained(adapter, model)
         return net, tokenizer
-    from peftlab.recipes.lm import load_trained
+    from peftlab.recipes.text.lm import load_trained
 
     return load_trained(adapter, model)
 
@@ -57,7 +57,7 @@ def merge(adapter: str | os.PathLike, out: str | os.PathLike, model: str | None 
           overwrite: bool | None = None) -> Any:
     """Fold the adapter into its base model and save a plain transformers checkpoint (+ tokenizer) in ``out``;
     a pipeline's adapters (``pipeline.json``) give a plain diffusers pipeline folder."""
-    from peftlab.models import quiet_transformers
+    from peftlab.base_models import quiet_transformers
 
     path = check_out(out, overwrite)
     if is_pipeline_dir(adapter):
@@ -79,8 +79,7 @@ def export(adapter: str | os.PathLike, out: str | os.PathLike, format: str = "pe
     path = check_out(out, overwrite)
     if format == "lora":
         if is_pipeline_dir(adapter):
-            from peftlab.diffusion.pipeline import load_pipeline_adapters
-            from peftlab.lora_export import to_lora_pipeline
+            from peftlab.diffusion.pipeline import load_pipeline_adapters, to_lora_pipeline
 
             to_lora_pipeline(load_pipeline_adapters(adapter, model), path, **options)
         else:
@@ -105,7 +104,7 @@ def describe(folder: str | os.PathLike) -> list[str]:
         raise RecipeError(f"{folder} is not a folder")
     lines: list[str] = []
     if is_pipeline_dir(folder):  # a pipeline's adapters: each component's adapter folder
-        data = io.read_json(folder / "pipeline.json")
+        data = files.read_json(folder / "pipeline.json")
         lines.append(f"pipeline adapters: base {data.get('base_model')}, components {data.get('components')}")
         for name in data.get("components") or []:
             lines += [f"[{name}]", *describe(folder / str(name))]
@@ -117,9 +116,9 @@ def describe(folder: str | os.PathLike) -> list[str]:
                      f"r={o.get('r')} lr={o.get('lr')} seed={o.get('seed')}")
     adapter = is_adapter_dir(folder)
     if adapter:
-        data = io.read_json(folder / io.CONFIG_NAME)
+        data = files.read_json(folder / files.CONFIG_NAME)
         config = AdapterConfig.from_dict({k: v for k, v in data.items() if k != "base_model_name_or_path"})
-        tensors = io.load_tensors(folder)
+        tensors = files.load_tensors(folder)
         reason = config_mismatch(config, tensors)
         if reason is not None:
             raise AdapterLoadError(f"{folder} cannot be loaded: {reason}")
@@ -128,13 +127,13 @@ def describe(folder: str | os.PathLike) -> list[str]:
     elif (folder / "config.json").is_file():
         from safetensors.torch import load_file
 
-        data = io.read_json(folder / "config.json")
+        data = files.read_json(folder / "config.json")
         lines.append(f"full model: {', '.join(data.get('architectures') or [data.get('model_type', '?')])}")
         tensors = {}
         for file in sorted(folder.glob("*.safetensors")):
             tensors.update(load_file(str(file)))
     else:
-        raise RecipeError(f"{folder} holds neither an adapter ({io.CONFIG_NAME}) nor a model (config.json)")
+        raise RecipeError(f"{folder} holds neither an adapter ({files.CONFIG_NAME}) nor a model (config.json)")
     lines += parameter_lines(tensors, full=not adapter)
     if adapter:
         lines += diagnostic_lines(config, tensors)
@@ -171,7 +170,7 @@ def diagnostic_lines(config: AdapterConfig, tensors: dict[str, Any]) -> list[str
     adapter_cls = ADAPTERS.get(config.method)
     if adapter_cls is None:
         return []
-    rows = {module: found for module, state in io.by_module(tensors).items()
+    rows = {module: found for module, state in files.by_module(tensors).items()
             if (found := adapter_cls.diagnostics(state))}
     if not rows:
         return []

@@ -14,8 +14,9 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from peftlab import io
+from peftlab import files
 from peftlab.errors import PeftlabError, RecipeError
+from peftlab.recipes import train
 from peftlab.recipes.adapters import build_adapter_config, method_spec
 from peftlab.recipes.options import RunOptions
 from peftlab.recipes.rundir import check_output_dir, lock_output_dir, start_output_dir
@@ -62,8 +63,6 @@ def _run_all(options: RunOptions, base: RunOptions, out: Path, variants: dict[st
                                       output_dir=str(folder), keep_checkpoints=False)
             print(f"\n=== compare: {label}, seed {seed} ===", flush=True)
             gc.collect()
-            from peftlab.recipes import train
-
             metrics = train(run)
             runs.append({
                 "method": label, "seed": seed, "lr": run.resolved().lr, "metric": metrics["metric"],
@@ -75,7 +74,7 @@ def _run_all(options: RunOptions, base: RunOptions, out: Path, variants: dict[st
     rows = summarize(runs, methods)
     table = markdown_table(rows, runs[0]["metric"], budget(base))
     result = {"budget": budget(base), "metric": runs[0]["metric"], "rows": rows, "runs": runs}
-    io.atomic_write_json(out / "compare.json", result)
+    files.atomic_write_json(out / "compare.json", result)
     (out / "compare.md").write_text(table + "\n")
     plot_comparison(rows, runs[0]["metric"], out / "compare.png")
     print("\n" + table, flush=True)

@@ -24,35 +24,71 @@ data are glyphs, ``class_accuracy`` of the outputs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from peftlab.data import glyphs
 from peftlab.diffusion.control import control_tensor
-from peftlab.recipes import image_data
-from peftlab.recipes import image_training as it
+from peftlab.recipes.image import data as image_data
+from peftlab.recipes.image.run import Objective, PreparedRun, Scores, evaluate, train_prepared
+from peftlab.recipes.image.training import (
+    check_prompts,
+    example_sampler,
+    latents_of,
+    load_base,
+    resolution,
+    sample_images,
+    token_ids,
+)
 from peftlab.recipes.options import RunOptions
-from peftlab.recipes.rundir import owns_output_dir, start_output_dir
-from peftlab.recipes.training import log
+from peftlab.recipes.rundir import owns_output_dir
 
 CAPTION_DROPOUT = 0.5  # ControlNet (Zhang et al. 2023): half the captions are "", so the control must be used
 METRIC_BY_CONTROL = {"canny": "edge_f1", "segmentation": "segmentation_ssim", "landmarks": "landmark_error"}
 
 
-def prepare(options: RunOptions) -> dict[str, Any]:
+@dataclass
+class ControlRun(PreparedRun):
+    """A prepared controllable run: the training examples with their control maps, and the held-out controls."""
+
+    examples: image_data.ControlExamples
+    held_out: image_data.ControlExamples
+
+    def metrics(self, options: RunOptions) -> dict[str, Any]:
+        return {"data": options.data, "control": options.control, "metric": METRIC_BY_CONTROL[options.control],
+                "num_examples": len(self.examples), "num_eval_images": len(self.held_out)}
+
+    def score(self, options: RunOptions, trained: bool) -> Scores:
+        return evaluate_samples(self.pipe, options, self.size, self.held_out, control=trained)
+
+    def objective(self, options: RunOptions, generator: torch.Generator) -> tuple[Objective, str]:
+        from peftlab.diffusion.conditioning import attach_condition_encoder, new_condition_encoder
+
+        encoder = new_condition_encoder(self.pipe)
+        hook = attach_condition_encoder(self.pipe, encoder)
+        controls = control_tensor(self.examples.controls, self.size)
+        sample = control_sampler(self.pipe, self.examples, controls, options.batch_size, generator)
+        return (Objective(sample, [encoder], hook, {"condition_encoder_params": sum(p.numel() for p in
+                                                                                   encoder.parameters())}),
+                f"{len(self.examples)} {options.control} examples of {options.data}")
+
+
+def prepare(options: RunOptions) -> ControlRun:
     """Everything checked and loaded before the run folder is touched: the base pipeline, the examples and their
     control maps, the evaluation controls."""
     data = image_data.check_data_option(options.data)
-    pipe = it.load_base(options)
-    size = it.resolution(pipe, options)
+    pipe = load_base(options)
+    size = resolution(pipe, options)
     examples = image_data.control_examples(data, options.control, size, options.max_train_samples, options.seed)
     captions = sorted(set(examples.captions))
-    it.check_prompts(pipe, {f"--data caption {c[:40]!r}": c for c in captions if c.strip()})
+    check_prompts(pipe, {f"--data caption {c[:40]!r}": c for c in captions if c.strip()})
     if data == image_data.EDGES_DATA:
         held_out = image_data.held_out_edges(options.control, size, options.num_eval_images)
     else:
         held_out = examples.take(list(range(min(options.num_eval_images, len(examples)))))
-    return {"pipe": pipe, "size": size, "examples": examples, "held_out": held_out}
+    return ControlRun(pipe, size, captions, examples, held_out)
 
 
 def evaluate_samples(pipe: Any, options: RunOptions, size: int, held_out: image_data.ControlExamples,
@@ -61,10 +97,11 @@ def evaluate_samples(pipe: Any, options: RunOptions, size: int, held_out: image_
     from peftlab.diffusion import image_metrics as im
 
     controls = control_tensor(held_out.controls, size) if control else None
-    samples = it.sample_images(pipe, held_out.captions, options, size, options.seed, controls)
-    result = im.control_fidelity(samples, held_out.controls, options.control)
+    samples = sample_images(pipe, held_out.captions, options, size, options.seed, controls)
+    grey = glyphs.to_array(samples, None)  # normalised once: the metrics take the array as it is
+    result = im.control_fidelity(grey, glyphs.to_array(held_out.controls, None), options.control)
     if held_out.labels is not None:
-        result.values["class_accuracy"] = im.class_accuracy(samples, held_out.labels)
+        result.values["class_accuracy"] = im.class_accuracy(grey, held_out.labels)
     else:
         result.skipped["class_accuracy"] = "the data have no glyph labels (tiny-digits-edges has)"
     return result.values, result.skipped, samples
@@ -75,10 +112,10 @@ def control_sampler(pipe: Any, examples: image_data.ControlExamples, controls: t
     """``sample()`` of the controllable objective: ``batch_size`` examples (weight 1/batch) with their ``controls``
     (the encoder's input, one per example), each caption replaced by "" with probability :data:`CAPTION_DROPOUT`,
     and fresh noise, all drawn from ``generator``."""
-    latents = it.latents_of(pipe, image_data.pixels(examples.targets))
-    ids = it.token_ids(pipe, examples.captions)
-    empty = it.token_ids(pipe, [""])[0]
-    return it.example_sampler(latents, ids, torch.ones(len(latents)), batch_size, generator,
+    latents = latents_of(pipe, image_data.pixels(examples.targets))
+    ids = token_ids(pipe, examples.captions)
+    empty = token_ids(pipe, [""])[0]
+    return example_sampler(latents, ids, torch.ones(len(latents)), batch_size, generator,
                               pipe.scheduler.config.num_train_timesteps, controls, (empty, CAPTION_DROPOUT))
 
 
@@ -87,39 +124,10 @@ def train(options: RunOptions, checkpoint: str | None = None) -> dict[str, Any]:
     """Train the condition encoder and ``options.method``'s adapters; returns the metrics (also ``metrics.json``)."""
     from accelerate.utils import set_seed
 
-    from peftlab.diffusion.conditioning import attach_condition_encoder, new_condition_encoder
-
     set_seed(options.seed)
-    ready = prepare(options)
-    pipe, size, examples = ready["pipe"], ready["size"], ready["examples"]
-    before, _, _ = evaluate_samples(pipe, options, size, ready["held_out"], control=False)
-    out = start_output_dir(options)
-    set_seed(options.seed)
-    models = it.add_adapters(pipe, options, options.train_text_encoder, sorted(set(examples.captions)))
-    encoder = new_condition_encoder(pipe)
-    hook = attach_condition_encoder(pipe, encoder)
-    generator = torch.Generator().manual_seed(options.seed)
-    sample = control_sampler(pipe, examples, control_tensor(examples.controls, size), options.batch_size, generator)
-    log(f"training {options.method} + a condition encoder on {len(examples)} {options.control} examples of "
-        f"{options.data}, {options.max_steps} steps")
-    training = it.fit(pipe, [m.base_model for m in models.values()] + [encoder], sample, options, hook=hook,
-                      out=out, checkpoint=checkpoint, generator=generator)
-    hook.control = None
-    after, skipped, samples = evaluate_samples(pipe, options, size, ready["held_out"], control=True)
-    metrics = {
-        "task": options.task, "method": options.method, "model": options.model, "data": options.data, "lr": options.lr,
-        "control": options.control, "metric": METRIC_BY_CONTROL[options.control], "num_examples": len(examples),
-        "num_eval_images": len(ready["held_out"]), "test": after, "before": before, "skipped": skipped,
-        "condition_encoder_params": sum(p.numel() for p in encoder.parameters()),
-        **{k: v for k, v in training.items() if k != "losses"},
-    }
-    it.finish_image_run(pipe, out, metrics, samples, training["losses"], options.keep_checkpoints)
     keys = ("edge_f1", "edge_ssim", "segmentation_ssim", "landmark_error", "class_accuracy")
-    log(f"controllable {options.method}: {it.summary(metrics, keys)}; {training['trainable_params']:,} trainable "
-        f"parameters, {training['seconds_per_step']:.3f} s/step; wrote {out}")
-    return metrics
+    return train_prepared(prepare(options), options, checkpoint, keys)
 
 
-def evaluate(folder: Any, options: RunOptions, split: str, max_samples: int | None) -> dict[str, Any]:
-    """``peftlab eval`` of a controllable run: the metrics written at the end of training."""
-    return it.saved_metrics(folder)
+__all__ = ["CAPTION_DROPOUT", "METRIC_BY_CONTROL", "ControlRun", "control_sampler", "evaluate", "evaluate_samples",
+           "prepare", "train"]

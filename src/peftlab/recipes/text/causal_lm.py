@@ -22,12 +22,12 @@ from typing import Any
 
 from peftlab.errors import RecipeError
 from peftlab.metrics import exact_match, perplexity
-from peftlab.recipes.generation import generate
-from peftlab.recipes.lm import encode_records, load_trained, mean_loss, start_run
 from peftlab.recipes.options import WHOLE, RunOptions
 from peftlab.recipes.rundir import (
     owns_output_dir,
 )
+from peftlab.recipes.text.generation import generate
+from peftlab.recipes.text.lm import encode_records, load_trained, mean_loss, start_run
 from peftlab.recipes.training import fmt, log, run_training, select, speed, split_rows, strip_prefix
 
 PROMPT = (

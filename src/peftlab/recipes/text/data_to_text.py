@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.errors import RecipeError
-from peftlab.recipes.generation import generate
-from peftlab.recipes.lm import load_trained, start_run
 from peftlab.recipes.options import WHOLE, RunOptions
 from peftlab.recipes.rundir import (
     owns_output_dir,
 )
+from peftlab.recipes.text.generation import generate
+from peftlab.recipes.text.lm import load_trained, start_run
 from peftlab.recipes.training import quiet_datasets, run_training, split_rows, strip_prefix
 
 MIN_INPUTS = 3  # one distinct input for each of train, validation and test

@@ -1,27 +1,7 @@
 """What the image recipes share: the pipeline and its adapters, latents and prompts, the denoising loss, the
 training loop (HF ``accelerate``), sampling for the metrics, and the run folder's final files.
 
-Objective (ε-prediction, as the pipeline was pretrained): with z₀ = s·E(x) the scaled VAE latent of an image x,
-t ~ U{0, …, T−1}, ε ~ N(0, I) and x_t = √ᾱ_t·z₀ + √(1−ᾱ_t)·ε (the DDPM forward process of the pipeline's own
-noise schedule),
-
-    L = Σ_i w_i · ‖ε_i − ε_θ(x_{t,i}, t_i, τ(c_i))‖² / d
-
-over a batch, with per-example weights w_i (DreamBooth: 1/n on the n instance examples, λ/m on the m class
-examples; controllable: 1/n). Only the adapters (and the condition encoder) are trained: the optimiser gets
-nothing else, and everything else has ``requires_grad = False``.
-
-The loop is HF ``accelerate``'s: ``Accelerator(mixed_precision, gradient_accumulation_steps)``,
-``accelerator.prepare``, ``accelerator.accumulate``, ``accelerator.backward``, gradient clipping at 1.0, and a
-warm-up + linear decay from ``transformers.get_scheduler``. Single process.
-
-Checkpoints: every ``--eval-steps`` steps and at the last step, ``checkpoint-<step>/`` holds the adapters as a
-pipeline adapter folder (``peftlab generate --adapter RUN/checkpoint-<step>`` samples from it), the trainable
-tensors by name (``trainable.safetensors``), the optimiser, schedule and random-generator states
-(``training_state.pt``, read back with ``torch.load(weights_only=True)``) and, written last, ``trainer_state.json``
-(step, losses): a checkpoint without it is incomplete and ignored. Only the newest complete one is kept.
-``--resume`` continues from it with the same parameters, optimiser moments, learning rate and random draws, so a
-run stopped after a checkpoint and resumed ends where an uninterrupted run ends (on CPU, bit for bit).
+Design notes: ``docs/design.md``, section peftlab.recipes.image.training.
 """
 
 from __future__ import annotations
@@ -37,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from peftlab import io
+from peftlab import files
 from peftlab.errors import PeftlabError, RecipeError
 from peftlab.recipes.options import RunOptions
 from peftlab.recipes.rundir import (
@@ -45,10 +25,10 @@ from peftlab.recipes.rundir import (
     METRICS_FILE,
     TRAINER_STATE,
     checkpoint_folders,
-    fault_point,
     remove_checkpoints,
+    write_metrics,
 )
-from peftlab.recipes.training import LOGS_DIR, PeakMemory, _jsonable, log, plot_training_curve
+from peftlab.recipes.training import LOGS_DIR, PeakMemory, log, plot_training_curve
 
 SAMPLES_FILE = "samples.png"
 CHECKPOINT_WEIGHTS = "trainable.safetensors"
@@ -80,7 +60,7 @@ def resolution(pipe: Any, options: RunOptions) -> int:
 
 def check_prompts(pipe: Any, prompts: dict[str, str]) -> None:
     """One-line errors for an empty prompt or one longer than the text encoder takes (77 tokens for CLIP)."""
-    from peftlab.recipes.generate import check_prompt
+    from peftlab.commands.generate import check_prompt
 
     for flag, text in prompts.items():
         check_prompt(pipe.tokenizer, text, flag)
@@ -162,7 +142,7 @@ def denoising_target(scheduler: Any, z0: Tensor, noise: Tensor, t: Tensor) -> Te
 
 def denoising_loss(pipe: Any, scheduler: Any, batch: Batch, hook: Any = None) -> Tensor:
     """L = Σ_i w_i·mean‖y_i − f_θ(x_t, t, τ(c_i))‖², y the target of :func:`denoising_target` (ε for the usual
-    ε-prediction model; see the module docstring); ``hook``: the condition encoder's."""
+    ε-prediction model; docs/design.md); ``hook``: the condition encoder's."""
     device = pipe.unet.device
     z0, noise, t = batch.latents.to(device), batch.noise.to(device), batch.timesteps.to(device)
     noisy = scheduler.add_noise(z0, noise, t)
@@ -197,9 +177,9 @@ def trainable(modules: list[nn.Module]) -> list[nn.Parameter]:
 
 def save_checkpoint(out: Path, step: int, pipe: Any, named: dict[str, nn.Parameter], optimizer: Any, schedule: Any,
                     generator: torch.Generator | None, losses: list[float], runtime: float) -> Path:
-    """Write ``out/checkpoint-<step>`` (see the module docstring; ``trainer_state.json`` last), then delete the
+    """Write ``out/checkpoint-<step>`` (docs/design.md; ``trainer_state.json`` last), then delete the
     older checkpoints."""
-    import io as bytes_io
+    from io import BytesIO
 
     from peftlab.diffusion.pipeline import save_pipeline_adapters
 
@@ -207,14 +187,13 @@ def save_checkpoint(out: Path, step: int, pipe: Any, named: dict[str, nn.Paramet
     if folder.exists():
         shutil.rmtree(folder)
     save_pipeline_adapters(pipe, folder)
-    io.save_tensors(folder / CHECKPOINT_WEIGHTS, dict(named))
+    files.save_tensors(folder / CHECKPOINT_WEIGHTS, dict(named))
     state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(),
              "generator": None if generator is None else generator.get_state()}
-    buffer = bytes_io.BytesIO()
+    buffer = BytesIO()
     torch.save(state, buffer)
-    io.atomic_write_bytes(folder / CHECKPOINT_STATE, buffer.getvalue())
-    fault_point("image-checkpoint")  # everything but trainer_state.json is written: an incomplete checkpoint
-    io.atomic_write_json(folder / TRAINER_STATE, {"global_step": step, "losses": losses, "train_runtime_s": runtime})
+    files.atomic_write_bytes(folder / CHECKPOINT_STATE, buffer.getvalue())
+    files.atomic_write_json(folder / TRAINER_STATE, {"global_step": step, "losses": losses, "train_runtime_s": runtime})
     for older in checkpoint_folders(out):
         if older != folder:
             shutil.rmtree(older, ignore_errors=True)
@@ -245,7 +224,7 @@ def load_checkpoint(checkpoint: str, named: dict[str, nn.Parameter], optimizer: 
     torch.set_rng_state(state["torch_rng"])
     if generator is not None and state["generator"] is not None:
         generator.set_state(state["generator"])
-    return io.read_json(folder / TRAINER_STATE)
+    return files.read_json(folder / TRAINER_STATE)
 
 
 def fit(pipe: Any, modules: list[nn.Module], sample: Callable[[], Batch], options: RunOptions,
@@ -375,15 +354,14 @@ def finish_image_run(pipe: Any, out: Path, metrics: dict[str, Any], samples: lis
     checkpoint is removed after."""
     from diffusers.utils import make_image_grid
 
+    from peftlab.commands.generate import grid_shape
     from peftlab.diffusion.pipeline import save_pipeline_adapters
-    from peftlab.recipes.generate import grid_shape
 
     save_pipeline_adapters(pipe, out)
-    fault_point("final-save")
     if samples:
-        io.atomic_write_image(out / SAMPLES_FILE, make_image_grid(samples, *grid_shape(len(samples))))
+        files.atomic_write_image(out / SAMPLES_FILE, make_image_grid(samples, *grid_shape(len(samples))))
     plot_training_curve([{"step": i + 1, "loss": v} for i, v in enumerate(losses)], out / CURVE_FILE, "loss")
-    io.atomic_write_json(out / METRICS_FILE, _jsonable(metrics))
+    write_metrics(out, metrics)
     if not keep_checkpoints:
         remove_checkpoints(out)
 
@@ -391,7 +369,7 @@ def finish_image_run(pipe: Any, out: Path, metrics: dict[str, Any], samples: lis
 def saved_metrics(folder: Any) -> dict[str, Any]:
     """``peftlab eval`` of an image run: the metrics its training wrote (its samples are seeded, so sampling
     again would give the same numbers on the same machine)."""
-    metrics = io.read_json(Path(folder) / METRICS_FILE)
+    metrics = files.read_json(Path(folder) / METRICS_FILE)
     return {**metrics, "split": "test", "data": metrics.get("data") or metrics.get("instance_data")}
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from peftlab import io
+from peftlab import files
 from peftlab.errors import PeftlabError, RecipeError
 from peftlab.layers import CLASSIFIER_HEADS
 from peftlab.metrics import GLUE_TASKS, trainer_compute_metrics
@@ -179,7 +179,7 @@ def train(options: RunOptions, checkpoint: str | None) -> dict[str, Any]:
     """Train ``options.method`` on ``options.data``; write adapter, ``metrics.json`` and the curve; return metrics."""
     from transformers import DataCollatorWithPadding, set_seed
 
-    from peftlab.models import load_classifier
+    from peftlab.base_models import load_classifier
     from peftlab.trainer import Trainer
 
     data, names = load_data(options)
@@ -255,7 +255,7 @@ def train(options: RunOptions, checkpoint: str | None) -> dict[str, Any]:
 # -- loading a trained run ---------------------------------------------------------------------------------------
 def _labels_from_tensors(path: Path) -> int | None:
     """The class count of a saved head (its last weight's rows), when the run did not record its labels."""
-    tensors = io.load_tensors(path)
+    tensors = files.load_tensors(path)
     keys = [k for k in tensors if k.split(".")[0] in CLASSIFIER_HEADS[1:] and k.endswith("weight")]
     return int(tensors[max(keys)].shape[0]) if keys else None
 
@@ -273,7 +273,7 @@ def saved_labels(path: str | os.PathLike) -> tuple[list[str] | None, int]:
             raise RecipeError(f"{path}: cannot tell how many classes the adapter's head has; pass --num-labels")
         return None, count
     if (path / "config.json").is_file():
-        config = io.read_json(path / "config.json")
+        config = files.read_json(path / "config.json")
         id2label = config.get("id2label") or {}
         names = [id2label[str(i)] for i in range(len(id2label))] if id2label else None
         return names, len(id2label) or int(config.get("num_labels", 2))
@@ -282,7 +282,7 @@ def saved_labels(path: str | os.PathLike) -> tuple[list[str] | None, int]:
 
 def load_trained(path: str | os.PathLike, model_name: str | None = None, num_labels: int | None = None):
     """(model, tokenizer, label names) of a trained run: the base model with the adapter, or the saved model."""
-    from peftlab.models import load_classifier
+    from peftlab.base_models import load_classifier
 
     names, count = saved_labels(path)
     count = num_labels or count

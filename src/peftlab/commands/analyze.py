@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from peftlab import io
+from peftlab import files
 from peftlab.errors import RecipeError
 from peftlab.methods.base import ADAPTERS
 from peftlab.recipes.rundir import is_adapter_dir, read_run
@@ -125,13 +125,13 @@ def load_run(folder: str | os.PathLike, group: str | None = None) -> Run:
     if not path.is_dir():
         raise RecipeError(f"{folder} is not a folder; give adapter folders written by peftlab train")
     if not is_adapter_dir(path):
-        raise RecipeError(f"{folder} holds no adapter ({io.CONFIG_NAME}); give folders written by peftlab train")
-    method = str(io.read_json(path / io.CONFIG_NAME).get("method"))
+        raise RecipeError(f"{folder} holds no adapter ({files.CONFIG_NAME}); give folders written by peftlab train")
+    method = str(files.read_json(path / files.CONFIG_NAME).get("method"))
     if group is None:
         data = ((read_run(path) or {}).get("options") or {}).get("data")
         group = Path(str(data)).stem if data else path.resolve().name
     layers = {module: {name: value.detach().float() for name, value in state.items()}
-              for module, state in io.by_module(io.load_tensors(path)).items()}
+              for module, state in files.by_module(files.load_tensors(path)).items()}
     return Run(str(folder), group, method, layers)
 
 
@@ -300,7 +300,7 @@ def analyze(folders: list[str], groups: list[str] | None, out: str | os.PathLike
             lines.append(f"  {role}: within-group {_text(m['within'])}, between-group {_text(m['between'])}, "
                          f"between/within {_text(m['ratio'])} (mean over layers)")
         plot_factors(points, data["factors"], out / PLOT_FILE)
-    io.atomic_write_json(out / JSON_FILE, data)
+    files.atomic_write_json(out / JSON_FILE, data)
     lines.append(f"wrote {out / JSON_FILE}" + (f" and {out / PLOT_FILE}" if (out / PLOT_FILE).is_file() else ""))
     return lines
 

