@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from peftlab import matching
+from peftlab.batched import LowRank
 from peftlab.config import (
     AdapterConfig,
     ConfigError,
@@ -232,6 +233,15 @@ class MTLoraAdapter(Adapter):
             return layer.up(h, self.lora_B)
         b = self.lora_B.view(self.slices, -1, self.r)  # B_j, (d_out/k, r)
         return torch.einsum("...jr,jor->...jo", h.unflatten(-1, (self.slices, self.r)), b).flatten(-2)
+
+    def batched_term(self, layer: LayerView) -> LowRank | None:
+        """Δ(x) = (x·Aᵀ)·(s·B·T)ᵀ for mixed-adapter batches (T folded into B, both block-diagonal on fused
+        layers, as in :meth:`delta_weight`), on Linear and Conv1D layers (others: grouped rows)."""
+        if layer.kind not in ("linear", "conv1d"):
+            return None
+        t = torch.block_diag(*self.transform()) if self.per_slice else self.transform()
+        b = self.lora_B if self.slices == 1 else torch.block_diag(*self.lora_B.view(self.slices, -1, self.r))
+        return LowRank(self.lora_A, self.scaling * (b @ t))
 
     def delta_weight(self) -> Tensor:
         """ΔW = s·B·T·A, flat (d_out, d_in), with B and (per slice) T block-diagonal on fused layers."""
