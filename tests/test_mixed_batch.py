@@ -291,9 +291,9 @@ def test_padding_ranks_with_zeros_is_exact():
     x = integer_valued(2, 5, 6, seed=0)
     low = [LowRank(integer_valued(r, 6, seed=r), integer_valued(4, r, seed=10 + r)) for r in (1, 3, 5)]
     stack = LowRankStack(low)
-    assert stack.a_t.shape == (3, 6, 5)
+    assert stack.a.shape == (3, 5, 6)
     for k, term in enumerate(low):
-        got = stack.apply(x, stack.gather(torch.tensor([k, k]), torch.float32))
+        got = torch.bmm(*stack.features(x, stack.gather(torch.tensor([k, k]), torch.float32)))
         assert torch.equal(got, (x @ term.a.t()) @ term.b.t())
     refl = [Reflections(integer_valued(6, r, seed=20 + r), integer_valued(r, r, seed=30 + r)) for r in (2, 4)]
     stack = ReflectionStack(refl)
@@ -321,11 +321,11 @@ def test_padded_hydralora_heads_get_exactly_zero_weight():
     x = torch.randn(1, 5, 6, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         padded = RoutedStack(terms)
-        got = padded.apply(x, padded.gather(torch.tensor([0]), torch.float32))
+        got = torch.bmm(*padded.features(x, padded.gather(torch.tensor([0]), torch.float32)))
         assert seen[-1].shape[-1] == 4 and torch.equal(seen[-1][..., 2:], torch.zeros(1, 5, 2))
         alone = RoutedStack(terms[:1])
-        torch.testing.assert_close(got, alone.apply(x, alone.gather(torch.tensor([0]), torch.float32)), rtol=0,
-                                   atol=1e-6)
+        unpadded = torch.bmm(*alone.features(x, alone.gather(torch.tensor([0]), torch.float32)))
+        torch.testing.assert_close(got, unpadded, rtol=0, atol=1e-6)
         torch.testing.assert_close(got[0], adapters[0].delta(x[0], view), rtol=0, atol=1e-6)
 
 

@@ -90,27 +90,30 @@ def padded(t: Tensor, shape: Sequence[int]) -> Tensor:
 
 # -- stacks: one per form (and routing group) on a layer ----------------------------------------------------------
 class LowRankStack:
-    """K low-rank terms: Aᵀ (K, d_in, r) and Bᵀ (K, r, d_out), ranks padded with zeros to the largest r."""
+    """K low-rank terms: A (K, r, d_in) and Bᵀ (K, r, d_out), ranks padded with zeros to the largest r.
+
+    (x·Aᵀ is computed with A in its (r, d_in) layout, transposed by strides: on CPU that GEMM layout is about
+    twice as fast as a contiguous (d_in, r) operand for these tall, narrow products; likewise below.)"""
 
     multiplicative = False
 
     def __init__(self, terms: Sequence[LowRank]) -> None:
         r = max(t.a.shape[0] for t in terms)
-        self.a_t = torch.stack([padded(t.a, (r, t.a.shape[1])).t() for t in terms])
+        self.a = torch.stack([padded(t.a, (r, t.a.shape[1])) for t in terms])
         self.b_t = torch.stack([padded(t.b, (t.b.shape[0], r)).t() for t in terms])
-        self.device = self.a_t.device
+        self.device = self.a.device
 
     def gather(self, index: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
-        return self.a_t.index_select(0, index), self.b_t.index_select(0, index)
+        return self.a.index_select(0, index), self.b_t.index_select(0, index)
 
-    def apply(self, x: Tensor, weights: tuple[Tensor, ...]) -> Tensor:
-        """Δ for rows x (n, L, d_in), each with its own gathered (Aᵀ, Bᵀ)."""
-        a_t, b_t = weights
-        return torch.bmm(torch.bmm(x.to(a_t.dtype), a_t), b_t)
+    def features(self, x: Tensor, weights: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        """(h, Bᵀ) with Δ = h·Bᵀ for rows x (n, L, d_in), each with its own gathered (A, Bᵀ): h = x·Aᵀ."""
+        a, b_t = weights
+        return torch.bmm(x.to(a.dtype), a.transpose(1, 2)), b_t
 
 
 class RoutedStack:
-    """K routed terms of one group: Aᵀ (K, d_in, r), W_gᵀ (K, d_in or r, N), [B_1 … B_N]ᵀ (K, N·r, d_out),
+    """K routed terms of one group: A (K, r, d_in), W_g (K, N, d_in or r), [B_1 … B_N]ᵀ (K, N·r, d_out),
     the padded heads masked with −∞ logits (K, N) and the temperatures (K,)."""
 
     multiplicative = False
@@ -121,8 +124,8 @@ class RoutedStack:
         r = max(t.a.shape[0] for t in terms)
         n = max(t.heads.shape[0] for t in terms)
         d_out, width = first.heads.shape[1], r if first.route_on_features else first.a.shape[1]
-        self.a_t = torch.stack([padded(t.a, (r, t.a.shape[1])).t() for t in terms])
-        self.router_t = torch.stack([padded(t.router, (n, width)).t() for t in terms])
+        self.a = torch.stack([padded(t.a, (r, t.a.shape[1])) for t in terms])
+        self.router = torch.stack([padded(t.router, (n, width)) for t in terms])
         # [B_1 … B_N] (d_out, N·r) transposed: row i·r + j is head i's column j
         self.heads_t = torch.stack([padded(t.heads, (n, d_out, r)).transpose(1, 2).reshape(n * r, d_out)
                                     for t in terms])
@@ -133,39 +136,37 @@ class RoutedStack:
         self.device = first.a.device
 
     def gather(self, index: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
-        return tuple(s.index_select(0, index) for s in (self.a_t, self.router_t, self.mask, self.temperature,
-                                                        self.heads_t))
+        return tuple(s.index_select(0, index) for s in (self.a, self.router, self.mask, self.temperature, self.heads_t))
 
-    def apply(self, x: Tensor, weights: tuple[Tensor, ...]) -> Tensor:
-        a_t, router_t, mask, temperature, heads_t = weights
-        x = x.to(a_t.dtype)
-        h = torch.bmm(x, a_t)  # (n, L, r)
-        logits = torch.bmm(h if self.route_on_features else x, router_t)  # (n, L, N)
+    def features(self, x: Tensor, weights: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        """(ω ⊗ h, [B_1 … B_N]ᵀ) per row: Δ = Σ_i ω_i·B_i·h is their product."""
+        a, router, mask, temperature, heads_t = weights
+        x = x.to(a.dtype)
+        h = torch.bmm(x, a.transpose(1, 2))  # (n, L, r)
+        logits = torch.bmm(h if self.route_on_features else x, router.transpose(1, 2))  # (n, L, N)
         omega = self.weights_of((logits + mask[:, None]) / temperature[:, None, None])
-        mixed = (omega.to(h.dtype).unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2)  # ω ⊗ h, (n, L, N·r)
-        return torch.bmm(mixed, heads_t)
+        return (omega.to(h.dtype).unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2), heads_t  # ω ⊗ h, (n, L, N·r)
 
 
 class ReflectionStack:
-    """K reflection chains: V (K, d_in, r), Tᵀ (K, r, r), Vᵀ (K, r, d_in), padded with zeros to the largest r."""
+    """K reflection chains: Vᵀ (K, r, d_in) and Tᵀ (K, r, r), padded with zeros to the largest r."""
 
     multiplicative = True
 
     def __init__(self, terms: Sequence[Reflections]) -> None:
         r = max(t.v.shape[1] for t in terms)
-        self.v = torch.stack([padded(t.v, (t.v.shape[0], r)) for t in terms])
+        self.v_t = torch.stack([padded(t.v.t(), (r, t.v.shape[0])) for t in terms])
         self.t_t = torch.stack([padded(t.t.t(), (r, r)) for t in terms])
-        self.v_t = self.v.transpose(1, 2).contiguous()
-        self.device = self.v.device
+        self.device = self.v_t.device
 
     def gather(self, index: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
-        """Per-row (V, Tᵀ, Vᵀ) in the activations' dtype (HRA's activation path computes in it)."""
-        return tuple(s.index_select(0, index).to(dtype) for s in (self.v, self.t_t, self.v_t))
+        """Per-row (Vᵀ, Tᵀ) in the activations' dtype (HRA's activation path computes in it)."""
+        return tuple(s.index_select(0, index).to(dtype) for s in (self.v_t, self.t_t))
 
     def apply(self, x: Tensor, weights: tuple[Tensor, ...]) -> Tensor:
         """x·Hᵀ for rows x (n, L, d_in)."""
-        v, t_t, v_t = weights
-        return x - torch.bmm(torch.bmm(torch.bmm(x, v), t_t), v_t)
+        v_t, t_t = weights
+        return x - torch.bmm(torch.bmm(torch.bmm(x, v_t.transpose(1, 2)), t_t), v_t)
 
 
 Stack = Union[LowRankStack, RoutedStack, ReflectionStack]  # noqa: UP007
@@ -249,8 +250,21 @@ class Slot:
             return x
         return x[self.span] if self.span is not None else x.index_select(0, self.index)
 
-    def run(self, x: Tensor) -> Tensor:
-        return self.stack.apply(self.take(x), self.weights)
+    def transform(self, x: Tensor) -> Tensor:
+        """``x`` with this slot's rows mapped by its (multiplicative) stack."""
+        new = self.stack.apply(self.take(x), self.weights)
+        return new if self.index is None else x.index_copy(0, self.index, new)
+
+    def add_delta(self, out: Tensor, x: Tensor, in_place: bool) -> Tensor:
+        """``out`` + Δ(``x``) on this slot's rows; consecutive rows of the same dtype add inside the GEMM."""
+        h, up = self.stack.features(self.take(x), self.weights)
+        if in_place and up.dtype == out.dtype and (self.index is None or self.span is not None):
+            (out if self.index is None else out[self.span]).baddbmm_(h, up)
+            return out
+        delta = torch.bmm(h, up).to(out.dtype)
+        if self.index is None:
+            return out.add_(delta) if in_place else out + delta
+        return out.index_add_(0, self.index, delta) if in_place else out.index_add(0, self.index, delta)
 
 
 class LayerRun:
@@ -265,21 +279,14 @@ class LayerRun:
         flat = x.reshape(n, -1, x.shape[-1])  # (n, L, d_in)
         h = flat
         for slot in self.transforms:
-            new = slot.run(h)
-            h = new if slot.index is None else h.index_copy(0, slot.index, new)
+            h = slot.transform(h)
         y = base(x if h is flat else h.reshape(x.shape))
         if not self.deltas:
             return y
         out = y.reshape(n, -1, y.shape[-1])
         in_place = not (torch.is_grad_enabled() and out.requires_grad)
         for slot in self.deltas:
-            delta = slot.run(flat).to(out.dtype)
-            if slot.index is None:
-                out = out.add_(delta) if in_place else out + delta
-            elif slot.span is not None and in_place:
-                out[slot.span].add_(delta)
-            else:
-                out = out.index_add_(0, slot.index, delta) if in_place else out.index_add(0, slot.index, delta)
+            out = slot.add_delta(out, flat, in_place)
         return out.reshape(y.shape)
 
 
