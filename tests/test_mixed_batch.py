@@ -278,6 +278,19 @@ def test_stacks_follow_changed_deleted_and_added_adapters():
     assert_rows_match(model, entries, call, mixed, atol=1e-10)
 
 
+@torch.no_grad()
+def test_hra_stacks_follow_a_changed_base_weight():
+    """A row with one HRA adapter adds x·(W·H − W)ᵀ with W·V·T cached: changing W in place rebuilds it."""
+    model = ranked_model(tiny_bert(), "hra", ["value"])
+    entries = ["a", BASE, "c", "b"]
+    ids = torch.randint(1, 100, (len(entries), 5), generator=torch.Generator().manual_seed(7))
+    last_hidden(model, ids, adapter_names=entries)
+    for _, layer in model._layers():
+        layer.base_layer.weight.mul_(1.5)
+    mixed = last_hidden(model, ids, adapter_names=entries)
+    assert_rows_match(model, entries, lambda: last_hidden(model, ids), mixed, atol=5e-5)
+
+
 def integer_valued(*shape: int, seed: int) -> torch.Tensor:
     """Small integers as fp32: every product and sum below is exact, in any order, on any CPU."""
     return torch.randint(-3, 4, shape, generator=torch.Generator().manual_seed(seed)).float()
@@ -296,10 +309,13 @@ def test_padding_ranks_with_zeros_is_exact():
         got = torch.bmm(*stack.features(x, stack.gather(torch.tensor([k, k]), torch.float32)))
         assert torch.equal(got, (x @ term.a.t()) @ term.b.t())
     refl = [Reflections(integer_valued(6, r, seed=20 + r), integer_valued(r, r, seed=30 + r)) for r in (2, 4)]
-    stack = ReflectionStack(refl)
+    weight = integer_valued(4, 6, seed=40)
+    stack = ReflectionStack(refl).with_weight(weight)
     for k, term in enumerate(refl):
         got = stack.apply(x, stack.gather(torch.tensor([k, k]), torch.float32))
         assert torch.equal(got, x - ((x @ term.v) @ term.t.t()) @ term.v.t())
+        got = torch.bmm(*stack.lowrank.features(x, stack.lowrank.gather(torch.tensor([k, k]), torch.float32)))
+        assert torch.equal(got, x @ (weight @ (torch.eye(6) - term.v @ term.t @ term.v.t()) - weight).t())
 
 
 def test_padded_hydralora_heads_get_exactly_zero_weight():
@@ -331,14 +347,18 @@ def test_padded_hydralora_heads_get_exactly_zero_weight():
 
 @torch.no_grad()
 def test_rows_without_an_adapter_are_left_out_of_every_adapter_product():
-    """Base rows take no part in a slot (its row index leaves them out); a batch of base rows runs no adapter term."""
+    """Base rows take no part in a slot (its row index leaves them out); a batch of base rows runs no adapter term.
+    A row with one HRA adapter adds it as a low-rank term; rows composing two reflect their input first."""
     model = ranked_model(tiny_bert(), "hra", ["query"])
     layer = model.base_model.bert.encoder.layer[0].attention.self.query
     from peftlab.mixed import RowPlan
 
     x = torch.randn(4, 3, 32)
     run = RowPlan([(), ("a",), (), ("c",)]).run_for(layer, x)
-    assert [slot.index.tolist() for slot in run.transforms] == [[1, 3]] and not run.deltas
+    assert [slot.index.tolist() for slot in run.deltas] == [[1, 3]] and not run.transforms
+    run = RowPlan([("a", "b"), (), ("c",), ("b", "a")]).run_for(layer, x)
+    assert sorted(slot.index.tolist() for slot in run.transforms) == [[0, 3], [0, 3]]
+    assert [slot.index.tolist() for slot in run.deltas] == [[2]]
     run = RowPlan([(), ()]).run_for(layer, x[:2])
     assert not run.transforms and not run.deltas
     torch.testing.assert_close(run.forward(x[:2], layer.base_layer), layer.base_layer(x[:2]), rtol=0, atol=0)

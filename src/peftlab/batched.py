@@ -9,7 +9,9 @@ product computes every row's update. This module does that in each wrapped layer
 - :class:`LowRank` (A, B): Δ(x) = (x·Aᵀ)·Bᵀ, A (r, d_in), B (d_out, r), the scaling folded into B
   (LoRA: B ← s·B; MTLoRA: B ← s·B·T, block-diagonal B and T on fused layers);
 - :class:`Routed`: HydraLoRA's Δ(x) = Σ_i ω_i·B_i·h, h = A·x, ω = route(W_g·u / T) per token (u = x or h);
-- :class:`Reflections` (V, T): HRA's x ↦ x·Hᵀ = x − ((x·V)·Tᵀ)·Vᵀ, before the base layer.
+- :class:`Reflections` (V, T): HRA's x ↦ x·Hᵀ = x − ((x·V)·Tᵀ)·Vᵀ, before the base layer; a row with one
+  of them adds it instead as the low-rank x·(W·H − W)ᵀ = (x·V)·(−W·V·T)ᵀ (W·V·T cached with the stack), which
+  spares a copy of the layer's input.
 
 For the n rows x_i (each (L, d_in)) of one layer's input:
 
@@ -149,7 +151,11 @@ class RoutedStack:
 
 
 class ReflectionStack:
-    """K reflection chains: Vᵀ (K, r, d_in) and Tᵀ (K, r, r), padded with zeros to the largest r."""
+    """K reflection chains: Vᵀ (K, r, d_in) and Tᵀ (K, r, r), padded with zeros to the largest r.
+
+    ``lowrank`` (set by :meth:`with_weight`): the same chains as additive terms for a row with this one
+    multiplicative adapter, x·(W·H)ᵀ = x·Wᵀ + (x·V)·(−W·V·T)ᵀ (HRA's "lowrank" path): A = Vᵀ, B = −W·V·T, so the
+    row needs no copy of the layer's input (the activation path must write x·Hᵀ into a new input tensor)."""
 
     multiplicative = True
 
@@ -158,6 +164,15 @@ class ReflectionStack:
         self.v_t = torch.stack([padded(t.v.t(), (r, t.v.shape[0])) for t in terms])
         self.t_t = torch.stack([padded(t.t.t(), (r, r)) for t in terms])
         self.device = self.v_t.device
+        self.lowrank: LowRankStack | None = None
+
+    def with_weight(self, weight: Tensor) -> ReflectionStack:
+        """Set :attr:`lowrank` for the flat base weight W (d_out, d_in); a non-float W (quantized) leaves it unset."""
+        if weight.is_floating_point():
+            w = weight.detach().to(self.v_t.dtype)
+            b = -torch.matmul(torch.matmul(w, self.v_t.transpose(1, 2)), self.t_t.transpose(1, 2))  # −W·V·T
+            self.lowrank = LowRankStack([LowRank(a, b_k) for a, b_k in zip(self.v_t, b, strict=True)])
+        return self
 
     def gather(self, index: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
         """Per-row (Vᵀ, Tᵀ) in the activations' dtype (HRA's activation path computes in it)."""
@@ -191,6 +206,16 @@ class LayerStacks:
     where: dict[str, tuple[Hashable, int]]
     stacks: dict[Hashable, Stack]
 
+    def stack(self, key: Hashable) -> Stack:
+        """The stack of ``key``; ``(key, "lowrank")``: a reflection stack's additive form."""
+        if key in self.stacks:
+            return self.stacks[key]
+        return self.stacks[key[0]].lowrank  # type: ignore[index,union-attr,return-value]
+
+    def single_reflection(self, names: list[str]) -> bool:
+        """Whether ``names`` (a row's multiplicative adapters) is one adapter whose stack has an additive form."""
+        return len(names) == 1 and getattr(self.stacks[self.where[names[0]][0]], "lowrank", None) is not None
+
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, LayerStacks] = weakref.WeakKeyDictionary()
 
@@ -200,9 +225,11 @@ def clear_stacks() -> None:
     _CACHE.clear()
 
 
-def _signature(adapters: nn.ModuleDict) -> tuple[tuple[Any, ...], list[Any]]:
-    """Names, module and parameter identities, version counters and storage of a layer's adapters."""
-    sig, objects = [], []
+def _signature(adapters: nn.ModuleDict, weight: Tensor) -> tuple[tuple[Any, ...], list[Any]]:
+    """Names, module and parameter identities, version counters and storage of a layer's adapters (and of its
+    base weight, which the reflections' additive form reads)."""
+    sig: list[Any] = [(id(weight), weight._version, weight.data_ptr())]
+    objects: list[Any] = [weight]
     for name, adapter in adapters.items():
         params = list(adapter.parameters())
         sig.append((name, id(adapter), tuple((id(p), p._version, p.data_ptr()) for p in params)))
@@ -213,7 +240,7 @@ def _signature(adapters: nn.ModuleDict) -> tuple[tuple[Any, ...], list[Any]]:
 def layer_stacks(owner: nn.Module, adapters: nn.ModuleDict, layer: Any) -> LayerStacks:
     """The stacks of ``owner``'s adapters (``layer``: its :class:`~peftlab.layers.LayerView`), cached until they
     change (the cached entry holds weak references, so ids in its signature cannot have been reused)."""
-    sig, objects = _signature(adapters)
+    sig, objects = _signature(adapters, layer.module.weight)
     cached = _CACHE.get(owner)
     if cached is not None and cached.signature == sig and all(r() is not None for r in cached.refs):
         return cached
@@ -229,6 +256,9 @@ def layer_stacks(owner: nn.Module, adapters: nn.ModuleDict, layer: Any) -> Layer
                 where[name] = (stack_key(term), len(terms))
                 terms.append(term)
         stacks = {key: STACK_TYPES[type(terms[0])](terms) for key, terms in groups.items()}
+        for stack in stacks.values():
+            if isinstance(stack, ReflectionStack):
+                stack.with_weight(layer.flat_weight())
     cached = LayerStacks(sig, [weakref.ref(o) for o in objects], where, stacks)
     _CACHE[owner] = cached
     return cached
@@ -302,16 +332,18 @@ def layer_run(stacks: LayerStacks, entries: Sequence[tuple[str, ...]], available
         mult = [n for n in names if stacks.stacks[stacks.where[n][0]].multiplicative]
         if len({stacks.where[n][0] for n in mult}) > 1:
             return None  # multiplicative adapters of two forms: their order would span stacks
+        single = stacks.single_reflection(mult)  # then added as x·(W·H − W)ᵀ, like an additive adapter
         used: dict[Hashable, int] = {}
-        for n in [*reversed(mult), *(n for n in names if n not in mult)]:  # x·(H₁H₂)ᵀ = (x·H₂ᵀ)·H₁ᵀ
+        for n in [*reversed(mult), *(n for n in names if n not in mult)] if not single else names:
             key, k = stacks.where[n]
+            key = (key, "lowrank") if single and n in mult else key  # x·(H₁H₂)ᵀ = (x·H₂ᵀ)·H₁ᵀ otherwise
             j = used[key] = used.get(key, -1) + 1
             rows, index = slots.setdefault((key, j), ([], []))
             rows.append(i)
             index.append(k)
     transforms, deltas = [], []
     for (key, _), (rows, index) in sorted(slots.items(), key=lambda item: item[0][1]):  # slot 0 first
-        stack = stacks.stacks[key]
+        stack = stacks.stack(key)
         every = rows == list(range(len(entries)))
         span = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else None
         weights = stack.gather(torch.tensor(index, device=stack.device), dtype)
