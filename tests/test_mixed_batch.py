@@ -188,6 +188,10 @@ RANKED = {  # three adapters per method, ranks 2, 4, 6 and other options that ch
 RANK_ENTRIES = [BASE, "a", "b", "c", BASE, "c", "a", ["a", "b"], ["c", "b", "a"], "b"]
 
 
+def last_hidden(model: AdapterModel, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    return model(input_ids=ids, output_hidden_states=True, **kwargs).hidden_states[-1]
+
+
 def ranked_model(base, method: str, targets: list[str], extra: dict | None = None) -> AdapterModel:
     model = None
     for (name, r), options in zip((("a", 2), ("b", 4), ("c", 6)), RANKED[method], strict=True):
@@ -213,12 +217,16 @@ def test_batched_rows_of_every_method_with_three_ranks(method, arch):
     calls = []
     for _, layer in model._layers():
         layer.base_layer.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
-    call = (lambda: model(input_ids=ids).logits) if arch == "gpt2" else (
-        lambda: model(input_ids=ids, output_hidden_states=True).hidden_states[-1])
-    mixed = model(input_ids=ids, adapter_names=RANK_ENTRIES, output_hidden_states=arch == "bert")
-    mixed = mixed.logits if arch == "gpt2" else mixed.hidden_states[-1]
+
+    def output(rows: torch.Tensor, **kwargs) -> torch.Tensor:  # logits (GPT-2), last hidden states (BERT)
+        return model(input_ids=rows, **kwargs).logits if arch == "gpt2" else last_hidden(model, rows, **kwargs)
+
+    mixed = output(ids, adapter_names=RANK_ENTRIES)
     assert calls == [len(RANK_ENTRIES)] * len(list(model._layers()))
-    assert_rows_match(model, RANK_ENTRIES, call, mixed, atol=5e-5)
+    assert_rows_match(model, RANK_ENTRIES, lambda: output(ids), mixed, atol=5e-5)
+    for entries in (["b"] * 4, ["c", "c", "a", "a"]):  # every row one adapter; consecutive rows (added in the GEMM)
+        mixed = output(ids[:4], adapter_names=entries)
+        assert_rows_match(model, entries, lambda: output(ids[:4]), mixed, atol=5e-5)
 
 
 @torch.no_grad()
@@ -235,10 +243,6 @@ def test_hydralora_routers_of_both_inputs_and_top_k_stack_apart():
     ids = torch.randint(1, 100, (len(entries), 5), generator=torch.Generator().manual_seed(4))
     mixed = model(input_ids=ids, adapter_names=entries).logits
     assert_rows_match(model, entries, lambda: model(input_ids=ids).logits, mixed)
-
-
-def last_hidden(model: AdapterModel, ids: torch.Tensor, **kwargs) -> torch.Tensor:
-    return model(input_ids=ids, output_hidden_states=True, **kwargs).hidden_states[-1]
 
 
 @torch.no_grad()
