@@ -303,7 +303,7 @@ def integer_valued(*shape: int, seed: int) -> torch.Tensor:
 def test_padding_ranks_with_zeros_is_exact():
     """A term stacked next to wider ones (ranks padded with zeros) gives exactly its unpadded result. Integer-valued
     tensors make every floating-point sum exact whatever its order, so equality checks the padding, not rounding."""
-    from peftlab.batched import LowRank, LowRankStack, Reflections, ReflectionStack
+    from peftlab.batched import LowRank, LowRankStack, Reflections, ReflectionStack, reflections_as_lowrank
 
     x = integer_valued(2, 5, 6, seed=0)
     low = [LowRank(integer_valued(r, 6, seed=r), integer_valued(4, r, seed=10 + r)) for r in (1, 3, 5)]
@@ -313,13 +313,16 @@ def test_padding_ranks_with_zeros_is_exact():
         got = torch.bmm(*stack.features(x, stack.gather(torch.tensor([k, k]), torch.float32)))
         assert torch.equal(got, (x @ term.a.t()) @ term.b.t())
     refl = [Reflections(integer_valued(6, r, seed=20 + r), integer_valued(r, r, seed=30 + r)) for r in (2, 4)]
-    weight = integer_valued(4, 6, seed=40)
-    stack = ReflectionStack(refl).with_weight(weight)
+    stack = ReflectionStack(refl)
     for k, term in enumerate(refl):
         got = stack.apply(x, stack.gather(torch.tensor([k, k]), torch.float32))
         assert torch.equal(got, x - ((x @ term.v) @ term.t.t()) @ term.v.t())
-        got = torch.bmm(*stack.lowrank.features(x, stack.lowrank.gather(torch.tensor([k, k]), torch.float32)))
-        assert torch.equal(got, x @ (weight @ (torch.eye(6) - term.v @ term.t @ term.v.t()) - weight).t())
+    weight = integer_valued(4, 6, seed=40)  # one reflection chain in a row: x·(W·H − W)ᵀ, stacked with LoRA terms
+    stack = LowRankStack([*low, *(reflections_as_lowrank(term, weight) for term in refl)])
+    for k, term in enumerate(refl, start=len(low)):
+        got = torch.bmm(*stack.features(x, stack.gather(torch.tensor([k, k]), torch.float32)))
+        h = torch.eye(6) - term.v @ term.t @ term.v.t()
+        assert torch.equal(got, x @ (weight @ h - weight).t())
 
 
 def test_padded_hydralora_heads_get_exactly_zero_weight():

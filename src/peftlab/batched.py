@@ -9,9 +9,9 @@ product computes every row's update. This module does that in each wrapped layer
 - :class:`LowRank` (A, B): Δ(x) = (x·Aᵀ)·Bᵀ, A (r, d_in), B (d_out, r), the scaling folded into B
   (LoRA: B ← s·B; MTLoRA: B ← s·B·T, block-diagonal B and T on fused layers);
 - :class:`Routed`: HydraLoRA's Δ(x) = Σ_i ω_i·B_i·h, h = A·x, ω = route(W_g·u / T) per token (u = x or h);
-- :class:`Reflections` (V, T): HRA's x ↦ x·Hᵀ = x − ((x·V)·Tᵀ)·Vᵀ, before the base layer; a row with one
-  of them adds it instead as the low-rank x·(W·H − W)ᵀ = (x·V)·(−W·V·T)ᵀ (W·V·T cached with the stack), which
-  spares a copy of the layer's input.
+- :class:`Reflections` (V, T): HRA's x ↦ x·Hᵀ = x − ((x·V)·Tᵀ)·Vᵀ, before the base layer, for a row composing
+  several; a row with one of them adds it as the low-rank x·(W·H − W)ᵀ = (x·V)·(−W·V·T)ᵀ instead (W·V·T cached,
+  stacked with the other low-rank terms), which spares a copy of the layer's input.
 
 For the n rows x_i (each (L, d_in)) of one layer's input:
 
@@ -151,11 +151,7 @@ class RoutedStack:
 
 
 class ReflectionStack:
-    """K reflection chains: Vᵀ (K, r, d_in) and Tᵀ (K, r, r), padded with zeros to the largest r.
-
-    ``lowrank`` (set by :meth:`with_weight`): the same chains as additive terms for a row with this one
-    multiplicative adapter, x·(W·H)ᵀ = x·Wᵀ + (x·V)·(−W·V·T)ᵀ (HRA's "lowrank" path): A = Vᵀ, B = −W·V·T, so the
-    row needs no copy of the layer's input (the activation path must write x·Hᵀ into a new input tensor)."""
+    """K reflection chains: Vᵀ (K, r, d_in) and Tᵀ (K, r, r), padded with zeros to the largest r."""
 
     multiplicative = True
 
@@ -164,15 +160,6 @@ class ReflectionStack:
         self.v_t = torch.stack([padded(t.v.t(), (r, t.v.shape[0])) for t in terms])
         self.t_t = torch.stack([padded(t.t.t(), (r, r)) for t in terms])
         self.device = self.v_t.device
-        self.lowrank: LowRankStack | None = None
-
-    def with_weight(self, weight: Tensor) -> ReflectionStack:
-        """Set :attr:`lowrank` for the flat base weight W (d_out, d_in); a non-float W (quantized) leaves it unset."""
-        if weight.is_floating_point():
-            w = weight.detach().to(self.v_t.dtype)
-            b = -torch.matmul(torch.matmul(w, self.v_t.transpose(1, 2)), self.t_t.transpose(1, 2))  # −W·V·T
-            self.lowrank = LowRankStack([LowRank(a, b_k) for a, b_k in zip(self.v_t, b, strict=True)])
-        return self
 
     def gather(self, index: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
         """Per-row (Vᵀ, Tᵀ) in the activations' dtype (HRA's activation path computes in it)."""
@@ -188,6 +175,13 @@ Stack = Union[LowRankStack, RoutedStack, ReflectionStack]  # noqa: UP007
 STACK_TYPES: dict[type, type] = {LowRank: LowRankStack, Routed: RoutedStack, Reflections: ReflectionStack}
 
 
+def reflections_as_lowrank(term: Reflections, weight: Tensor) -> LowRank:
+    """The reflections as an additive term on a layer with flat weight W (d_out, d_in), for a row with this one
+    multiplicative adapter: x·(W·H)ᵀ = x·Wᵀ + (x·V)·(−W·V·T)ᵀ (HRA's "lowrank" path), A = Vᵀ, B = −W·V·T. The row
+    then needs no copy of the layer's input, which the activation path must write x·Hᵀ into."""
+    return LowRank(term.v.t(), -((weight.to(term.v.dtype) @ term.v) @ term.t))
+
+
 def stack_key(term: BatchedTerm) -> Hashable:
     """Terms with equal keys share a stack."""
     if isinstance(term, Routed):
@@ -199,22 +193,15 @@ def stack_key(term: BatchedTerm) -> Hashable:
 @dataclass
 class LayerStacks:
     """A layer's stacks: ``where`` maps an adapter name to (stack key, its index in that stack); adapters
-    without a batched form (or not loaded yet) are absent. ``signature`` and ``refs`` tell when it is stale."""
+    without a batched form (or not loaded yet) are absent. ``as_added``: the same for the additive form of
+    reflections (:func:`reflections_as_lowrank`, stacked with the other low-rank terms). ``signature`` and
+    ``refs`` tell when it is stale."""
 
     signature: tuple[Any, ...]
     refs: list[weakref.ref]
     where: dict[str, tuple[Hashable, int]]
+    as_added: dict[str, tuple[Hashable, int]]
     stacks: dict[Hashable, Stack]
-
-    def stack(self, key: Hashable) -> Stack:
-        """The stack of ``key``; ``(key, "lowrank")``: a reflection stack's additive form."""
-        if key in self.stacks:
-            return self.stacks[key]
-        return self.stacks[key[0]].lowrank  # type: ignore[index,union-attr,return-value]
-
-    def single_reflection(self, names: list[str]) -> bool:
-        """Whether ``names`` (a row's multiplicative adapters) is one adapter whose stack has an additive form."""
-        return len(names) == 1 and getattr(self.stacks[self.where[names[0]][0]], "lowrank", None) is not None
 
 
 _CACHE: weakref.WeakKeyDictionary[nn.Module, LayerStacks] = weakref.WeakKeyDictionary()
@@ -246,20 +233,25 @@ def layer_stacks(owner: nn.Module, adapters: nn.ModuleDict, layer: Any) -> Layer
         return cached
     groups: dict[Hashable, list[BatchedTerm]] = {}
     where: dict[str, tuple[Hashable, int]] = {}
+    as_added: dict[str, tuple[Hashable, int]] = {}
+
+    def add(term: BatchedTerm, table: dict[str, tuple[Hashable, int]], name: str) -> None:
+        terms = groups.setdefault(stack_key(term), [])
+        table[name] = (stack_key(term), len(terms))
+        terms.append(term)
+
     with torch.inference_mode(False), torch.no_grad():  # plain tensors: usable outside inference mode too
+        weight = layer.flat_weight()
         for name, adapter in adapters.items():
             if any(p.is_meta for p in adapter.parameters()):
                 continue  # not loaded (low_cpu_mem_usage); a mixed call refuses rows that use it
             term = adapter.batched_term(layer)
             if term is not None:
-                terms = groups.setdefault(stack_key(term), [])
-                where[name] = (stack_key(term), len(terms))
-                terms.append(term)
+                add(term, where, name)
+            if isinstance(term, Reflections) and weight.is_floating_point():  # (not a quantized base weight)
+                add(reflections_as_lowrank(term, weight), as_added, name)
         stacks = {key: STACK_TYPES[type(terms[0])](terms) for key, terms in groups.items()}
-        for stack in stacks.values():
-            if isinstance(stack, ReflectionStack):
-                stack.with_weight(layer.flat_weight())
-    cached = LayerStacks(sig, [weakref.ref(o) for o in objects], where, stacks)
+    cached = LayerStacks(sig, [weakref.ref(o) for o in objects], where, as_added, stacks)
     _CACHE[owner] = cached
     return cached
 
@@ -332,18 +324,17 @@ def layer_run(stacks: LayerStacks, entries: Sequence[tuple[str, ...]], available
         mult = [n for n in names if stacks.stacks[stacks.where[n][0]].multiplicative]
         if len({stacks.where[n][0] for n in mult}) > 1:
             return None  # multiplicative adapters of two forms: their order would span stacks
-        single = stacks.single_reflection(mult)  # then added as x·(W·H − W)ᵀ, like an additive adapter
+        single = len(mult) == 1 and mult[0] in stacks.as_added  # added as x·(W·H − W)ᵀ, like a low-rank term
         used: dict[Hashable, int] = {}
-        for n in [*reversed(mult), *(n for n in names if n not in mult)] if not single else names:
-            key, k = stacks.where[n]
-            key = (key, "lowrank") if single and n in mult else key  # x·(H₁H₂)ᵀ = (x·H₂ᵀ)·H₁ᵀ otherwise
+        for n in names if single else [*reversed(mult), *(n for n in names if n not in mult)]:  # (x·H₂ᵀ)·H₁ᵀ
+            key, k = stacks.as_added[n] if single and n in mult else stacks.where[n]
             j = used[key] = used.get(key, -1) + 1
             rows, index = slots.setdefault((key, j), ([], []))
             rows.append(i)
             index.append(k)
     transforms, deltas = [], []
     for (key, _), (rows, index) in sorted(slots.items(), key=lambda item: item[0][1]):  # slot 0 first
-        stack = stacks.stack(key)
+        stack = stacks.stacks[key]
         every = rows == list(range(len(entries)))
         span = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else None
         weights = stack.gather(torch.tensor(index, device=stack.device), dtype)
