@@ -131,6 +131,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128, help="tokens per row (default 128)")
     parser.add_argument("--new-tokens", type=int, default=16, help="generated tokens per row (default 16)")
     parser.add_argument("--scaling-rows", type=int, default=16, help="rows of the scaling batch (default 16)")
+    parser.add_argument("--scaling-tokens", type=int, default=128, help="tokens per row there (default 128)")
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--reps", type=int, default=5)
     add_run_options(parser, clock=True)
@@ -165,7 +166,7 @@ def main() -> None:
     extra = {f"{m}_{i}": m for i in range(1, 4) for m in methods}
     add_adapters(net, extra, args.r, seed=2)
     order = [f"{m}_{i}" if i else m for i in range(4) for m in ["lora", *[m for m in methods if m != "lora"]]]
-    s_ids, s_mask = batch(model, args.scaling_rows, args.tokens, seed=3)
+    s_ids, s_mask = batch(model, args.scaling_rows, args.scaling_tokens, seed=3)
     scaling_rows = []
     for k in (1, 4, 16):
         s_entries = [order[i % k] for i in range(args.scaling_rows)]
@@ -191,7 +192,7 @@ def main() -> None:
         "",
         *(f"- {v}" for v in verdicts),
         "",
-        f"scaling: {args.scaling_rows} rows × {args.tokens} tokens, forward; k distinct adapters of 16 loaded "
+        f"scaling: {args.scaling_rows} rows × {args.scaling_tokens} tokens, forward; k distinct adapters of 16 loaded "
         "(1: LoRA; 4: one per method; 16: four per method), row i uses adapter i mod k",
         "",
         *markdown_table(["distinct adapters", f"base {unit}", f"batched {unit}", "× base", f"grouped {unit}",
