@@ -59,7 +59,7 @@ _GROUPED: ContextVar[bool] = ContextVar("peftlab_mixed_grouped", default=False)
 def grouped_rows() -> Iterator[None]:
     """Mixed-adapter calls inside this block run the grouped path in every layer (one group of rows per
     adapter, each running its method's own forward) instead of the batched one: the reference the batched path
-    is compared with (tests, ``benchmarks/mixed_batch.py --grouped``)."""
+    is compared with (the tests; ``benchmarks/mixed_batch.py`` measures both)."""
     token = _GROUPED.set(True)
     try:
         yield
