@@ -109,8 +109,12 @@ class AdapterLayer(Delegating):
         return self._compose(x, names, args, kwargs)
 
     def _forward_rows(self, plan: RowPlan, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
-        """A mixed-adapter batch: the base layer once over the rows whose adapters here are additive (or none),
-        each group adding its Δ(x_g); a group with a multiplicative adapter runs :meth:`_compose` on its rows."""
+        """A mixed-adapter batch: the batched path (:mod:`peftlab.batched`) where it applies, else the grouped one:
+        the base layer once over the rows whose adapters here are additive (or none), each group adding its
+        Δ(x_g); a group with a multiplicative adapter runs :meth:`_compose` on its rows."""
+        run = plan.run_for(self, x) if plan.batched else None
+        if run is not None:  # every row's adapters stacked and applied at once (peftlab.batched)
+            return run.forward(x, lambda rows: self.base_layer(rows, *args, **kwargs))
         adapters, view = self.adapters, self.view
         multiplicative = frozenset(n for n, a in adapters.items() if a.multiplicative)
         layout = plan.layout(x.shape[0], x.device, frozenset(adapters), multiplicative)

@@ -8,42 +8,63 @@ per row of the batch:
 - ``["a", "b"]``: the adapters composed, as ``set_adapter(["a", "b"])`` composes them (multiplicative
   ones first, then the additive ones; see :mod:`peftlab.methods.base`).
 
-Inside every wrapped layer (:class:`peftlab.inject.AdapterLayer`) the rows are grouped by what that layer
-runs for them (:meth:`RowPlan.layout`): one gather puts the groups next to each other, then
+Inside every wrapped layer (:class:`peftlab.inject.AdapterLayer`) the *batched* path runs by default
+(:mod:`peftlab.batched`): the layer's adapters are stacked (cached), each row gathers its own adapter's
+weights, and one batched matrix product per form computes all rows' updates around a single base-layer call,
+as batched LoRA serving does (Punica, S-LoRA). A layer where some row uses an adapter with no batched form
+(Conv2d and Embedding layers, methods that give none) runs the *grouped* path instead, and so does every
+layer inside :func:`grouped_rows`: the rows are grouped by what that layer runs for them
+(:meth:`RowPlan.layout`), one gather puts the groups next to each other, then
 
 - the rows whose adapters are all additive (and the base rows) share one base-layer call,
   y = x·Wᵀ + b, and each group adds its Δ(x_g) to its own slice of y;
 - a group with a multiplicative adapter (HRA: W·H differs per group) runs the layer's ordinary composed
   forward on its slice;
 
-and one gather puts the rows back in their order. A method's code never sees the batching: it runs its
+and one gather puts the rows back in their order. There a method's code never sees the batching: it runs its
 usual ``delta`` / ``transform_input`` on the rows of its group. ``modules_to_save`` copies
-(:class:`peftlab.inject.TrainableCopy`) run each copy on the rows of the adapter that owns it.
+(:class:`peftlab.inject.TrainableCopy`) run each copy on the rows of the adapter that owns it (grouped).
 
 Generation expands rows (``num_beams``, ``num_return_sequences``): a layer that sees k·B rows for B entries
 uses each entry for k consecutive rows, as transformers lays them out and as HF PEFT repeats the names.
 Layers must see the batch in the first dimension (true of every transformers model peftlab adapts).
 
-Mixed batches are for inference: they are refused in training mode and while adapters are merged.
-The plan lives on the wrapped layers for the duration of one call, so one model serves one mixed call
-at a time (``peftlab serve`` runs its batches one after another).
+Mixed batches are for inference: they are refused in training mode and while adapters are merged, and the
+batched path computes no gradient for adapter parameters. The plan (and each layer's gathered weights, reused
+by every generation step) lives on the wrapped layers for the duration of one call, so one model serves one
+mixed call at a time (``peftlab serve`` runs its batches one after another).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from peftlab.batched import LayerRun, layer_run, layer_stacks
 from peftlab.errors import AdapterError, MergeError
 
 BASE = "__base__"
 #: the keyword arguments that carry the batch, in the order they are looked for
 BATCH_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "input_values")
+_GROUPED: ContextVar[bool] = ContextVar("peftlab_mixed_grouped", default=False)
+
+
+@contextmanager
+def grouped_rows() -> Iterator[None]:
+    """Mixed-adapter calls inside this block run the grouped path in every layer (one group of rows per
+    adapter, each running its method's own forward) instead of the batched one: the reference the batched path
+    is compared with (the tests; ``benchmarks/mixed_batch.py`` measures both)."""
+    token = _GROUPED.set(True)
+    try:
+        yield
+    finally:
+        _GROUPED.reset(token)
 
 
 @dataclass(frozen=True)
@@ -75,9 +96,11 @@ class Layout:
 class RowPlan:
     """The adapters of every row of one mixed batch (validated entries, see :func:`normalize`)."""
 
-    def __init__(self, entries: Sequence[tuple[str, ...]]) -> None:
+    def __init__(self, entries: Sequence[tuple[str, ...]], batched: bool = True) -> None:
         self.entries = list(entries)
+        self.batched = batched  # False: the grouped path in every layer (see grouped_rows)
         self._layouts: dict[Any, Layout] = {}
+        self._runs: dict[Any, LayerRun | None] = {}
 
     def rows(self, n_rows: int) -> list[tuple[str, ...]]:
         """The entry of each of ``n_rows`` rows: B entries for B rows, or each repeated k times for k·B rows."""
@@ -112,6 +135,16 @@ class RowPlan:
                 p = torch.tensor(perm, device=device)
                 self._layouts[key] = Layout(p, torch.argsort(p), tuple(segments))
         return self._layouts[key]
+
+
+    def run_for(self, layer: Any, x: Tensor) -> LayerRun | None:
+        """The batched run of wrapped ``layer`` (an ``AdapterLayer``) for input ``x``, built once per call and
+        row count (generation reuses it every step); ``None``: this layer takes the grouped path."""
+        key = (layer, x.shape[0], x.device, x.dtype)
+        if key not in self._runs:
+            stacks = layer_stacks(layer, layer.adapters, layer.view)
+            self._runs[key] = layer_run(stacks, self.rows(x.shape[0]), frozenset(layer.adapters), x.device, x.dtype)
+        return self._runs[key]
 
 
 def normalize(adapter_names: Sequence[str | Sequence[str]], known: Sequence[str],
@@ -181,7 +214,7 @@ def mixed_batch(model: Any, adapter_names: Sequence[str | Sequence[str]] | None,
     if any(m.disabled for m in layers):
         raise AdapterError("adapter_names cannot be used inside disable_adapter(); use '__base__' rows instead")
     copies = {name: list(w.copies) for name, w in model._copies()}
-    plan = RowPlan(normalize(adapter_names, list(model.peft_config), copies))
+    plan = RowPlan(normalize(adapter_names, list(model.peft_config), copies), batched=not _GROUPED.get())
     model._check_loaded(sorted({n for entry in plan.entries for n in entry}), "run")  # none on the meta device
     rows = batch_size(args, kwargs)
     if rows != len(plan.entries):

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
+from peftlab.batched import BatchedTerm
 from peftlab.config import AdapterConfig
 from peftlab.errors import UnsupportedError
 from peftlab.layers import LayerView
@@ -74,6 +75,12 @@ class Adapter(nn.Module):
         low-rank product (used only when this is the layer's one active multiplicative adapter).
         """
         return "weight"
+
+    def batched_term(self, layer: LayerView) -> BatchedTerm | None:
+        """This adapter's update in a form :mod:`peftlab.batched` stacks with other adapters' to run the rows of
+        a mixed-adapter batch at once (computed without gradient, cached until the parameters change).
+        ``None`` (the default): rows using it run the grouped path (:mod:`peftlab.mixed`)."""
+        return None
 
     # -- merge ----------------------------------------------------------------------------------------
     def merged_weight(self, weight: Tensor, **options: Any) -> Tensor:

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from peftlab.batched import Reflections
 from peftlab.config import AdapterConfig, check_nonnegative, register_method
 from peftlab.errors import ConfigError, UnsupportedError
 from peftlab.layers import LayerView
@@ -249,6 +250,11 @@ class HRAAdapter(Adapter):
         v, t = self.reflectors()
         a, b = lowrank_factors(v.t(), t, layer.flat_weight())
         return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))  # B acts on r-wide features only
+
+    def batched_term(self, layer: LayerView) -> Reflections | None:
+        """(V, T) of H = I − V·T·Vᵀ for mixed-adapter batches, applied as :meth:`transform_input` is (x·Hᵀ before
+        the base layer), on Linear and Conv1D layers (Conv2d: grouped rows)."""
+        return Reflections(*self.reflectors()) if layer.kind in ("linear", "conv1d") else None
 
     def merged_weight(self, weight: Tensor, **options: Any) -> Tensor:
         v, t = self.reflectors()

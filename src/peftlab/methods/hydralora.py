@@ -29,11 +29,13 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from peftlab.batched import Routed
 from peftlab.config import (
     AdapterConfig,
     check_finite,
@@ -134,6 +136,11 @@ def routing_weights(logits: Tensor, temperature: float = 1.0, top_k: int | None 
     return weights, probs
 
 
+def routed_weights(logits: Tensor, top_k: int | None) -> Tensor:
+    """ω from logits already divided by the temperature (:func:`routing_weights` with T = 1)."""
+    return routing_weights(logits, 1.0, top_k)[0]
+
+
 def stacked_heads(heads: Tensor) -> Tensor:
     """[B_1 … B_N]: heads (N, d_out, r) as one (d_out, N·r) matrix."""
     n, d_out, r = heads.shape
@@ -202,6 +209,12 @@ class HydraLoraAdapter(Adapter):
         weights, probs = self.route(x if self.router_input == "x" else h)
         self._weights, self._probs = weights, probs
         return mix_heads(h * self.scaling, weights, self.lora_B)  # s scales the r-wide features
+
+    def batched_term(self, layer: LayerView) -> Routed:
+        """Shared A, router and s·B_i heads for mixed-adapter batches; routing as in :meth:`delta` (ω per token).
+        The routing statistics of the last forward are not updated by a mixed batch's batched path."""
+        return Routed(self.lora_A, self.router.weight, self.scaling * self.lora_B, self.temperature,
+                      self.router_input == "lora", partial(routed_weights, top_k=self.top_k), ("hydralora", self.top_k))
 
     # -- merge ----------------------------------------------------------------------------------------
     def _head_weights(self, head_weights: Sequence[float] | Tensor | None) -> Tensor:

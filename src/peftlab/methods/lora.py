@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from peftlab.batched import LowRank
 from peftlab.config import AdapterConfig, check_finite, check_probability, register_method
 from peftlab.errors import UnsupportedError
 from peftlab.layers import LayerView
@@ -111,6 +112,10 @@ class LoraAdapter(Adapter):
         if x.is_floating_point():
             x = self.dropout(x.to(self.lora_A.dtype))
         return layer.up(layer.down(x, self.lora_A) * self.scaling, self.lora_B)  # s scales the r-wide features
+
+    def batched_term(self, layer: LayerView) -> LowRank | None:
+        """Δ(x) = (x·Aᵀ)·(s·B)ᵀ for mixed-adapter batches, on Linear and Conv1D layers (others: grouped rows)."""
+        return LowRank(self.lora_A, self.scaling * self.lora_B) if layer.kind in ("linear", "conv1d") else None
 
     def delta_weight(self) -> Tensor:
         """ΔW = s·B·A, flat (d_out, d_in)."""

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from peftlab import matching
+from peftlab.batched import LowRank
 from peftlab.config import (
     AdapterConfig,
     check_nonnegative,
@@ -232,6 +233,13 @@ class MTLoraAdapter(Adapter):
             return layer.up(h, self.lora_B)
         b = self.lora_B.view(self.slices, -1, self.r)  # B_j, (d_out/k, r)
         return torch.einsum("...jr,jor->...jo", h.unflatten(-1, (self.slices, self.r)), b).flatten(-2)
+
+    def batched_term(self, layer: LayerView) -> LowRank | None:
+        """Δ(x) = (x·Aᵀ)·(s·B·T)ᵀ for mixed-adapter batches (T folded into B by :meth:`up_factor`), on Linear and
+        Conv1D layers (others: grouped rows)."""
+        if layer.kind not in ("linear", "conv1d"):
+            return None
+        return LowRank(self.lora_A, self.up_factor())
 
     def up_factor(self, dtype: torch.dtype | None = None) -> Tensor:
         """s·B·T (d_out, k·r), with B and (per slice) T block-diagonal on fused layers: ΔW = s·B·T·A.
