@@ -12,10 +12,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from peftlab import get_adapter_model
 from peftlab.cli import main
-from peftlab.config import registered_methods
 from peftlab.errors import ConfigError, ModelError, PeftlabError, RecipeError, TargetError
 from peftlab.estimate import estimate_memory, quantized_bytes
 from peftlab.estimate_model import adapter_config, measured_peak, measured_unet_peak
+from peftlab.methods import registered_methods
 
 ROOT = Path(__file__).resolve().parents[1]
 # h 256, 2 layers, MLP 688, vocab 8000: P = 2·8000·256 + 2·(4·256² + 3·256·688 + 2·256) + 256 = 5,678,336
