@@ -32,7 +32,7 @@ from peftlab.diffusion.control import control_tensor
 from peftlab.recipes import image_data
 from peftlab.recipes import image_training as it
 from peftlab.recipes.options import RunOptions
-from peftlab.recipes.rundir import owns_output_dir, start_output_dir
+from peftlab.recipes.rundir import is_main_process, owns_output_dir, start_output_dir
 from peftlab.recipes.training import log
 
 CAPTION_DROPOUT = 0.5  # ControlNet (Zhang et al. 2023): half the captions are "", so the control must be used
@@ -93,7 +93,7 @@ def train(options: RunOptions, checkpoint: str | None = None) -> dict[str, Any]:
     ready = prepare(options)
     pipe, size, examples = ready["pipe"], ready["size"], ready["examples"]
     before, _, _ = evaluate_samples(pipe, options, size, ready["held_out"], control=False)
-    out = start_output_dir(options)
+    out = start_output_dir(options, main_process=is_main_process())
     set_seed(options.seed)
     models = it.add_adapters(pipe, options, options.train_text_encoder, sorted(set(examples.captions)))
     encoder = new_condition_encoder(pipe)

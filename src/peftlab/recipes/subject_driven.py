@@ -34,7 +34,7 @@ from peftlab.data import glyphs
 from peftlab.recipes import image_data
 from peftlab.recipes import image_training as it
 from peftlab.recipes.options import RunOptions
-from peftlab.recipes.rundir import owns_output_dir, start_output_dir
+from peftlab.recipes.rundir import is_main_process, owns_output_dir, start_output_dir
 from peftlab.recipes.training import log
 
 PRIOR_PROMPTS = tuple(glyphs.caption(k) for k in range(10))
@@ -115,7 +115,7 @@ def train(options: RunOptions, checkpoint: str | None = None) -> dict[str, Any]:
     pipe, size = ready["pipe"], ready["size"]
     before, _, _ = evaluate_samples(pipe, options, size, ready["instances"])
     data = training_data(pipe, options, ready["instances"], ready["classes"])
-    out = start_output_dir(options)
+    out = start_output_dir(options, main_process=is_main_process())
     set_seed(options.seed)
     models = it.add_adapters(pipe, options, options.train_text_encoder,
                              [options.instance_prompt, options.class_prompt])
