@@ -317,8 +317,10 @@ def _jsonable(value: Any) -> Any:
 
 
 def log(message: str, enabled: bool = True) -> None:
-    """Print one progress line (main process only)."""
-    if enabled:
+    """Print one progress line (main process only: ``enabled``, and ``$RANK`` 0 in a distributed run)."""
+    from peftlab.recipes.rundir import is_main_process
+
+    if enabled and is_main_process():
         print(message, flush=True)
 
 
