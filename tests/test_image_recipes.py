@@ -440,7 +440,10 @@ class Planted:
 def test_resume_never_unpickles_a_planted_checkpoint_file(base_dir, tmp_path, monkeypatch, capsys):
     """accelerate reads its optimiser, schedule and RNG files with weights_only=True (an RNG file it cannot read it
     would skip silently: peftlab refuses it), and peftlab registers no custom object (those accelerate unpickles
-    fully): a checkpoint file holding Python objects is a one-line error, and its code never runs."""
+    fully): a checkpoint file holding Python objects is a one-line error, and its code never runs. So is one holding
+    the tensors of other parameters."""
+    from safetensors.torch import save_file
+
     write_digits(tmp_path / "digits")
     out = tmp_path / "run"
     args = ["train", "--task", "controllable", "--model", str(base_dir), "--data", str(tmp_path / "digits"),
@@ -470,6 +473,14 @@ def test_resume_never_unpickles_a_planted_checkpoint_file(base_dir, tmp_path, mo
         file.unlink()
         if original is not None:
             file.write_bytes(original)
+    weights = checkpoint / it.CHECKPOINT_WEIGHTS
+    original = weights.read_bytes()
+    save_file({"0.other": torch.zeros(2)}, weights)  # tensors of other parameters
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "checkpoint-1 holds other trainable parameters" in err, err
+    weights.write_bytes(original)
     assert main([*args, "--resume"]) == 0  # the checkpoint as written resumes
     assert json.loads((out / "metrics.json").read_text())["global_step"] == 2
 

@@ -69,9 +69,10 @@ def register_checkpoint_hooks(accelerator: Any, pipe: Any, named: dict[str, nn.P
 
 
 def load_checkpoint(checkpoint: str, accelerator: Any) -> dict[str, Any]:
-    """Restore a checkpoint of :func:`save_checkpoint` with ``accelerator.load_state`` (its pickles read with
-    ``weights_only=True``; the adapters by :func:`register_checkpoint_hooks`); return its ``trainer_state.json``.
-    A checkpoint of other parameters or of another number of processes is a RecipeError."""
+    """Restore a checkpoint of :func:`peftlab.recipes.image_training.save_checkpoint` with
+    ``accelerator.load_state`` (its pickles read with ``weights_only=True``; the adapters by
+    :func:`register_checkpoint_hooks`); return its ``trainer_state.json``. A checkpoint of other parameters or of
+    another number of processes is a RecipeError."""
     folder = Path(checkpoint)
     state = io.read_json(folder / TRAINER_STATE)
     written_by = state.get("num_processes", 1)
