@@ -434,6 +434,66 @@ def test_resume_from_a_corrupt_checkpoint_is_a_one_line_error(base_dir, tmp_path
     assert not (out / "metrics.json").exists()
 
 
+class Planted:
+    """Unpickling this creates the file ``marker``: what a planted checkpoint file could do (run any code)."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return Path.touch, (Path(self.marker),)
+
+
+def test_resume_never_unpickles_a_planted_checkpoint_file(base_dir, tmp_path, monkeypatch, capsys):
+    """accelerate reads its optimiser, schedule and RNG files with weights_only=True (an RNG file it cannot read it
+    would skip silently: peftlab refuses it), and peftlab registers no custom object (those accelerate unpickles
+    fully): a checkpoint file holding Python objects is a one-line error, and its code never runs. So is one holding
+    the tensors of other parameters."""
+    from safetensors.torch import save_file
+
+    write_digits(tmp_path / "digits")
+    out = tmp_path / "run"
+    args = ["train", "--task", "controllable", "--model", str(base_dir), "--data", str(tmp_path / "digits"),
+            "--control", "canny", "--method", "lora", "--max-steps", "2", "--eval-steps", "1", "--output-dir", str(out),
+            *FAST]
+    save = image_training.save_checkpoint
+
+    def crash_after_step_1(folder, step, *rest, **kwargs):
+        save(folder, step, *rest, **kwargs)
+        raise Crash
+
+    monkeypatch.setattr(it, "save_checkpoint", crash_after_step_1)
+    with pytest.raises(Crash):
+        main(args)
+    monkeypatch.undo()
+    checkpoint = out / "checkpoint-1"
+    marker = tmp_path / "the planted code ran"
+    for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"):
+        file = checkpoint / name
+        original = file.read_bytes() if file.exists() else None
+        torch.save(Planted(marker), file)
+        capsys.readouterr()
+        assert main([*args, "--resume"]) == 2, name
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "checkpoint-1 cannot be read" in err, (name, err)
+        assert not marker.exists(), name
+        file.unlink()
+        if original is not None:
+            file.write_bytes(original)
+    weights = checkpoint / image_training.CHECKPOINT_WEIGHTS
+    original = weights.read_bytes()
+    save_file({"0.other": torch.zeros(2)}, weights)  # tensors of other parameters
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "checkpoint-1 holds other trainable parameters" in err, err
+    weights.write_bytes(original)
+    assert main([*args, "--resume"]) == 0  # the checkpoint as written resumes
+    assert json.loads((out / "metrics.json").read_text())["global_step"] == 2
+
+
 def bad_cases(tmp_path, base_dir):
     empty = tmp_path / "empty"
     empty.mkdir()

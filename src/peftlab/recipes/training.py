@@ -303,8 +303,10 @@ def finish_run(trainer: Any, out: Path, metrics: dict[str, Any], metric: str, ke
 
 
 def log(message: str, enabled: bool = True) -> None:
-    """Print one progress line (main process only)."""
-    if enabled:
+    """Print one progress line (main process only: ``enabled``, and ``$RANK`` 0 in a distributed run)."""
+    from peftlab.recipes.rundir import is_main_process
+
+    if enabled and is_main_process():
         print(message, flush=True)
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from peftlab.recipes.image.training import Batch, add_adapters, finish_image_run, fit, saved_metrics, summary
 from peftlab.recipes.options import RunOptions
-from peftlab.recipes.rundir import start_output_dir
+from peftlab.recipes.rundir import is_main_process, start_output_dir
 from peftlab.recipes.training import log
 
 Scores = tuple[dict[str, float], dict[str, str], list[Any]]  # (values, skipped with the reason, the samples)
@@ -63,7 +63,7 @@ def train_prepared(run: PreparedRun, options: RunOptions, checkpoint: str | None
     from accelerate.utils import set_seed
 
     before, _, _ = run.score(options, trained=False)
-    out = start_output_dir(options)
+    out = start_output_dir(options, main_process=is_main_process())
     set_seed(options.seed)
     models = add_adapters(run.pipe, options, options.train_text_encoder, run.prompts)
     generator = torch.Generator().manual_seed(options.seed)

@@ -7,6 +7,7 @@ Design notes: ``docs/design.md``, section peftlab.recipes.image.training.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -19,30 +20,30 @@ from torch import Tensor, nn
 
 from peftlab import files
 from peftlab.errors import PeftlabError, RecipeError
+from peftlab.recipes.image.checkpoints import CHECKPOINT_WEIGHTS, load_checkpoint, register_checkpoint_hooks
 from peftlab.recipes.options import RunOptions
 from peftlab.recipes.rundir import (
     CURVE_FILE,
     METRICS_FILE,
     TRAINER_STATE,
     checkpoint_folders,
+    is_main_process,
     remove_checkpoints,
     write_metrics,
 )
 from peftlab.recipes.training import LOGS_DIR, PeakMemory, log, plot_training_curve
 
 SAMPLES_FILE = "samples.png"
-CHECKPOINT_WEIGHTS = "trainable.safetensors"
-CHECKPOINT_STATE = "training_state.pt"
 
 
 # -- the pipeline ------------------------------------------------------------------------------------------------
 def load_base(options: RunOptions) -> Any:
     """The frozen base pipeline of ``--model`` (every weight ``requires_grad=False``), progress bars off, on the
-    GPU when there is one (accelerate's device for a single process)."""
+    GPU when there is one (accelerate's device: GPU ``$LOCAL_RANK`` under ``accelerate launch``)."""
     from peftlab.diffusion.pipeline import load_pipeline
 
     pipe = load_pipeline(options.model)
-    pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+    pipe.to(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
     for name in ("unet", "text_encoder", "vae"):
         pipe.components[name].requires_grad_(False).eval()
     pipe.set_progress_bar_config(disable=True)
@@ -175,65 +176,47 @@ def trainable(modules: list[nn.Module]) -> list[nn.Parameter]:
     return list(named_trainable(modules).values())
 
 
-def save_checkpoint(out: Path, step: int, pipe: Any, named: dict[str, nn.Parameter], optimizer: Any, schedule: Any,
-                    generator: torch.Generator | None, losses: list[float], runtime: float) -> Path:
-    """Write ``out/checkpoint-<step>`` (docs/design.md; ``trainer_state.json`` last), then delete the
-    older checkpoints."""
-    from io import BytesIO
+class Denoiser(nn.Module):
+    """The modules that train as one module whose forward is :func:`denoising_loss`: what ``accelerator.prepare``
+    wraps (in ``DistributedDataParallel`` when there are several processes, which then averages the gradients of
+    the UNet's adapters, the text encoder's and the condition encoder over the processes)."""
 
-    from peftlab.diffusion.pipeline import save_pipeline_adapters
+    def __init__(self, pipe: Any, modules: list[nn.Module], hook: Any = None) -> None:
+        super().__init__()
+        self.trained = nn.ModuleList(modules)
+        self.pipe, self.noise_scheduler, self.hook = pipe, noise_scheduler(pipe), hook
 
+    def forward(self, batch: Batch) -> Tensor:
+        return denoising_loss(self.pipe, self.noise_scheduler, batch, self.hook)
+
+
+def save_checkpoint(out: Path, step: int, accelerator: Any, losses: list[float], runtime: float) -> Path:
+    """Write ``out/checkpoint-<step>`` with ``accelerator.save_state`` on every process (see the module docstring),
+    then, on the main process, ``trainer_state.json`` (last) and delete the older checkpoints."""
     folder = out / f"checkpoint-{step}"
-    if folder.exists():
+    if accelerator.is_main_process and folder.exists():
         shutil.rmtree(folder)
-    save_pipeline_adapters(pipe, folder)
-    files.save_tensors(folder / CHECKPOINT_WEIGHTS, dict(named))
-    state = {"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(),
-             "generator": None if generator is None else generator.get_state()}
-    buffer = BytesIO()
-    torch.save(state, buffer)
-    files.atomic_write_bytes(folder / CHECKPOINT_STATE, buffer.getvalue())
-    files.atomic_write_json(folder / TRAINER_STATE, {"global_step": step, "losses": losses, "train_runtime_s": runtime})
-    for older in checkpoint_folders(out):
-        if older != folder:
-            shutil.rmtree(older, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(folder))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        files.atomic_write_json(folder / TRAINER_STATE, {"global_step": step, "losses": losses,
+                                                         "train_runtime_s": runtime,
+                                                         "num_processes": accelerator.num_processes})
+        for older in checkpoint_folders(out):
+            if older != folder:
+                shutil.rmtree(older, ignore_errors=True)
     return folder
-
-
-def load_checkpoint(checkpoint: str, named: dict[str, nn.Parameter], optimizer: Any, schedule: Any,
-                    generator: torch.Generator | None) -> dict[str, Any]:
-    """Restore what :func:`save_checkpoint` wrote into the parameters, optimiser, schedule and generators; return
-    its ``trainer_state.json``. A checkpoint of other parameters is a RecipeError."""
-    from safetensors.torch import load_file
-
-    folder = Path(checkpoint)
-    try:
-        tensors = load_file(str(folder / CHECKPOINT_WEIGHTS))
-        state = torch.load(folder / CHECKPOINT_STATE, map_location="cpu", weights_only=True)
-    except Exception as err:  # safetensors and torch raise many types for a corrupt or refused file
-        raise RecipeError(f"{folder} cannot be read ({type(err).__name__}); delete that folder to resume from the "
-                          "start, or start again with --overwrite") from None
-    if set(tensors) != set(named) or any(tensors[k].shape != p.shape for k, p in named.items() if k in tensors):
-        raise RecipeError(f"{folder} holds other trainable parameters than this run has (a different method, r or "
-                          "targets); resume it with its own options, or start again with --overwrite")
-    with torch.no_grad():
-        for key, p in named.items():
-            p.copy_(tensors[key])
-    optimizer.load_state_dict(state["optimizer"])
-    schedule.load_state_dict(state["schedule"])
-    torch.set_rng_state(state["torch_rng"])
-    if generator is not None and state["generator"] is not None:
-        generator.set_state(state["generator"])
-    return files.read_json(folder / TRAINER_STATE)
 
 
 def fit(pipe: Any, modules: list[nn.Module], sample: Callable[[], Batch], options: RunOptions,
         hook: Any = None, progress: bool = True, out: Path | None = None, checkpoint: str | None = None,
         generator: torch.Generator | None = None) -> dict[str, Any]:
     """Train the trainable parameters of ``modules`` for ``options.max_steps`` optimizer steps with HF
-    ``accelerate``; ``sample()`` gives each micro-batch (its random draws come from ``generator``). With ``out``,
-    checkpoints go to ``out/checkpoint-<step>``; ``checkpoint`` is one to continue from. Returns the losses and
-    timings."""
+    ``accelerate``, on each process of an ``accelerate launch``: ``sample()`` gives each process its micro-batches
+    (its random draws come from ``generator``, reseeded with its seed + the process index when there are several)
+    and accelerate averages the gradients. With ``out``, checkpoints go to ``out/checkpoint-<step>``; ``checkpoint``
+    is one to continue from. Returns the losses (means over the processes) and timings."""
     from accelerate import Accelerator
     from transformers import get_scheduler
 
@@ -246,54 +229,57 @@ def fit(pipe: Any, modules: list[nn.Module], sample: Callable[[], Batch], option
                               gradient_accumulation_steps=options.gradient_accumulation_steps,
                               log_with=options.report_to if tracker else None,
                               project_dir=str(out / LOGS_DIR) if tracker else None)
+    main, processes = accelerator.is_main_process, accelerator.num_processes
     if tracker:  # the options as hyperparameters (flat: trackers take numbers, strings and booleans)
         accelerator.init_trackers(out.name, config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                     for k, v in options.to_dict().items()})
+    if generator is not None and processes > 1:  # each process draws other examples
+        generator.manual_seed(generator.initial_seed() + accelerator.process_index)
     optimizer = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
     steps = options.max_steps
     warmup = int(options.warmup if options.warmup >= 1 else math.ceil(options.warmup * steps))
-    schedule = get_scheduler("linear", optimizer, num_warmup_steps=warmup,
-                             num_training_steps=steps * accelerator.num_processes)
+    # accelerate steps the schedule once per process at each optimizer step (so do diffusers' training examples)
+    schedule = get_scheduler("linear", optimizer, num_warmup_steps=warmup * processes,
+                             num_training_steps=steps * processes)
+    denoiser, optimizer, schedule = accelerator.prepare(Denoiser(pipe, modules, hook), optimizer, schedule)
+    register_checkpoint_hooks(accelerator, pipe, named, generator)
     losses: list[float] = []
     done, earlier_runtime = 0, 0.0
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, named, optimizer, schedule, generator)
+        state = load_checkpoint(checkpoint, accelerator)
         done, losses, earlier_runtime = state["global_step"], list(state["losses"]), state.get("train_runtime_s", 0.0)
-        log(f"resuming from {checkpoint} (step {done} of {steps})")
-    *prepared, optimizer, schedule = accelerator.prepare(*modules, optimizer, schedule)
-    scheduler = noise_scheduler(pipe)
-    for module in prepared:
-        module.train()
+        log(f"resuming from {checkpoint} (step {done} of {steps})", main)
+    denoiser.train()
     start = time.perf_counter()
     with PeakMemory() as memory:
         for step in range(done, steps):
             total = 0.0
             for _ in range(options.gradient_accumulation_steps):
-                with accelerator.accumulate(*prepared):
+                with accelerator.accumulate(denoiser):
                     with accelerator.autocast():
-                        loss = denoising_loss(pipe, scheduler, sample(), hook)
-                    if not torch.isfinite(loss):
-                        raise RecipeError(f"the loss is {loss.item()} at step {step}; lower --lr")
+                        loss = denoiser(sample())
+                    mean = accelerator.reduce(loss.detach(), "mean")  # over the processes
+                    if not torch.isfinite(mean):
+                        raise RecipeError(f"the loss is {mean.item()} at step {step}; lower --lr")
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(params, 1.0)
                     optimizer.step()
                     schedule.step()
                     optimizer.zero_grad(set_to_none=True)
-                total += loss.item() / options.gradient_accumulation_steps
+                total += mean.item() / options.gradient_accumulation_steps
             losses.append(total)
             if tracker:
                 accelerator.log({"train/loss": total, "train/learning_rate": schedule.get_last_lr()[0]}, step=step + 1)
             if progress and (step % 50 == 0 or step == steps - 1):
-                log(f"step {step + 1}/{steps}: loss {total:.4f}, lr {schedule.get_last_lr()[0]:.2e}")
+                log(f"step {step + 1}/{steps}: loss {total:.4f}, lr {schedule.get_last_lr()[0]:.2e}", main)
             if out is not None and ((step + 1) % options.eval_steps == 0 or step == steps - 1):
-                save_checkpoint(out, step + 1, pipe, named, optimizer, schedule, generator, losses,
-                                earlier_runtime + time.perf_counter() - start)
+                save_checkpoint(out, step + 1, accelerator, losses, earlier_runtime + time.perf_counter() - start)
     runtime = earlier_runtime + time.perf_counter() - start
     if tracker:
         accelerator.end_training()
     for module in modules:
-        accelerator.unwrap_model(module, keep_fp32_wrapper=False).eval()
+        module.eval()
     accelerator.free_memory()
     return {"global_step": steps, "train_loss": sum(losses) / len(losses), "final_loss": losses[-1],
             "losses": losses, "train_runtime_s": round(runtime, 2), "seconds_per_step": runtime / steps,
@@ -351,12 +337,14 @@ def finish_image_run(pipe: Any, out: Path, metrics: dict[str, Any], samples: lis
                      keep_checkpoints: bool = True) -> None:
     """Write the adapters (``save_pipeline_adapters``), a grid of samples, the loss curve and, last,
     ``metrics.json``: a folder with ``metrics.json`` is a finished run. Without ``keep_checkpoints`` the
-    checkpoint is removed after."""
+    checkpoint is removed after. Only the main process writes; the others return at once."""
     from diffusers.utils import make_image_grid
 
     from peftlab.commands.generate import grid_shape
     from peftlab.diffusion.pipeline import save_pipeline_adapters
 
+    if not is_main_process():
+        return
     save_pipeline_adapters(pipe, out)
     if samples:
         files.atomic_write_image(out / SAMPLES_FILE, make_image_grid(samples, *grid_shape(len(samples))))
@@ -400,5 +388,6 @@ def summary(metrics: dict[str, Any], keys: tuple[str, ...]) -> str:
     return ", ".join(parts)
 
 
-__all__ = ["Batch", "add_adapters", "denoising_loss", "draw_noise", "example_sampler", "finish_image_run", "fit",
-           "latents_of", "load_base", "resolution", "sample_images", "token_ids", "trainable"]
+__all__ = ["CHECKPOINT_WEIGHTS", "Batch", "Denoiser", "add_adapters", "denoising_loss", "draw_noise", "example_sampler",
+           "finish_image_run", "fit", "latents_of", "load_base", "resolution", "sample_images", "token_ids",
+           "trainable"]
