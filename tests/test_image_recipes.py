@@ -464,7 +464,7 @@ def test_resume_never_unpickles_a_planted_checkpoint_file(base_dir, tmp_path, mo
         save(folder, step, *rest, **kwargs)
         raise Crash
 
-    monkeypatch.setattr(it, "save_checkpoint", crash_after_step_1)
+    monkeypatch.setattr(image_training, "save_checkpoint", crash_after_step_1)
     with pytest.raises(Crash):
         main(args)
     monkeypatch.undo()
