@@ -33,6 +33,7 @@ from peftlab.recipes import image_data
 from peftlab.recipes import image_training as it
 from peftlab.recipes.options import RunOptions
 from peftlab.recipes.rundir import owns_output_dir, start_output_dir
+from peftlab.recipes.scale import unet_training
 from peftlab.recipes.training import log
 
 CAPTION_DROPOUT = 0.5  # ControlNet (Zhang et al. 2023): half the captions are "", so the control must be used
@@ -82,6 +83,12 @@ def control_sampler(pipe: Any, examples: image_data.ControlExamples, controls: t
                               pipe.scheduler.config.num_train_timesteps, controls, (empty, CAPTION_DROPOUT))
 
 
+def add_adapters(pipe: Any, options: RunOptions, ready: dict[str, Any]) -> dict[str, Any]:
+    """The method's adapters on the pipeline of ``prepare`` (what :func:`train` and
+    :func:`peftlab.recipes.scale.plan` put on it)."""
+    return it.add_adapters(pipe, options, options.train_text_encoder, sorted(set(ready["examples"].captions)))
+
+
 @owns_output_dir
 def train(options: RunOptions, checkpoint: str | None = None) -> dict[str, Any]:
     """Train the condition encoder and ``options.method``'s adapters; returns the metrics (also ``metrics.json``)."""
@@ -95,15 +102,16 @@ def train(options: RunOptions, checkpoint: str | None = None) -> dict[str, Any]:
     before, _, _ = evaluate_samples(pipe, options, size, ready["held_out"], control=False)
     out = start_output_dir(options)
     set_seed(options.seed)
-    models = it.add_adapters(pipe, options, options.train_text_encoder, sorted(set(examples.captions)))
+    models = add_adapters(pipe, options, ready)
     encoder = new_condition_encoder(pipe)
     hook = attach_condition_encoder(pipe, encoder)
     generator = torch.Generator().manual_seed(options.seed)
     sample = control_sampler(pipe, examples, control_tensor(examples.controls, size), options.batch_size, generator)
     log(f"training {options.method} + a condition encoder on {len(examples)} {options.control} examples of "
         f"{options.data}, {options.max_steps} steps")
-    training = it.fit(pipe, [m.base_model for m in models.values()] + [encoder], sample, options, hook=hook,
-                      out=out, checkpoint=checkpoint, generator=generator)
+    with unet_training(pipe, models, options):  # --gradient-checkpointing, --torch-compile
+        training = it.fit(pipe, [m.base_model for m in models.values()] + [encoder], sample, options, hook=hook,
+                          out=out, checkpoint=checkpoint, generator=generator)
     hook.control = None
     after, skipped, samples = evaluate_samples(pipe, options, size, ready["held_out"], control=True)
     metrics = {

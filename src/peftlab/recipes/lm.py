@@ -70,9 +70,10 @@ def setup(options: RunOptions, records, prompt_fn, response_fn):
     from transformers import set_seed
 
     from peftlab.models import load_causal_lm
+    from peftlab.recipes.scale import load_kwargs
 
     set_seed(options.seed)
-    model, tokenizer = load_causal_lm(options.model)
+    model, tokenizer = load_causal_lm(options.model, **load_kwargs(options))
     tokenizer.padding_side = "right"
     eos_id(tokenizer)
     model = prepare_model(model, options, classification=False,

@@ -35,6 +35,7 @@ from peftlab.recipes import image_data
 from peftlab.recipes import image_training as it
 from peftlab.recipes.options import RunOptions
 from peftlab.recipes.rundir import owns_output_dir, start_output_dir
+from peftlab.recipes.scale import unet_training
 from peftlab.recipes.training import log
 
 PRIOR_PROMPTS = tuple(glyphs.caption(k) for k in range(10))
@@ -105,6 +106,12 @@ def evaluate_samples(pipe: Any, options: RunOptions, size: int, instances: list[
     return result.values, result.skipped, subject
 
 
+def add_adapters(pipe: Any, options: RunOptions, ready: dict[str, Any]) -> dict[str, Any]:
+    """The method's adapters on the pipeline of ``prepare`` (what :func:`train` and
+    :func:`peftlab.recipes.scale.plan` put on it)."""
+    return it.add_adapters(pipe, options, options.train_text_encoder, [options.instance_prompt, options.class_prompt])
+
+
 @owns_output_dir
 def train(options: RunOptions, checkpoint: str | None = None) -> dict[str, Any]:
     """Train ``options.method`` on the subject; returns the metrics (also in ``metrics.json``)."""
@@ -117,14 +124,14 @@ def train(options: RunOptions, checkpoint: str | None = None) -> dict[str, Any]:
     data = training_data(pipe, options, ready["instances"], ready["classes"])
     out = start_output_dir(options)
     set_seed(options.seed)
-    models = it.add_adapters(pipe, options, options.train_text_encoder,
-                             [options.instance_prompt, options.class_prompt])
+    models = add_adapters(pipe, options, ready)
     generator = torch.Generator().manual_seed(options.seed)
     sample = sampler(data, options, generator, pipe.scheduler.config.num_train_timesteps)
     log(f"training {options.method} on {len(ready['instances'])} instance image(s) of {options.instance_data}, "
         f"{options.max_steps} steps")
-    training = it.fit(pipe, [m.base_model for m in models.values()], sample, options, out=out,
-                      checkpoint=checkpoint, generator=generator)
+    with unet_training(pipe, models, options):  # --gradient-checkpointing, --torch-compile
+        training = it.fit(pipe, [m.base_model for m in models.values()], sample, options, out=out,
+                          checkpoint=checkpoint, generator=generator)
     after, skipped, samples = evaluate_samples(pipe, options, size, ready["instances"])
     metrics = {
         "task": options.task, "method": options.method, "model": options.model, "metric": METRIC, "lr": options.lr,
