@@ -155,13 +155,21 @@ def model_state(model: nn.Module) -> dict[str, Any]:
         "quantization": quant.to_dict() if hasattr(quant, "to_dict") else quant,
         "quantized_layers": sorted({type(m).__name__ for m in base.modules() if type(m).__module__.startswith(
             "bitsandbytes")}),
-        "gradient_checkpointing": bool(getattr(base, "is_gradient_checkpointing", False)),
+        "gradient_checkpointing": checkpointing(base),
         "compiled": getattr(base, "_compiled_call_impl", None) is not None,
         "adapter": {n: c.to_dict() for n, c in model.peft_config.items()} if isinstance(model, AdapterModel) else None,
         "trainable_params": sum(p.numel() for p in trainable),
         "head_shapes": {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad and "adapter" not in n
                         and n.endswith("weight")},
     }
+
+
+def checkpointing(model: nn.Module) -> bool:
+    """Whether gradient checkpointing is on (transformers 5 and diffusers name the property differently)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
 
 
 def data_fingerprint(rows: Any) -> dict[str, Any]:
