@@ -257,6 +257,7 @@ def fit(pipe: Any, modules: list[nn.Module], sample: Callable[[], Batch], option
     checkpoints go to ``out/checkpoint-<step>``; ``checkpoint`` is one to continue from. Returns the losses and
     timings."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from transformers import get_scheduler
 
     from peftlab.recipes.scale import accelerator_kwargs
@@ -266,6 +267,7 @@ def fit(pipe: Any, modules: list[nn.Module], sample: Callable[[], Batch], option
     if not params:
         raise RecipeError("nothing to train: the adapters have no trainable parameters")
     tracker = options.report_to not in (None, "none") and out is not None
+    AcceleratorState._reset_state()  # this run's own mixed precision, not an earlier run's (as HF Trainer resets)
     accelerator = Accelerator(**accelerator_kwargs(options), log_with=options.report_to if tracker else None,
                               project_dir=str(out / LOGS_DIR) if tracker else None)
     if tracker:  # the options as hyperparameters (flat: trackers take numbers, strings and booleans)

@@ -151,7 +151,8 @@ def model_state(model: nn.Module) -> dict[str, Any]:
     return {
         "class": type(base).__name__,
         "frozen_dtypes": frozen,
-        "trainable_dtypes": sorted({str(p.dtype) for p in trainable}),
+        "trainable_dtypes": sorted({str(p.dtype) for p in trainable}),  # adapters, and a new head in the base's
+        "adapter_dtypes": sorted({str(p.dtype) for n, p in model.named_parameters() if ".adapters." in n}),
         "quantization": quant.to_dict() if hasattr(quant, "to_dict") else quant,
         "quantized_layers": sorted({type(m).__name__ for m in base.modules() if type(m).__module__.startswith(
             "bitsandbytes")}),
