@@ -50,8 +50,7 @@ class AdapterModel(AdapterFiles, LoraExporting, GradientCheckpointing, nn.Module
         adapter_name: its name.
     """
 
-    # transformers' mark of a model with trainable adapters attached: HF Trainer trains a quantized base only then
-    _hf_peft_config_loaded = True
+    _hf_peft_config_loaded = True  # transformers' mark of trainable adapters: HF Trainer then trains a quantized base
 
     def __init__(self, model: nn.Module, config: AdapterConfig | None = None, adapter_name: str = "default") -> None:
         super().__init__()
