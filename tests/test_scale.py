@@ -154,3 +154,30 @@ def test_fp16_without_a_gpu_is_refused_and_says_what_to_use(tmp_path, classifier
     assert not (tmp_path / "out").exists()
     with pytest.raises(RecipeError, match="fp16 needs a CUDA GPU"):
         scale.accelerator_kwargs(RunOptions(task="controllable", mixed_precision="fp16").resolved())
+
+
+def test_the_image_loop_takes_bf16_accumulation_and_checkpointing(tmp_path):
+    pytest.importorskip("diffusers")
+    from conftest import tiny_sd_pipeline
+
+    from peftlab.recipes import image_training as it
+
+    tiny_sd_pipeline(unet_widths=(16, 32), vae_widths=(8, 16), norm_groups=8, latent_size=8,
+                     image_size=16).save_pretrained(tmp_path / "sd")
+    options = RunOptions(task="controllable", model=str(tmp_path / "sd"), method="lora", r=2, batch_size=2, warmup=0,
+                         max_steps=2, mixed_precision="bf16", gradient_accumulation_steps=2,
+                         gradient_checkpointing=True, output_dir="unused", report_to="none").resolved()
+    pipe = it.load_base(options)
+    models = it.add_adapters(pipe, options, False, ["a handwritten digit 1"])
+    seen = []
+    unet = pipe.unet
+    unet.conv_in.register_forward_hook(lambda m, a, out: seen.append((out.dtype, unet.is_gradient_checkpointing)))
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
+    sample = it.example_sampler(it.latents_of(pipe, images), it.token_ids(pipe, ["a handwritten digit 1"] * 4),
+                                torch.ones(4), 2, g, pipe.scheduler.config.num_train_timesteps)
+    with scale.unet_training(pipe, models, options):
+        result = it.fit(pipe, [m.base_model for m in models.values()], sample, options, progress=False)
+    assert len(result["losses"]) == 2 and all(math.isfinite(v) for v in result["losses"])
+    assert seen == [(torch.bfloat16, True)] * 4  # 2 optimizer steps x 2 micro-batches, autocast, checkpointed
+    assert not pipe.unet.is_gradient_checkpointing  # off again for sampling
