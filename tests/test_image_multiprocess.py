@@ -117,7 +117,7 @@ def test_two_processes_end_with_the_same_adapters_and_one_run_folder(straight):
 
 
 def test_a_killed_two_process_run_resumes_to_the_same_end(straight, base_dir, tmp_path, monkeypatch, capsys):
-    from peftlab.recipes import image_data
+    from peftlab.recipes.image import data as image_data
 
     monkeypatch.setattr(image_data, "class_cache_root", lambda: tmp_path / "class-images")  # the in-process run's
     out = tmp_path / "run"

@@ -531,7 +531,7 @@ def bad_cases(tmp_path, base_dir):
                            "segmentation control maps of all 2 images are blank"),
         "landmarks without dlib": ([*control, "--data", str(blank), "--control", "landmarks"], "need dlib"),
         "image option on a text task": (["--task", "classification", "--control", "canny"],
-                                        "--control.* apply only to"),
+                                        "--control is for --task controllable only; --task classification does not"),
         "resume without a run": ([*subject, "--instance-data", "glyph:K", "--resume"], "holds no run to resume"),
         "control size": ([*control, "--data", str(sizes), "--control", "canny"],
                          f"control c0.png is {SIZE}×{2 * SIZE} but its target d0.png is {SIZE}×{SIZE}; a control map "

@@ -50,6 +50,8 @@ class AdapterModel(AdapterFiles, LoraExporting, GradientCheckpointing, nn.Module
         adapter_name: its name.
     """
 
+    _hf_peft_config_loaded = True  # transformers' mark of trainable adapters: HF Trainer then trains a quantized base
+
     def __init__(self, model: nn.Module, config: AdapterConfig | None = None, adapter_name: str = "default") -> None:
         super().__init__()
         if isinstance(model, AdapterModel):

@@ -23,6 +23,8 @@ IMAGE_TASKS = ("subject-driven", "controllable")  # diffusers pipelines: recipes
 TASKS = (*TEXT_TASKS, *IMAGE_TASKS)
 CONTROLS = ("canny", "landmarks", "segmentation")  # peftlab.diffusion.control.CONTROLS (diffusers-free here)
 MIXED_PRECISION = ("no", "fp16", "bf16")
+TORCH_DTYPES = ("float32", "bfloat16", "float16")  # the base model's weights; adapters stay float32
+LM_TASKS = ("causal-lm", "data-to-text")
 # Experiment trackers (HF Trainer's report_to names; the image loop logs through accelerate's trackers of the same
 # names). Logs go to <output-dir>/logs (TensorBoard) or to the tracker's own place (wandb, mlflow).
 REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
@@ -45,9 +47,6 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "controllable": {"model": "tiny-digits", "data": "tiny-digits-edges", "control": "canny", "batch_size": 8,
                      "max_steps": 400, "max_train_samples": 512, "num_eval_images": 20},
 }
-# Options only the image tasks read: given with a text task they are an error, not silently ignored.
-IMAGE_ONLY = ("instance_data", "instance_prompt", "class_prompt", "num_class_images", "control", "resolution",
-              "eval_encoder", "num_eval_images")
 # Defaults of named data sets that need more than their task's (worked math solutions are long).
 DATA_DEFAULTS: dict[str, dict[str, Any]] = {
     "gsm-symbolic": {"max_length": 512, "max_new_tokens": 256},
@@ -65,10 +64,11 @@ DATA, METHOD, TRAINING, GENERATION = "data and model", "method", "training", "ge
 IMAGE = "image generation (subject-driven, controllable)"
 
 
-def option(default: Any, help: str, group: str, **metadata: Any) -> Any:
-    """A ``RunOptions`` field with its command-line help (``flag``: a flag name other than ``--field-name``)."""
+def option(default: Any, help: str, group: str, tasks: tuple[str, ...] = TASKS, **metadata: Any) -> Any:
+    """A ``RunOptions`` field with its command-line help (``flag``: a flag name other than ``--field-name``) and
+    the tasks that use it (``tasks``): :meth:`RunOptions.resolved` refuses a value given for any other task."""
     factory = {"default_factory": default} if callable(default) else {"default": default}
-    return field(**factory, metadata={"help": help, "group": group, **metadata})
+    return field(**factory, metadata={"help": help, "group": group, "tasks": tasks, **metadata})
 
 
 @dataclass
@@ -82,18 +82,21 @@ class RunOptions:
 
     task: str = option("classification", "what to train", DATA, choices=TASKS)
     model: str | None = option(None, "model name (minilm, smollm2-135m), local folder or Hub name", DATA)
-    data: str | None = option(None, "data set name or file", DATA)
+    data: str | None = option(None, "data set name or file", DATA,
+                              tasks=("classification", "causal-lm", "data-to-text", "controllable"))
     text_column: str | None = option(None, "text column(s) of a data file, e.g. 'sentence1,sentence2' "
-                                     "(default text)", DATA)
-    label_column: str | None = option(None, "label column of a data file (default label)", DATA)
-    num_labels: int | None = option(None, "number of classes; labels must be 0..N-1", DATA)
+                                     "(default text)", DATA, tasks=("classification",))
+    label_column: str | None = option(None, "label column of a data file (default label)", DATA,
+                                      tasks=("classification",))
+    num_labels: int | None = option(None, "number of classes; labels must be 0..N-1", DATA, tasks=("classification",))
     glue_task: str | None = option(None, "GLUE task name: its text columns and metrics (cola, sst2, mrpc, stsb, ...)",
-                                   DATA)
-    max_length: int | None = option(None, "tokens per example", DATA)
-    max_train_samples: int | None = option(None, "use at most N training examples", DATA)
-    max_eval_samples: int | None = option(500, "validation examples per evaluation", DATA)
-    max_test_samples: int | None = option(None, "test examples (or MRs) scored at the end", DATA)
-    split_seed: int = option(0, "seed of the train/validation/test split", DATA)
+                                   DATA, tasks=("classification",))
+    max_length: int | None = option(None, "tokens per example", DATA, tasks=TEXT_TASKS)
+    max_train_samples: int | None = option(None, "use at most N training examples", DATA,
+                                           tasks=(*TEXT_TASKS, "controllable"))
+    max_eval_samples: int | None = option(500, "validation examples per evaluation", DATA, tasks=TEXT_TASKS)
+    max_test_samples: int | None = option(None, "test examples (or MRs) scored at the end", DATA, tasks=TEXT_TASKS)
+    split_seed: int = option(0, "seed of the train/validation/test split", DATA, tasks=TEXT_TASKS)
 
     method: str = option("hra", "adapter method", METHOD)
     r: int = option(8, "adapter rank / number of reflections", METHOD)
@@ -106,52 +109,69 @@ class RunOptions:
 
     lr: float | None = option(None, "learning rate (default: the method's, e.g. hra 1e-2, lora 3e-3; image tasks: "
                               "at most 3e-3)", TRAINING)
-    epochs: float = option(1.0, "epochs, unless --max-steps is given", TRAINING)
+    epochs: float = option(1.0, "epochs, unless --max-steps is given", TRAINING, tasks=TEXT_TASKS)
     max_steps: int | None = option(None, "optimizer steps (overrides --epochs)", TRAINING)
     batch_size: int | None = option(None, "per-device batch size", TRAINING)
-    eval_batch_size: int | None = option(None, "evaluation batch size (default 2x batch size)", TRAINING)
+    eval_batch_size: int | None = option(None, "evaluation batch size (default 2x batch size)", TRAINING,
+                                         tasks=TEXT_TASKS)
     eval_steps: int = option(50, "evaluate and checkpoint every N steps (image tasks: checkpoint)", TRAINING)
     warmup: float = option(0.06, "warm-up steps, or a fraction of the run if < 1", TRAINING)
     weight_decay: float = option(0.0, "AdamW weight decay", TRAINING)
-    label_smoothing: float = option(0.0, "label smoothing (MTLoRA on E2E: 0.1)", TRAINING)
+    label_smoothing: float = option(0.0, "label smoothing (MTLoRA on E2E: 0.1)", TRAINING, tasks=TEXT_TASKS)
     seed: int = option(0, "seed of initialisation and data order", TRAINING)
     resume: bool = option(False, "continue from the last complete checkpoint in --output-dir (a finished run: "
                           "nothing to do; no complete checkpoint yet: start again)", TRAINING)
     output_dir: str | None = option(None, "where the run goes (default runs/<task>-<method>-<data>)", TRAINING)
     overwrite: bool = option(False, "replace an earlier run in --output-dir (never done without it)", TRAINING)
     initial_eval: bool = option(True, "skip the step-0 evaluation of the untrained model", TRAINING,
-                                flag="--no-initial-eval")
+                                flag="--no-initial-eval", tasks=("classification", "causal-lm"))
+    mixed_precision: str = option("no", "autocast the forward in bf16 or fp16, weights and optimizer in float32 (HF "
+                                  "Trainer / accelerate; fp16 needs a GPU)", TRAINING, choices=MIXED_PRECISION)
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step", TRAINING)
+    gradient_checkpointing: bool = option(False, "recompute activations in backward instead of keeping them (less "
+                                          "memory, ~30%% more time)", TRAINING)
+    torch_dtype: str = option("float32", "dtype of the base model's weights (adapters stay float32)", TRAINING,
+                              choices=TORCH_DTYPES)
+    load_in_4bit: bool = option(False, "QLoRA: the base model's linear layers in 4-bit NF4 (bitsandbytes)", TRAINING,
+                                tasks=TEXT_TASKS)
+    load_in_8bit: bool = option(False, "the base model's linear layers in int8 (bitsandbytes LLM.int8())", TRAINING,
+                                tasks=TEXT_TASKS)
+    torch_compile: bool = option(False, "torch.compile the model (text: HF Trainer's; image: the UNet)", TRAINING)
     keep_checkpoints: bool = option(True, "", TRAINING, cli=False)
     report_to: str | None = option(None, "experiment tracking: tensorboard (logs in <output-dir>/logs), wandb, "
                                    "mlflow or none (default: tensorboard when it is installed)", TRAINING,
                                    choices=REPORT_TO)
 
     instance_data: str | None = option(None, "subject-driven: a folder of subject images, or glyph:LETTER (6 "
-                                       "renderings of an unseen letter in one font, offline)", IMAGE)
+                                       "renderings of an unseen letter in one font, offline)", IMAGE,
+                                       tasks=("subject-driven",))
     instance_prompt: str | None = option(None, "subject-driven: the prompt of the subject, with its rare token",
-                                         IMAGE)
+                                         IMAGE, tasks=("subject-driven",))
     class_prompt: str | None = option(None, "subject-driven: the prompt of the subject's class (prior preservation)",
-                                      IMAGE)
+                                      IMAGE, tasks=("subject-driven",))
     prior_loss_weight: float = option(1.0, "subject-driven: weight λ of the class-image loss (0: no prior "
-                                      "preservation)", IMAGE)
+                                      "preservation)", IMAGE, tasks=("subject-driven",))
     num_class_images: int | None = option(None, "subject-driven: class images generated once by the base model "
-                                          "and cached", IMAGE)
-    train_text_encoder: bool = option(False, "subject-driven / controllable: adapt the text encoder too", IMAGE)
+                                          "and cached", IMAGE, tasks=("subject-driven",))
+    train_text_encoder: bool = option(False, "subject-driven / controllable: adapt the text encoder too", IMAGE,
+                                      tasks=IMAGE_TASKS)
     control: str | None = option(None, "controllable: the control map computed from the targets", IMAGE,
-                                 choices=CONTROLS)
-    resolution: int | None = option(None, "image size in pixels (default: the model's)", IMAGE)
-    mixed_precision: str = option("no", "accelerate mixed precision", IMAGE, choices=MIXED_PRECISION)
-    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step (accelerate)", IMAGE)
+                                 choices=CONTROLS, tasks=("controllable",))
+    resolution: int | None = option(None, "image size in pixels (default: the model's)", IMAGE, tasks=IMAGE_TASKS)
     eval_encoder: str | None = option(None, "CLIP encoder for CLIP-I / CLIP-T (NAME), and DINO (dino=NAME), e.g. "
-                                      "openai/clip-vit-base-patch32,dino=facebook/dinov2-small", IMAGE)
-    num_eval_images: int | None = option(None, "images sampled for the metrics before and after training", IMAGE)
-    inference_steps: int = option(20, "denoising steps of the metric samples and class images", IMAGE)
-    guidance_scale: float = option(4.0, "classifier-free guidance of the metric samples and class images", IMAGE)
+                                      "openai/clip-vit-base-patch32,dino=facebook/dinov2-small", IMAGE,
+                                      tasks=("subject-driven",))
+    num_eval_images: int | None = option(None, "images sampled for the metrics before and after training", IMAGE,
+                                         tasks=IMAGE_TASKS)
+    inference_steps: int = option(20, "denoising steps of the metric samples and class images", IMAGE,
+                                  tasks=IMAGE_TASKS)
+    guidance_scale: float = option(4.0, "classifier-free guidance of the metric samples and class images", IMAGE,
+                                   tasks=IMAGE_TASKS)
 
-    max_new_tokens: int | None = option(None, "tokens generated per example", GENERATION)
-    num_beams: int | None = option(None, "beam size", GENERATION)
-    length_penalty: float = option(0.9, "beam-search length penalty", GENERATION)
-    no_repeat_ngram_size: int = option(4, "forbid repeated n-grams in beam search", GENERATION)
+    max_new_tokens: int | None = option(None, "tokens generated per example", GENERATION, tasks=LM_TASKS)
+    num_beams: int | None = option(None, "beam size", GENERATION, tasks=LM_TASKS)
+    length_penalty: float = option(0.9, "beam-search length penalty", GENERATION, tasks=LM_TASKS)
+    no_repeat_ngram_size: int = option(4, "forbid repeated n-grams in beam search", GENERATION, tasks=LM_TASKS)
 
     def resolved(self) -> RunOptions:
         """A copy with the task's defaults filled in and every value checked."""
@@ -159,6 +179,7 @@ class RunOptions:
 
         if self.task not in TASKS:
             raise RecipeError(f"unknown task {self.task!r}; known tasks: {', '.join(TASKS)}")
+        self.refuse_unused()
         out = dataclasses.replace(self, adapter_args=dict(self.adapter_args))
         for key, value in {**TASK_DEFAULTS[self.task], **DATA_DEFAULTS.get(str(out.data or ""), {})}.items():
             if getattr(out, key) is None:
@@ -173,12 +194,6 @@ class RunOptions:
             out.lr = min(spec.lr, IMAGE_MAX_DEFAULT_LR) if image else spec.lr
         if image:
             self._check_image(out)
-        else:
-            given = [name for name in IMAGE_ONLY if getattr(out, name) is not None] + (
-                ["train_text_encoder"] if out.train_text_encoder else [])
-            if given:
-                raise RecipeError(f"{', '.join('--' + g.replace('_', '-') for g in given)} apply only to --task "
-                                  f"{' / '.join(IMAGE_TASKS)}")
         if out.eval_batch_size is None:
             out.eval_batch_size = 2 * out.batch_size
         out.report_to = resolve_tracker(out.report_to)
@@ -200,6 +215,15 @@ class RunOptions:
             raise RecipeError(f"--epochs must be > 0 (or give --max-steps); got {out.epochs!r}")
         if out.resume and out.overwrite:
             raise RecipeError("--resume continues the run in the output folder and --overwrite deletes it: pick one")
+        for name, choices in (("mixed_precision", MIXED_PRECISION), ("torch_dtype", TORCH_DTYPES)):
+            if getattr(out, name) not in choices:
+                raise RecipeError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}; got "
+                                  f"{getattr(out, name)!r}")
+        if out.load_in_4bit and out.load_in_8bit:
+            raise RecipeError("--load-in-4bit and --load-in-8bit both quantize the base model: pick one")
+        if (out.load_in_4bit or out.load_in_8bit) and spec.config_class is None:
+            raise RecipeError(f"--method {out.method} trains the base model's own weights, which cannot train "
+                              "quantized; drop --load-in-4bit / --load-in-8bit or choose an adapter method")
         if out.method == LINEAR_PROBE and out.task != "classification":
             raise RecipeError("linear-probe trains only a classification head; it needs --task classification")
         return out
@@ -212,12 +236,27 @@ class RunOptions:
         if not (isinstance(out.prior_loss_weight, (int, float)) and math.isfinite(out.prior_loss_weight)
                 and out.prior_loss_weight >= 0):
             raise RecipeError(f"--prior-loss-weight must be a number >= 0; got {out.prior_loss_weight!r}")
-        if out.mixed_precision not in MIXED_PRECISION:
-            raise RecipeError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
         if out.control is not None and out.control not in CONTROLS:
             raise RecipeError(f"unknown --control {out.control!r}; choose one of: {', '.join(CONTROLS)}")
         if not isinstance(out.guidance_scale, (int, float)) or not math.isfinite(out.guidance_scale):
             raise RecipeError(f"--guidance-scale must be a finite number; got {out.guidance_scale!r}")
+
+    def refuse_unused(self) -> None:
+        """A one-line RecipeError for an option given (not its default, nor the task's) to a task that does not
+        use it (the field's ``tasks``): a flag a task cannot honour is refused, never recorded and ignored."""
+        task_defaults = {**TASK_DEFAULTS.get(self.task, {}), **DATA_DEFAULTS.get(str(self.data or ""), {})}
+        for f in dataclasses.fields(self):
+            value, default = getattr(self, f.name), f.default_factory() if callable(f.default_factory) else f.default
+            if self.task in f.metadata["tasks"] or value == default or value == task_defaults.get(f.name, default):
+                continue
+            flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+            raise RecipeError(f"{flag} is for --task {' / '.join(f.metadata['tasks'])} only; --task {self.task} "
+                              "does not use it: drop it")
+
+    def unused_reset(self) -> RunOptions:
+        """A copy with every option the task does not use back at its default (a saved run's filled-in values)."""
+        return dataclasses.replace(self, **{f.name: f.default_factory() if callable(f.default_factory) else f.default
+                                            for f in dataclasses.fields(self) if self.task not in f.metadata["tasks"]})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -246,7 +285,7 @@ def resolve_tracker(report_to: str | None) -> str:
 
 def eval_options(folder: Any, task: str, saved: RunOptions | None, changes: dict[str, Any]) -> RunOptions:
     """The options a run was trained with (``saved``), updated by the evaluation's own (``None`` = keep)."""
-    options = saved or RunOptions(task=task)
+    options = (saved or RunOptions(task=task)).unused_reset()
     changes = {k: v for k, v in changes.items() if v is not None}
     return RunOptions.from_dict({**options.to_dict(), **changes, "output_dir": str(folder), "resume": False,
                                  "overwrite": False}).resolved()

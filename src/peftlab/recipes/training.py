@@ -32,16 +32,21 @@ def total_steps(options: RunOptions, num_train: int) -> int:
     """Optimizer steps of the whole run (for capping the evaluation interval)."""
     if options.max_steps:
         return options.max_steps
-    per_epoch = math.ceil(num_train / (options.batch_size * world_size()))
+    batches = math.ceil(num_train / (options.batch_size * world_size()))
+    per_epoch = max(1, batches // options.gradient_accumulation_steps)  # HF's updates per epoch
     return max(1, math.ceil(per_epoch * options.epochs))
 
 
 def training_arguments(options: RunOptions, num_train: int, metric: str, greater_is_better: bool, **extra: Any):
     """HF ``TrainingArguments``: linear schedule with warm-up, eval + checkpoint every ``eval_steps``
-    (capped at the run's length), the best checkpoint kept and restored at the end, seeded."""
+    (capped at the run's length), the best checkpoint kept and restored at the end, seeded; mixed precision,
+    gradient accumulation and checkpointing and ``torch_compile`` from :func:`peftlab.recipes.scale.trainer_kwargs`."""
     from transformers import TrainingArguments
 
+    from peftlab.recipes.scale import trainer_kwargs
+
     every = min(options.eval_steps, total_steps(options, num_train))
+    extra = {**trainer_kwargs(options), **extra}  # mixed precision, accumulation, checkpointing, compile
     if world_size() > 1 and not torch.cuda.is_available():  # torchrun on CPU: HF needs use_cpu for gloo DDP
         extra = {"use_cpu": True, "ddp_backend": "gloo", **extra}
     return TrainingArguments(

@@ -17,6 +17,7 @@ from torch import nn
 from peftlab.recipes.image.training import Batch, add_adapters, finish_image_run, fit, saved_metrics, summary
 from peftlab.recipes.options import RunOptions
 from peftlab.recipes.rundir import is_main_process, start_output_dir
+from peftlab.recipes.scale import unet_training
 from peftlab.recipes.training import log
 
 Scores = tuple[dict[str, float], dict[str, str], list[Any]]  # (values, skipped with the reason, the samples)
@@ -70,8 +71,9 @@ def train_prepared(run: PreparedRun, options: RunOptions, checkpoint: str | None
     objective, what = run.objective(options, generator)
     log(f"training {options.method}{' + a condition encoder' if objective.modules else ''} on {what}, "
         f"{options.max_steps} steps")
-    training = fit(run.pipe, [m.base_model for m in models.values()] + objective.modules, objective.sample, options,
-                   hook=objective.hook, out=out, checkpoint=checkpoint, generator=generator)
+    with unet_training(run.pipe, models, options):  # --gradient-checkpointing, --torch-compile
+        training = fit(run.pipe, [m.base_model for m in models.values()] + objective.modules, objective.sample,
+                       options, hook=objective.hook, out=out, checkpoint=checkpoint, generator=generator)
     if objective.hook is not None:
         objective.hook.control = None
     after, skipped, samples = run.score(options, trained=True)

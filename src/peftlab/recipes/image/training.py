@@ -38,11 +38,13 @@ SAMPLES_FILE = "samples.png"
 
 # -- the pipeline ------------------------------------------------------------------------------------------------
 def load_base(options: RunOptions) -> Any:
-    """The frozen base pipeline of ``--model`` (every weight ``requires_grad=False``), progress bars off, on the
-    GPU when there is one (accelerate's device: GPU ``$LOCAL_RANK`` under ``accelerate launch``)."""
+    """The frozen base pipeline of ``--model`` (every weight ``requires_grad=False``, in ``--torch-dtype``),
+    progress bars off, on the GPU when there is one (accelerate's device: GPU ``$LOCAL_RANK`` under
+    ``accelerate launch``)."""
     from peftlab.diffusion.pipeline import load_pipeline
+    from peftlab.recipes.scale import pipeline_dtype
 
-    pipe = load_pipeline(options.model)
+    pipe = load_pipeline(options.model, dtype=pipeline_dtype(options))
     pipe.to(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
     for name in ("unet", "text_encoder", "vae"):
         pipe.components[name].requires_grad_(False).eval()
@@ -146,13 +148,13 @@ def denoising_loss(pipe: Any, scheduler: Any, batch: Batch, hook: Any = None) ->
     ε-prediction model; docs/design.md); ``hook``: the condition encoder's."""
     device = pipe.unet.device
     z0, noise, t = batch.latents.to(device), batch.noise.to(device), batch.timesteps.to(device)
-    noisy = scheduler.add_noise(z0, noise, t)
+    noisy = scheduler.add_noise(z0, noise, t).to(pipe.unet.dtype)  # the UNet's dtype (--torch-dtype)
     text_grad = torch.is_grad_enabled() and any(p.requires_grad for p in pipe.text_encoder.parameters())
     with torch.set_grad_enabled(text_grad):
         states = pipe.text_encoder(batch.ids.to(device)).last_hidden_state  # no graph when it is frozen
     if hook is not None:
         hook.control = batch.control
-    prediction = pipe.unet(noisy, t, encoder_hidden_states=states, return_dict=False)[0]
+    prediction = pipe.unet(noisy, t, encoder_hidden_states=states.to(noisy.dtype), return_dict=False)[0]
     target = denoising_target(scheduler, z0, noise, t)
     per_example = (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
     return (batch.weights.to(device) * per_example).sum()
@@ -218,16 +220,18 @@ def fit(pipe: Any, modules: list[nn.Module], sample: Callable[[], Batch], option
     and accelerate averages the gradients. With ``out``, checkpoints go to ``out/checkpoint-<step>``; ``checkpoint``
     is one to continue from. Returns the losses (means over the processes) and timings."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from transformers import get_scheduler
+
+    from peftlab.recipes.scale import accelerator_kwargs
 
     named = named_trainable(modules)
     params = list(named.values())
     if not params:
         raise RecipeError("nothing to train: the adapters have no trainable parameters")
     tracker = options.report_to not in (None, "none") and out is not None
-    accelerator = Accelerator(mixed_precision=options.mixed_precision, cpu=not torch.cuda.is_available(),
-                              gradient_accumulation_steps=options.gradient_accumulation_steps,
-                              log_with=options.report_to if tracker else None,
+    AcceleratorState._reset_state()  # this run's own mixed precision, not an earlier run's (as HF Trainer resets)
+    accelerator = Accelerator(**accelerator_kwargs(options), log_with=options.report_to if tracker else None,
                               project_dir=str(out / LOGS_DIR) if tracker else None)
     main, processes = accelerator.is_main_process, accelerator.num_processes
     if tracker:  # the options as hyperparameters (flat: trackers take numbers, strings and booleans)
@@ -320,6 +324,7 @@ def sample_images(pipe: Any, prompts: list[str], options: RunOptions, size: int,
     import contextlib
 
     from peftlab.diffusion.conditioning import controlled
+    from peftlab.recipes.scale import sampling_kwargs
 
     generator = torch.Generator("cpu").manual_seed(seed)
     images: list[Any] = []
@@ -327,9 +332,8 @@ def sample_images(pipe: Any, prompts: list[str], options: RunOptions, size: int,
     for i in range(0, len(prompts), chunk):
         block = contextlib.nullcontext() if control is None else controlled(pipe, control[i:i + chunk])
         with torch.inference_mode(), block:
-            images += pipe(prompts[i:i + chunk], num_inference_steps=options.inference_steps,
-                           guidance_scale=options.guidance_scale, height=size, width=size, generator=generator,
-                           output_type="pil").images
+            images += pipe(prompts[i:i + chunk], **sampling_kwargs(options), height=size, width=size,
+                           generator=generator, output_type="pil").images
     return images
 
 

@@ -116,10 +116,10 @@ def score_answers(predictions: list[str], golds: list[str], tasks: list[str] | N
 
 def evaluate_answers(model, tokenizer, records, options: RunOptions) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Exact match of greedy generations on ``records`` (and the prediction rows)."""
+    from peftlab.recipes.scale import generation_kwargs
+
     prompts = [record_prompt(r) for r in records]
-    predictions = generate(model, tokenizer, prompts, options.eval_batch_size, options.max_new_tokens,
-                           num_beams=options.num_beams, length_penalty=options.length_penalty,
-                           no_repeat_ngram_size=options.no_repeat_ngram_size, max_prompt_length=options.max_length)
+    predictions = generate(model, tokenizer, prompts, **generation_kwargs(options))
     golds = list(records["output"])
     tasks = list(records["task"]) if "task" in records.column_names else None
     rows = [{"prompt": p, "prediction": y, "reference": g, **({"task": tasks[i]} if tasks else {})}
@@ -128,13 +128,18 @@ def evaluate_answers(model, tokenizer, records, options: RunOptions) -> tuple[di
 
 
 # -- training and evaluation -------------------------------------------------------------------------------------
+def run_parts(options: RunOptions) -> tuple[Any, Any, Any, Any]:
+    """(records, prompt of a record, its response, the test records of ``records``): what :func:`train` and
+    :func:`peftlab.recipes.scale.plan` set up."""
+    return (load_records(options.data, options.split_seed), record_prompt, _output,
+            lambda records: select(records["test"], options.max_test_samples, options.split_seed))
+
+
 @owns_output_dir
 def train(options: RunOptions, checkpoint: str | None) -> dict[str, Any]:
     """Instruction-tune ``options.model`` with ``options.method``; write the adapter, ``metrics.json`` (test exact
     match overall and per task, perplexity), the training curve and ``predictions.jsonl``."""
-    run = start_run(options, load_records(options.data, options.split_seed), record_prompt, _output,
-                    lambda records: select(records["test"], options.max_test_samples, options.split_seed),
-                    lambda rows: f"{len(rows)} test examples")
+    run = start_run(options, *run_parts(options), lambda rows: f"{len(rows)} test examples")
     test_records = run.test_rows
     initial = None
     if options.initial_eval and checkpoint is None and run.main:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -153,13 +154,21 @@ def _is_int(text: str) -> bool:
 
 
 def tokenize(data, tokenizer, max_length: int, sort: bool = False):
-    """Token ids (truncated to ``max_length``; padding is per batch), ``label`` and ``length`` (``sort``: by length)."""
+    """Token ids (truncated to ``max_length``; padding is per batch), ``label`` and ``length`` (``sort``: by length).
+
+    The result's fingerprint is named from the rows' fingerprint, the tokenizer's name, class and vocabulary size and
+    ``max_length``: ``datasets`` would otherwise pickle the whole tokenizer to hash the function (~3 s per split for
+    a 30k-token vocabulary on a 2-core machine).
+    """
+    import hashlib
 
     def encode(batch: dict[str, list]) -> dict[str, Any]:
         return tokenizer(batch["text"], batch.get("text_pair"), truncation=True, max_length=max_length)
 
+    key = f"{data._fingerprint} {type(tokenizer).__name__} {tokenizer.name_or_path} {len(tokenizer)} {max_length}"
     with quiet_datasets():
-        encoded = data.map(encode, batched=True, remove_columns=[c for c in data.column_names if c != "label"])
+        encoded = data.map(encode, batched=True, remove_columns=[c for c in data.column_names if c != "label"],
+                           new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16])
     return with_length(encoded, sort=sort)
 
 
@@ -174,24 +183,37 @@ def main_metric(options: RunOptions, regression: bool) -> str:
 
 
 # -- training ----------------------------------------------------------------------------------------------------
-@owns_output_dir
-def train(options: RunOptions, checkpoint: str | None) -> dict[str, Any]:
-    """Train ``options.method`` on ``options.data``; write adapter, ``metrics.json`` and the curve; return metrics."""
-    from transformers import DataCollatorWithPadding, set_seed
+@dataclass
+class Setup:
+    """A classification run before training: the data, the model with the method, the ``TrainingArguments``."""
+
+    model: Any
+    tokenizer: Any
+    names: list[str] | None  # label names (``None``: regression)
+    regression: bool
+    train_set: Any
+    val_set: Any
+    test_set: Any
+    metric: str
+    args: Any
+
+
+def setup(options: RunOptions) -> Setup:
+    """Data, the model with ``options.method`` and the ``TrainingArguments`` (what :func:`train` runs, and what
+    :func:`peftlab.recipes.scale.plan` reports)."""
+    from transformers import set_seed
 
     from peftlab.base_models import load_classifier
-    from peftlab.trainer import Trainer
+    from peftlab.recipes.scale import load_kwargs
 
     data, names = load_data(options)
     regression = names is None
     num_labels = 1 if regression else len(names)
     set_seed(options.seed)  # the new head and the adapter are initialised from this seed
-    model, tokenizer = load_classifier(options.model, num_labels, label_names=names)
+    model, tokenizer = load_classifier(options.model, num_labels, label_names=names, **load_kwargs(options))
     if regression:
         model.config.problem_type = "regression"
     model = prepare_model(model, options, classification=True, texts=lambda: list(data["train"]["text"]))
-    trainable, total = count_parameters(model)
-
     train_set = tokenize(select(data["train"], options.max_train_samples, options.split_seed), tokenizer,
                          options.max_length)
     val_set = tokenize(select(data["validation"], options.max_eval_samples, options.split_seed), tokenizer,
@@ -203,6 +225,20 @@ def train(options: RunOptions, checkpoint: str | None) -> dict[str, Any]:
     # the number of processes, so DDP / ZeRO runs would take N times the gradient of a one-process run)
     args = training_arguments(options, len(train_set), metric, greater_is_better=True,
                               label_smoothing_factor=options.label_smoothing, average_tokens_across_devices=False)
+    return Setup(model, tokenizer, names, regression, train_set, val_set, test_set, metric, args)
+
+
+@owns_output_dir
+def train(options: RunOptions, checkpoint: str | None) -> dict[str, Any]:
+    """Train ``options.method`` on ``options.data``; write adapter, ``metrics.json`` and the curve; return metrics."""
+    from transformers import DataCollatorWithPadding
+
+    from peftlab.trainer import Trainer
+
+    run = setup(options)
+    model, tokenizer, names, args, metric = run.model, run.tokenizer, run.names, run.args, run.metric
+    train_set, val_set, test_set = run.train_set, run.val_set, run.test_set
+    trainable, total = count_parameters(model)
     with args.main_process_first(local=False):
         out = start_output_dir(options, main_process=args.process_index == 0, extra={"labels": names})
     trainer = Trainer(
@@ -212,7 +248,7 @@ def train(options: RunOptions, checkpoint: str | None) -> dict[str, Any]:
         eval_dataset=val_set,
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=trainer_compute_metrics(metric_task(options, regression)),
+        compute_metrics=trainer_compute_metrics(metric_task(options, run.regression)),
         callbacks=tracking_callbacks(options),
     )
     main = trainer.is_world_process_zero()

@@ -87,11 +87,9 @@ def evaluate_generations(model, tokenizer, pairs, options: RunOptions) -> tuple[
     from peftlab.metrics import generation_metrics
 
     grouped = group_references(pairs)
-    hypotheses = generate(
-        model, tokenizer, [prompt_for(mr) for mr in grouped["mr"]], options.eval_batch_size,
-        options.max_new_tokens, num_beams=options.num_beams, length_penalty=options.length_penalty,
-        no_repeat_ngram_size=options.no_repeat_ngram_size, max_prompt_length=options.max_length,
-    )
+    from peftlab.recipes.scale import generation_kwargs
+
+    hypotheses = generate(model, tokenizer, [prompt_for(mr) for mr in grouped["mr"]], **generation_kwargs(options))
     references = list(grouped["references"])
     rows = [{"mr": mr, "hypothesis": h, "references": refs}
             for mr, h, refs in zip(grouped["mr"], hypotheses, references, strict=True)]
@@ -136,12 +134,17 @@ def _test_pairs(pairs, limit: int | None, seed: int):
     return pairs.filter(lambda row: row["mr"] in keep)
 
 
+def run_parts(options: RunOptions) -> tuple[Any, Any, Any, Any]:
+    """(pairs, prompt of a pair, its reference, the test pairs of ``pairs``): what :func:`train` and
+    :func:`peftlab.recipes.scale.plan` set up."""
+    return (load_pairs(options.data, options.split_seed, MIN_INPUTS), _prompt, _reference,
+            lambda pairs: _test_pairs(pairs["test"], options.max_test_samples, options.split_seed))
+
+
 @owns_output_dir
 def train(options: RunOptions, checkpoint: str | None) -> dict[str, Any]:
     """Train on MR → text pairs; write adapter, metrics (BLEU, NIST, ROUGE-L, ...), curve and predictions."""
-    run = start_run(options, load_pairs(options.data, options.split_seed, MIN_INPUTS), _prompt, _reference,
-                    lambda pairs: _test_pairs(pairs["test"], options.max_test_samples, options.split_seed),
-                    lambda rows: f"{len(set(rows['mr']))} test MRs")
+    run = start_run(options, *run_parts(options), lambda rows: f"{len(set(rows['mr']))} test MRs")
     test_pairs = run.test_rows
     training = run_training(run.trainer, checkpoint)
     test = strip_prefix(run.trainer.evaluate(run.test_set, metric_key_prefix="test"), "test")

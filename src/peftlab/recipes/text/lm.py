@@ -45,13 +45,18 @@ def encode_pair(tokenizer, prompt: str, response: str, max_length: int) -> dict[
 
 
 def encode_records(records, tokenizer, max_length: int, prompt_fn, response_fn):
-    """Tokenise prompt/response pairs; rows whose response is cut off entirely are dropped."""
+    """Tokenise prompt/response pairs; rows whose response is cut off entirely are dropped. The fingerprint is
+    named from the rows', the tokenizer's and the functions' names (``datasets`` would pickle the tokenizer)."""
+    import hashlib
 
     def encode(row: dict[str, Any]) -> dict[str, list[int]]:
         return encode_pair(tokenizer, prompt_fn(row), response_fn(row), max_length)
 
+    key = (f"{records._fingerprint} {type(tokenizer).__name__} {tokenizer.name_or_path} {len(tokenizer)} "
+           f"{max_length} {prompt_fn.__module__}.{prompt_fn.__qualname__} {response_fn.__qualname__}")
     with quiet_datasets():
-        encoded = records.map(encode, remove_columns=records.column_names)
+        encoded = records.map(encode, remove_columns=records.column_names,
+                              new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16])
         kept = encoded.filter(lambda row: any(label != -100 for label in row["labels"]))
     if len(records) and not len(kept):
         raise RecipeError(f"every response is cut off at --max-length {max_length}; raise --max-length")
@@ -70,9 +75,10 @@ def setup(options: RunOptions, records, prompt_fn, response_fn):
     from transformers import set_seed
 
     from peftlab.base_models import load_causal_lm
+    from peftlab.recipes.scale import load_kwargs
 
     set_seed(options.seed)
-    model, tokenizer = load_causal_lm(options.model)
+    model, tokenizer = load_causal_lm(options.model, **load_kwargs(options))
     tokenizer.padding_side = "right"
     eos_id(tokenizer)
     model = prepare_model(model, options, classification=False,
