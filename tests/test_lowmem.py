@@ -156,7 +156,7 @@ def test_a_bad_checkpoint_gives_adapter_load_error_and_leaves_no_meta_tensor(dam
     else:
         config = json.loads((tmp_path / "adapter_config.json").read_text())
         (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "r": 4}))
-        match = "has shape"
+        match = "the config says r=4 but the weights have rank 2"
     base = tiny_bert()
     expected = outputs(base, token_batch)
     with pytest.raises(AdapterLoadError, match=match):

@@ -21,7 +21,7 @@ from peftlab import AdapterConfig, get_adapter_model
 from peftlab.cli import main
 from peftlab.config import METHODS, check_finite, register_method
 from peftlab.layers import LayerView
-from peftlab.methods.base import Adapter
+from peftlab.methods.base import ADAPTERS, Adapter
 
 
 @dataclass
@@ -58,11 +58,18 @@ class ToyAdapter(Adapter):
         return weight - (self.scale * self.toy_B @ self.toy_A).to(weight.dtype)
 
 
+# Defining ToyAdapter registered it (Adapter.__init_subclass__): only the fixture's tests may see it, not the
+# test modules collected after this one (they parametrise over the registry).
+ADAPTERS.pop(ToyConfig.method, None)
+
+
 @pytest.fixture
 def toy_method():
     register_method(ToyConfig)
+    ADAPTERS[ToyConfig.method] = ToyAdapter
     yield ToyConfig
     METHODS.pop(ToyConfig.method, None)
+    ADAPTERS.pop(ToyConfig.method, None)
 
 
 def test_a_method_registered_in_a_test_trains_through_the_cli(toy_method, tiny, tmp_path, capsys):  # noqa: F811
