@@ -1,6 +1,6 @@
 """Every option of ``RunOptions``, for every task, changes what the run runs -- or is refused.
 
-For each task the default run's plan (:func:`peftlab.recipes.scale.plan`: what the recipe builds before
+For each task the default run's plan (:func:`peftlab.recipes.plan.plan`: what the recipe builds before
 training, through the recipe's own setup functions) is compared with the plan of the run with one option
 changed. An option the task does not use must be a one-line RecipeError naming the option and the tasks that use
 it; an option it uses must change the plan. The few options that by nature leave the computation alone are listed
@@ -20,7 +20,7 @@ from conftest import save_tiny_classifier, save_tiny_lm, tiny_sd_pipeline
 
 import peftlab.methods  # noqa: F401  (registers every built-in method)
 from peftlab.errors import RecipeError
-from peftlab.recipes import scale
+from peftlab.recipes import plan as planning
 from peftlab.recipes.options import TASKS, RunOptions
 
 pytest.importorskip("diffusers")
@@ -195,8 +195,8 @@ def canonical(plan: dict) -> str:
 @pytest.mark.parametrize("task", TASKS)
 def test_every_option_changes_the_run_or_is_refused(task, assets, cached_loading):
     base = base_options(task, assets)
-    default = canonical(scale.plan(RunOptions(**base)))
-    assert default == canonical(scale.plan(RunOptions(**base)))  # the plan itself is deterministic
+    default = canonical(planning.plan(RunOptions(**base)))
+    assert default == canonical(planning.plan(RunOptions(**base)))  # the plan itself is deterministic
     unchanged, wrongly_accepted = [], []
     for f in dataclasses.fields(RunOptions):
         if f.name in NOT_COMPUTATION:
@@ -211,7 +211,7 @@ def test_every_option_changes_the_run_or_is_refused(task, assets, cached_loading
                 continue
             wrongly_accepted.append(f.name)
             continue
-        if canonical(scale.plan(options)) == default:
+        if canonical(planning.plan(options)) == default:
             unchanged.append(f.name)
     assert not wrongly_accepted, f"{task}: accepted but unused: {wrongly_accepted}"
     assert not unchanged, f"{task}: accepted but the run is the same: {unchanged}"

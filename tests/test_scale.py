@@ -19,6 +19,7 @@ from peftlab.cli import main
 from peftlab.errors import RecipeError
 from peftlab.recipes import scale
 from peftlab.recipes.options import RunOptions
+from peftlab.recipes.plan import plan as run_plan
 from peftlab.recipes.text import causal_lm, classification, lm
 
 pytest.importorskip("bitsandbytes")
@@ -119,7 +120,7 @@ def test_a_4bit_causal_lm_trains_and_its_adapter_loads_on_the_float32_base(tiny_
 
 
 def test_torch_dtype_loads_the_base_in_bf16_with_float32_adapters(classifier):
-    plan = scale.plan(RunOptions(model=str(classifier / "model"), data=str(classifier / "data.csv"), method="hra",
+    plan = run_plan(RunOptions(model=str(classifier / "model"), data=str(classifier / "data.csv"), method="hra",
                                  torch_dtype="bfloat16", output_dir="unused", report_to="none"))
     assert plan["model"]["frozen_dtypes"] == ["torch.bfloat16"]
     assert plan["model"]["adapter_dtypes"] == ["torch.float32"]

@@ -130,7 +130,7 @@ def evaluate_answers(model, tokenizer, records, options: RunOptions) -> tuple[di
 # -- training and evaluation -------------------------------------------------------------------------------------
 def run_parts(options: RunOptions) -> tuple[Any, Any, Any, Any]:
     """(records, prompt of a record, its response, the test records of ``records``): what :func:`train` and
-    :func:`peftlab.recipes.scale.plan` set up."""
+    :func:`peftlab.recipes.plan.plan` set up."""
     return (load_records(options.data, options.split_seed), record_prompt, _output,
             lambda records: select(records["test"], options.max_test_samples, options.split_seed))
 

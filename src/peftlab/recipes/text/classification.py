@@ -200,7 +200,7 @@ class Setup:
 
 def setup(options: RunOptions) -> Setup:
     """Data, the model with ``options.method`` and the ``TrainingArguments`` (what :func:`train` runs, and what
-    :func:`peftlab.recipes.scale.plan` reports)."""
+    :func:`peftlab.recipes.plan.plan` reports)."""
     from transformers import set_seed
 
     from peftlab.base_models import load_classifier

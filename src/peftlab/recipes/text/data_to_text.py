@@ -136,7 +136,7 @@ def _test_pairs(pairs, limit: int | None, seed: int):
 
 def run_parts(options: RunOptions) -> tuple[Any, Any, Any, Any]:
     """(pairs, prompt of a pair, its reference, the test pairs of ``pairs``): what :func:`train` and
-    :func:`peftlab.recipes.scale.plan` set up."""
+    :func:`peftlab.recipes.plan.plan` set up."""
     return (load_pairs(options.data, options.split_seed, MIN_INPUTS), _prompt, _reference,
             lambda pairs: _test_pairs(pairs["test"], options.max_test_samples, options.split_seed))
 
