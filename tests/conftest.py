@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
 import warnings
 
 import pytest
@@ -39,6 +42,27 @@ def assert_same_greedy(got: torch.Tensor, want: torch.Tensor, scores: tuple[torc
                 lead = best - second
                 assert lead < margin, f"row {row} parts at step {step}, where the best logit led by {lead:.3g}"
                 break
+
+
+def free_port() -> str:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for torchrun / accelerate launch rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
+def run_process_group(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """Run a launcher (torchrun, accelerate launch) in a session of its own and wait at most ``timeout`` s; the
+    launcher and every worker it started are killed when it is over, so a failed test leaves no orphan behind."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def tiny_bert(num_labels: int = 2, seed: int = 0):

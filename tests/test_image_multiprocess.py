@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +18,9 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("skimage")
 
-from conftest import tiny_sd_pipeline
+from conftest import free_port, run_process_group
 from safetensors.torch import load_file
+from test_image_recipes import base_dir  # noqa: F401  (the module-scoped fixture)
 
 from peftlab.cli import main
 from peftlab.recipes.image import training as it
@@ -32,16 +31,8 @@ WORKER = Path(__file__).parent / "workers" / "image_launch.py"
 SIZE = 16
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-sd")
-    tiny_sd_pipeline(unet_widths=(16, 32), vae_widths=(8, 16), norm_groups=8, latent_size=8,
-                     image_size=SIZE).save_pretrained(folder)
-    return folder
-
-
-def train_args(base_dir, out) -> list[str]:
-    return ["train", "--task", "subject-driven", "--model", str(base_dir), "--instance-data", "glyph:K",
+def train_args(model_dir, out) -> list[str]:
+    return ["train", "--task", "subject-driven", "--model", str(model_dir), "--instance-data", "glyph:K",
             "--instance-prompt", "a photo of sks glyph", "--class-prompt", "a photo of a glyph", "--num-class-images",
             "2", "--method", "lora", "--r", "2",
             "--batch-size", "2", "--max-steps", "4", "--eval-steps", "2", "--inference-steps", "2",
@@ -60,27 +51,16 @@ def launch(args: list[str], dump: Path, kill_after: int = 0) -> subprocess.Compl
     if (cache_dir() / classifier).is_file() and not (cache / classifier).exists():  # else fitted there (~15 s)
         (cache / classifier).parent.mkdir(parents=True)
         shutil.copyfile(cache_dir() / classifier, cache / classifier)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port,
-           str(WORKER), *args]
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", free_port(), str(WORKER), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PEFTLAB_CACHE": str(cache),
            "PEFTLAB_TEST_DUMP": str(dump), "PEFTLAB_TEST_KILL_AFTER": str(kill_after)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=400)
-    finally:
-        if proc.poll() is None:  # kill the launcher and both workers, never leave orphans behind
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    return run_process_group(cmd, env, timeout=400)
 
 
 @pytest.fixture(scope="module")
-def straight(base_dir, tmp_path_factory):
+def straight(base_dir, tmp_path_factory):  # noqa: F811
     """An uninterrupted 4-step run on 2 processes: (run folder, {rank: adapters at the end})."""
     root = tmp_path_factory.mktemp("straight")
     done = launch(train_args(base_dir, root / "run"), root / "dump")
@@ -116,7 +96,7 @@ def test_two_processes_end_with_the_same_adapters_and_one_run_folder(straight):
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no leftovers, no lock
 
 
-def test_a_killed_two_process_run_resumes_to_the_same_end(straight, base_dir, tmp_path, monkeypatch, capsys):
+def test_a_killed_two_process_run_resumes_to_the_same_end(straight, base_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
     from peftlab.recipes.image import data as image_data
 
     monkeypatch.setattr(image_data, "class_cache_root", lambda: tmp_path / "class-images")  # the in-process run's

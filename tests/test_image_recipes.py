@@ -410,12 +410,13 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(base_dir, tmp
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
 
 
-def test_resume_from_a_corrupt_checkpoint_is_a_one_line_error(base_dir, tmp_path, monkeypatch, capsys):
+def crashed_after_the_first_checkpoint(base_dir, tmp_path, monkeypatch, method: str) -> tuple[Path, list[str]]:
+    """A 2-step controllable run that crashed right after writing checkpoint-1: (its folder, its arguments)."""
     write_digits(tmp_path / "digits")
     out = tmp_path / "run"
     args = ["train", "--task", "controllable", "--model", str(base_dir), "--data", str(tmp_path / "digits"),
-            "--control", "canny", "--method", "hra", "--max-steps", "2", "--eval-steps", "1", "--output-dir", str(out),
-            *FAST]
+            "--control", "canny", "--method", method, "--max-steps", "2", "--eval-steps", "1", "--output-dir",
+            str(out), *FAST]
     save = image_training.save_checkpoint
 
     def crash_after_step_1(folder, step, *rest, **kwargs):
@@ -426,6 +427,11 @@ def test_resume_from_a_corrupt_checkpoint_is_a_one_line_error(base_dir, tmp_path
     with pytest.raises(Crash):
         main(args)
     monkeypatch.undo()
+    return out, args
+
+
+def test_resume_from_a_corrupt_checkpoint_is_a_one_line_error(base_dir, tmp_path, monkeypatch, capsys):
+    out, args = crashed_after_the_first_checkpoint(base_dir, tmp_path, monkeypatch, "hra")
     (out / "checkpoint-1" / image_training.CHECKPOINT_WEIGHTS).write_bytes(b"not safetensors")
     capsys.readouterr()
     assert main([*args, "--resume"]) == 2
@@ -453,21 +459,7 @@ def test_resume_never_unpickles_a_planted_checkpoint_file(base_dir, tmp_path, mo
     the tensors of other parameters."""
     from safetensors.torch import save_file
 
-    write_digits(tmp_path / "digits")
-    out = tmp_path / "run"
-    args = ["train", "--task", "controllable", "--model", str(base_dir), "--data", str(tmp_path / "digits"),
-            "--control", "canny", "--method", "lora", "--max-steps", "2", "--eval-steps", "1", "--output-dir", str(out),
-            *FAST]
-    save = image_training.save_checkpoint
-
-    def crash_after_step_1(folder, step, *rest, **kwargs):
-        save(folder, step, *rest, **kwargs)
-        raise Crash
-
-    monkeypatch.setattr(image_training, "save_checkpoint", crash_after_step_1)
-    with pytest.raises(Crash):
-        main(args)
-    monkeypatch.undo()
+    out, args = crashed_after_the_first_checkpoint(base_dir, tmp_path, monkeypatch, "lora")
     checkpoint = out / "checkpoint-1"
     marker = tmp_path / "the planted code ran"
     for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"):

@@ -8,15 +8,12 @@ every saved tensor must have its full shape. The shape guard itself is tested in
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_bert
+from conftest import free_port, run_process_group, tiny_bert
 from safetensors.torch import load_file
 
 from peftlab import AdapterError, AdapterModel, HRAConfig, get_adapter_model
@@ -27,21 +24,12 @@ WORKERS = Path(__file__).parent / "workers"
 
 def torchrun(worker: Path, *args: str, env: dict[str, str] | None = None, timeout: int = 300) -> None:
     """Run ``worker`` on 2 processes with ``torch.distributed.run``; fail with the end of its stderr."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", port, str(worker), *args]
+           "--master_port", free_port(), str(worker), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
            os.environ.get("PYTHONPATH", "")]), **(env or {})}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:  # a deadlocked rank: kill the launcher and both workers
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    proc = run_process_group(cmd, env, timeout)  # a deadlocked rank: the launcher and both workers are killed
+    stderr = proc.stderr
     assert proc.returncode == 0, stderr[-4000:]
 
 
@@ -156,23 +144,14 @@ def test_accelerate_launch_with_the_zero3_config_trains_and_saves_a_full_adapter
 
     save_tiny_classifier(tmp_path / "model")
     data = write_keyword_csv(tmp_path / "small.csv", 40, seed=1)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "deepspeed_zero3.yaml"),
-           "--main_process_port", port, "-m", "peftlab.cli", "train", "--model", str(tmp_path / "model"),
+           "--main_process_port", free_port(), "-m", "peftlab.cli", "train", "--model", str(tmp_path / "model"),
            "--data", str(data), "--method", "lora", "--max-steps", "4", "--eval-steps", "2", "--batch-size", "4",
            "--no-initial-eval", "--output-dir", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=900)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    proc = run_process_group(cmd, env, timeout=900)
+    stderr = proc.stderr
     assert proc.returncode == 0, stderr[-4000:]
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and state["epoch"] == 1.0

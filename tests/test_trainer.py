@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_bert
+from conftest import free_port, run_process_group, tiny_bert
 from safetensors.torch import load_file
 from transformers import TrainingArguments
 from workers.ddp_hra import Data
@@ -100,25 +97,10 @@ def test_resume_continues_from_the_adapter_checkpoint(tmp_path):
 def test_two_process_ddp_ends_with_identical_adapters(tmp_path):
     worker = Path(__file__).parent / "workers" / "ddp_hra.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
-    cmd += ["--master_port", port, str(worker)]
-    proc = subprocess.Popen(
-        [*cmd, str(tmp_path)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        _, stderr = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:  # kill the launcher and both workers, never leave orphans behind
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    cmd += ["--master_port", free_port(), str(worker)]
+    proc = run_process_group([*cmd, str(tmp_path)], env, timeout=300)
+    stderr = proc.stderr
     assert proc.returncode == 0, stderr[-3000:]
     rank0, rank1 = (load_file(tmp_path / f"rank{k}.safetensors") for k in (0, 1))
     assert rank0.keys() == rank1.keys() and any("hra_u" in k for k in rank0)

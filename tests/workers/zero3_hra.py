@@ -92,6 +92,10 @@ def main(out: str, load: str) -> None:
     trainer.save_model(os.path.join(out, "trainer"))
     engine = trainer.model_wrapped
     engine.zero_gather_16bit_weights_on_model_save = lambda: False  # as with the option off
+    # HF then passes an empty state dict (the adapter is peftlab's to gather) and has DeepSpeed write its own
+    # full checkpoint: not what is checked here, and on CPU that save once aborted a rank ("terminate called
+    # without an active exception"), so it is skipped
+    engine.save_checkpoint = lambda *args, **kwargs: None
     trainer.save_model(os.path.join(out, "no16bit"))
     model.save_pretrained(os.path.join(out, "direct"), is_main_process=main_process)
     trainer._load_from_checkpoint(load)  # what resuming (and load_best_model_at_end) does
