@@ -136,7 +136,10 @@ class RunOptions:
                                 tasks=TEXT_TASKS)
     load_in_8bit: bool = option(False, "the base model's linear layers in int8 (bitsandbytes LLM.int8())", TRAINING,
                                 tasks=TEXT_TASKS)
-    torch_compile: bool = option(False, "torch.compile the model (text: HF Trainer's; image: the UNet)", TRAINING)
+    # image tasks: the adapted UNet recompiles per adapted layer (dynamo's recompile limit) and a tiny run had not
+    # finished after 15 min on CPU, so only the text tasks take it for now
+    torch_compile: bool = option(False, "torch.compile the model (HF Trainer's torch_compile)", TRAINING,
+                                 tasks=TEXT_TASKS)
     keep_checkpoints: bool = option(True, "", TRAINING, cli=False)
     report_to: str | None = option(None, "experiment tracking: tensorboard (logs in <output-dir>/logs), wandb, "
                                    "mlflow or none (default: tensorboard when it is installed)", TRAINING,

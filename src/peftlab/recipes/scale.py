@@ -121,18 +121,13 @@ def pipeline_dtype(options: RunOptions) -> torch.dtype:
 @contextmanager
 def unet_training(pipe: Any, models: dict[str, Any], options: RunOptions) -> Iterator[None]:
     """While the image loop runs: gradient checkpointing of the adapted UNet (``AdapterModel``'s, diffusers'
-    ``enable_gradient_checkpointing`` underneath) and ``nn.Module.compile`` of the UNet; both undone after, so
-    sampling runs the plain model."""
-    unet = pipe.unet
+    ``enable_gradient_checkpointing`` underneath), undone after, so sampling runs the plain model. (``--torch-compile``
+    is refused for the image tasks: see ``RunOptions.torch_compile``.)"""
     if options.gradient_checkpointing:
         models["unet"].gradient_checkpointing_enable({"use_reentrant": False})
-    if options.torch_compile:
-        unet.compile()
     try:
         yield
     finally:
-        if options.torch_compile:
-            unet._compiled_call_impl = None  # nn.Module.compile's wrapper, removed
         if options.gradient_checkpointing:
             models["unet"].gradient_checkpointing_disable()
 
