@@ -17,15 +17,12 @@ balance loss) says so through ``Adapter.checkpointing_problem``, and reentrant c
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from peftlab.errors import UnsupportedError
-
-if TYPE_CHECKING:
-    from peftlab.model import AdapterModel
 
 
 def _output_requires_grad(module: nn.Module, args: Any, output: Any) -> None:
@@ -62,7 +59,7 @@ class GradientCheckpointing:
     """The checkpointing methods of :class:`peftlab.AdapterModel` (see the module docstring)."""
 
     def gradient_checkpointing_enable(
-        self: AdapterModel, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
     ) -> None:
         """Checkpoint the base model's blocks with ``checkpoint(**gradient_checkpointing_kwargs)`` (torch.utils).
 
@@ -93,12 +90,12 @@ class GradientCheckpointing:
             self.enable_input_require_grads()
 
     def activation_checkpointing_enable(
-        self: AdapterModel, activation_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
+        self, activation_checkpointing_kwargs: dict[str, Any] | None = None, **kwargs: Any
     ) -> None:
         """transformers 5's name for :meth:`gradient_checkpointing_enable`."""
         self.gradient_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
 
-    def gradient_checkpointing_disable(self: AdapterModel) -> None:
+    def gradient_checkpointing_disable(self) -> None:
         """Turn checkpointing off again (and remove the input hooks)."""
         base = self.base_model
         for name in ("activation_checkpointing_disable", "disable_gradient_checkpointing",
@@ -110,7 +107,7 @@ class GradientCheckpointing:
 
     activation_checkpointing_disable = gradient_checkpointing_disable
 
-    def enable_input_require_grads(self: AdapterModel) -> None:
+    def enable_input_require_grads(self) -> None:
         """Make the base model's input require grad (see the module docstring); idempotent."""
         if self.__dict__.get("_input_grad_hooks"):
             return
@@ -120,11 +117,11 @@ class GradientCheckpointing:
             hooks = [self.base_model.register_forward_pre_hook(_inputs_require_grad, with_kwargs=True)]
         self.__dict__["_input_grad_hooks"] = hooks
 
-    def disable_input_require_grads(self: AdapterModel) -> None:
+    def disable_input_require_grads(self) -> None:
         for hook in self.__dict__.pop("_input_grad_hooks", []):
             hook.remove()
 
-    def _check_reentrant(self: AdapterModel) -> None:
+    def _check_reentrant(self) -> None:
         for layer_name, adapter in self._active_adapters():
             problem = adapter.checkpointing_problem(reentrant=True)
             if problem:

@@ -30,18 +30,15 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from peftlab import files, peft_format
 from peftlab.errors import MergeError, UnsupportedError
+from peftlab.inject import AdapterLayer
 from peftlab.methods.base import ADAPTERS
-
-if TYPE_CHECKING:
-    from peftlab.inject import AdapterLayer
-    from peftlab.model import AdapterModel
 
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"  # what pipe.load_lora_weights(folder) reads
 DIFFUSERS_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -65,7 +62,7 @@ class LoraExport:
 class LoraExporting:
     """The ``to_lora`` half of :class:`peftlab.AdapterModel` (a mixin: it reads the model's adapters)."""
 
-    def to_lora(self: AdapterModel, adapter_name: str | list[str] | None = None,
+    def to_lora(self, adapter_name: str | list[str] | None = None,
                 save_directory: str | os.PathLike | None = None, **options: Any) -> LoraExport:
         """The adapter (default: the active adapters, composed as they run) as a standard HF PEFT LoRA adapter,
         written to ``save_directory`` if given: ``peft.PeftModel.from_pretrained(base, save_directory)``, vLLM,
@@ -118,7 +115,7 @@ def _peft_bias(modes: list[str]) -> str:
     return "lora_only" if any(m != "none" for m in modes) else "none"
 
 
-def to_lora(model: AdapterModel, adapter_names: list[str], options: dict[str, Any]) -> LoraExport:
+def to_lora(model: LoraExporting, adapter_names: list[str], options: dict[str, Any]) -> LoraExport:
     """The adapters ``adapter_names``, composed as the model runs them together, as one PEFT LoRA adapter.
 
     ``options`` are the methods' merge options (HydraLoRA's ``head_weights``); others are refused.

@@ -13,19 +13,17 @@ import itertools
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Self
 
 from peftlab import files, lowmem, peft_format, sharded
 from peftlab.config import AdapterConfig
 from peftlab.errors import AdapterError, AdapterLoadError, ConfigError
 from peftlab.methods import config_from_dict
 from peftlab.methods.base import Adapter, config_mismatch
-
-if TYPE_CHECKING:
-    from peftlab.model import AdapterModel
 
 TRAINER_STATE_NAME = "trainer_state.json"  # HF Trainer checkpoints hold one; adapter folders do not
 FORMATS = ("peftlab", "peft")
@@ -39,7 +37,7 @@ def original_name(name: str) -> str:
 class AdapterFiles:
     """The saving and loading half of :class:`peftlab.AdapterModel` (a mixin: it uses the model's adapters)."""
 
-    def _owners(self: AdapterModel, adapter_name: str) -> Iterator[tuple[str, nn.Module, nn.Module, torch.device]]:
+    def _owners(self, adapter_name: str) -> Iterator[tuple[str, nn.Module, nn.Module, torch.device]]:
         """(module name, wrapper, the adapter's module in it, the device its tensors belong on) for every
         wrapped layer and ``modules_to_save`` wrapper holding adapter ``adapter_name``."""
         if adapter_name not in self.peft_config:
@@ -53,7 +51,7 @@ class AdapterFiles:
                 device = real.device if real is not None else torch.device("cpu")
                 yield name, wrapper, wrapper.copies[adapter_name], device
 
-    def _check_loaded(self: AdapterModel, adapter_names: list[str], action: str) -> None:
+    def _check_loaded(self, adapter_names: list[str], action: str) -> None:
         """:class:`AdapterError` if one of the adapters is still on the meta device (see :mod:`peftlab.lowmem`)."""
         for adapter_name in adapter_names:
             if adapter_name in self.peft_config:
@@ -61,7 +59,7 @@ class AdapterFiles:
                     if lowmem.on_meta(module):
                         raise AdapterError(lowmem.unloaded_message(adapter_name, action))
 
-    def _tensors(self: AdapterModel, adapter_name: str, live: bool) -> dict[str, Tensor]:
+    def _tensors(self, adapter_name: str, live: bool) -> dict[str, Tensor]:
         """One adapter's tensors keyed as in the unwrapped model; ``live``: the parameters themselves."""
         state: dict[str, Tensor] = {}
         for owner, _, module, _ in self._owners(adapter_name):
@@ -73,7 +71,7 @@ class AdapterFiles:
                 state[original_name(name)] = params[name]
         return state
 
-    def adapter_state_dict(self: AdapterModel, adapter_name: str | None = None) -> dict[str, Tensor]:
+    def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, Tensor]:
         """The tensors that make up one adapter (default: the active one), keyed as in the unwrapped model.
 
         Keys: ``<layer>.<parameter>`` for adapter tensors (e.g. ``...query.hra_u``), the module's own
@@ -81,12 +79,12 @@ class AdapterFiles:
         """
         return self._tensors(adapter_name or self.active_adapter, live=False)
 
-    def adapter_parameters(self: AdapterModel, adapter_name: str) -> dict[str, Tensor]:
+    def adapter_parameters(self, adapter_name: str) -> dict[str, Tensor]:
         """Same keys as :meth:`adapter_state_dict`, mapped to the live tensors (what loading copies into)."""
         return self._tensors(adapter_name, live=True)
 
     def set_adapter_state_dict(
-        self: AdapterModel, tensors: dict[str, Tensor], adapter_name: str | None = None, source: str = "the state dict"
+        self, tensors: dict[str, Tensor], adapter_name: str | None = None, source: str = "the state dict"
     ) -> None:
         """Load ``tensors`` (keyed as :meth:`adapter_state_dict` gives them) into adapter ``adapter_name``
         (default: the active one), after checking that the keys and shapes match exactly.
@@ -120,7 +118,7 @@ class AdapterFiles:
                     params[key].copy_(tensors[key].to(device=params[key].device, dtype=params[key].dtype))
 
     # -- saving ----------------------------------------------------------------------------------------------
-    def _state_keys(self: AdapterModel, adapter_name: str) -> dict[str, str]:
+    def _state_keys(self, adapter_name: str) -> dict[str, str]:
         """adapter key (as :meth:`adapter_state_dict` gives it) → key of the same tensor in ``self.state_dict()``."""
         paths = {id(module): path for path, module in self.named_modules()}
         keys: dict[str, str] = {}
@@ -133,7 +131,7 @@ class AdapterFiles:
         return keys
 
     def _tensors_to_save(
-        self: AdapterModel, adapter_name: str, state_dict: dict[str, Tensor] | None
+        self, adapter_name: str, state_dict: dict[str, Tensor] | None
     ) -> dict[str, Tensor]:
         """One adapter's full tensors: picked from ``state_dict`` if given, else gathered from the (possibly
         sharded) parameters (a collective); :class:`AdapterError` if one has not its declared shape."""
@@ -146,7 +144,7 @@ class AdapterFiles:
         return tensors
 
     def save_pretrained(
-        self: AdapterModel,
+        self,
         save_directory: str | os.PathLike,
         selected_adapters: list[str] | None = None,
         format: str = "peftlab",
@@ -191,7 +189,7 @@ class AdapterFiles:
 
     # -- loading ---------------------------------------------------------------------------------------------
     def load_adapter(
-        self: AdapterModel,
+        self,
         path: str | os.PathLike,
         adapter_name: str = "default",
         is_trainable: bool = False,
@@ -240,7 +238,7 @@ class AdapterFiles:
         adapter_name: str = "default",
         is_trainable: bool = False,
         low_cpu_mem_usage: bool = False,
-    ) -> AdapterModel:
+    ) -> Self:
         """Wrap ``model`` with every adapter saved in ``path`` (inference mode unless ``is_trainable``).
 
         ``path`` is laid out as :meth:`save_pretrained` (and HF PEFT) writes it: the adapter at the top is
