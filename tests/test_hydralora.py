@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import free_port
 from torch import nn
 
 from peftlab import AdapterModel, ConfigError, HydraLoraConfig, LoraConfig, MergeError, get_adapter_model
@@ -450,10 +450,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 def test_ddp_two_processes_step(tmp_path):
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, int(free_port()), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for name, value in ranks[0]["params"].items():
         assert torch.equal(value, ranks[1]["params"][name]), name

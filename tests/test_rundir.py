@@ -10,14 +10,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny_classifier, write_keyword_csv
+from conftest import free_port, save_tiny_classifier, write_keyword_csv
 
 from peftlab.cli import main
 
@@ -141,11 +140,8 @@ def test_ranks_of_a_torchrun_share_one_folder_without_deadlock(tiny, finished, t
     """Only the main process takes the folder's lock; every rank agrees that a finished run has nothing to resume."""
     resume = folder == "finished"
     out = copy_run(finished, tmp_path) if resume else tmp_path / "run"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", port, "-m", "peftlab.cli", *train_args(tiny, out), *(["--resume"] if resume else [])]
+           "--master_port", free_port(), "-m", "peftlab.cli", *train_args(tiny, out), *(["--resume"] if resume else [])]
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
