@@ -90,6 +90,22 @@ def test_loss_is_masked_on_the_prompt(tiny_lm):
     assert (batch["labels"][1, n_prompt + 2:] == -100).all() and (batch["attention_mask"][1, n_prompt + 2:] == 0).all()
 
 
+def test_encoded_records_of_two_same_named_prompt_functions_are_not_shared(tiny_lm, tmp_path):
+    """Two lambdas (one qualname, ``<lambda>``) on a cache-backed dataset: the second encoding must not be read back
+    from the first one's cache file, as it was while the fingerprint held only the functions' names."""
+    import datasets
+
+    from peftlab.base_models import load_causal_lm
+
+    _, tokenizer = load_causal_lm(str(tiny_lm))
+    datasets.Dataset.from_dict({"q": ["one plus one", "two plus two"], "a": ["2", "4"]}).save_to_disk(tmp_path / "d")
+    rows = datasets.load_from_disk(str(tmp_path / "d"))  # backed by an arrow file: map() caches to disk
+    plain = lm.encode_records(rows, tokenizer, 64, lambda row: row["q"], lambda row: row["a"])
+    asked = lm.encode_records(rows, tokenizer, 64, lambda row: "Q: " + row["q"], lambda row: row["a"])
+    assert plain[0]["input_ids"] == lm.encode_pair(tokenizer, "one plus one", "2", 64)["input_ids"]
+    assert asked[0]["input_ids"] == lm.encode_pair(tokenizer, "Q: one plus one", "2", 64)["input_ids"]
+
+
 def test_exact_match_reads_the_final_answer_per_task():
     predictions = ["3 + 4 = 7 apples.\nThe answer is: 7", "so it costs $1,000.", "#### 12", "Positive."]
     golds = ["Tom has 7 apples.\nThe answer is: 7", "#### 1000", "The answer is: 13", "positive"]

@@ -46,14 +46,17 @@ def encode_pair(tokenizer, prompt: str, response: str, max_length: int) -> dict[
 
 def encode_records(records, tokenizer, max_length: int, prompt_fn, response_fn):
     """Tokenise prompt/response pairs; rows whose response is cut off entirely are dropped. The fingerprint is
-    named from the rows', the tokenizer's and the functions' names (``datasets`` would pickle the tokenizer)."""
+    named from the rows', the tokenizer's name and size and ``datasets``' own hash of the two functions (their code
+    and closure values, so two lambdas with one name differ); hashing ``encode`` itself would pickle the tokenizer."""
     import hashlib
+
+    from datasets.fingerprint import Hasher
 
     def encode(row: dict[str, Any]) -> dict[str, list[int]]:
         return encode_pair(tokenizer, prompt_fn(row), response_fn(row), max_length)
 
     key = (f"{records._fingerprint} {type(tokenizer).__name__} {tokenizer.name_or_path} {len(tokenizer)} "
-           f"{max_length} {prompt_fn.__module__}.{prompt_fn.__qualname__} {response_fn.__qualname__}")
+           f"{max_length} {Hasher.hash(prompt_fn)} {Hasher.hash(response_fn)}")
     with quiet_datasets():
         encoded = records.map(encode, remove_columns=records.column_names,
                               new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16])
