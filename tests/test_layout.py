@@ -121,6 +121,17 @@ def test_recipes_top_level_holds_at_most_twelve_modules():
     assert not (commands - {"__init__"}) & {p.removesuffix(".py") for p in top}
 
 
+def test_library_modules_never_import_the_commands():
+    """peftlab.commands (compare, serve, generate, ...) sit on top of the library: no recipe or library module
+    imports one of them, also inside a function (the image recipes once took their prompt check and sample grid
+    from commands.generate)."""
+    edges = import_edges()
+    upward = sorted(f"{source} -> {target}" for source, targets in edges.items() for target in targets
+                    if target.startswith("peftlab.commands") and not source.startswith("peftlab.commands")
+                    and source != "peftlab.cli")
+    assert upward == []
+
+
 def readme_names() -> list[str]:
     """Every ``peftlab`` name README.md shows in code (fenced blocks and inline code): ``from peftlab.x import a,
     b`` gives ``peftlab.x.a`` and ``peftlab.x.b``; a dotted ``peftlab.x.y`` is taken as it stands."""

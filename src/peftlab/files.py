@@ -6,6 +6,7 @@ Design notes: ``docs/design.md``, section peftlab.files.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -74,6 +75,19 @@ def atomic_write_image(path: str | os.PathLike, image: Any, format: str = "PNG")
     buffer = BytesIO()
     image.save(buffer, format=format)
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+def grid_shape(n: int) -> tuple[int, int]:
+    """(rows, cols) of a grid of n images: the most square layout that fills every cell."""
+    cols = next(c for c in range(math.ceil(math.sqrt(n)), n + 1) if n % c == 0)
+    return n // cols, cols
+
+
+def atomic_write_image_grid(path: str | os.PathLike, images: list[Any]) -> Path:
+    """Write PIL images as one grid (``diffusers.utils.make_image_grid``, :func:`grid_shape`) atomically."""
+    from diffusers.utils import make_image_grid
+
+    return atomic_write_image(path, make_image_grid(list(images), *grid_shape(len(images))))
 
 
 def atomic_write_folder(out: str | os.PathLike, write: Callable[[Path], Any], *, replace: bool = True) -> Path:

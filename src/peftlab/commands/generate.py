@@ -136,25 +136,6 @@ def scheduler_class(name: str) -> type:
     return cls
 
 
-def check_prompt(tokenizer: Any, text: str, flag: str) -> None:
-    """Refuse a prompt longer than the tokenizer's ``model_max_length`` (the pipeline would cut it silently)."""
-    if not text.strip():
-        raise RecipeError(f"{flag} is empty; describe the image to generate")
-    limit = getattr(tokenizer, "model_max_length", None)
-    if not isinstance(limit, int) or limit > 100_000:  # "no limit" is a huge sentinel in transformers
-        return
-    length = len(tokenizer(text, truncation=False).input_ids)
-    if length > limit:
-        raise RecipeError(f"{flag} is {length} tokens long (with the start and end tokens); the text encoder "
-                          f"takes at most {limit}: shorten it")
-
-
-def grid_shape(n: int) -> tuple[int, int]:
-    """(rows, cols) of a grid of n images: the most square layout that fills every cell."""
-    cols = next(c for c in range(math.ceil(math.sqrt(n)), n + 1) if n % c == 0)
-    return n // cols, cols
-
-
 def load_for_generation(adapter: str | None, model: str | None) -> Any:
     """The pipeline ``--adapter`` / ``--model`` describe (adapters on, in inference mode)."""
     from peftlab.diffusion.pipeline import MODEL_INDEX, is_pipeline_adapter_dir, load_pipeline, load_pipeline_adapters
@@ -216,6 +197,8 @@ def generate(options: GenerateOptions) -> list[Path]:
     """Write ``options.num_images`` images and their grid; returns the paths (images first, grid last)."""
     import torch
 
+    from peftlab.diffusion.tokenizer import check_prompt
+
     options.validate()
     trained = trained_control(options.adapter)
     if options.control_type is not None and trained not in (None, options.control_type):
@@ -268,11 +251,8 @@ def conditioned(pipe: Any, control: dict[str, Any], height: int, width: int) -> 
 
 def write_images(images: list[Any], out: Path) -> list[Path]:
     """Each image as ``<stem>-<i>.png`` next to ``out``, then the grid as ``out``; all written atomically."""
-    from diffusers.utils import make_image_grid
-
     paths = [files.atomic_write_image(out.with_name(f"{out.stem}-{i}.png"), image) for i, image in enumerate(images)]
-    rows, cols = grid_shape(len(images))
-    paths.append(files.atomic_write_image(out, make_image_grid(list(images), rows, cols)))
+    paths.append(files.atomic_write_image_grid(out, images))
     return paths
 
 
@@ -286,4 +266,4 @@ def run(args: argparse.Namespace) -> str:
     return f"wrote {images} image(s) ({paths[0]}, ...){control} and their grid {paths[-1]}"
 
 
-__all__ = ["GenerateOptions", "generate", "grid_shape", "scheduler_class"]
+__all__ = ["GenerateOptions", "generate", "scheduler_class"]

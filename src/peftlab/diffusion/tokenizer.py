@@ -21,7 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from peftlab.errors import ModelError
+from peftlab.errors import ModelError, RecipeError
 
 CLIP_MAX_LENGTH = 77
 VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -85,3 +85,16 @@ def clip_tokenizer(**kwargs: Any):
     with quiet_transformers():
         return CLIPTokenizer.from_pretrained(str(clip_tokenizer_dir()),
                                              **{"model_max_length": CLIP_MAX_LENGTH, **kwargs})
+
+
+def check_prompt(tokenizer: Any, text: str, flag: str) -> None:
+    """Refuse a prompt longer than the tokenizer's ``model_max_length`` (the pipeline would cut it silently)."""
+    if not text.strip():
+        raise RecipeError(f"{flag} is empty; describe the image to generate")
+    limit = getattr(tokenizer, "model_max_length", None)
+    if not isinstance(limit, int) or limit > 100_000:  # "no limit" is a huge sentinel in transformers
+        return
+    length = len(tokenizer(text, truncation=False).input_ids)
+    if length > limit:
+        raise RecipeError(f"{flag} is {length} tokens long (with the start and end tokens); the text encoder "
+                          f"takes at most {limit}: shorten it")

@@ -63,7 +63,7 @@ def resolution(pipe: Any, options: RunOptions) -> int:
 
 def check_prompts(pipe: Any, prompts: dict[str, str]) -> None:
     """One-line errors for an empty prompt or one longer than the text encoder takes (77 tokens for CLIP)."""
-    from peftlab.commands.generate import check_prompt
+    from peftlab.diffusion.tokenizer import check_prompt
 
     for flag, text in prompts.items():
         check_prompt(pipe.tokenizer, text, flag)
@@ -342,16 +342,13 @@ def finish_image_run(pipe: Any, out: Path, metrics: dict[str, Any], samples: lis
     """Write the adapters (``save_pipeline_adapters``), a grid of samples, the loss curve and, last,
     ``metrics.json``: a folder with ``metrics.json`` is a finished run. Without ``keep_checkpoints`` the
     checkpoint is removed after. Only the main process writes; the others return at once."""
-    from diffusers.utils import make_image_grid
-
-    from peftlab.commands.generate import grid_shape
     from peftlab.diffusion.pipeline import save_pipeline_adapters
 
     if not is_main_process():
         return
     save_pipeline_adapters(pipe, out)
     if samples:
-        files.atomic_write_image(out / SAMPLES_FILE, make_image_grid(samples, *grid_shape(len(samples))))
+        files.atomic_write_image_grid(out / SAMPLES_FILE, samples)
     plot_training_curve([{"step": i + 1, "loss": v} for i, v in enumerate(losses)], out / CURVE_FILE, "loss")
     write_metrics(out, metrics)
     if not keep_checkpoints:
