@@ -2,7 +2,7 @@
 
 The text searches train HRA on the tiny BERT of ``test_cli`` (300 keyword rows, 12 steps, evaluation every 4): its
 3-point grid (lr 1e-3, 1e-2, 1e-1) scores 0.5 / 0.87 / 0.73 on validation, so the middle one must be chosen. The
-killed search runs in a process of its own that SIGKILLs itself just before trial 1 writes its metrics.json.
+killed search runs in a process of its own that SIGKILLs itself as trial 1 starts (before its run_config.json).
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def tpe_search(tmp_path, monkeypatch, seed: int, name: str, kill_at: int | None 
 
 def test_tpe_proposals_follow_the_seed_and_survive_a_kill(tmp_path, monkeypatch):
     first = tpe_search(tmp_path, monkeypatch, 0, "a")
-    assert len(first) == 7 and all(3e-4 <= lr <= 3e-2 for lr in first)
+    assert len(set(first)) == 7 and all(3e-4 <= lr <= 3e-2 for lr in first)  # 7 different proposals in range
     assert tpe_search(tmp_path, monkeypatch, 0, "b") == first
     assert tpe_search(tmp_path, monkeypatch, 1, "c") != first
     resumed = tpe_search(tmp_path, monkeypatch, 0, "d", kill_at=3)
@@ -163,7 +163,7 @@ replace = os.replace
 
 
 def killing_replace(first, second, *args, **kwargs):
-    if Path(second).resolve() == out / "trials" / "hra" / "1" / "metrics.json":
+    if Path(second).resolve() == out / "trials" / "hra" / "1" / "run_config.json":  # trial 1 has started
         os.kill(os.getpid(), signal.SIGKILL)
     return replace(first, second, *args, **kwargs)
 
@@ -186,7 +186,7 @@ def test_a_killed_search_resumes_from_its_finished_trials(assets, searched):
             proc.wait()
     assert proc.returncode == -signal.SIGKILL, stderr[-2000:]
     first = out / "trials" / "hra" / "0" / "metrics.json"
-    assert first.is_file() and not (out / "trials" / "hra" / "1" / "metrics.json").exists()
+    assert first.is_file() and not (out / "trials" / "hra" / "1" / "run_config.json").exists()
     stamp = first.stat().st_mtime_ns
     code, stdout = run_main(search_args(assets, out, "--resume"))
     assert code == 0
