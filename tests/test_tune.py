@@ -130,6 +130,17 @@ def test_tpe_proposals_follow_the_seed_and_survive_a_kill(tmp_path, monkeypatch)
     assert resumed == first
 
 
+def test_ties_go_to_the_best_training_evaluation_then_the_earliest_trial():
+    def row(k: int, score: float, loss: float | None) -> dict:
+        return {"method": "lora", "trial": k, "lr": 1e-3 * (k + 1), "r": None, "metric": "exact_match",
+                "validation_score": score, "state": "complete", "eval_metric": "loss", "best_eval": loss}
+
+    assert tuning.best_row([row(0, 0.0, 2.0), row(1, 0.0, 1.5), row(2, 0.0, 1.7)])["trial"] == 1  # lowest loss
+    assert tuning.best_row([row(0, 0.0, 2.0), row(1, 0.5, 3.0)])["trial"] == 1  # the score comes first
+    assert tuning.best_row([row(0, 0.0, None), row(1, 0.0, None)])["trial"] == 0  # image tasks: the earliest
+    assert tuning.best_row([{**row(0, 0.0, 1.0), "state": "pruned"}, row(1, 0.0, 2.0)])["trial"] == 1
+
+
 # -- (c) a trial whose validation scores are below the median of the complete ones is pruned --------------------------
 def test_a_trial_below_the_median_is_pruned(assets, tmp_path):
     from optuna.distributions import FloatDistribution

@@ -15,9 +15,11 @@ are never pruned.
 A trial trains with the first seed and is scored at its end on validation (``RunOptions.score_split``), never on
 test: text tasks score their validation split as the test split is scored (classification: the validation rows
 evaluated during training; causal-lm / data-to-text: generation on up to ``--max-test-samples`` validation rows);
-image tasks, which have no validation split, score samples drawn with other noise seeds (the seed + 10 000) and,
-for ``tiny-digits-edges``, other held-out digits (each class's last instead of its first). The best complete trial
-(earliest on ties) is then trained with every seed through ``compare`` and scored on test.
+image tasks, which have no validation split, score samples drawn with other noise seeds (the seed + 10 000) and
+(controllable) other examples: ``tiny-digits-edges``' other held-out digits, each class's last instead of its
+first; a data folder's last examples instead of its first (training examples both). The best complete trial
+(on ties: the best of the Trainer's validation evaluations, e.g. the loss; then the earliest) is then trained
+with every seed through ``compare`` and scored on test.
 
 Writes ``trials.csv``, ``trials.png`` (validation score against lr) and ``trials.journal`` (optuna's journal: the
 search's state) besides compare's files; compare.md and compare.json gain a "tuned" part. Each finished trial's run
@@ -132,6 +134,8 @@ class ReportToPruner(TrainerCallback):
 
     def __init__(self, trial: Any) -> None:
         self.trial, self.steps = trial, 0
+        self.metric: str | None = None  # what the Trainer evaluates (causal-lm / data-to-text: the loss)
+        self.best: float | None = None  # its best value in this trial
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **_: Any) -> None:
         import optuna
@@ -139,7 +143,9 @@ class ReportToPruner(TrainerCallback):
         value = (metrics or {}).get(f"eval_{args.metric_for_best_model}")
         if value is None:  # the recipe's own evaluations before and after training (other prefixes)
             return
-        self.steps = state.global_step
+        self.steps, self.metric = state.global_step, args.metric_for_best_model
+        if self.best is None or (value > self.best if args.greater_is_better else value < self.best):
+            self.best = value
         self.trial.report(value if args.greater_is_better else -value, state.global_step)
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"validation {args.metric_for_best_model} {value:.4g} at step "
@@ -193,8 +199,9 @@ def run_search(options: RunOptions, label: str, space: Space, trials: int, stora
                 metrics = train(run)
         except optuna.TrialPruned as pruned:
             print(f"compare --tune: {label}, trial {k + 1} pruned: {pruned}", flush=True)
-            trial.set_user_attr("steps", report.steps)
-            trial.set_user_attr("seconds", time.perf_counter() - start)
+            for key, value in {"steps": report.steps, "seconds": time.perf_counter() - start,
+                               "eval_metric": report.metric, "best_eval": report.best}.items():
+                trial.set_user_attr(key, value)
             study.tell(trial, state=TrialState.PRUNED)
             shutil.rmtree(run.output_dir, ignore_errors=True)
             continue
@@ -204,7 +211,8 @@ def run_search(options: RunOptions, label: str, space: Space, trials: int, stora
         metric = metrics["metric"]
         score = float(metrics["validation"][metric])
         for key, value in {"metric": metric, "score": score, "steps": int(metrics.get("global_step") or 0),
-                           "seconds": time.perf_counter() - start}.items():
+                           "seconds": time.perf_counter() - start, "eval_metric": report.metric,
+                           "best_eval": report.best}.items():
             trial.set_user_attr(key, value)
         study.tell(trial, -score if metric in LOWER_IS_BETTER else score)
     return [trial_row(label, t) for t in finished(study)]
@@ -221,16 +229,25 @@ def trial_row(label: str, trial: Any) -> dict[str, Any]:
     attrs = trial.user_attrs
     return {"method": label, "trial": attrs["k"], "lr": trial.params["lr"], "r": trial.params.get("r"),
             "metric": attrs.get("metric"), "validation_score": attrs.get("score"),
-            "state": trial.state.name.lower(), "steps": attrs.get("steps"), "seconds": round(attrs["seconds"], 3)}
+            "state": trial.state.name.lower(), "steps": attrs.get("steps"), "seconds": round(attrs["seconds"], 3),
+            "eval_metric": attrs.get("eval_metric"), "best_eval": attrs.get("best_eval")}
 
 
 def best_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The complete trial with the best validation score (the earliest on ties)."""
+    """The complete trial with the best validation score; on ties (exact match 0 for all, say) the one with the
+    best value the Trainer's evaluations saw (``best_eval``: the validation loss of causal-lm / data-to-text),
+    then the earliest."""
     complete = [r for r in rows if r["state"] == "complete"]
     if not complete:
         raise RecipeError(f"compare --tune: every trial of {rows[0]['method']} was pruned; raise --trials")
-    sign = -1 if complete[0]["metric"] in LOWER_IS_BETTER else 1
-    return max(complete, key=lambda r: (sign * r["validation_score"], -r["trial"]))
+
+    def key(row: dict[str, Any]) -> tuple[float, float, int]:
+        score = -row["validation_score"] if row["metric"] in LOWER_IS_BETTER else row["validation_score"]
+        best = row["best_eval"]
+        tie = -float("inf") if best is None else -best if row["eval_metric"] in LOWER_IS_BETTER else best
+        return score, tie, -row["trial"]
+
+    return max(complete, key=key)
 
 
 # -- the command ------------------------------------------------------------------------------------------------------
@@ -318,7 +335,7 @@ def open_search(base: RunOptions, search: dict[str, Any]) -> Path:
 
 def write_trials(out: Path, rows: list[dict[str, Any]]) -> None:
     """``trials.csv``: one row per finished trial (method, trial, lr, r, metric, validation score, state, steps,
-    seconds)."""
+    seconds, and the best value of what the Trainer evaluated during training: ``eval_metric``, ``best_eval``)."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
