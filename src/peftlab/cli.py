@@ -91,6 +91,15 @@ def _compare_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=positive_int, help="number of seeds, starting at --seed (default 3)")
     p.add_argument("--seed", type=int, help="first seed (default 0)")
     p.add_argument("--lrs", help="per-method learning rates, e.g. hra=5e-3,lora=1e-3 (others: --lr or defaults)")
+    group = p.add_argument_group("tuning (compare --tune)")
+    group.add_argument("--tune", metavar="lr|lr,r", help="first search each method's learning rate (and rank: lr,r) "
+                       "on the validation split, then train the best setting with every seed and score it on test; "
+                       "writes trials.csv and trials.png too")
+    group.add_argument("--trials", type=int, help="settings tried per method (default 8): up to 4 a log grid of "
+                       "learning rates in [default/10, 10 x default] (with lr,r: each at r = 4, 8, 16), more: optuna "
+                       "TPE trials seeded by --seed, median-pruned on the validation scores")
+    group.add_argument("--resume", action="store_true", default=None, help="continue a killed --tune search in "
+                       "--output-dir: finished trials are kept, the unfinished one runs again")
     add_field_flags(p, RunOptions, exclude=("method", "seed", "resume"))
 
 
@@ -222,7 +231,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     Train every method with every seed under the same budget; print a Markdown table (test metric
     mean ± std, trainable parameters, time per step, peak memory) and write compare.md, compare.json
-    and compare.png (metric vs trainable parameters).
+    and compare.png (metric vs trainable parameters). --tune lr first searches each method's learning rate
+    on the validation split (trials.csv, trials.png) and compares the chosen ones.
     """
     from peftlab.commands.compare import compare
 
@@ -241,11 +251,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
             sep = ""
         if not sep:
             raise CLIError(f"--lrs expects METHOD=LR pairs like hra=5e-3,lora=1e-3; got {item!r}")
-    extra = {k: None for k in ("methods", "seeds", "lrs", "seed")}
+    extra = {k: None for k in ("methods", "seeds", "lrs", "seed", "tune", "trials")}
     options = run_options(argparse.Namespace(**{**vars(args), **extra}))
     if options.output_dir is None:
         options.output_dir = str(Path("runs") / f"compare-{Path(str(options.data or 'default')).stem}")
-    compare(options, methods, seeds, lrs)
+    if args.tune is None:
+        for flag in ("trials", "resume"):
+            if getattr(args, flag) is not None:
+                raise CLIError(f"--{flag} belongs to a --tune search; add --tune lr (or drop --{flag})")
+        compare(options, methods, seeds, lrs)
+        return 0
+    from peftlab.commands.tune import parse_tune, tune
+
+    keys = parse_tune(args.tune)
+    if "r" in keys and args.r is not None:
+        raise CLIError("--r fixes the rank, which --tune lr,r searches: drop --r (or tune lr only)")
+    tune(options, methods, seeds, keys, 8 if args.trials is None else args.trials, lrs)
     return 0
 
 

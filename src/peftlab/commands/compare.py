@@ -58,8 +58,9 @@ def _run_all(options: RunOptions, base: RunOptions, out: Path, variants: dict[st
         for seed in seeds:
             lr = lrs.get(label) or lrs.get(method) or options.lr
             folder = out / re.sub(r"[^\w.-]+", "_", label) / f"seed-{seed}"
+            config = {k: v for k, v in fields.items() if k != "r"}  # r: a tuned rank (compare --tune)
             run = dataclasses.replace(options, method=method, seed=seed, lr=lr, overwrite=False, resume=False,
-                                      adapter_args={**options.adapter_args, **fields},
+                                      r=fields.get("r", options.r), adapter_args={**options.adapter_args, **config},
                                       output_dir=str(folder), keep_checkpoints=False)
             print(f"\n=== compare: {label}, seed {seed} ===", flush=True)
             gc.collect()

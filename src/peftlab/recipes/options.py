@@ -33,6 +33,10 @@ TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "m
 # HRA at its text default 1e-2 forgets much more of the prior than at 3e-3; LoRA-family defaults are 3e-3 already.
 IMAGE_MAX_DEFAULT_LR = 3e-3
 SPLITS = ("test", "validation", "train")
+SCORE_SPLITS = ("test", "validation")  # what a run scores at its end (validation: a trial of `compare --tune`)
+# Image tasks have no validation split: a validation score samples with the seed shifted by this (other noise; for
+# tiny-digits-edges other held-out digits too), so a search never draws the samples the test score is taken on.
+VALIDATION_SEED_OFFSET = 10_000
 WHOLE = "all"  # the split name of a data file given to ``peftlab eval`` without --split: every row of it
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "classification": {"model": "minilm", "data": "movie-snippets", "max_length": 64, "batch_size": 32,
@@ -141,6 +145,9 @@ class RunOptions:
     torch_compile: bool = option(False, "torch.compile the model (HF Trainer's torch_compile)", TRAINING,
                                  tasks=TEXT_TASKS)
     keep_checkpoints: bool = option(True, "", TRAINING, cli=False)
+    # the split the run is scored on at its end (and before training): test; `peftlab compare --tune` trains its
+    # trials with "validation", so that a search never reads the test split
+    score_split: str = option("test", "", TRAINING, cli=False)
     report_to: str | None = option(None, "experiment tracking: tensorboard (logs in <output-dir>/logs), wandb, "
                                    "mlflow or none (default: tensorboard when it is installed)", TRAINING,
                                    choices=REPORT_TO)
@@ -218,7 +225,8 @@ class RunOptions:
             raise RecipeError(f"--epochs must be > 0 (or give --max-steps); got {out.epochs!r}")
         if out.resume and out.overwrite:
             raise RecipeError("--resume continues the run in the output folder and --overwrite deletes it: pick one")
-        for name, choices in (("mixed_precision", MIXED_PRECISION), ("torch_dtype", TORCH_DTYPES)):
+        for name, choices in (("mixed_precision", MIXED_PRECISION), ("torch_dtype", TORCH_DTYPES),
+                              ("score_split", SCORE_SPLITS)):
             if getattr(out, name) not in choices:
                 raise RecipeError(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}; got "
                                   f"{getattr(out, name)!r}")
@@ -292,6 +300,12 @@ def eval_options(folder: Any, task: str, saved: RunOptions | None, changes: dict
     changes = {k: v for k, v in changes.items() if v is not None}
     return RunOptions.from_dict({**options.to_dict(), **changes, "output_dir": str(folder), "resume": False,
                                  "overwrite": False}).resolved()
+
+
+def sample_seed(options: RunOptions) -> int:
+    """The seed of an image run's metric samples: ``options.seed``, shifted by :data:`VALIDATION_SEED_OFFSET` when
+    the run is scored on validation (its samples are then never those of the test score)."""
+    return options.seed + (VALIDATION_SEED_OFFSET if options.score_split == "validation" else 0)
 
 
 def check_split(split: str) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from peftlab.recipes.options import IMAGE_TASKS, RunOptions
+from peftlab.recipes.options import IMAGE_TASKS, RunOptions, sample_seed
 from peftlab.recipes.scale import accelerator_kwargs, generation_kwargs, sampling_kwargs, unet_training
 
 
@@ -117,7 +117,8 @@ def image_plan(options: RunOptions) -> dict[str, Any]:
     return {"task": options.task, "models": state, "components": components, "size": run.size, "data": data,
             "settings": settings, "metric_encoders": encoder_names(options.eval_encoder),
             "accelerator": accelerator_kwargs(options), "sampling": {**sampling_kwargs(options),
-                                                                     "num_eval_images": options.num_eval_images},
+                                                                     "num_eval_images": options.num_eval_images,
+                                                                     "seed": sample_seed(options)},
             "loop": {name: getattr(options, name) for name in ("lr", "weight_decay", "warmup", "max_steps",
                                                                 "batch_size", "eval_steps", "seed")},
             "keep_checkpoints": options.keep_checkpoints}

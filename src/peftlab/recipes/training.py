@@ -81,17 +81,32 @@ def training_arguments(options: RunOptions, num_train: int, metric: str, greater
 LOGS_DIR = "logs"  # TensorBoard event files of a run, in its output folder
 
 
+_ADDED_CALLBACKS: list[Any] = []  # callbacks of the runs started inside ``with added_callbacks(...)``
+
+
+@contextmanager
+def added_callbacks(*callbacks: Any) -> Iterator[None]:
+    """Give the text recipes' Trainers ``callbacks`` too, for the runs started inside the block (``compare
+    --tune`` reports each evaluation of a trial to its pruner this way)."""
+    _ADDED_CALLBACKS.extend(callbacks)
+    try:
+        yield
+    finally:
+        del _ADDED_CALLBACKS[len(_ADDED_CALLBACKS) - len(callbacks):]
+
+
 def tracking_callbacks(options: RunOptions) -> list[Any]:
     """HF Trainer callbacks for ``--report-to tensorboard``: HF's own ``TensorBoardCallback``, writing into
     ``<output-dir>/logs`` (HF's default is a new time-stamped folder per run). Other trackers go through
-    ``TrainingArguments.report_to`` (see :func:`training_arguments`)."""
+    ``TrainingArguments.report_to`` (see :func:`training_arguments`). Callbacks given by :func:`added_callbacks`
+    come first."""
     if options.report_to != "tensorboard":
-        return []
+        return list(_ADDED_CALLBACKS)
     from transformers.integrations import TensorBoardCallback
 
     callback = TensorBoardCallback()
     callback.logging_dir = str(Path(options.output_dir) / LOGS_DIR)
-    return [callback]
+    return [*_ADDED_CALLBACKS, callback]
 
 
 class PeakMemory:

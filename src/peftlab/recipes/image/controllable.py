@@ -42,7 +42,7 @@ from peftlab.recipes.image.training import (
     sample_images,
     token_ids,
 )
-from peftlab.recipes.options import RunOptions
+from peftlab.recipes.options import RunOptions, sample_seed
 from peftlab.recipes.rundir import owns_output_dir
 
 CAPTION_DROPOUT = 0.5  # ControlNet (Zhang et al. 2023): half the captions are "", so the control must be used
@@ -84,10 +84,12 @@ def prepare(options: RunOptions) -> ControlRun:
     examples = image_data.control_examples(data, options.control, size, options.max_train_samples, options.seed)
     captions = sorted(set(examples.captions))
     check_prompts(pipe, {f"--data caption {c[:40]!r}": c for c in captions if c.strip()})
-    if data == image_data.EDGES_DATA:
-        held_out = image_data.held_out_edges(options.control, size, options.num_eval_images)
-    else:
-        held_out = examples.take(list(range(min(options.num_eval_images, len(examples)))))
+    count, validation = options.num_eval_images, options.score_split == "validation"
+    if data == image_data.EDGES_DATA:  # validation (a trial of `compare --tune`): other held-out digits
+        held_out = image_data.held_out_edges(options.control, size, count, from_end=validation)
+    else:  # the first training examples; validation: the last ones
+        index = list(range(min(count, len(examples))))
+        held_out = examples.take([len(examples) - 1 - i for i in index] if validation else index)
     return ControlRun(pipe, size, captions, examples, held_out)
 
 
@@ -97,7 +99,7 @@ def evaluate_samples(pipe: Any, options: RunOptions, size: int, held_out: image_
     from peftlab.diffusion import image_metrics as im
 
     controls = control_tensor(held_out.controls, size) if control else None
-    samples = sample_images(pipe, held_out.captions, options, size, options.seed, controls)
+    samples = sample_images(pipe, held_out.captions, options, size, sample_seed(options), controls)
     grey = glyphs.to_array(samples, None)  # normalised once: the metrics take the array as it is
     result = im.control_fidelity(grey, glyphs.to_array(held_out.controls, None), options.control)
     if held_out.labels is not None:

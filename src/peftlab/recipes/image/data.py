@@ -257,13 +257,14 @@ def control_examples(data: str, control: str, resolution: int, limit: int | None
     return examples
 
 
-def held_out_edges(control: str, resolution: int, count: int) -> ControlExamples:
-    """``count`` digits the glyph classifier never saw (one per class in turn), with their control maps."""
+def held_out_edges(control: str, resolution: int, count: int, from_end: bool = False) -> ControlExamples:
+    """``count`` digits the glyph classifier never saw (one per class in turn), with their control maps; each
+    class's first ones, or (``from_end``, a validation score) its last ones."""
     from peftlab.diffusion.control import make_control
     from peftlab.diffusion.image_metrics import held_out_digits
 
     digits = held_out_digits()
-    index = [int(np.flatnonzero(digits.labels == k % 10)[k // 10]) for k in range(count)]
+    index = [int(np.flatnonzero(digits.labels == k % 10)[-1 - k // 10 if from_end else k // 10]) for k in range(count)]
     subset = digits.subset(np.array(index))
     targets = resize_all(glyphs.to_pil(subset.images), resolution)
     return ControlExamples(targets, [make_control(t, control) for t in targets], subset.captions(),

@@ -79,7 +79,8 @@ def train_prepared(run: PreparedRun, options: RunOptions, checkpoint: str | None
     after, skipped, samples = run.score(options, trained=True)
     metrics = {
         "task": options.task, "method": options.method, "model": options.model, "lr": options.lr,
-        "num_eval_images": len(samples), **run.metrics(options), "test": after, "before": before, "skipped": skipped,
+        "num_eval_images": len(samples), **run.metrics(options), options.score_split: after, "before": before,
+        "skipped": skipped,
         **objective.metrics,
         **{k: v for k, v in training.items() if k != "losses"},
     }

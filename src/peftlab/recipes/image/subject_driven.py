@@ -45,7 +45,7 @@ from peftlab.recipes.image.training import (
     sample_images,
     token_ids,
 )
-from peftlab.recipes.options import RunOptions
+from peftlab.recipes.options import RunOptions, sample_seed
 from peftlab.recipes.rundir import owns_output_dir
 from peftlab.recipes.training import log
 
@@ -132,8 +132,9 @@ def evaluate_samples(pipe: Any, options: RunOptions, size: int, instances: list[
     """(values, skipped, subject samples): the subject and prior metrics of the pipeline as it is now."""
     from peftlab.diffusion import image_metrics as im
 
-    subject = sample_images(pipe, [options.instance_prompt] * options.num_eval_images, options, size, options.seed)
-    prior = sample_images(pipe, list(PRIOR_PROMPTS) * 2, options, size, options.seed + 1)
+    seed = sample_seed(options)  # other noise for a validation score (a trial of `compare --tune`)
+    subject = sample_images(pipe, [options.instance_prompt] * options.num_eval_images, options, size, seed)
+    prior = sample_images(pipe, list(PRIOR_PROMPTS) * 2, options, size, seed + 1)
     result = im.ImageMetrics(values={
         "subject_similarity": im.subject_similarity(glyphs.to_array(subject), glyphs.to_array(instances)),
         "prior_class_accuracy": im.class_accuracy(glyphs.to_array(prior), [k % 10 for k in range(len(prior))]),

@@ -359,7 +359,8 @@ def saved_metrics(folder: Any) -> dict[str, Any]:
     """``peftlab eval`` of an image run: the metrics its training wrote (its samples are seeded, so sampling
     again would give the same numbers on the same machine)."""
     metrics = files.read_json(Path(folder) / METRICS_FILE)
-    return {**metrics, "split": "test", "data": metrics.get("data") or metrics.get("instance_data")}
+    split = "test" if "test" in metrics else "validation"  # validation: a trial of `compare --tune`
+    return {**metrics, "split": split, "data": metrics.get("data") or metrics.get("instance_data")}
 
 
 def encoder_names(spec: str | None) -> tuple[str | None, str | None]:
@@ -382,7 +383,7 @@ def summary(metrics: dict[str, Any], keys: tuple[str, ...]) -> str:
     """One line: each metric before → after (when both exist)."""
     parts = []
     for key in keys:
-        after, before = metrics["test"].get(key), metrics["before"].get(key)
+        after, before = metrics.get("test", metrics.get("validation", {})).get(key), metrics["before"].get(key)
         if after is None:
             continue
         parts.append(f"{key} {before:.3f} -> {after:.3f}" if before is not None else f"{key} {after:.3f}")

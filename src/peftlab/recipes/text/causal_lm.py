@@ -132,28 +132,30 @@ def run_parts(options: RunOptions) -> tuple[Any, Any, Any, Any]:
     """(records, prompt of a record, its response, the test records of ``records``): what :func:`train` and
     :func:`peftlab.recipes.plan.plan` set up."""
     return (load_records(options.data, options.split_seed), record_prompt, _output,
-            lambda records: select(records["test"], options.max_test_samples, options.split_seed))
+            lambda records: select(records[options.score_split], options.max_test_samples, options.split_seed))
 
 
 @owns_output_dir
 def train(options: RunOptions, checkpoint: str | None) -> dict[str, Any]:
     """Instruction-tune ``options.model`` with ``options.method``; write the adapter, ``metrics.json`` (test exact
     match overall and per task, perplexity), the training curve and ``predictions.jsonl``."""
-    run = start_run(options, *run_parts(options), lambda rows: f"{len(rows)} test examples")
+    split = options.score_split  # test, or validation for a trial of `compare --tune`
+    run = start_run(options, *run_parts(options), lambda rows: f"{len(rows)} {split} examples scored")
     test_records = run.test_rows
     initial = None
     if options.initial_eval and checkpoint is None and run.main:
         initial, _ = evaluate_answers(run.trainer.model, run.tokenizer, test_records, options)
-        log(f"test exact match before training (step 0): {fmt(initial['exact_match'])}", run.main)
+        log(f"{split} exact match before training (step 0): {fmt(initial['exact_match'])}", run.main)
     training = run_training(run.trainer, checkpoint)
-    test = strip_prefix(run.trainer.evaluate(run.test_set, metric_key_prefix="test"), "test")
+    test = strip_prefix(run.trainer.evaluate(run.test_set, metric_key_prefix=split), split)
     test["perplexity"] = perplexity(test["loss"])
     metrics: dict[str, Any] = {
         "task": "causal-lm", "method": options.method, "model": options.model, "data": options.data,
-        "metric": "exact_match", **run.sizes(), "num_test": len(test_records), "initial_test": initial, **training,
+        "metric": "exact_match", **run.sizes(), f"num_{split}": len(test_records), f"initial_{split}": initial,
+        **training,
     }
     return run.finish(options, metrics, test, evaluate_answers, lambda scores: (
-        f"test exact match after training: {fmt(scores.get('exact_match'))}, test perplexity "
+        f"{split} exact match after training: {fmt(scores.get('exact_match'))}, {split} perplexity "
         f"{scores['perplexity']:.3f} ({speed(training)})"))
 
 

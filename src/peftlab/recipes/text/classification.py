@@ -218,8 +218,11 @@ def setup(options: RunOptions) -> Setup:
                          options.max_length)
     val_set = tokenize(select(data["validation"], options.max_eval_samples, options.split_seed), tokenizer,
                        options.max_length, sort=True)
-    test_set = tokenize(select(data["test"], options.max_test_samples, options.split_seed), tokenizer,
-                        options.max_length, sort=True)
+    if options.score_split == "validation":  # a trial of `compare --tune`: the test split is never read
+        test_set = val_set
+    else:
+        test_set = tokenize(select(data["test"], options.max_test_samples, options.split_seed), tokenizer,
+                            options.max_length, sort=True)
     metric = main_metric(options, regression)
     # average_tokens_across_devices off: a classifier's loss is a mean per device already (HF would multiply it by
     # the number of processes, so DDP / ZeRO runs would take N times the gradient of a one-process run)
@@ -255,14 +258,14 @@ def train(options: RunOptions, checkpoint: str | None) -> dict[str, Any]:
     log(f"peftlab train: {options.method} (r={options.r}, lr={options.lr:g}) on {options.model}, {options.data}: "
         f"{len(train_set)} train / {len(val_set)} validation / {len(test_set)} test examples; trainable params "
         f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)", main)
-    initial = None
+    initial, split = None, options.score_split  # split: test, or validation for a trial of `compare --tune`
     if options.initial_eval and checkpoint is None:
-        initial = strip_prefix(trainer.evaluate(test_set, metric_key_prefix="test"), "test")
-        log(f"test {metric} before training (step 0): {fmt(initial[metric])}", main)
+        initial = strip_prefix(trainer.evaluate(test_set, metric_key_prefix=split), split)
+        log(f"{split} {metric} before training (step 0): {fmt(initial[metric])}", main)
     if checkpoint:
         log(f"resuming from {checkpoint}", main)
     training = run_training(trainer, checkpoint)
-    test = strip_prefix(trainer.evaluate(test_set, metric_key_prefix="test"), "test")
+    test = strip_prefix(trainer.evaluate(test_set, metric_key_prefix=split), split)
     metrics = {
         "task": "classification",
         "method": options.method,
@@ -272,15 +275,15 @@ def train(options: RunOptions, checkpoint: str | None) -> dict[str, Any]:
         "labels": names,
         "num_train": len(train_set),
         "num_validation": len(val_set),
-        "num_test": len(test_set),
+        f"num_{split}": len(test_set),
         "trainable_params": trainable,
         "total_params": total,
-        "initial_test": initial,
-        "test": test,
+        f"initial_{split}": initial,
+        split: test,
         **training,
     }
     finish_run(trainer, out, metrics, metric, options.keep_checkpoints)
-    log(f"test {metric} after training: {fmt(test[metric])} (best validation {metric} "
+    log(f"{split} {metric} after training: {fmt(test[metric])} (best validation {metric} "
         f"{fmt(training['best_validation_metric'])} at {Path(training['best_checkpoint'] or '-').name}; "
         f"{speed(training)})", main)
     what = "adapter" if isinstance(model, AdapterModel) else "model"

@@ -138,24 +138,25 @@ def run_parts(options: RunOptions) -> tuple[Any, Any, Any, Any]:
     """(pairs, prompt of a pair, its reference, the test pairs of ``pairs``): what :func:`train` and
     :func:`peftlab.recipes.plan.plan` set up."""
     return (load_pairs(options.data, options.split_seed, MIN_INPUTS), _prompt, _reference,
-            lambda pairs: _test_pairs(pairs["test"], options.max_test_samples, options.split_seed))
+            lambda pairs: _test_pairs(pairs[options.score_split], options.max_test_samples, options.split_seed))
 
 
 @owns_output_dir
 def train(options: RunOptions, checkpoint: str | None) -> dict[str, Any]:
     """Train on MR → text pairs; write adapter, metrics (BLEU, NIST, ROUGE-L, ...), curve and predictions."""
-    run = start_run(options, *run_parts(options), lambda rows: f"{len(set(rows['mr']))} test MRs")
+    split = options.score_split  # test, or validation for a trial of `compare --tune`
+    run = start_run(options, *run_parts(options), lambda rows: f"{len(set(rows['mr']))} {split} MRs scored")
     test_pairs = run.test_rows
     training = run_training(run.trainer, checkpoint)
-    test = strip_prefix(run.trainer.evaluate(run.test_set, metric_key_prefix="test"), "test")
+    test = strip_prefix(run.trainer.evaluate(run.test_set, metric_key_prefix=split), split)
     metrics: dict[str, Any] = {
         "task": "data-to-text", "method": options.method, "model": options.model, "data": options.data,
-        "metric": "bleu", **run.sizes(), "num_test_mrs": len(set(test_pairs["mr"])),
+        "metric": "bleu", **run.sizes(), f"num_{split}_mrs": len(set(test_pairs["mr"])),
         "decoding": {"num_beams": options.num_beams, "length_penalty": options.length_penalty,
                      "no_repeat_ngram_size": options.no_repeat_ngram_size, "max_new_tokens": options.max_new_tokens},
         **training,
     }
-    return run.finish(options, metrics, test, evaluate_generations, lambda scores: f"test: {summary(scores)}")
+    return run.finish(options, metrics, test, evaluate_generations, lambda scores: f"{split}: {summary(scores)}")
 
 
 def summary(scores: dict[str, Any]) -> str:

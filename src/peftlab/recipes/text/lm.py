@@ -120,14 +120,15 @@ class LMRun:
     main: bool  # the main process (it evaluates, generates and writes)
 
     def finish(self, options: RunOptions, metrics: dict[str, Any], test: dict[str, Any], score, summary) -> dict:
-        """Score the test rows by generation (``score(model, tokenizer, rows, options)`` → (scores, prediction
-        rows), main process only), then write ``predictions.jsonl``, the adapter, the curve and ``metrics.json``
-        (with ``metrics["test"] = test``) and log ``summary(test)``."""
+        """Score the test rows (validation rows for a trial of ``compare --tune``: ``options.score_split``) by
+        generation (``score(model, tokenizer, rows, options)`` → (scores, prediction rows), main process only),
+        then write ``predictions.jsonl``, the adapter, the curve and ``metrics.json`` (with
+        ``metrics[options.score_split] = test``) and log ``summary(test)``."""
         if self.main:
             scores, rows = score(self.trainer.model, self.tokenizer, self.test_rows, options)
             test.update(scores)
             write_jsonl(self.out / "predictions.jsonl", rows)
-        metrics["test"] = test
+        metrics[options.score_split] = test
         finish_run(self.trainer, self.out, metrics, "loss", options.keep_checkpoints)
         log(summary(test), self.main)
         log(f"wrote {self.out / METRICS_FILE}, {self.out / CURVE_FILE}, predictions.jsonl and the adapter to "
