@@ -1,0 +1,224 @@
+"""``peftlab report``: the section of one ``peftlab train`` run, and reading a result folder's files.
+
+A run folder holds ``metrics.json`` (+ ``run_config.json``, ``training_curve.png``, the trainer's
+``trainer_state.json``, ``predictions.jsonl`` of generation tasks, ``samples.png`` of image tasks, and any other
+PNG, e.g. a spectrum plot); see :mod:`peftlab.commands.report`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from peftlab.commands.report_page import MISSING, Cell, Figure, Section, Table, cell
+from peftlab.errors import ReportError
+
+PREDICTIONS_SHOWN = 20
+FOLD_ROWS = 30
+KNOWN_JSON = {"metrics.json", "run_config.json", "trainer_state.json", "adapter_config.json", "pipeline.json",
+              "config.json", "model_index.json", "generation_config.json", "compare.json", "analysis.json"}
+
+
+# -- reading files ---------------------------------------------------------------------------------------------------
+def read_result(path: Path, how_to_fix: str) -> dict[str, Any]:
+    """The JSON object in ``path``; ReportError (naming the file and ``how_to_fix``) if it is missing, not valid JSON,
+    holds NaN / Infinity (not JSON, though Python writes it) or is not an object."""
+
+    def refuse(constant: str) -> None:
+        raise ReportError(f"{path} holds {constant}, which is not valid JSON (the file is corrupt or was edited); "
+                          f"{how_to_fix}")
+
+    if not path.is_file():
+        raise ReportError(f"{path} is missing; {how_to_fix}")
+    try:
+        data = json.loads(path.read_bytes(), parse_constant=refuse)
+    except (ValueError, RecursionError) as err:
+        raise ReportError(f"{path} is not valid JSON ({' '.join(str(err).split())[:120]}); {how_to_fix}") from None
+    if not isinstance(data, dict):
+        raise ReportError(f"{path} should hold a JSON object, found {type(data).__name__}; {how_to_fix}")
+    return data
+
+
+def read_optional(path: Path, section: Section) -> Any:
+    """A side file's JSON (``run_config.json``, ``trainer_state.json``), or ``None`` with a warning when unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, RecursionError):
+        section.warnings.append(f"{path.name} is not valid JSON; what it holds is left out")
+        return None
+
+
+def figure(path: Path, title: str, section: Section) -> Figure | None:
+    """The image at ``path`` as an embedded PNG (other formats converted); ``None`` if there is no such file. An
+    unreadable image is kept as missing, with a warning on ``section``."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        return None
+    try:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            width = image.width
+            if image.format != "PNG":
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                data = buffer.getvalue()
+        return Figure(title, data, width=width)
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as err:
+        why = f"{path.name} is not a readable image: {' '.join(str(err).split())[:120]}"
+        section.warnings.append(f"{path}: {why}; it is shown as missing (rewrite the file, or rerun the command)")
+        return Figure(title, missing=why)
+
+
+def flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"exact_match_by_task": {"a": 1}}`` → ``{"exact_match_by_task/a": 1}``."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+# -- a training run ------------------------------------------------------------------------------------------------
+def run_section(folder: Path, title: str, section_id: str) -> Section:
+    """A ``peftlab train`` run: options, metrics, evaluations, curve, image grid, predictions, other figures."""
+    metrics = read_result(folder / "metrics.json", "the run has not finished or is damaged: wait for peftlab train to "
+                          "finish, or rerun it with --overwrite")
+    section = Section(section_id, title, "peftlab train run")
+    run = read_optional(folder / "run_config.json", section)
+    options = run.get("options", {}) if isinstance(run, dict) and isinstance(run.get("options"), dict) else {}
+    section.facts = run_facts(metrics, options)
+    before = metrics.get("initial_test") or metrics.get("before")
+    test = metrics.get("test")
+    if isinstance(test, dict):
+        after, earlier = flat(test), flat(before) if isinstance(before, dict) else {}
+        columns = ["metric", "before training", "after training"] if earlier else ["metric", "test"]
+        rows = [[Cell(k), *([cell(earlier.get(k))] if earlier else []), cell(v)] for k, v in after.items()]
+        section.tables.append(Table(f"Test metrics ({metrics.get('num_test', MISSING)} examples)"
+                                    if "num_test" in metrics else "Test metrics", columns, rows))
+    if isinstance(metrics.get("skipped"), dict):
+        section.tables.append(Table("Metrics not measured", ["metric", "why"],
+                                    [[Cell(k), cell(v)] for k, v in metrics["skipped"].items()]))
+    state = read_optional(folder / "trainer_state.json", section)
+    history = state.get("log_history", []) if isinstance(state, dict) else []
+    evaluations = validation_table(history if isinstance(history, list) else [])
+    if evaluations:
+        section.tables.append(evaluations)
+    predictions = predictions_table(folder / "predictions.jsonl", section)
+    if predictions:
+        section.tables.append(predictions)
+    section.tables += extra_json_tables(folder)
+    curve = figure(folder / "training_curve.png", "Training curve", section) or drawn_curve(history, metrics)
+    shown = {"training_curve.png"}
+    if curve:
+        section.figures.append(curve)
+    for name, caption in (("samples.png", "Samples after training (image grid)"),):
+        if found := figure(folder / name, caption, section):
+            section.figures.append(found)
+            shown.add(name)
+    for path in sorted(folder.glob("*.png")):
+        if path.name not in shown and (found := figure(path, path.name, section)):
+            section.figures.append(found)
+    return section
+
+
+def run_facts(metrics: dict[str, Any], options: dict[str, Any]) -> list[tuple[str, Cell]]:
+    """The run's options and costs, as (name, value) pairs."""
+    def pick(*keys: str) -> Any:
+        for key in keys:
+            if metrics.get(key) is not None:
+                return metrics[key]
+            if options.get(key) is not None:
+                return options[key]
+        return None
+
+    facts: dict[str, Any] = {
+        "task": pick("task"), "model": pick("model"), "data": pick("data", "instance_data"),
+        "control": pick("control"), "instance prompt": pick("instance_prompt"), "class prompt": pick("class_prompt"),
+        "method": pick("method"), "r": options.get("r"), "method options": options.get("adapter_args") or None,
+        "learning rate": pick("lr"), "seed": options.get("seed"), "batch size": options.get("batch_size"),
+        "budget": (f"{options['max_steps']} steps" if options.get("max_steps") else
+                   f"{options['epochs']} epochs" if options.get("epochs") is not None else None),
+        "steps trained": pick("global_step"), "train / validation / test examples": (
+            "/".join(str(metrics.get(k, MISSING)) for k in ("num_train", "num_validation", "num_test"))
+            if "num_train" in metrics else None),
+        "main metric": pick("metric"), f"best validation {metrics.get('metric', 'metric')}":
+            metrics.get("best_validation_metric"), "final training loss": pick("train_loss", "final_loss"),
+    }
+    trainable, total = metrics.get("trainable_params"), metrics.get("total_params")
+    if isinstance(trainable, int) and isinstance(total, int) and total > 0:
+        facts["trainable parameters"] = f"{trainable:,} of {total:,} ({100 * trainable / total:.3f} %)"
+    facts["seconds per step"] = metrics.get("seconds_per_step")
+    if metrics.get("peak_memory_mb") is not None:
+        facts["peak memory"] = f"{metrics['peak_memory_mb']:,.0f} MB ({metrics.get('peak_memory_kind', '?')})"
+    return [(name, cell(value)) for name, value in facts.items() if value is not None]
+
+
+def validation_table(history: list[Any]) -> Table | None:
+    """The evaluations HF Trainer logged during training (``eval_*`` entries of its log history), one row per step."""
+    skip = ("runtime", "per_second", "preparation_time")
+    entries = [e for e in history if isinstance(e, dict) and any(str(k).startswith("eval_") for k in e)]
+    keys = list(dict.fromkeys(k for e in entries for k in e if k.startswith("eval_") and not k.endswith(skip)))
+    if not entries or not keys:
+        return None
+    rows = [[cell(e.get("step")), *(cell(e.get(k)) for k in keys)] for e in entries]
+    return Table("Validation during training", ["step", *(k.removeprefix("eval_") for k in keys)], rows,
+                 folded=len(rows) > FOLD_ROWS)
+
+
+def drawn_curve(history: list[Any], metrics: dict[str, Any]) -> Figure | None:
+    """The training curve drawn from the logged history, for a run without ``training_curve.png``."""
+    from peftlab.recipes.training import plot_training_curve, pyplot
+
+    entries = [e for e in history if isinstance(e, dict)]
+    if not any("loss" in e for e in entries) or pyplot() is None:
+        return None
+    buffer = io.BytesIO()
+    plot_training_curve(entries, buffer, str(metrics.get("metric", "loss")))  # savefig takes a file object
+    return Figure("Training curve (drawn from trainer_state.json)", buffer.getvalue())
+
+
+def predictions_table(path: Path, section: Section) -> Table | None:
+    """The first rows of ``predictions.jsonl`` (prompt, prediction, reference, ...), folded."""
+    if not path.is_file():
+        return None
+    rows: list[dict[str, Any]] = []
+    total = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            total += 1
+            if len(rows) < PREDICTIONS_SHOWN:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    section.warnings.append(f"{path.name} line {total} is not valid JSON; left out")
+                    continue
+                rows.append(row if isinstance(row, dict) else {"value": row})
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    body = [[cell(r.get(k)) for k in keys] for r in rows]
+    return Table(f"Predictions (first {len(rows)} of {total}, predictions.jsonl)", keys, body, folded=True)
+
+
+def extra_json_tables(folder: Path) -> list[Table]:
+    """Other result files beside the run (e.g. a benchmark's ``forgetting.json``): JSON objects of numbers only."""
+    tables = []
+    for path in sorted(folder.glob("*.json")):
+        if path.name in KNOWN_JSON or path.name.startswith("tokenizer") or path.name.endswith("_map.json"):
+            continue
+        try:
+            data = json.loads(path.read_bytes())
+        except (ValueError, RecursionError, OSError):
+            continue
+        numbers = flat(data) if isinstance(data, dict) else {}
+        if numbers and all(isinstance(v, (int, float)) for v in numbers.values()):
+            tables.append(Table(path.name, ["key", "value"], [[Cell(k), cell(v)] for k, v in numbers.items()]))
+    return tables
