@@ -298,6 +298,11 @@ def test_bad_folders_give_one_line_errors_and_write_nothing(made, tmp_path, caps
     assert str(folder) in lines[0] and not (good / "report.html").exists()  # nothing written: all pages or none
 
 
+def test_help(capsys):
+    assert main(["report", "--help"]) == 0
+    assert "usage: peftlab report" in capsys.readouterr().out
+
+
 def test_out_names_one_file_for_one_folder(made, tmp_path):
     with pytest.raises(ReportError, match="--out names one file but 2 folders"):
         report([made["run"], made["compare"]], out=tmp_path / "x.html")
