@@ -112,13 +112,14 @@ def read_page(path: Path) -> Page:
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory) -> dict[str, Path]:
-    """A tiny comparison (HRA, LoRA; 1 seed, 2 steps, evaluated every step) of the keyword task; its HRA run is the
-    train run of the tests (a ``peftlab train`` run like any other)."""
+    """A tiny comparison (HRA, LoRA; 1 seed, 2 steps without warm-up, evaluated every step) of the keyword task; its
+    HRA run is the train run of the tests (a ``peftlab train`` run like any other). Without warm-up the first step
+    already changes the weights (the best checkpoint, reloaded at the end, may be the first)."""
     root = tmp_path_factory.mktemp("report")
     save_tiny_classifier(root / "model")
     data = write_keyword_csv(root / "small.csv", 40, seed=1)
     assert main(["compare", "--model", str(root / "model"), "--data", str(data), "--batch-size", "16", "--methods",
-                 "hra,lora", "--seeds", "1", "--max-steps", "2", "--eval-steps", "1",
+                 "hra,lora", "--seeds", "1", "--max-steps", "2", "--eval-steps", "1", "--warmup", "0",
                  "--output-dir", str(root / "compare")]) == 0
     return {"root": root, "run": root / "compare" / "hra" / "seed-0", "compare": root / "compare"}
 
@@ -161,7 +162,7 @@ def test_compare_page_lists_every_method_and_links_each_run(made):
     for method in ("hra", "lora"):  # each run's own section, with its own metrics
         test = metrics_of(made["compare"] / method / "seed-0")["test"]
         shown = page.table("Test metrics", section=f"run-{method}-seed-0")
-        assert {k: float(row[1]["title"]) for k, row in shown.items()} == test
+        assert {k: float(row[-1]["title"]) for k, row in shown.items()} == test  # the "after training" column
     runs = page.table("Runs")
     assert set(runs) == {"hra/seed-0", "lora/seed-0"}
     for run in result["runs"]:
@@ -202,6 +203,29 @@ def test_analysis_page_shows_the_distances(made, tmp_path):
         between = numbers["mean"]["between"]
         assert float(table[role][2]["title"]) == between
     assert set(page.table("Runs")) == set(data["runs"]) and len(page.images) == 1
+
+
+def test_spectrum_shows_each_layers_spectral_change(made, tmp_path):
+    """HRA's merged weight W·H has W's singular values (δ ≈ 0); LoRA's W + BA moves them: δ as the merged
+    checkpoint of ``peftlab merge`` and the base weights give it (singular values in float64)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from peftlab.commands.saved import merge
+
+    report([made["compare"]], out=tmp_path / "page.html", spectrum=True)
+    page = read_page(tmp_path / "page.html")
+    assert len(page.images) == 1 + 2 + 2  # compare.png, each run's curve and spectrum
+    hra = page.table("Spectral change", section="run-hra-seed-0")
+    lora = page.table("Spectral change", section="run-lora-seed-0")
+    assert len(hra) == len(lora) == 4 and all(float(row[1]["title"]) < 1e-5 for row in hra.values())
+    base = AutoModelForSequenceClassification.from_pretrained(made["root"] / "model").state_dict()
+    merged = merge(made["compare"] / "lora" / "seed-0", tmp_path / "merged").state_dict()
+    for layer, row in lora.items():
+        s0 = torch.linalg.svdvals(base[f"{layer}.weight"].double())
+        s1 = torch.linalg.svdvals(merged[f"{layer}.weight"].double())
+        want = float(torch.linalg.vector_norm(s1 - s0) / torch.linalg.vector_norm(s0))
+        assert want > 1e-5 and float(row[1]["title"]) == pytest.approx(want, rel=1e-4)
 
 
 def test_hostile_text_is_escaped(made, tmp_path):

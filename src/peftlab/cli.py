@@ -335,6 +335,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _report_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("folders", nargs="+", metavar="DIR", help="run, compare or analyze output folders")
     p.add_argument("--out", metavar="FILE.html", help="with one DIR: write the page here (default DIR/report.html)")
+    p.add_argument("--spectrum", action="store_true", help="also the spectral change of every adapted layer (loads "
+                   "each run's adapter on its base model)")
 
 
 @command(_report_flags, config=False)
@@ -347,7 +349,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     """
     from peftlab.commands.report import report
 
-    print("\n".join(report(args.folders, args.out)))
+    print("\n".join(report(args.folders, args.out, args.spectrum)))
     return 0
 
 

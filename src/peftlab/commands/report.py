@@ -41,9 +41,10 @@ ROW_KEYS = ("method", "lr", "mean", "std", "seeds", "trainable_params", "trainab
             "peak_memory_mb")  # compare.json's per-method columns; the others are shown after these
 
 
-def report(folders: list[str | os.PathLike], out: str | os.PathLike | None = None) -> list[str]:
+def report(folders: list[str | os.PathLike], out: str | os.PathLike | None = None, spectrum: bool = False) -> list[str]:
     """Write one HTML page per folder (``<folder>/report.html``, or ``out`` for a single folder); return the lines
-    to print: one per page written, and the warnings (unreadable images)."""
+    to print: one per page written, and the warnings (unreadable images). ``spectrum``: each run's adapter is loaded
+    on its base model for the spectral change of its layers (:func:`~peftlab.commands.report_run.add_spectrum`)."""
     if not folders:
         raise ReportError(f"no folder given; {WHAT}")
     if out is not None and len(folders) != 1:
@@ -53,7 +54,7 @@ def report(folders: list[str | os.PathLike], out: str | os.PathLike | None = Non
         raise ReportError(f"--out {out} is a folder; give a file name such as {Path(out) / REPORT_FILE}")
     pages = []
     for folder in map(Path, folders):
-        section = folder_section(folder)
+        section = folder_section(folder, spectrum)
         pages.append((Path(out) if out is not None else folder / REPORT_FILE, section, folder))
     lines = []
     for path, section, folder in pages:
@@ -64,24 +65,24 @@ def report(folders: list[str | os.PathLike], out: str | os.PathLike | None = Non
     return lines
 
 
-def folder_section(folder: Path) -> Section:
+def folder_section(folder: Path, spectrum: bool = False) -> Section:
     """The section of a comparison, analysis or run folder, told apart by their files (module docstring)."""
     if not folder.is_dir():
         raise ReportError(f"{folder} is not a folder; {WHAT}")
-    run = read_optional(folder / "run_config.json", Section("", "", ""))
+    run = read_optional(folder / "run_config.json")
     kind = run.get("kind") if isinstance(run, dict) else None
     title = folder.resolve().name
     if (folder / "compare.json").is_file() or kind == "compare":
-        return compare_section(folder, title)
+        return compare_section(folder, title, spectrum)
     if (folder / "analysis.json").is_file():
         return analysis_section(folder, title)
     if (folder / "metrics.json").is_file() or kind == "train":
-        return run_section(folder, title, anchor("run", title))
+        return run_section(folder, title, anchor("run", title), spectrum)
     raise ReportError(f"{folder} holds no metrics.json, compare.json or analysis.json; {WHAT}")
 
 
 # -- a comparison ----------------------------------------------------------------------------------------------------
-def compare_section(folder: Path, title: str) -> Section:
+def compare_section(folder: Path, title: str, spectrum: bool = False) -> Section:
     """A ``peftlab compare`` folder: its tables, plot, trials, and a section per run (linked from the tables)."""
     result = read_result(folder / "compare.json", "the comparison has not finished or is damaged: wait for peftlab "
                          "compare to finish, or rerun it with --overwrite")
@@ -99,7 +100,7 @@ def compare_section(folder: Path, title: str) -> Section:
         name = f"{entry.get('method')}/seed-{entry.get('seed')}"
         path = folder / re.sub(r"[^\w.-]+", "_", str(entry.get("method"))) / f"seed-{entry.get('seed')}"
         if (path / "metrics.json").is_file():
-            children[name] = run_section(path, name, anchor("run", name))
+            children[name] = run_section(path, name, anchor("run", name), spectrum)
         else:
             section.warnings.append(f"the run folder {path} of {name} is missing; its section is left out")
     section.children = list(children.values())

@@ -41,24 +41,31 @@ def read_result(path: Path, how_to_fix: str) -> dict[str, Any]:
     return data
 
 
-def read_optional(path: Path, section: Section) -> Any:
-    """A side file's JSON (``run_config.json``, ``trainer_state.json``), or ``None`` with a warning when unreadable."""
+def read_optional(path: Path, section: Section | None = None) -> Any:
+    """A side file's JSON (``run_config.json``, ``trainer_state.json``), or ``None`` (with a warning on ``section``)
+    when it is missing or unreadable."""
     if not path.is_file():
         return None
     try:
         return json.loads(path.read_bytes())
     except (ValueError, RecursionError):
-        section.warnings.append(f"{path.name} is not valid JSON; what it holds is left out")
+        if section is not None:
+            section.warnings.append(f"{path.name} is not valid JSON; what it holds is left out")
         return None
 
 
 def figure(path: Path, title: str, section: Section) -> Figure | None:
     """The image at ``path`` as an embedded PNG (other formats converted); ``None`` if there is no such file. An
-    unreadable image is kept as missing, with a warning on ``section``."""
+    unreadable image, or a link to a file outside the folder (a shared folder must not make the page embed the
+    reader's own files), is kept as missing, with a warning on ``section``."""
     from PIL import Image, UnidentifiedImageError
 
     if not path.is_file():
         return None
+    if path.is_symlink() and not path.resolve().is_relative_to(path.parent.resolve()):
+        why = f"{path.name} is a link to {path.resolve()}, outside the folder"
+        section.warnings.append(f"{path}: {why}; it is shown as missing (copy the file into the folder)")
+        return Figure(title, missing=why)
     try:
         data = path.read_bytes()
         with Image.open(io.BytesIO(data)) as image:
@@ -87,8 +94,9 @@ def flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # -- a training run ------------------------------------------------------------------------------------------------
-def run_section(folder: Path, title: str, section_id: str) -> Section:
-    """A ``peftlab train`` run: options, metrics, evaluations, curve, image grid, predictions, other figures."""
+def run_section(folder: Path, title: str, section_id: str, spectrum: bool = False) -> Section:
+    """A ``peftlab train`` run: options, metrics, evaluations, curve, image grid, predictions, other figures; with
+    ``spectrum``, the spectral change of every adapted layer (:func:`add_spectrum`)."""
     metrics = read_result(folder / "metrics.json", "the run has not finished or is damaged: wait for peftlab train to "
                           "finish, or rerun it with --overwrite")
     section = Section(section_id, title, "peftlab train run")
@@ -126,6 +134,8 @@ def run_section(folder: Path, title: str, section_id: str) -> Section:
     for path in sorted(folder.glob("*.png")):
         if path.name not in shown and (found := figure(path, path.name, section)):
             section.figures.append(found)
+    if spectrum:
+        add_spectrum(folder, section)
     return section
 
 
@@ -222,3 +232,38 @@ def extra_json_tables(folder: Path) -> list[Table]:
         if numbers and all(isinstance(v, (int, float)) for v in numbers.values()):
             tables.append(Table(path.name, ["key", "value"], [[Cell(k), cell(v)] for k, v in numbers.items()]))
     return tables
+
+
+def add_spectrum(folder: Path, section: Section) -> None:
+    """The relative spectral change δ = ‖σ(W') − σ(W)‖₂ / ‖σ(W)‖₂ of every adapted layer's merged weight W'
+    (:mod:`peftlab.spectrum`; HydraLoRA merged with uniform head weights), as a table and a bar chart. The run's
+    adapter is loaded on its base model; a run without a text adapter (full fine-tuning, a linear probe, an image
+    run's pipeline) gets a note instead."""
+    from peftlab.commands.saved import is_pipeline_dir, load_for_inference
+    from peftlab.recipes.rundir import is_adapter_dir
+    from peftlab.recipes.training import pyplot
+    from peftlab.spectrum import spectral_changes
+
+    if not is_adapter_dir(folder) or is_pipeline_dir(folder):
+        section.warnings.append(f"no spectrum for {folder}: it holds no text-model adapter (adapter_config.json)")
+        return
+    model, _ = load_for_inference(folder, None)
+    adapter = next((a for _, a in model._active_adapters()), None)
+    deltas = spectral_changes(model, **(adapter.example_merge_options() if adapter else {}))
+    section.tables.append(Table("Spectral change per adapted layer", ["layer", "δ"],
+                                [[Cell(k), cell(v)] for k, v in deltas.items()], folded=True,
+                                note="δ = ‖σ(W′) − σ(W)‖₂ / ‖σ(W)‖₂ of the merged weight W′ (σ: singular values)"))
+    plt = pyplot()
+    if plt is None or not deltas:
+        return
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(deltas)), 3.5))
+    ax.bar(range(len(deltas)), list(deltas.values()))
+    values = list(deltas.values())
+    ax.set(xlabel="adapted layer (in model order)", ylabel="δ", title=f"spectral change of the merged weights: "
+           f"mean {sum(values) / len(values):.3g}, max {max(values):.3g}")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    section.figures.append(Figure("Spectral change per adapted layer", buffer.getvalue()))
