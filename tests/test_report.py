@@ -261,6 +261,17 @@ def test_a_corrupt_image_is_shown_as_missing_with_a_warning(made, tmp_path):
         page.text)
 
 
+def test_an_image_linked_from_outside_the_folder_is_not_embedded(made, tmp_path):
+    """A shared folder must not make the page embed a file of the reader's: a link out of the folder is missing."""
+    folder = copy(made["run"], tmp_path / "run")
+    (folder / "training_curve.png").unlink()
+    (folder / "training_curve.png").symlink_to(made["compare"] / "compare.png")
+    lines = report([folder])
+    assert "is a link to" in lines[0] and "outside the folder" in lines[0]
+    page = read_page(folder / "report.html")
+    assert not page.images and "Training curve: missing" in "".join(page.text)
+
+
 def test_an_image_run_page_shows_before_after_and_its_sample_grid(tmp_path, monkeypatch):
     pytest.importorskip("diffusers")
     from conftest import tiny_sd_pipeline
