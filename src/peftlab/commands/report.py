@@ -95,16 +95,18 @@ def compare_section(folder: Path, title: str, spectrum: bool = False) -> Section
     budget = result.get("budget") if isinstance(result.get("budget"), dict) else {}
     section.facts = [(k.replace("_", " "), cell(v)) for k, v in budget.items() if v is not None]
     section.facts.append(("main metric", cell(metric)))
+    entries = {f"{e.get('method')}/seed-{e.get('seed')}": e for e in runs if isinstance(e, dict)}
     children: dict[str, Section] = {}
-    for entry in (r for r in runs if isinstance(r, dict)):
-        name = f"{entry.get('method')}/seed-{entry.get('seed')}"
+    for name, entry in entries.items():  # each run's folder, named by compare as <method>/seed-<seed>
         path = folder / re.sub(r"[^\w.-]+", "_", str(entry.get("method"))) / f"seed-{entry.get('seed')}"
-        if (path / "metrics.json").is_file():
+        if (path / "metrics.json").is_file() and path.resolve().is_relative_to(folder.resolve()):
             children[name] = run_section(path, name, anchor("run", name), spectrum)
         else:
             section.warnings.append(f"the run folder {path} of {name} is missing; its section is left out")
     section.children = list(children.values())
-    first = {name.rsplit("/seed-", 1)[0]: child.anchor for name, child in reversed(children.items())}
+    first = {}  # method -> the anchor of its first run's section
+    for name, child in children.items():
+        first.setdefault(name.rsplit("/seed-", 1)[0], child.anchor)
     section.tables.append(method_table(rows, metric, first))
     others = list(dict.fromkeys(k for r in rows for k in (r.get("other_metrics") or {})))
     if others:
@@ -112,12 +114,10 @@ def compare_section(folder: Path, title: str, spectrum: bool = False) -> Section
             [Cell(str(r["method"]), link=first.get(str(r["method"]))),
              *(mean_std(*pair) if isinstance(pair := (r.get("other_metrics") or {}).get(k), list) and len(pair) == 2
                else cell(pair) for k in others)] for r in rows]))
-    names = [f"{e.get('method')}/seed-{e.get('seed')}" for e in runs if isinstance(e, dict)]
     section.tables.append(Table("Runs", ["run", "lr", f"test {metric}", "trainable params", "s/step"], [
         [Cell(name, link=children[name].anchor if name in children else None), cell(e.get("lr")),
          cell(e.get("value")), cell(e.get("trainable_params")), cell(e.get("seconds_per_step"))]
-        for name, e in zip(names, (e for e in runs if isinstance(e, dict)), strict=True)],
-        folded=len(runs) > FOLD_ROWS))
+        for name, e in entries.items()], folded=len(entries) > FOLD_ROWS))
     if trials := trials_table(folder / "trials.csv", section):
         section.tables.append(trials)
     if (folder / "test_items.jsonl").is_file():
