@@ -123,7 +123,9 @@ def compare_section(folder: Path, title: str, spectrum: bool = False) -> Section
     if (folder / "test_items.jsonl").is_file():
         with open(folder / "test_items.jsonl", "rb") as f:
             section.facts.append(("per-example test scores", cell(f"test_items.jsonl ({sum(1 for _ in f):,} rows)")))
-    for name, caption in (("compare.png", f"test {metric} vs trainable parameters"), ("trials.png", "Trials")):
+    known = {"compare.png": f"test {metric} vs trainable parameters", "trials.png": "Trials"}
+    others = [(path.name, path.name) for path in sorted(folder.glob("*.png")) if path.name not in known]
+    for name, caption in [*known.items(), *others]:
         if found := figure(folder / name, caption, section):
             section.figures.append(found)
     return section

@@ -123,17 +123,11 @@ def run_section(folder: Path, title: str, section_id: str, spectrum: bool = Fals
     if predictions:
         section.tables.append(predictions)
     section.tables += extra_json_tables(folder)
-    curve = figure(folder / "training_curve.png", "Training curve", section) or drawn_curve(history, metrics)
-    shown = {"training_curve.png"}
-    if curve:
-        section.figures.append(curve)
-    for name, caption in (("samples.png", "Samples after training (image grid)"),):
-        if found := figure(folder / name, caption, section):
-            section.figures.append(found)
-            shown.add(name)
-    for path in sorted(folder.glob("*.png")):
-        if path.name not in shown and (found := figure(path, path.name, section)):
-            section.figures.append(found)
+    known = {"training_curve.png": "Training curve", "samples.png": "Samples after training (image grid)"}
+    curve = figure(folder / "training_curve.png", known["training_curve.png"], section) or drawn_curve(history, metrics)
+    samples = figure(folder / "samples.png", known["samples.png"], section)
+    others = (figure(path, path.name, section) for path in sorted(folder.glob("*.png")) if path.name not in known)
+    section.figures += [f for f in (curve, samples, *others) if f is not None]
     if spectrum:
         add_spectrum(folder, section)
     return section
