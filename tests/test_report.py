@@ -176,6 +176,14 @@ def test_compare_page_shows_trials_and_further_row_keys(made, tmp_path):
     result = json.loads((folder / "compare.json").read_text())
     for row in result["rows"]:
         row["interval_95"] = [row["mean"] - 0.125, row["mean"] + 0.125]
+    result["tuned"] = {"hra": {"lr": 0.02, "value": 0.5, "trials": 2},
+                       "lora": {"lr": 0.004, "value": 0.75, "trials": 2}}
+    result["paired"] = {"baseline": "lora", "rows": [{"method": "hra", "difference": -0.25, "p_value": 0.5}],
+                        "note": HOSTILE}
+    (folder / "moved").mkdir()
+    for run in result["runs"]:  # a run's own folder, where compare.json names it
+        run["folder"] = f"moved/{run['method']}"
+        (folder / run["method"] / "seed-0").rename(folder / run["folder"])
     (folder / "compare.json").write_text(json.dumps(result))
     (folder / "trials.csv").write_text("trial,method,lr,value\n0,hra,0.01,0.5\n1,lora,0.003,0.75\n")
     shutil.copy(folder / "compare.png", folder / "trials.png")
@@ -186,6 +194,13 @@ def test_compare_page_shows_trials_and_further_row_keys(made, tmp_path):
     assert page.table("Comparison")["hra"][-1]["text"] == f"[{hra['mean'] - 0.125:.4f}, {hra['mean'] + 0.125:.4f}]"
     trials = page.table("Trials")
     assert set(trials) == {"0", "1"} and trials["1"][3]["text"] == "0.7500"
+    tuned = page.table("Tuned")
+    assert page.header("Tuned") == ["", "lr", "value", "trials"] and float(tuned["lora"][1]["title"]) == 0.004
+    assert float(page.table("Paired")["hra"][1]["title"]) == -0.25
+    assert f"note: {HOSTILE}" in "".join(page.text)
+    for method in ("hra", "lora"):  # the runs found in the folders compare.json names
+        assert page.table("Comparison")[method][0]["href"] == f"#run-{method}-seed-0"
+        assert f"run-{method}-seed-0" in page.ids
     assert len(page.images) == 2 + 2  # compare.png, trials.png, the runs' curves
 
 
@@ -236,12 +251,14 @@ def test_hostile_text_is_escaped(made, tmp_path):
     metrics["model"] = HOSTILE
     (folder / "metrics.json").write_text(json.dumps(metrics))
     (folder / "predictions.jsonl").write_text(json.dumps({"prompt": HOSTILE, "prediction": "a & b"}) + "\n")
+    (folder / "test_items.jsonl").write_text('{"key": 0}\n{"key": 1}\n{"key": 2}\n')
     report([folder])
     html = (folder / "report.html").read_text()
     page = read_page(folder / "report.html")  # no <script> tag
     assert HOSTILE not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert float(page.table("Test metrics")[HOSTILE][2]["title"]) == 0.25
     assert page.table("Predictions")[HOSTILE][1]["text"] == "a & b"
+    assert "test_items.jsonl (3 rows)" in "".join(page.text)
 
 
 def test_a_run_without_its_curve_png_gets_one_drawn_from_the_logged_history(made, tmp_path):

@@ -3,15 +3,16 @@
 What a folder is follows from its files:
 
 - a ``peftlab compare`` folder: ``compare.json`` (with ``compare.png``; ``trials.csv`` / ``trials.png`` of a
-  tuning; ``test_items.jsonl``); its runs in ``<method>/seed-<seed>/`` are sections of the same page, which the
-  comparison's tables link to;
+  tuning); its runs (``<method>/seed-<seed>/``, or the ``folder`` each run of ``compare.json`` names) are
+  sections of the same page, which the comparison's tables link to;
 - a ``peftlab analyze`` folder: ``analysis.json`` and ``analysis.png``;
 - a ``peftlab train`` run folder: ``metrics.json`` and what lies beside it (:mod:`peftlab.commands.report_run`).
 
 A page shows the options (task, model, method, budget), the test metrics (before and after training where the
 run measured both), the evaluations logged during training, the training curve, image grids and other figures,
-the comparison's tables and plot (any further per-method columns of ``compare.json``, such as intervals, are
-shown as they are), the trials of a tuning, and the numbers of an analysis (:mod:`peftlab.commands.report_page`).
+the comparison's tables and plot (any further per-method columns and parts of ``compare.json``, such as
+intervals, paired differences or a tuning's choices, are shown as they are), the trials of a tuning, and the
+numbers of an analysis (:mod:`peftlab.commands.report_page`).
 
 Every page is built before any is written: a folder that is none of these, or whose ``metrics.json`` /
 ``compare.json`` / ``analysis.json`` is missing, invalid JSON or holds NaN / Infinity, raises
@@ -68,7 +69,7 @@ def report(folders: list[str | os.PathLike], out: str | os.PathLike | None = Non
 def folder_section(folder: Path, spectrum: bool = False) -> Section:
     """The section of a comparison, analysis or run folder, told apart by their files (module docstring)."""
     if not folder.is_dir():
-        raise ReportError(f"{folder} is not a folder; {WHAT}")
+        raise ReportError(f"{folder} {'is not a folder' if folder.exists() else 'does not exist'}; {WHAT}")
     run = read_optional(folder / "run_config.json")
     kind = run.get("kind") if isinstance(run, dict) else None
     title = folder.resolve().name
@@ -97,8 +98,9 @@ def compare_section(folder: Path, title: str, spectrum: bool = False) -> Section
     section.facts.append(("main metric", cell(metric)))
     entries = {f"{e.get('method')}/seed-{e.get('seed')}": e for e in runs if isinstance(e, dict)}
     children: dict[str, Section] = {}
-    for name, entry in entries.items():  # each run's folder, named by compare as <method>/seed-<seed>
-        path = folder / re.sub(r"[^\w.-]+", "_", str(entry.get("method"))) / f"seed-{entry.get('seed')}"
+    for name, entry in entries.items():  # each run's folder: its "folder", else compare's <method>/seed-<seed>
+        default = Path(re.sub(r"[^\w.-]+", "_", str(entry.get("method")))) / f"seed-{entry.get('seed')}"
+        path = folder / (entry["folder"] if isinstance(entry.get("folder"), str) else default)
         if (path / "metrics.json").is_file() and path.resolve().is_relative_to(folder.resolve()):
             children[name] = run_section(path, name, anchor("run", name), spectrum)
         else:
@@ -120,15 +122,37 @@ def compare_section(folder: Path, title: str, spectrum: bool = False) -> Section
         for name, e in entries.items()], folded=len(entries) > FOLD_ROWS))
     if trials := trials_table(folder / "trials.csv", section):
         section.tables.append(trials)
-    if (folder / "test_items.jsonl").is_file():
-        with open(folder / "test_items.jsonl", "rb") as f:
-            section.facts.append(("per-example test scores", cell(f"test_items.jsonl ({sum(1 for _ in f):,} rows)")))
+    section.tables += further_tables(result, section)
     known = {"compare.png": f"test {metric} vs trainable parameters", "trials.png": "Trials"}
     others = [(path.name, path.name) for path in sorted(folder.glob("*.png")) if path.name not in known]
     for name, caption in [*known.items(), *others]:
         if found := figure(folder / name, caption, section):
             section.figures.append(found)
     return section
+
+
+def further_tables(result: dict[str, Any], section: Section) -> list[Table]:
+    """What else ``compare.json`` holds (a tuning's chosen settings, paired differences, ...), shown as it is: a
+    mapping of mappings or a ``rows`` list as a table (its other entries as the table's note), a value as a fact."""
+    tables = []
+    for key, value in result.items():
+        if key in ("budget", "metric", "rows", "runs") or value is None:
+            continue
+        title = key.replace("_", " ").capitalize()
+        if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+            columns = list(dict.fromkeys(k for v in value.values() for k in v))
+            tables.append(Table(title, ["", *columns], [[Cell(str(name)), *(cell(v.get(k)) for k in columns)]
+                                                        for name, v in value.items()]))
+        elif isinstance(value, dict) and isinstance(value.get("rows"), list):
+            rows = [r for r in value["rows"] if isinstance(r, dict)]
+            columns = list(dict.fromkeys(k for r in rows for k in r))
+            note = "; ".join(f"{k}: {cell(v).text}" for k, v in value.items() if k != "rows" and v is not None)
+            tables.append(Table(title, columns, [[cell(r.get(k)) for k in columns] for r in rows], note=note))
+        elif isinstance(value, dict):
+            tables.append(Table(title, ["", "value"], [[Cell(str(k)), cell(v)] for k, v in value.items()]))
+        else:
+            section.facts.append((key.replace("_", " "), cell(value)))
+    return tables
 
 
 def mean_std(mean: Any, std: Any) -> Cell:

@@ -123,6 +123,9 @@ def run_section(folder: Path, title: str, section_id: str, spectrum: bool = Fals
     if predictions:
         section.tables.append(predictions)
     section.tables += extra_json_tables(folder)
+    if (folder / "test_items.jsonl").is_file():
+        with open(folder / "test_items.jsonl", "rb") as f:
+            section.facts.append(("per-example test scores", cell(f"test_items.jsonl ({sum(1 for _ in f):,} rows)")))
     known = {"training_curve.png": "Training curve", "samples.png": "Samples after training (image grid)"}
     curve = figure(folder / "training_curve.png", known["training_curve.png"], section) or drawn_curve(history, metrics)
     samples = figure(folder / "samples.png", known["samples.png"], section)
