@@ -10,7 +10,6 @@
     peftlab analyze runs/lora-a runs/lora-b runs/lora-c runs/lora-d --out analysis/   (A vs B across tasks)
     peftlab serve   --model smollm2-135m --adapter math=runs/math --adapter chat=runs/chat --port 8000
     peftlab estimate --model configs/models/llama-2-7b.json --method hra --r 32 --gradient-checkpointing
-    peftlab report  runs/hra runs/compare-movie-snippets      (one self-contained HTML page per folder)
 
 Every subcommand takes ``--config file.yaml`` (keys are the long option names; flags given on the
 command line win). Bad input ends with one ``peftlab <command>: error: ...`` line on stderr and exit
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from peftlab._version import __version__
-from peftlab.cli_flags import add_field_flags, add_method_flags, non_negative_int, positive_int
+from peftlab.cli_flags import add_field_flags, add_method_flags, non_negative_int, positive_int, report_flags
 from peftlab.errors import PeftlabError
 from peftlab.errors import UsageError as CLIError
 
@@ -332,21 +331,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("folders", nargs="+", metavar="DIR", help="run, compare or analyze output folders")
-    p.add_argument("--out", metavar="FILE.html", help="with one DIR: write the page here (default DIR/report.html)")
-    p.add_argument("--spectrum", action="store_true", help="also the spectral change of every adapted layer (loads "
-                   "each run's adapter on its base model)")
-
-
-@command(_report_flags, config=False)
+@command(report_flags, config=False)
 def cmd_report(args: argparse.Namespace) -> int:
-    """one self-contained HTML page per run, comparison or analysis folder
-
-    Write DIR/report.html: options, metrics tables, training curve, image grids and other figures, a comparison's
-    tables, plot and trials with a linked section per run, an analysis' numbers and plot. Images are embedded (PNG
-    data URIs); no other file, network or JavaScript is needed to view or share it.
-    """
+    """one self-contained HTML page per run, comparison or analysis folder (tables, curves, images embedded)"""
     from peftlab.commands.report import report
 
     print("\n".join(report(args.folders, args.out, args.spectrum)))
