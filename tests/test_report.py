@@ -317,7 +317,7 @@ def test_an_image_run_page_shows_before_after_and_its_sample_grid(tmp_path, monk
     assert f"a photo of {HOSTILE} glyph" in "".join(page.text) and HOSTILE not in (out / "report.html").read_text()
 
 
-@pytest.mark.parametrize("case", ["not-a-folder", "empty", "in-progress", "bad-json", "nan", "compare-nan",
+@pytest.mark.parametrize("case", ["not-a-folder", "empty", "in-progress", "bad-json", "nan", "compare-bad-json",
                                   "compare-no-rows"])
 def test_bad_folders_give_one_line_errors_and_write_nothing(made, tmp_path, capsys, case):
     folder = tmp_path / case
@@ -340,9 +340,9 @@ def test_bad_folders_give_one_line_errors_and_write_nothing(made, tmp_path, caps
     else:
         copy(made["compare"], folder)
         result = json.loads((folder / "compare.json").read_text())
-        result["rows" if case == "compare-no-rows" else "metric"] = float("nan") if case == "compare-nan" else None
-        (folder / "compare.json").write_text(json.dumps(result))
-        want = "compare.json holds NaN" if case == "compare-nan" else "compare.json has no list of per-method rows"
+        result["rows"] = None
+        (folder / "compare.json").write_text("{" if case == "compare-bad-json" else json.dumps(result))
+        want = "compare.json is not valid JSON" if case == "compare-bad-json" else "compare.json has no list of per-"
     good = copy(made["run"], tmp_path / "good")
     assert main(["report", str(good), str(folder)]) == 2
     captured = capsys.readouterr()
@@ -354,6 +354,19 @@ def test_bad_folders_give_one_line_errors_and_write_nothing(made, tmp_path, caps
 def test_help(capsys):
     assert main(["report", "--help"]) == 0
     assert "usage: peftlab report" in capsys.readouterr().out
+
+
+def test_a_comparison_with_a_diverged_runs_nan_is_shown_with_a_warning(made, tmp_path):
+    """peftlab compare writes a NaN metric as NaN (json.dumps): the page shows it instead of refusing the folder."""
+    folder = copy(made["compare"], tmp_path / "diverged")
+    result = json.loads((folder / "compare.json").read_text())
+    result["rows"][1]["mean"] = result["runs"][1]["value"] = float("nan")
+    (folder / "compare.json").write_text(json.dumps(result))
+    lines = report([folder])
+    assert lines[0] == "warning: compare.json holds NaN (a run whose metric diverged?); shown as it is"
+    page = read_page(folder / "report.html")
+    assert page.table("Comparison")["lora"][2]["text"].startswith("nan ± ")
+    assert page.table("Runs")["lora/seed-0"][2]["text"] == "nan"
 
 
 def test_out_names_one_file_for_one_folder(made, tmp_path):

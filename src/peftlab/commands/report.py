@@ -15,10 +15,11 @@ intervals, paired differences or a tuning's choices, are shown as they are), the
 numbers of an analysis (:mod:`peftlab.commands.report_page`).
 
 Every page is built before any is written: a folder that is none of these, or whose ``metrics.json`` /
-``compare.json`` / ``analysis.json`` is missing, invalid JSON or holds NaN / Infinity, raises
-:class:`~peftlab.errors.ReportError` and nothing is written. An image that cannot be read inside an otherwise
-good folder is shown as missing, with a warning on the page and in the returned lines. Pages are written
-atomically: ``DIR/report.html``, or ``out`` for a single folder.
+``compare.json`` / ``analysis.json`` is missing or invalid JSON, raises :class:`~peftlab.errors.ReportError` and
+nothing is written. So does NaN / Infinity in ``metrics.json`` or ``analysis.json`` (peftlab writes neither there);
+in ``compare.json``, where ``peftlab compare`` writes a diverged run's NaN, it is shown, with a warning. An image
+that cannot be read inside an otherwise good folder is shown as missing, with a warning on the page and in the
+returned lines. Pages are written atomically: ``DIR/report.html``, or ``out`` for a single folder.
 """
 
 from __future__ import annotations
@@ -85,14 +86,14 @@ def folder_section(folder: Path, spectrum: bool = False) -> Section:
 # -- a comparison ----------------------------------------------------------------------------------------------------
 def compare_section(folder: Path, title: str, spectrum: bool = False) -> Section:
     """A ``peftlab compare`` folder: its tables, plot, trials, and a section per run (linked from the tables)."""
+    section = Section(anchor("compare", title), title, "peftlab compare")
     result = read_result(folder / "compare.json", "the comparison has not finished or is damaged: wait for peftlab "
-                         "compare to finish, or rerun it with --overwrite")
+                         "compare to finish, or rerun it with --overwrite", section)
     rows, runs, metric = result.get("rows"), result.get("runs", []), result.get("metric", "metric")
     if not isinstance(rows, list) or not all(isinstance(r, dict) and "method" in r for r in rows) or not isinstance(
             runs, list):
         raise ReportError(f"{folder / 'compare.json'} has no list of per-method rows; the file is damaged or not "
                           "written by peftlab compare; rerun peftlab compare with --overwrite")
-    section = Section(anchor("compare", title), title, "peftlab compare")
     budget = result.get("budget") if isinstance(result.get("budget"), dict) else {}
     section.facts = [(k.replace("_", " "), cell(v)) for k, v in budget.items() if v is not None]
     section.facts.append(("main metric", cell(metric)))

@@ -22,13 +22,20 @@ KNOWN_JSON = {"metrics.json", "run_config.json", "trainer_state.json", "adapter_
 
 
 # -- reading files ---------------------------------------------------------------------------------------------------
-def read_result(path: Path, how_to_fix: str) -> dict[str, Any]:
+def read_result(path: Path, how_to_fix: str, section: Section | None = None) -> dict[str, Any]:
     """The JSON object in ``path``; ReportError (naming the file and ``how_to_fix``) if it is missing, not valid JSON,
-    holds NaN / Infinity (not JSON, though Python writes it) or is not an object."""
+    or not an object. NaN / Infinity (not JSON, though Python writes it) is refused too, unless ``section`` is given:
+    then it is read as a float, with a warning on the section (``compare.json`` holds a diverged run's NaN)."""
+    found: list[str] = []
 
-    def refuse(constant: str) -> None:
-        raise ReportError(f"{path} holds {constant}, which is not valid JSON (the file is corrupt or was edited); "
-                          f"{how_to_fix}")
+    def refuse(constant: str) -> float:
+        if section is None:
+            raise ReportError(f"{path} holds {constant}, which is not valid JSON (the file is corrupt or was edited); "
+                              f"{how_to_fix}")
+        if not found:
+            section.warnings.append(f"{path.name} holds {constant} (a run whose metric diverged?); shown as it is")
+        found.append(constant)
+        return float(constant)
 
     if not path.is_file():
         raise ReportError(f"{path} is missing; {how_to_fix}")
