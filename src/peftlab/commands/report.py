@@ -146,7 +146,7 @@ def further_tables(result: dict[str, Any], section: Section) -> list[Table]:
                                                         for name, v in value.items()]))
         elif isinstance(value, dict) and isinstance(value.get("rows"), list):
             rows = [r for r in value["rows"] if isinstance(r, dict)]
-            columns = list(dict.fromkeys(k for r in rows for k in r))
+            columns = sorted(dict.fromkeys(k for r in rows for k in r), key=lambda k: k != "method")  # method first
             note = "; ".join(f"{k}: {cell(v).text}" for k, v in value.items() if k != "rows" and v is not None)
             tables.append(Table(title, columns, [[cell(r.get(k)) for k in columns] for r in rows], note=note))
         elif isinstance(value, dict):
