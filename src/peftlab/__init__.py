@@ -17,6 +17,7 @@ from peftlab.errors import (
     ModelError,
     PeftlabError,
     RecipeError,
+    ReportError,
     TargetError,
     UnsupportedError,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "ModelError",
     "PeftlabError",
     "RecipeError",
+    "ReportError",
     "TargetError",
     "UnsupportedError",
     "Trainer",

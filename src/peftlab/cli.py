@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from peftlab._version import __version__
-from peftlab.cli_flags import add_field_flags, add_method_flags, non_negative_int, positive_int
+from peftlab.cli_flags import add_field_flags, add_method_flags, non_negative_int, positive_int, report_flags
 from peftlab.errors import PeftlabError
 from peftlab.errors import UsageError as CLIError
 
@@ -349,6 +349,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from peftlab.commands import saved
 
     print("\n".join(saved.describe(args.folder)))
+    return 0
+
+
+@command(report_flags, config=False)
+def cmd_report(args: argparse.Namespace) -> int:
+    """one self-contained HTML page per run, comparison or analysis folder (tables, curves, images embedded)"""
+    from peftlab.commands.report import report
+
+    print("\n".join(report(args.folders, args.out, args.spectrum)))
     return 0
 
 

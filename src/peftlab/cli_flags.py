@@ -118,3 +118,15 @@ def add_method_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument("--" + name.replace("_", "-"), dest=f"method_field_{name}", type=_yaml_value,
                            metavar=name.upper() if not choices else "{" + ",".join(choices) + "}",
                            help=f"{f.metadata.get('help', name)} ({', '.join(methods)}; default {f.default})")
+
+
+def report_flags(p: argparse.ArgumentParser) -> None:
+    """``peftlab report``'s flags (:mod:`peftlab.commands.report`)."""
+    p.description = ("Write DIR/report.html: options, metrics tables, training curve, image grids and other figures, "
+                     "a comparison's tables, plot and trials with a linked section per run, an analysis' numbers and "
+                     "plot. Images are embedded (PNG data URIs); no other file, network or JavaScript is needed to "
+                     "view or share the page.")
+    p.add_argument("folders", nargs="+", metavar="DIR", help="run, compare or analyze output folders")
+    p.add_argument("--out", metavar="FILE.html", help="with one DIR: write the page here (default DIR/report.html)")
+    p.add_argument("--spectrum", action="store_true", help="also the spectral change of every adapted layer (loads "
+                   "each run's adapter on its base model)")

@@ -15,6 +15,7 @@ The message always says what was wrong and what to do; the CLI prints it as one 
 | ModelError        | a model name or path cannot be resolved or loaded                        |
 | RecipeError       | bad options, data or output folder for a training / evaluation recipe    |
 | UnsupportedError  | a valid request peftlab (or HF PEFT's format) cannot do, e.g. DoRA, IA3  |
+| ReportError       | ``peftlab report`` got a folder that is no run, comparison or analysis   |
 | UsageError        | bad command-line input                                                   |
 """
 
@@ -59,6 +60,10 @@ class RecipeError(PeftlabError, ValueError):
 
 class UnsupportedError(PeftlabError, NotImplementedError):
     """A valid request that peftlab (or the target format) does not support; the message names the feature."""
+
+
+class ReportError(PeftlabError, ValueError):
+    """A folder given to ``peftlab report`` is no finished run, comparison or analysis, or its results are corrupt."""
 
 
 class UsageError(PeftlabError, ValueError):
