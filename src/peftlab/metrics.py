@@ -172,7 +172,7 @@ def reference_streams(references_list: Sequence[Sequence[str]]) -> list[list[str
 
 
 def generation_metrics(hypotheses: Sequence[str], references_list: Sequence[Sequence[str]], *,
-                       tokenize_lower: bool = False) -> dict:
+                       tokenize_lower: bool = False, segment_statistics: bool = False) -> dict:
     """Corpus metrics of generated texts, each scored against one or more references.
 
     Returns ``bleu``, ``ter``, ``chrf`` (sacrebleu, 0-100; TER case-sensitive, chrF with β = 2 and
@@ -180,10 +180,10 @@ def generation_metrics(hypotheses: Sequence[str], references_list: Sequence[Sequ
     ``meteor`` (METEOR 1.5, 0-100) and ``cider`` (CIDEr-D), both from pycocoevalcap, and ``skipped``:
     ``{metric: reason}`` for those that cannot run (METEOR without ``java`` on PATH). With
     ``tokenize_lower`` every text first goes through ``lower_and_tokenize`` (the papers' WebNLG / DART
-    evaluation); ``tokenize_lower`` is echoed in the result. TER is the slow one (sacrebleu's shift search,
-    per reference: ~20 ms an input for DART's many references on one CPU core).
+    evaluation); ``tokenize_lower`` is echoed in the result. With ``segment_statistics`` the result also holds
+    ``bleu_statistics``: each hypothesis's BLEU statistics (:func:`bleu_statistics`). TER is the slow one
+    (sacrebleu's shift search, per reference: ~20 ms an input for DART's many references on one CPU core).
     """
-    import sacrebleu
     from nltk.translate.nist_score import corpus_nist
     from rouge_score import rouge_scorer
     from sacrebleu.metrics import CHRF, TER
@@ -198,7 +198,8 @@ def generation_metrics(hypotheses: Sequence[str], references_list: Sequence[Sequ
         raise ValueError("Every hypothesis needs at least one reference.")
     streams = reference_streams(refs)
     # force: tokenised text is intended here, so sacrebleu's "forgot to detokenize?" warning is not
-    result: dict = {"bleu": sacrebleu.corpus_bleu(hyps, streams, force=tokenize_lower).score,
+    bleu, segments = bleu_statistics(hyps, streams, force=tokenize_lower)
+    result: dict = {"bleu": bleu,
                     "ter": TER(case_sensitive=True).corpus_score(hyps, streams).score,
                     "chrf": CHRF().corpus_score(hyps, streams).score}
 
@@ -220,7 +221,24 @@ def generation_metrics(hypotheses: Sequence[str], references_list: Sequence[Sequ
             result[name] = value
     result["tokenize_lower"] = tokenize_lower
     result["skipped"] = skipped
+    if segment_statistics:
+        result["bleu_statistics"] = segments
     return result
+
+
+def bleu_statistics(hypotheses: Sequence[str], streams: Sequence[Sequence[str | None]],
+                    force: bool = False) -> tuple[float, list[list[int]]]:
+    """(corpus BLEU, per-hypothesis statistics): ``sacrebleu.corpus_bleu``'s own two steps, kept apart.
+
+    Each hypothesis's statistics are sacrebleu's ``[hypothesis length, reference length, matches of n = 1…4,
+    n-gram totals of n = 1…4]`` (13a tokens, closest reference length); corpus BLEU is the BLEU of their sum
+    (``peftlab.stats`` recomputes it for resampled sets).
+    """
+    from sacrebleu.metrics import BLEU
+
+    metric = BLEU(force=force)  # sacrebleu.corpus_bleu's defaults: 13a, exp smoothing
+    segments = [[int(v) for v in s] for s in metric._extract_corpus_statistics(hypotheses, streams)]
+    return metric._compute_score_from_stats(np.sum(segments, axis=0).tolist()).score, segments
 
 
 def _answer(text: str) -> str:
