@@ -73,25 +73,38 @@ def classification_metrics(preds: Sequence | np.ndarray, labels: Sequence | np.n
 
     ``preds`` may be class ids, or logits of shape (n, num_classes) (arg-maxed; squeezed for STS-B).
     """
+    preds, labels = predictions(preds, labels, task)
+    names = GLUE_TASKS[task].metrics if task else DEFAULT_METRICS
+    fns = _metric_fns()
+    return {name: float(fns[name](labels, preds)) for name in names}
+
+
+def predictions(preds: Sequence | np.ndarray, labels: Sequence | np.ndarray,
+                task: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted class ids, or values for STS-B; labels) as :func:`classification_metrics` scores them."""
     if task is not None and task not in GLUE_TASKS:
         raise ValueError(f"Unknown GLUE task {task!r}; known: {', '.join(GLUE_TASKS)} (or task=None).")
-    names = GLUE_TASKS[task].metrics if task else DEFAULT_METRICS
     regression = task is not None and GLUE_TASKS[task].num_labels == 1
     preds, labels = np.asarray(preds), np.asarray(labels)
     if preds.ndim == 2:
         preds = preds[:, 0] if regression else preds.argmax(-1)
     if preds.shape != labels.shape:
         raise ValueError(f"{len(preds)} predictions for {len(labels)} labels.")
-    fns = _metric_fns()
-    return {name: float(fns[name](labels, preds)) for name in names}
+    return preds, labels
 
 
-def trainer_compute_metrics(task: str | None = None) -> Callable:
-    """A ``compute_metrics`` for ``transformers.Trainer``: ``EvalPrediction`` -> ``classification_metrics``."""
+def trainer_compute_metrics(task: str | None = None, seen: dict[str, np.ndarray] | None = None) -> Callable:
+    """A ``compute_metrics`` for ``transformers.Trainer``: ``EvalPrediction`` -> ``classification_metrics``.
+
+    With ``seen``, each call also leaves there the ``predictions`` and ``labels`` it scored (see
+    :func:`predictions`), so the last evaluation's per-item results can be written out.
+    """
 
     def compute(eval_pred) -> dict[str, float]:
         logits, labels = eval_pred[0], eval_pred[1]
         logits = logits[0] if isinstance(logits, tuple) else logits
+        if seen is not None:
+            seen["predictions"], seen["labels"] = predictions(logits, labels, task)
         return classification_metrics(logits, labels, task)
 
     return compute
@@ -254,9 +267,14 @@ def exact_match(preds: Sequence[str], golds: Sequence[str]) -> float:
     ``\\left( 1, 2 \\right)`` = ``(1,2)``. A text without an answer marker is compared whole
     (case-insensitive, without a trailing period), e.g. ``Positive.`` = ``positive``.
     """
+    return float(np.mean(answer_matches(preds, golds)))
+
+
+def answer_matches(preds: Sequence[str], golds: Sequence[str]) -> list[bool]:
+    """Per prediction: does its final answer equal the gold's (:func:`exact_match` is their mean)."""
     if len(preds) != len(golds) or not golds:
         raise ValueError(f"Need one prediction per gold answer; got {len(preds)} and {len(golds)}.")
-    return float(np.mean([_answer(p) == _answer(g) for p, g in zip(preds, golds, strict=True)]))
+    return [_answer(p) == _answer(g) for p, g in zip(preds, golds, strict=True)]
 
 
 def perplexity(mean_nll: float) -> float:
