@@ -5,8 +5,8 @@ wrapped model's signature, so dataset columns and label names are found). This s
 ``Trainer`` cannot know: every active adapter's extra loss term (HRA's orthogonality regulariser,
 HydraLoRA's balance loss) is added to the training loss, checkpoints are adapter folders (not the whole
 model) from which it resumes and restores the best checkpoint, label smoothing shifts the labels of
-a wrapped causal LM and is left out of the evaluation loss, and evaluation keeps the data set's order. Everything else (DDP, FSDP, DeepSpeed,
-schedulers, logging) is HF ``Trainer`` unchanged.
+a wrapped causal LM and is left out of the evaluation loss, and evaluation keeps the data set's order.
+Everything else (DDP, FSDP, DeepSpeed, schedulers, logging) is HF ``Trainer`` unchanged.
 """
 
 from __future__ import annotations
