@@ -325,7 +325,9 @@ def test_cli_controllable_end_to_end(base_dir, tmp_path, capsys):
     items = read_items(out)  # one row per held-out control; their mean is the edge F1
     assert len(items.rows) == metrics["num_eval_images"] and len(set(items.keys)) == len(items.rows)
     assert np.mean([r["value"] for r in items.rows]) == pytest.approx(metrics["test"]["edge_f1"], abs=1e-12)
-    assert main(["eval", "--adapter", str(out)]) == 0 and "test edge_f1" in capsys.readouterr().out
+    assert main(["eval", "--adapter", str(out), "--items", str(tmp_path / "items.jsonl")]) == 0
+    assert "test edge_f1" in capsys.readouterr().out
+    assert [json.loads(line) for line in (tmp_path / "items.jsonl").read_text().splitlines()] == items.rows
 
 
 def test_compare_runs_an_image_task(base_dir, tmp_path, capsys):

@@ -18,7 +18,7 @@ from peftlab.recipes.image.training import Batch, add_adapters, finish_image_run
 from peftlab.recipes.options import RunOptions
 from peftlab.recipes.rundir import is_main_process, start_output_dir
 from peftlab.recipes.scale import unet_training
-from peftlab.recipes.test_items import ITEMS_FILE, ItemScores, item_key, write_items
+from peftlab.recipes.test_items import ITEMS, ITEMS_FILE, ItemScores, item_key, read_items, write_items
 from peftlab.recipes.training import log
 
 # (values, skipped with the reason, the samples, per-sample values of the metrics that are a mean over samples)
@@ -101,5 +101,5 @@ def train_prepared(run: PreparedRun, options: RunOptions, checkpoint: str | None
 
 
 def evaluate(folder: Any, options: RunOptions, split: str, max_samples: int | None) -> dict[str, Any]:
-    """``peftlab eval`` of an image run: the metrics written at the end of training."""
-    return saved_metrics(folder)
+    """``peftlab eval`` of an image run: the metrics written at the end of training (and its per-sample scores)."""
+    return {**saved_metrics(folder), ITEMS: read_items(folder)}
