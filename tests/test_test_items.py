@@ -139,3 +139,23 @@ def test_multiple_choice_items_give_the_macro_accuracy(tiny_lm, tmp_path):  # no
     x = stats.statistics("macro_mean", [rows])
     assert stats.metric("macro_mean", x)[0] == pytest.approx(metrics["test"]["accuracy"], abs=1e-12)
     assert sum(r["value"] for r in rows) == metrics["test"]["correct"]
+
+
+@pytest.mark.parametrize("task, metric", [("cola", "matthews_correlation"), ("stsb", "pearson"), ("sst2", "accuracy")])
+def test_classification_items_recompute_each_glue_main_metric(task, metric):
+    import numpy as np
+    from datasets import Dataset
+
+    from peftlab.metrics import trainer_compute_metrics
+    from peftlab.recipes.text.classification import classification_items
+
+    rng = np.random.default_rng(0)
+    labels = rng.normal(size=40) if task == "stsb" else rng.integers(0, 2, 40)
+    logits = rng.normal(size=(40, 1 if task == "stsb" else 2)) + (labels[:, None] if task == "stsb" else 0)
+    seen: dict = {}
+    scores = trainer_compute_metrics(task, seen)((logits, labels))
+    rows = Dataset.from_dict({"input_ids": [[101, i, 102] for i in range(40)]})
+    items = classification_items(seen, rows, metric)
+    x = stats.statistics(items.aggregate, [items.rows])
+    assert stats.metric(items.aggregate, x)[0] == pytest.approx(scores[metric], abs=TOLERANCE)
+    assert classification_items(seen, rows, "f1") is None  # no per-item statistics for F1 as the main metric
