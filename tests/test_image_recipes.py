@@ -20,6 +20,7 @@ pytest.importorskip("skimage")
 from conftest import tiny_sd_pipeline
 
 import peftlab.methods  # noqa: F401  (registers every built-in method)
+from peftlab import stats
 from peftlab.cli import main
 from peftlab.data import glyphs
 from peftlab.diffusion.conditioning import attach_condition_encoder, controlled, new_condition_encoder
@@ -29,6 +30,7 @@ from peftlab.errors import RecipeError
 from peftlab.recipes.image import data as image_data
 from peftlab.recipes.image import training as image_training
 from peftlab.recipes.options import RunOptions
+from peftlab.recipes.test_items import read_items
 
 SIZE = 16
 METHODS = ("hra", "lora", "hydralora", "mtlora")
@@ -295,6 +297,9 @@ def test_cli_subject_driven_end_to_end(base_dir, tmp_path, capsys, class_cache):
     assert metrics["global_step"] == 2 and metrics["num_class_images"] == 2 and not metrics["class_images_reused"]
     assert {"subject_similarity", "prior_class_accuracy"} <= set(metrics["test"]) <= set(metrics["before"]) | {"x"}
     assert set(metrics["skipped"]) == {"clip_i", "clip_t", "dino"} and "--eval-encoder" in metrics["skipped"]["dino"]
+    items = read_items(out)  # one row per scored sample; their mean is the subject similarity
+    assert items.aggregate == "mean" and len(items.rows) == metrics["num_eval_images"]
+    assert np.mean([r["value"] for r in items.rows]) == pytest.approx(metrics["test"]["subject_similarity"], abs=1e-12)
     info = json.loads((out / "pipeline.json").read_text())
     assert info["components"] == ["text_encoder", "unet"] and info["base_model"] == str(base_dir)
     assert json.loads((out / "run_config.json").read_text())["options"]["task"] == "subject-driven"
@@ -317,7 +322,12 @@ def test_cli_controllable_end_to_end(base_dir, tmp_path, capsys):
     assert metrics["num_examples"] == 6 and 0 <= metrics["test"]["edge_f1"] <= 1 and "edge_ssim" in metrics["before"]
     assert "class_accuracy" in metrics["skipped"]  # a folder of images has no glyph labels
     assert metrics["trainable_params"] > metrics["condition_encoder_params"] > 0
-    assert main(["eval", "--adapter", str(out)]) == 0 and "test edge_f1" in capsys.readouterr().out
+    items = read_items(out)  # one row per held-out control; their mean is the edge F1
+    assert len(items.rows) == metrics["num_eval_images"] and len(set(items.keys)) == len(items.rows)
+    assert np.mean([r["value"] for r in items.rows]) == pytest.approx(metrics["test"]["edge_f1"], abs=1e-12)
+    assert main(["eval", "--adapter", str(out), "--items", str(tmp_path / "items.jsonl")]) == 0
+    assert "test edge_f1" in capsys.readouterr().out
+    assert [json.loads(line) for line in (tmp_path / "items.jsonl").read_text().splitlines()] == items.rows
 
 
 def test_compare_runs_an_image_task(base_dir, tmp_path, capsys):
@@ -336,6 +346,12 @@ def test_compare_runs_an_image_task(base_dir, tmp_path, capsys):
     assert run["total_params"] == sum(p.numel() for m in models for p in m.parameters()) + encoder
     assert 0 < run["trainable_params"] < run["total_params"]
     assert "| hra |" in (out / "compare.md").read_text()
+    items = [read_items(out / m / "seed-0") for m in ("hra", "lora")]
+    assert items[0].keys == items[1].keys  # the same held-out controls: paired item by item
+    for row, found in zip(result["rows"], items, strict=True):
+        interval = stats.bootstrap("mean", stats.statistics("mean", [found.rows]))
+        assert row["ci95"] == pytest.approx([interval.low, interval.high], abs=1e-12)
+    assert [r["method"] for r in result["paired"]["rows"]] == ["hra"] and result["paired"]["baseline"] == "lora"
 
 
 class Crash(Exception):

@@ -176,7 +176,7 @@ def test_compare_summary_reports_mean_and_sample_std():
     assert rows[0]["mean"] == pytest.approx(0.85) and rows[0]["std"] == pytest.approx(0.0707107, abs=1e-6)
     assert rows[1]["std"] == 0.0
     table = markdown_table(rows, "accuracy", {"max_steps": 10})
-    assert "| hra | 0.001 | 0.8500 ± 0.0707 | 2 | 10 | 1.000 |" in table and "max_steps=10" in table
+    assert "| hra | 0.001 | 0.8500 ± 0.0707 | n/a | 2 | 10 | 1.000 |" in table and "max_steps=10" in table  # no items
 
 
 def test_compare_tabulates_the_other_test_metrics_per_task():

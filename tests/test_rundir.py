@@ -19,6 +19,7 @@ import pytest
 from conftest import free_port, save_tiny_classifier, write_keyword_csv
 
 from peftlab.cli import main
+from peftlab.recipes.test_items import read_items
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +155,13 @@ def test_ranks_of_a_torchrun_share_one_folder_without_deadlock(tiny, finished, t
     assert metrics_of(out)["global_step"] == 4
     if resume:
         assert "already finished" in stdout
+    else:  # the per-item results gathered from both ranks, in the test set's order, as one process evaluates it
+        items = read_items(out).rows
+        assert len(items) == metrics_of(out)["num_test"]
+        assert sum(r["value"] for r in items) / len(items) == pytest.approx(metrics_of(out)["test"]["accuracy"])
+        assert main(["eval", "--adapter", str(out), "--items", str(tmp_path / "eval.jsonl")]) == 0
+        alone = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+        assert [(r["key"], r["label"]) for r in alone] == [(r["key"], r["label"]) for r in items]
 
 
 # -- the state of a folder ------------------------------------------------------------------------------------------

@@ -70,6 +70,8 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-samples", type=positive_int, help=f"score at most N examples ({TASK}: per subject)")
     p.add_argument("--batch-size", type=positive_int, help="evaluation batch size")
     p.add_argument("--output", metavar="FILE.json", help="also write the metrics to this JSON file")
+    p.add_argument("--items", metavar="FILE.jsonl", help="also write the per-item scores (one row per example, "
+                   "as a run's test_items.jsonl), e.g. for a paired comparison of two runs")
     add_field_flags(p, RunOptions, include=("model", "data", "text_column", "label_column", *GENERATION_FIELDS),
                     help={"model": "base model (default: the one the adapter was trained on; "
                                    f"{TASK} without --adapter: smollm2-135m)",
@@ -215,7 +217,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     names = ("text_column", "label_column", *GENERATION_FIELDS, "subjects", "shots", "continuation")
     changes = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     metrics = evaluate(args.adapter, task=args.task, model=args.model, data=args.data, split=args.split,
-                       max_samples=args.max_samples, batch_size=args.batch_size, **changes)
+                       max_samples=args.max_samples, batch_size=args.batch_size, items_file=args.items, **changes)
     print(json.dumps(metrics, indent=2, default=str))
     print(summary_line(metrics, args.adapter))
     if args.output:

@@ -70,6 +70,11 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
+def atomic_write_jsonl(path: str | os.PathLike, rows: Any) -> Path:
+    """Write one JSON object a line (UTF-8), atomically."""
+    return atomic_write_bytes(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode())
+
+
 def atomic_write_image(path: str | os.PathLike, image: Any, format: str = "PNG") -> Path:
     """Write a PIL image atomically (encoded in memory, then :func:`atomic_write_bytes`)."""
     buffer = BytesIO()

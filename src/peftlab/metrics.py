@@ -73,25 +73,38 @@ def classification_metrics(preds: Sequence | np.ndarray, labels: Sequence | np.n
 
     ``preds`` may be class ids, or logits of shape (n, num_classes) (arg-maxed; squeezed for STS-B).
     """
+    preds, labels = predictions(preds, labels, task)
+    names = GLUE_TASKS[task].metrics if task else DEFAULT_METRICS
+    fns = _metric_fns()
+    return {name: float(fns[name](labels, preds)) for name in names}
+
+
+def predictions(preds: Sequence | np.ndarray, labels: Sequence | np.ndarray,
+                task: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted class ids, or values for STS-B; labels) as :func:`classification_metrics` scores them."""
     if task is not None and task not in GLUE_TASKS:
         raise ValueError(f"Unknown GLUE task {task!r}; known: {', '.join(GLUE_TASKS)} (or task=None).")
-    names = GLUE_TASKS[task].metrics if task else DEFAULT_METRICS
     regression = task is not None and GLUE_TASKS[task].num_labels == 1
     preds, labels = np.asarray(preds), np.asarray(labels)
     if preds.ndim == 2:
         preds = preds[:, 0] if regression else preds.argmax(-1)
     if preds.shape != labels.shape:
         raise ValueError(f"{len(preds)} predictions for {len(labels)} labels.")
-    fns = _metric_fns()
-    return {name: float(fns[name](labels, preds)) for name in names}
+    return preds, labels
 
 
-def trainer_compute_metrics(task: str | None = None) -> Callable:
-    """A ``compute_metrics`` for ``transformers.Trainer``: ``EvalPrediction`` -> ``classification_metrics``."""
+def trainer_compute_metrics(task: str | None = None, seen: dict[str, np.ndarray] | None = None) -> Callable:
+    """A ``compute_metrics`` for ``transformers.Trainer``: ``EvalPrediction`` -> ``classification_metrics``.
+
+    With ``seen``, each call also leaves there the ``predictions`` and ``labels`` it scored (see
+    :func:`predictions`), so the last evaluation's per-item results can be written out.
+    """
 
     def compute(eval_pred) -> dict[str, float]:
         logits, labels = eval_pred[0], eval_pred[1]
         logits = logits[0] if isinstance(logits, tuple) else logits
+        if seen is not None:
+            seen["predictions"], seen["labels"] = predictions(logits, labels, task)
         return classification_metrics(logits, labels, task)
 
     return compute
@@ -172,7 +185,7 @@ def reference_streams(references_list: Sequence[Sequence[str]]) -> list[list[str
 
 
 def generation_metrics(hypotheses: Sequence[str], references_list: Sequence[Sequence[str]], *,
-                       tokenize_lower: bool = False) -> dict:
+                       tokenize_lower: bool = False, segment_statistics: bool = False) -> dict:
     """Corpus metrics of generated texts, each scored against one or more references.
 
     Returns ``bleu``, ``ter``, ``chrf`` (sacrebleu, 0-100; TER case-sensitive, chrF with β = 2 and
@@ -180,10 +193,10 @@ def generation_metrics(hypotheses: Sequence[str], references_list: Sequence[Sequ
     ``meteor`` (METEOR 1.5, 0-100) and ``cider`` (CIDEr-D), both from pycocoevalcap, and ``skipped``:
     ``{metric: reason}`` for those that cannot run (METEOR without ``java`` on PATH). With
     ``tokenize_lower`` every text first goes through ``lower_and_tokenize`` (the papers' WebNLG / DART
-    evaluation); ``tokenize_lower`` is echoed in the result. TER is the slow one (sacrebleu's shift search,
-    per reference: ~20 ms an input for DART's many references on one CPU core).
+    evaluation); ``tokenize_lower`` is echoed in the result. With ``segment_statistics`` the result also holds
+    ``bleu_statistics``: each hypothesis's BLEU statistics (:func:`bleu_statistics`). TER is the slow one
+    (sacrebleu's shift search, per reference: ~20 ms an input for DART's many references on one CPU core).
     """
-    import sacrebleu
     from nltk.translate.nist_score import corpus_nist
     from rouge_score import rouge_scorer
     from sacrebleu.metrics import CHRF, TER
@@ -198,7 +211,8 @@ def generation_metrics(hypotheses: Sequence[str], references_list: Sequence[Sequ
         raise ValueError("Every hypothesis needs at least one reference.")
     streams = reference_streams(refs)
     # force: tokenised text is intended here, so sacrebleu's "forgot to detokenize?" warning is not
-    result: dict = {"bleu": sacrebleu.corpus_bleu(hyps, streams, force=tokenize_lower).score,
+    bleu, segments = bleu_statistics(hyps, streams, force=tokenize_lower)
+    result: dict = {"bleu": bleu,
                     "ter": TER(case_sensitive=True).corpus_score(hyps, streams).score,
                     "chrf": CHRF().corpus_score(hyps, streams).score}
 
@@ -220,7 +234,24 @@ def generation_metrics(hypotheses: Sequence[str], references_list: Sequence[Sequ
             result[name] = value
     result["tokenize_lower"] = tokenize_lower
     result["skipped"] = skipped
+    if segment_statistics:
+        result["bleu_statistics"] = segments
     return result
+
+
+def bleu_statistics(hypotheses: Sequence[str], streams: Sequence[Sequence[str | None]],
+                    force: bool = False) -> tuple[float, list[list[int]]]:
+    """(corpus BLEU, per-hypothesis statistics): ``sacrebleu.corpus_bleu``'s own two steps, kept apart.
+
+    Each hypothesis's statistics are sacrebleu's ``[hypothesis length, reference length, matches of n = 1…4,
+    n-gram totals of n = 1…4]`` (13a tokens, closest reference length); corpus BLEU is the BLEU of their sum
+    (``peftlab.stats`` recomputes it for resampled sets).
+    """
+    from sacrebleu.metrics import BLEU
+
+    metric = BLEU(force=force)  # sacrebleu.corpus_bleu's defaults: 13a, exp smoothing
+    segments = [[int(v) for v in s] for s in metric._extract_corpus_statistics(hypotheses, streams)]
+    return metric._compute_score_from_stats(np.sum(segments, axis=0).tolist()).score, segments
 
 
 def _answer(text: str) -> str:
@@ -236,9 +267,14 @@ def exact_match(preds: Sequence[str], golds: Sequence[str]) -> float:
     ``\\left( 1, 2 \\right)`` = ``(1,2)``. A text without an answer marker is compared whole
     (case-insensitive, without a trailing period), e.g. ``Positive.`` = ``positive``.
     """
+    return float(np.mean(answer_matches(preds, golds)))
+
+
+def answer_matches(preds: Sequence[str], golds: Sequence[str]) -> list[bool]:
+    """Per prediction: does its final answer equal the gold's (:func:`exact_match` is their mean)."""
     if len(preds) != len(golds) or not golds:
         raise ValueError(f"Need one prediction per gold answer; got {len(preds)} and {len(golds)}.")
-    return float(np.mean([_answer(p) == _answer(g) for p, g in zip(preds, golds, strict=True)]))
+    return [_answer(p) == _answer(g) for p, g in zip(preds, golds, strict=True)]
 
 
 def perplexity(mean_nll: float) -> float:

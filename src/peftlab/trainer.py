@@ -4,9 +4,9 @@ Plain ``transformers.Trainer`` already trains an :class:`~peftlab.AdapterModel` 
 wrapped model's signature, so dataset columns and label names are found). This subclass adds what plain
 ``Trainer`` cannot know: every active adapter's extra loss term (HRA's orthogonality regulariser,
 HydraLoRA's balance loss) is added to the training loss, checkpoints are adapter folders (not the whole
-model) from which it resumes and restores the best checkpoint, and label smoothing shifts the labels of
-a wrapped causal LM and is left out of the evaluation loss. Everything else (DDP, FSDP, DeepSpeed,
-schedulers, logging) is HF ``Trainer`` unchanged.
+model) from which it resumes and restores the best checkpoint, label smoothing shifts the labels of
+a wrapped causal LM and is left out of the evaluation loss, and evaluation keeps the data set's order.
+Everything else (DDP, FSDP, DeepSpeed, schedulers, logging) is HF ``Trainer`` unchanged.
 """
 
 from __future__ import annotations
@@ -28,6 +28,15 @@ TRAINING_ARGS_NAME = "training_args.bin"
 
 class Trainer(transformers.Trainer):
     """A drop-in ``transformers.Trainer`` for :class:`~peftlab.AdapterModel` (and plain models)."""
+
+    def _get_eval_sampler(self, eval_dataset) -> torch.utils.data.Sampler | None:
+        """Evaluation in the data set's order, also when training groups its batches by length (HF then also
+        shuffles the evaluation batches): the recipes sort their evaluation sets by length already, and the
+        per-item results of an evaluation (``test_items.jsonl``) must line up with its rows. Several processes:
+        ``None``, so accelerate shards the batches in order and gathers them back in order."""
+        if eval_dataset is None or not hasattr(eval_dataset, "__len__"):
+            return None
+        return torch.utils.data.SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
 
     def _adapter_model(self, model: nn.Module | None = None) -> AdapterModel | None:
         unwrapped = self.accelerator.unwrap_model(model if model is not None else self.model)

@@ -1,8 +1,11 @@
 """``peftlab compare``: several methods and seeds under one budget, tabulated and plotted.
 
 Every method (or variant ``METHOD:KEY=VALUE``) is trained with every seed under the same options; the
-test metric is reported as mean ± sample std over seeds next to trainable parameters, time per step and
-peak memory, in ``compare.md`` / ``compare.json`` / ``compare.png``.
+test metric is reported as mean ± sample std over seeds, with a 95 % interval from a bootstrap over seeds and
+test items (:func:`peftlab.stats.bootstrap` on each run's ``test_items.jsonl``), next to trainable parameters,
+time per step and peak memory, in ``compare.md`` / ``compare.json`` / ``compare.png``. A second table gives
+each method's paired difference to LoRA (to the first method when LoRA is not compared) on the same seeds and
+items, with its 95 % interval and a permutation test's p-value (:func:`peftlab.stats.paired_difference`).
 """
 
 from __future__ import annotations
@@ -14,12 +17,13 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from peftlab import files
+from peftlab import files, stats
 from peftlab.errors import PeftlabError, RecipeError
 from peftlab.recipes import train
 from peftlab.recipes.adapters import build_adapter_config, method_spec
 from peftlab.recipes.options import RunOptions
 from peftlab.recipes.rundir import check_output_dir, lock_output_dir, start_output_dir
+from peftlab.recipes.test_items import read_items
 from peftlab.recipes.training import pyplot
 
 
@@ -71,10 +75,12 @@ def _run_all(options: RunOptions, base: RunOptions, out: Path, variants: dict[st
                 "total_params": metrics["total_params"], "seconds_per_step": metrics["seconds_per_step"],
                 "peak_memory_mb": metrics["peak_memory_mb"], "peak_memory_kind": metrics["peak_memory_kind"],
                 "other_metrics": other_metrics(metrics["test"], metrics["metric"]),
+                "folder": str(folder.relative_to(out)),
             })
     rows = summarize(runs, methods)
-    table = markdown_table(rows, runs[0]["metric"], budget(base))
-    result = {"budget": budget(base), "metric": runs[0]["metric"], "rows": rows, "runs": runs}
+    paired = item_statistics(out, runs, rows)
+    table = markdown_table(rows, runs[0]["metric"], budget(base), paired)
+    result = {"budget": budget(base), "metric": runs[0]["metric"], "rows": rows, "runs": runs, "paired": paired}
     files.atomic_write_json(out / "compare.json", result)
     (out / "compare.md").write_text(table + "\n")
     plot_comparison(rows, runs[0]["metric"], out / "compare.png")
@@ -165,19 +171,93 @@ def summarize(runs: list[dict[str, Any]], methods: list[str]) -> list[dict[str, 
     return rows
 
 
-def markdown_table(rows: list[dict[str, Any]], metric: str, shared: dict[str, Any]) -> str:
-    """The comparison as a Markdown table (test metric mean ± std over seeds)."""
+BASELINE = "lora"
+
+
+def item_statistics(out: Path, runs: list[dict[str, Any]], rows: list[dict[str, Any]],
+                    resamples: int = stats.RESAMPLES) -> dict[str, Any]:
+    """Add each row's ``ci95`` (two-level bootstrap over seeds and test items) and return the paired table.
+
+    Reads every run's ``test_items.jsonl``; the items are paired by key, seeds by their position in ``--seeds``.
+    Returns ``{"baseline", "aggregate", "seeds", "items", "resamples", "rows": [{"method", "difference", "ci95",
+    "p_value"}], "note"}``; when a run has no item scores (a folder from before they were written) or the runs were
+    scored on different items, the rows keep ``ci95 = None`` and ``note`` says why.
+    """
+    methods = [r["method"] for r in rows]
+    baseline = BASELINE if BASELINE in methods else methods[0]
+    paired: dict[str, Any] = {"baseline": baseline, "rows": [], "note": None}
+    for row in rows:
+        row["ci95"] = None
+    items = [read_items(out / run["folder"]) for run in runs]
+    missing = [run["folder"] for run, found in zip(runs, items, strict=True) if found is None]
+    if missing:
+        paired["note"] = (f"no per-item test scores (test_items.jsonl) in {', '.join(missing)}: runs from before "
+                          "peftlab wrote them, or a metric without per-item statistics; mean ± std only")
+        return paired
+    keys = items[0].keys
+    if any(sorted(i.keys) != sorted(keys) or i.aggregate != items[0].aggregate for i in items):
+        paired["note"] = "the runs were scored on different test items; no interval or paired difference"
+        return paired
+    order = {key: n for n, key in enumerate(keys)}
+    for found in items:  # one item order for every run
+        found.rows.sort(key=lambda row: order[row["key"]])
+    aggregate = items[0].aggregate
+    x = stats.statistics(aggregate, [i.rows for i in items])  # every run at once: groups and classes agree
+    per_method = {m: x[[n for n, run in enumerate(runs) if run["method"] == m]] for m in methods}
+    for row in rows:
+        interval = stats.bootstrap(aggregate, per_method[row["method"]], resamples=resamples)
+        row["ci95"] = [interval.low, interval.high]
+    seeds = {m: [run["seed"] for run in runs if run["method"] == m] for m in methods}
+    for method in methods:
+        if method == baseline:
+            continue
+        if seeds[method] != seeds[baseline]:
+            paired["note"] = f"{method} and {baseline} ran different seeds; no paired difference"
+            continue
+        diff = stats.paired_difference(aggregate, per_method[baseline], per_method[method], resamples=resamples)
+        paired["rows"].append({"method": method, "difference": diff.estimate, "ci95": [diff.low, diff.high],
+                               "p_value": diff.p_value})
+    paired.update(aggregate=aggregate, seeds=len(seeds[baseline]), items=len(keys), resamples=resamples)
+    return paired
+
+
+def paired_table(paired: dict[str, Any], metric: str) -> list[str]:
+    """The Markdown lines of the paired differences to the baseline (and the note, when there is one)."""
+    lines = []
+    if paired.get("rows"):
+        lines += ["", f"Paired difference to {paired['baseline']} (test {metric} of the method minus "
+                  f"{paired['baseline']}'s, on the same {paired['seeds']} seed(s) and {paired['items']} test items; "
+                  f"95 % interval: bootstrap over seeds and items, {paired['resamples']} resamples; p-value: paired "
+                  "permutation test, two-sided):", "",
+                  "| method | difference | 95 % interval | p-value |", "|---|---|---|---|"]
+        lines += [f"| {r['method']} | {r['difference']:+.4f} | [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}] | "
+                  f"{r['p_value']:.4f} |" for r in paired["rows"]]
+    if paired.get("note"):
+        lines += ["", f"Note: {paired['note']}."]
+    return lines
+
+
+def markdown_table(rows: list[dict[str, Any]], metric: str, shared: dict[str, Any],
+                   paired: dict[str, Any] | None = None) -> str:
+    """The comparison as Markdown: test metric mean ± std over seeds and its 95 % interval (when the rows have
+    ``ci95``), the other test metrics, and the paired differences to the baseline (``paired``)."""
     memory = "peak GPU mem (MB)" if rows and rows[0]["peak_memory_kind"].startswith("cuda") else "peak RSS (MB)"
     lines = [
-        f"| method | lr | test {metric} (mean ± std) | seeds | trainable params | trainable % | s/step | {memory} |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| method | lr | test {metric} (mean ± std) | 95 % interval | seeds | trainable params | trainable % | "
+        f"s/step | {memory} |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         value = "n/a" if r["mean"] is None else f"{r['mean']:.4f} ± {r['std']:.4f}"
-        lines.append(f"| {r['method']} | {r['lr']:g} | {value} | {r['seeds']} | {r['trainable_params']:,} | "
-                     f"{r['trainable_percent']:.3f} | {r['seconds_per_step']:.3f} | {r['peak_memory_mb']:.0f} |")
+        interval = "n/a" if r.get("ci95") is None else f"[{r['ci95'][0]:.4f}, {r['ci95'][1]:.4f}]"
+        lines.append(f"| {r['method']} | {r['lr']:g} | {value} | {interval} | {r['seeds']} | "
+                     f"{r['trainable_params']:,} | {r['trainable_percent']:.3f} | {r['seconds_per_step']:.3f} | "
+                     f"{r['peak_memory_mb']:.0f} |")
     settings = ", ".join(f"{k}={v}" for k, v in shared.items() if v is not None)
     out = [f"Same budget for every method: {settings}.", "", *lines]
+    if any(r.get("ci95") is not None for r in rows):
+        out += ["", "95 % interval: percentile bootstrap of the mean over seeds, resampling seeds and test items "
+                "(corpus metrics such as BLEU recomputed for every resample)."]
     names = list(dict.fromkeys(k for r in rows for k in r.get("other_metrics", {})))
     if names:  # the other test metrics, one column each (per-task exact match, BLEU / NIST / ROUGE-L, F1, ...)
         out += ["", "Other test metrics (mean ± std over seeds):", "",
@@ -186,7 +266,7 @@ def markdown_table(rows: list[dict[str, Any]], metric: str, shared: dict[str, An
             cells = [f"{m:.4f} ± {s:.4f}" if (m, s) != (None, None) else "n/a"
                      for m, s in (r.get("other_metrics", {}).get(n, (None, None)) for n in names)]
             out.append(f"| {r['method']} | " + " | ".join(cells) + " |")
-    return "\n".join(out)
+    return "\n".join(out + paired_table(paired or {}, metric))
 
 
 def plot_comparison(rows: list[dict[str, Any]], metric: str, path: Path) -> None:

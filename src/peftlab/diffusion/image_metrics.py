@@ -32,12 +32,19 @@ class ImageMetrics:
 
     values: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    per_sample: dict[str, list[float]] = field(default_factory=dict)  # a value's per-sample terms (it is their mean)
 
     def update(self, other: ImageMetrics) -> ImageMetrics:
-        """Add ``other``'s values and skipped entries to this one (in place); return self."""
+        """Add ``other``'s values, per-sample values and skipped entries to this one (in place); return self."""
         self.values.update(other.values)
         self.skipped.update(other.skipped)
+        self.per_sample.update(other.per_sample)
         return self
+
+    def add_mean(self, name: str, per_sample: Sequence[float]) -> None:
+        """Record ``name`` as the mean of its per-sample values (kept in ``per_sample``)."""
+        self.per_sample[name] = [float(v) for v in per_sample]
+        self.values[name] = float(np.mean(self.per_sample[name]))
 
     def as_dict(self) -> dict[str, Any]:
         return {**self.values, "skipped": dict(self.skipped)} if self.skipped else dict(self.values)
@@ -140,15 +147,25 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def cosine_to_references(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per row i of ``a`` (N, d): mean_j cos(aᵢ, bⱼ) over the rows of ``b`` (M, d)."""
+    return (_unit(np.asarray(a, np.float64)) @ _unit(np.asarray(b, np.float64)).T).mean(axis=1)
+
+
 def mean_pairwise_cosine(a: np.ndarray, b: np.ndarray) -> float:
     """mean_{i,j} cos(aᵢ, bⱼ) over all rows of ``a`` (N, d) and ``b`` (M, d)."""
-    return float((_unit(np.asarray(a, np.float64)) @ _unit(np.asarray(b, np.float64)).T).mean())
+    return float(cosine_to_references(a, b).mean())
+
+
+def subject_similarity_per_sample(images, reference_images) -> np.ndarray:
+    """Per image x: mean over references r of cos(f(x) − μ, f(r) − μ) (:func:`subject_similarity` is their mean)."""
+    mu = _classifier()["feature_mean"]
+    return cosine_to_references(glyph_features(images) - mu, glyph_features(reference_images) - mu)
 
 
 def subject_similarity(images, reference_images) -> float:
     """Mean cos(f(x) − μ, f(r) − μ) over all (image, reference) pairs: the DINO / CLIP-I stand-in."""
-    mu = _classifier()["feature_mean"]
-    return mean_pairwise_cosine(glyph_features(images) - mu, glyph_features(reference_images) - mu)
+    return float(subject_similarity_per_sample(images, reference_images).mean())
 
 
 # -- encoder metrics (CLIP, DINO) ---------------------------------------------------------------------------
@@ -242,6 +259,11 @@ def edge_f1_pair(predicted: np.ndarray, target: np.ndarray, tolerance: float = 1
 
 def ssim(a, b) -> float:
     """Mean SSIM (data range 1) over pairs of grey images in [0, 1]."""
+    return float(np.mean(ssim_per_pair(a, b)))
+
+
+def ssim_per_pair(a, b) -> list[float]:
+    """SSIM (data range 1) of each pair of grey images in [0, 1] (skimage's ``structural_similarity``)."""
     from skimage.metrics import structural_similarity
 
     a, b = glyphs.to_array(a, None), glyphs.to_array(b, None)
@@ -249,7 +271,7 @@ def ssim(a, b) -> float:
         raise ConfigError(f"images differ in size: {a.shape[1:]} vs {b.shape[1:]}; resize them first")
     if min(a.shape[1:]) < 7:
         raise ConfigError(f"SSIM needs images of at least 7×7 pixels, got {a.shape[1:]}")
-    return float(np.mean([structural_similarity(x, y, data_range=1.0) for x, y in zip(a, b, strict=True)]))
+    return [float(structural_similarity(x, y, data_range=1.0)) for x, y in zip(a, b, strict=True)]
 
 
 def control_fidelity(outputs, control_images, control: str = "canny", tolerance: float = 1.0,
@@ -287,8 +309,8 @@ def control_fidelity(outputs, control_images, control: str = "canny", tolerance:
     if control == "canny":
         edges = np.stack([controls.canny_edges(o) for o in out])
         pairs = zip(edges, ctrl > 0.5, strict=True)
-        result.values["edge_f1"] = float(np.mean([edge_f1_pair(e, c, tolerance) for e, c in pairs]))
+        result.add_mean("edge_f1", [edge_f1_pair(e, c, tolerance) for e, c in pairs])
         result.values["edge_ssim"] = ssim(ctrl, edges.astype(np.float32))
     else:
-        result.values["segmentation_ssim"] = ssim(ctrl, np.stack([controls.segmentation_map(o) for o in out]))
+        result.add_mean("segmentation_ssim", ssim_per_pair(ctrl, np.stack([controls.segmentation_map(o) for o in out])))
     return result

@@ -32,6 +32,7 @@ from peftlab.layers import CLASSIFIER_HEADS
 from peftlab.recipes.adapters import method_spec, method_specs
 from peftlab.recipes.options import IMAGE_TASKS, TASKS, WHOLE, RunOptions, check_split, eval_options
 from peftlab.recipes.rundir import check_trained, is_adapter_dir, saved_run_options
+from peftlab.recipes.test_items import ITEMS, write_items
 from peftlab.recipes.text.multiple_choice import TASK as MULTIPLE_CHOICE  # an evaluation task only
 
 MULTIPLE_CHOICE_OPTIONS = ("subjects", "shots", "continuation")
@@ -93,6 +94,7 @@ def evaluate(
     split: str | None = None,
     max_samples: int | None = None,
     batch_size: int | None = None,
+    items_file: str | os.PathLike | None = None,
     **changes: Any,
 ) -> dict[str, Any]:
     """Metrics of a trained run (``peftlab eval``) on a split of its data (at most ``max_samples`` examples).
@@ -104,7 +106,21 @@ def evaluate(
     while a named data set keeps its seeded test split.
     ``task="multiple-choice"`` scores any model, a run's or a base model (``folder=None``, ``model=NAME``), on
     questions that are not its training data: see :func:`peftlab.recipes.text.multiple_choice.evaluate`.
+    ``items_file`` (a ``.jsonl`` path) also gets the per-item scores, as a run's ``test_items.jsonl`` holds them
+    (:mod:`peftlab.recipes.test_items`), and the result names it under ``test_items``.
     """
+    metrics = _evaluate(folder, task, split, max_samples, batch_size, changes)
+    items = metrics.pop(ITEMS, None)
+    if items_file is not None:
+        if items is None:
+            raise RecipeError(f"the {metrics['task']} task (metric {metrics['metric']}) writes no per-item scores; "
+                              "leave out --items")
+        metrics["test_items"] = {**write_items(items_file, items), "file": str(items_file)}
+    return metrics
+
+
+def _evaluate(folder: str | os.PathLike | None, task: str | None, split: str | None, max_samples: int | None,
+              batch_size: int | None, changes: dict[str, Any]) -> dict[str, Any]:
     if folder is None and task != MULTIPLE_CHOICE:
         raise RecipeError(f"the following arguments are required: --adapter (optional only with --task "
                           f"{MULTIPLE_CHOICE})")

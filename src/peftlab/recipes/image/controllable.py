@@ -63,6 +63,9 @@ class ControlRun(PreparedRun):
     def score(self, options: RunOptions, trained: bool) -> Scores:
         return evaluate_samples(self.pipe, options, self.size, self.held_out, control=trained)
 
+    def sample_prompts(self, options: RunOptions) -> list[str]:
+        return list(self.held_out.captions)
+
     def objective(self, options: RunOptions, generator: torch.Generator) -> tuple[Objective, str]:
         from peftlab.diffusion.conditioning import attach_condition_encoder, new_condition_encoder
 
@@ -94,8 +97,9 @@ def prepare(options: RunOptions) -> ControlRun:
 
 
 def evaluate_samples(pipe: Any, options: RunOptions, size: int, held_out: image_data.ControlExamples,
-                     control: bool) -> tuple[dict[str, float], dict[str, str], list[Any]]:
-    """(values, skipped, samples): how well samples for the held-out captions follow their controls."""
+                     control: bool) -> Scores:
+    """(values, skipped, samples, per-sample values): how well samples for the held-out captions follow their
+    controls."""
     from peftlab.diffusion import image_metrics as im
 
     controls = control_tensor(held_out.controls, size) if control else None
@@ -106,7 +110,7 @@ def evaluate_samples(pipe: Any, options: RunOptions, size: int, held_out: image_
         result.values["class_accuracy"] = im.class_accuracy(grey, held_out.labels)
     else:
         result.skipped["class_accuracy"] = "the data have no glyph labels (tiny-digits-edges has)"
-    return result.values, result.skipped, samples
+    return result.values, result.skipped, samples, result.per_sample
 
 
 def control_sampler(pipe: Any, examples: image_data.ControlExamples, controls: torch.Tensor, batch_size: int,

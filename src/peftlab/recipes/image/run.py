@@ -18,9 +18,11 @@ from peftlab.recipes.image.training import Batch, add_adapters, finish_image_run
 from peftlab.recipes.options import RunOptions
 from peftlab.recipes.rundir import is_main_process, start_output_dir
 from peftlab.recipes.scale import unet_training
+from peftlab.recipes.test_items import ITEMS, ITEMS_FILE, ItemScores, item_key, read_items, write_items
 from peftlab.recipes.training import log
 
-Scores = tuple[dict[str, float], dict[str, str], list[Any]]  # (values, skipped with the reason, the samples)
+# (values, skipped with the reason, the samples, per-sample values of the metrics that are a mean over samples)
+Scores = tuple[dict[str, float], dict[str, str], list[Any], dict[str, list[float]]]
 
 
 @dataclass
@@ -56,6 +58,10 @@ class PreparedRun:
         """(the objective, what it trains on, for the log line), built once the adapters are on the pipeline."""
         raise NotImplementedError
 
+    def sample_prompts(self, options: RunOptions) -> list[str]:
+        """The prompt of each scored sample, in order (what a sample's ``test_items.jsonl`` key is made from)."""
+        raise NotImplementedError
+
 
 def train_prepared(run: PreparedRun, options: RunOptions, checkpoint: str | None,
                    summary_keys: tuple[str, ...]) -> dict[str, Any]:
@@ -63,7 +69,7 @@ def train_prepared(run: PreparedRun, options: RunOptions, checkpoint: str | None
     written to ``metrics.json`` with the adapters, samples and loss curve."""
     from accelerate.utils import set_seed
 
-    before, _, _ = run.score(options, trained=False)
+    before, *_ = run.score(options, trained=False)
     out = start_output_dir(options, main_process=is_main_process())
     set_seed(options.seed)
     models = add_adapters(run.pipe, options, options.train_text_encoder, run.prompts)
@@ -76,7 +82,7 @@ def train_prepared(run: PreparedRun, options: RunOptions, checkpoint: str | None
                        options, hook=objective.hook, out=out, checkpoint=checkpoint, generator=generator)
     if objective.hook is not None:
         objective.hook.control = None
-    after, skipped, samples = run.score(options, trained=True)
+    after, skipped, samples, per_sample = run.score(options, trained=True)
     metrics = {
         "task": options.task, "method": options.method, "model": options.model, "lr": options.lr,
         "num_eval_images": len(samples), **run.metrics(options), options.score_split: after, "before": before,
@@ -84,6 +90,11 @@ def train_prepared(run: PreparedRun, options: RunOptions, checkpoint: str | None
         **objective.metrics,
         **{k: v for k, v in training.items() if k != "losses"},
     }
+    if metrics["metric"] in per_sample and is_main_process():  # the main metric is a mean over the samples
+        items = ItemScores("mean", [{"key": item_key(i, prompt), "value": v} for i, (prompt, v) in
+                                    enumerate(zip(run.sample_prompts(options), per_sample[metrics["metric"]],
+                                                  strict=True))])
+        metrics["test_items"] = write_items(out / ITEMS_FILE, items)
     finish_image_run(run.pipe, out, metrics, samples, training["losses"], options.keep_checkpoints)
     log(f"{options.task} {options.method}: {summary(metrics, summary_keys)}; {training['trainable_params']:,} "
         f"trainable parameters, {training['seconds_per_step']:.3f} s/step; wrote {out}")
@@ -91,5 +102,5 @@ def train_prepared(run: PreparedRun, options: RunOptions, checkpoint: str | None
 
 
 def evaluate(folder: Any, options: RunOptions, split: str, max_samples: int | None) -> dict[str, Any]:
-    """``peftlab eval`` of an image run: the metrics written at the end of training."""
-    return saved_metrics(folder)
+    """``peftlab eval`` of an image run: the metrics written at the end of training (and its per-sample scores)."""
+    return {**saved_metrics(folder), ITEMS: read_items(folder)}

@@ -68,6 +68,9 @@ class SubjectRun(PreparedRun):
     def score(self, options: RunOptions, trained: bool) -> Scores:
         return evaluate_samples(self.pipe, options, self.size, self.instances)
 
+    def sample_prompts(self, options: RunOptions) -> list[str]:
+        return [options.instance_prompt] * options.num_eval_images
+
     def objective(self, options: RunOptions, generator: torch.Generator) -> tuple[Objective, str]:
         data = training_data(self.pipe, options, self.instances, self.classes)
         sample = sampler(data, options, generator, self.pipe.scheduler.config.num_train_timesteps)
@@ -128,21 +131,23 @@ def sampler(data: dict[str, torch.Tensor], options: RunOptions, generator: torch
     return sample
 
 
-def evaluate_samples(pipe: Any, options: RunOptions, size: int, instances: list[Any]) -> tuple[dict, dict, list]:
-    """(values, skipped, subject samples): the subject and prior metrics of the pipeline as it is now."""
+def evaluate_samples(pipe: Any, options: RunOptions, size: int, instances: list[Any]) -> Scores:
+    """(values, skipped, subject samples, per-sample values): the subject and prior metrics of the pipeline as it
+    is now."""
     from peftlab.diffusion import image_metrics as im
 
     seed = sample_seed(options)  # other noise for a validation score (a trial of `compare --tune`)
     subject = sample_images(pipe, [options.instance_prompt] * options.num_eval_images, options, size, seed)
     prior = sample_images(pipe, list(PRIOR_PROMPTS) * 2, options, size, seed + 1)
-    result = im.ImageMetrics(values={
-        "subject_similarity": im.subject_similarity(glyphs.to_array(subject), glyphs.to_array(instances)),
-        "prior_class_accuracy": im.class_accuracy(glyphs.to_array(prior), [k % 10 for k in range(len(prior))]),
-    })
+    result = im.ImageMetrics()
+    result.add_mean("subject_similarity", im.subject_similarity_per_sample(glyphs.to_array(subject),
+                                                                           glyphs.to_array(instances)))
+    result.values["prior_class_accuracy"] = im.class_accuracy(glyphs.to_array(prior),
+                                                              [k % 10 for k in range(len(prior))])
     clip, dino = encoder_names(options.eval_encoder)
     result.update(im.clip_scores(subject, options.instance_prompt, instances, clip))
     result.update(im.dino_similarity(subject, instances, dino))
-    return result.values, result.skipped, subject
+    return result.values, result.skipped, subject, result.per_sample
 
 
 @owns_output_dir

@@ -20,12 +20,15 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from peftlab.errors import RecipeError
-from peftlab.metrics import exact_match, perplexity
+from peftlab.metrics import answer_matches, exact_match, perplexity
 from peftlab.recipes.options import WHOLE, RunOptions
 from peftlab.recipes.rundir import (
     owns_output_dir,
 )
+from peftlab.recipes.test_items import ITEMS, ItemScores, item_key
 from peftlab.recipes.text.generation import generate
 from peftlab.recipes.text.lm import encode_records, load_trained, mean_loss, start_run
 from peftlab.recipes.training import fmt, log, run_training, select, speed, split_rows, strip_prefix
@@ -100,9 +103,12 @@ def _output(row: dict[str, Any]) -> str:
 
 
 # -- scoring -----------------------------------------------------------------------------------------------------
-def score_answers(predictions: list[str], golds: list[str], tasks: list[str] | None = None) -> dict[str, Any]:
-    """Exact match of the extracted final answers, overall and per task."""
-    result: dict[str, Any] = {"exact_match": exact_match(predictions, golds)}
+def score_answers(predictions: list[str], golds: list[str], tasks: list[str] | None = None,
+                  matches: list[bool] | None = None) -> dict[str, Any]:
+    """Exact match of the extracted final answers, overall (the mean of ``matches``, the per-answer results of
+    ``answer_matches``, when given) and per task."""
+    matches = answer_matches(predictions, golds) if matches is None else matches
+    result: dict[str, Any] = {"exact_match": float(np.mean(matches))}
     if tasks is not None:
         groups: dict[str, list[int]] = defaultdict(list)
         for i, task in enumerate(tasks):
@@ -114,8 +120,9 @@ def score_answers(predictions: list[str], golds: list[str], tasks: list[str] | N
     return result
 
 
-def evaluate_answers(model, tokenizer, records, options: RunOptions) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Exact match of greedy generations on ``records`` (and the prediction rows)."""
+def evaluate_answers(model, tokenizer, records, options: RunOptions) -> tuple[dict[str, Any], list[dict[str, Any]],
+                                                                              ItemScores]:
+    """Exact match of greedy generations on ``records``, the prediction rows and the per-item exact match."""
     from peftlab.recipes.scale import generation_kwargs
 
     prompts = [record_prompt(r) for r in records]
@@ -124,7 +131,10 @@ def evaluate_answers(model, tokenizer, records, options: RunOptions) -> tuple[di
     tasks = list(records["task"]) if "task" in records.column_names else None
     rows = [{"prompt": p, "prediction": y, "reference": g, **({"task": tasks[i]} if tasks else {})}
             for i, (p, y, g) in enumerate(zip(prompts, predictions, golds, strict=True))]
-    return score_answers(predictions, golds, tasks), rows
+    matches = answer_matches(predictions, golds)
+    items = ItemScores("mean", [{"key": item_key(i, p, g), "value": int(hit), **({"task": tasks[i]} if tasks else {})}
+                                for i, (p, g, hit) in enumerate(zip(prompts, golds, matches, strict=True))])
+    return score_answers(predictions, golds, tasks, matches), rows, items
 
 
 # -- training and evaluation -------------------------------------------------------------------------------------
@@ -144,7 +154,7 @@ def train(options: RunOptions, checkpoint: str | None) -> dict[str, Any]:
     test_records = run.test_rows
     initial = None
     if options.initial_eval and checkpoint is None and run.main:
-        initial, _ = evaluate_answers(run.trainer.model, run.tokenizer, test_records, options)
+        initial, _, _ = evaluate_answers(run.trainer.model, run.tokenizer, test_records, options)
         log(f"{split} exact match before training (step 0): {fmt(initial['exact_match'])}", run.main)
     training = run_training(run.trainer, checkpoint)
     test = strip_prefix(run.trainer.evaluate(run.test_set, metric_key_prefix=split), split)
@@ -167,11 +177,11 @@ def evaluate(adapter: str | os.PathLike, options: RunOptions, split: str, max_sa
     rows = select(split_rows(records, split), limit, options.split_seed)
     if not len(rows):
         raise RecipeError(f"{options.data}: the {split} split is empty")
-    metrics, _ = evaluate_answers(net, tokenizer, rows, options)
+    metrics, _, items = evaluate_answers(net, tokenizer, rows, options)
     loss = mean_loss(net, tokenizer, encode_records(rows, tokenizer, options.max_length, record_prompt, _output),
                      options.eval_batch_size)
     metrics.update(loss=loss, perplexity=perplexity(loss))
     return {"task": "causal-lm", "adapter": str(adapter), "model": options.model, "data": options.data,
-            "split": split, "num_examples": len(rows), "metric": "exact_match", split: metrics}
+            "split": split, "num_examples": len(rows), "metric": "exact_match", split: metrics, ITEMS: items}
 
 

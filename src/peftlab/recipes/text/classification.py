@@ -36,6 +36,7 @@ from peftlab.recipes.rundir import (
     read_run,
     start_output_dir,
 )
+from peftlab.recipes.test_items import ITEMS, ITEMS_FILE, ItemScores, item_key, write_items
 from peftlab.recipes.training import (
     finish_run,
     fmt,
@@ -182,6 +183,25 @@ def main_metric(options: RunOptions, regression: bool) -> str:
     return GLUE_TASKS[task].metrics[0] if task else "accuracy"
 
 
+ITEM_AGGREGATES = {"accuracy": "mean", "matthews_correlation": "matthews", "pearson": "pearson"}
+
+
+def classification_items(seen: dict[str, Any], rows, metric: str) -> ItemScores | None:
+    """Per-item results of the last evaluation (``seen``, filled by ``trainer_compute_metrics``) on the tokenised
+    ``rows``, keyed by their token ids; ``None`` for a main metric without per-item statistics (F1)."""
+    aggregate = ITEM_AGGREGATES.get(metric)
+    if aggregate is None or len(seen.get("labels", ())) != len(rows):
+        return None
+    items = []
+    for i, (ids, label, prediction) in enumerate(zip(rows["input_ids"], seen["labels"], seen["predictions"],
+                                                     strict=True)):
+        item = {"key": item_key(i, ids), "label": label.item(), "prediction": prediction.item()}
+        if aggregate == "mean":
+            item["value"] = int(label == prediction)
+        items.append(item)
+    return ItemScores(aggregate, items)
+
+
 # -- training ----------------------------------------------------------------------------------------------------
 @dataclass
 class Setup:
@@ -242,6 +262,7 @@ def train(options: RunOptions, checkpoint: str | None) -> dict[str, Any]:
     model, tokenizer, names, args, metric = run.model, run.tokenizer, run.names, run.args, run.metric
     train_set, val_set, test_set = run.train_set, run.val_set, run.test_set
     trainable, total = count_parameters(model)
+    seen: dict[str, Any] = {}  # the per-item results of the last evaluation, for test_items.jsonl
     with args.main_process_first(local=False):
         out = start_output_dir(options, main_process=args.process_index == 0, extra={"labels": names})
     trainer = Trainer(
@@ -251,7 +272,7 @@ def train(options: RunOptions, checkpoint: str | None) -> dict[str, Any]:
         eval_dataset=val_set,
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=trainer_compute_metrics(metric_task(options, run.regression)),
+        compute_metrics=trainer_compute_metrics(metric_task(options, run.regression), seen),
         callbacks=tracking_callbacks(options),
     )
     main = trainer.is_world_process_zero()
@@ -282,6 +303,9 @@ def train(options: RunOptions, checkpoint: str | None) -> dict[str, Any]:
         split: test,
         **training,
     }
+    items = classification_items(seen, test_set, metric)
+    if items is not None and main:
+        metrics["test_items"] = write_items(out / ITEMS_FILE, items)
     finish_run(trainer, out, metrics, metric, options.keep_checkpoints)
     log(f"{split} {metric} after training: {fmt(test[metric])} (best validation {metric} "
         f"{fmt(training['best_validation_metric'])} at {Path(training['best_checkpoint'] or '-').name}; "
@@ -356,12 +380,15 @@ def evaluate(adapter: str | os.PathLike, options: RunOptions, split: str, max_sa
     if not len(rows):
         raise RecipeError(f"{options.data}: the {split} split is empty")
     regression = data_names is None
+    seen: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(output_dir=tmp, per_device_eval_batch_size=options.eval_batch_size,
                                  report_to="none", disable_tqdm=True, dataloader_pin_memory=torch.cuda.is_available())
         trainer = Trainer(model=net, args=args, processing_class=tokenizer,
                           data_collator=DataCollatorWithPadding(tokenizer),
-                          compute_metrics=trainer_compute_metrics(metric_task(options, regression)))
+                          compute_metrics=trainer_compute_metrics(metric_task(options, regression), seen))
         metrics = strip_prefix(trainer.evaluate(rows, metric_key_prefix=split), split)
+    metric = main_metric(options, regression)
     return {"task": "classification", "adapter": str(adapter), "model": options.model, "data": options.data,
-            "split": split, "num_examples": len(rows), "metric": main_metric(options, regression), split: metrics}
+            "split": split, "num_examples": len(rows), "metric": metric, split: metrics,
+            ITEMS: classification_items(seen, rows, metric)}

@@ -26,6 +26,7 @@ from peftlab.recipes.options import WHOLE, RunOptions
 from peftlab.recipes.rundir import (
     owns_output_dir,
 )
+from peftlab.recipes.test_items import ITEMS, ItemScores, item_key
 from peftlab.recipes.text.generation import generate
 from peftlab.recipes.text.lm import load_trained, start_run
 from peftlab.recipes.training import quiet_datasets, run_training, split_rows, strip_prefix
@@ -80,9 +81,11 @@ def load_pairs(name: str, split_seed: int = 0, min_inputs: int = 1):
     return split_by_mr(pairs, seed=split_seed)
 
 
-def evaluate_generations(model, tokenizer, pairs, options: RunOptions) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def evaluate_generations(model, tokenizer, pairs, options: RunOptions) -> tuple[dict[str, Any], list[dict[str, Any]],
+                                                                                ItemScores]:
     """Beam-search outputs for every distinct input of ``pairs``, scored against all its references
-    (lower-cased and tokenised first for WebNLG and DART, as the papers' evaluation does)."""
+    (lower-cased and tokenised first for WebNLG and DART, as the papers' evaluation does); the prediction rows;
+    and per input its BLEU statistics (corpus BLEU is the BLEU of their sum)."""
     from peftlab.data import group_references
     from peftlab.metrics import generation_metrics
 
@@ -94,13 +97,15 @@ def evaluate_generations(model, tokenizer, pairs, options: RunOptions) -> tuple[
     rows = [{"mr": mr, "hypothesis": h, "references": refs}
             for mr, h, refs in zip(grouped["mr"], hypotheses, references, strict=True)]
     tokenize_lower = data_format(options.data) in ("webnlg", "dart")
-    scores = generation_metrics(hypotheses, references, tokenize_lower=tokenize_lower)
+    scores = generation_metrics(hypotheses, references, tokenize_lower=tokenize_lower, segment_statistics=True)
+    items = ItemScores("bleu", [{"key": item_key(i, mr), "bleu_stats": stats} for i, (mr, stats) in
+                                enumerate(zip(grouped["mr"], scores.pop("bleu_statistics"), strict=True))])
     categories = grouped["category"] if "category" in grouped.column_names else []
     if any(categories):
         for row, category in zip(rows, categories, strict=True):
             row["category"] = category
         scores.update(seen_unseen_metrics(hypotheses, references, categories, tokenize_lower))
-    return scores, rows
+    return scores, rows, items
 
 
 def seen_unseen_metrics(hypotheses: list[str], references: list[list[str]], categories: list[str],
@@ -182,6 +187,6 @@ def evaluate(adapter: str | os.PathLike, options: RunOptions, split: str, max_sa
     if not len(rows):
         raise RecipeError(f"{options.data}: the {split} split is empty")
     net, tokenizer = load_trained(adapter, options.model)
-    scores, _ = evaluate_generations(net, tokenizer, rows, options)
+    scores, _, items = evaluate_generations(net, tokenizer, rows, options)
     return {"task": "data-to-text", "adapter": str(adapter), "model": options.model, "data": options.data,
-            "split": split, "num_mrs": len(set(rows["mr"])), "metric": "bleu", split: scores}
+            "split": split, "num_mrs": len(set(rows["mr"])), "metric": "bleu", split: scores, ITEMS: items}

@@ -20,6 +20,7 @@ from peftlab.model import AdapterModel
 from peftlab.recipes.adapters import count_parameters, prepare_model
 from peftlab.recipes.options import RunOptions
 from peftlab.recipes.rundir import CURVE_FILE, METRICS_FILE, base_model_name, is_adapter_dir, start_output_dir
+from peftlab.recipes.test_items import ITEMS_FILE, write_items
 from peftlab.recipes.text.generation import eos_id, write_jsonl
 from peftlab.recipes.training import (
     finish_run,
@@ -121,17 +122,20 @@ class LMRun:
 
     def finish(self, options: RunOptions, metrics: dict[str, Any], test: dict[str, Any], score, summary) -> dict:
         """Score the test rows (validation rows for a trial of ``compare --tune``: ``options.score_split``) by
-        generation (``score(model, tokenizer, rows, options)`` → (scores, prediction rows), main process only),
-        then write ``predictions.jsonl``, the adapter, the curve and ``metrics.json`` (with
-        ``metrics[options.score_split] = test``) and log ``summary(test)``."""
+        generation (``score(model, tokenizer, rows, options)`` → (scores, prediction rows, item scores), main
+        process only), then write ``predictions.jsonl``, ``test_items.jsonl`` (the scored split's items), the
+        adapter, the curve and ``metrics.json`` (with ``metrics[options.score_split] = test``) and log
+        ``summary(test)``."""
         if self.main:
-            scores, rows = score(self.trainer.model, self.tokenizer, self.test_rows, options)
+            scores, rows, items = score(self.trainer.model, self.tokenizer, self.test_rows, options)
             test.update(scores)
             write_jsonl(self.out / "predictions.jsonl", rows)
+            metrics["test_items"] = write_items(self.out / ITEMS_FILE, items)
         metrics[options.score_split] = test
         finish_run(self.trainer, self.out, metrics, "loss", options.keep_checkpoints)
         log(summary(test), self.main)
-        log(f"wrote {self.out / METRICS_FILE}, {self.out / CURVE_FILE}, predictions.jsonl and the adapter to "
+        log(f"wrote {self.out / METRICS_FILE}, {self.out / CURVE_FILE}, predictions.jsonl, {ITEMS_FILE} and the "
+            f"adapter to "
             f"{self.out}", self.main)
         return metrics
 

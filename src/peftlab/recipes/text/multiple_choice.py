@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from peftlab.errors import RecipeError
+from peftlab.recipes.test_items import ITEMS, ItemScores, item_key
 
 TASK = "multiple-choice"
 DEFAULT_MODEL = "smollm2-135m"
@@ -216,6 +217,9 @@ def evaluate(
     predictions = [max(range(len(s)), key=s.__getitem__) for s in scores]
     table = accuracy_table(predictions, [q.answer for q in questions], [q.subject for q in questions])
     table["gold_probability"] = gold_probability(scores, [q.answer for q in questions])
+    items = ItemScores("macro_mean", [  # accuracy_table's hits, the question's subject as its group
+        {"key": item_key(i, q.subject, q.question, list(q.options)), "group": q.subject, "value": int(p == q.answer)}
+        for i, (q, p) in enumerate(zip(questions, predictions, strict=True))])
     held = sorted(s for s, h in questions_set.held_out.items() if h)
     if not shots:
         examples = "none (0-shot)"
@@ -228,7 +232,7 @@ def evaluate(
             "model": model_name(adapter, model), "data": data, "split": "test",
             "num_examples": len(questions), "num_subjects": len(table["by_subject"]), "metric": "accuracy",
             "shots": shots, "examples": examples, "held_out_subjects": held, "continuation": continuation,
-            "num_truncated": truncated, "test": table}
+            "num_truncated": truncated, "test": table, ITEMS: items}
 
 
 def summary(metrics: dict[str, Any], folder: str | os.PathLike | None) -> str:
