@@ -357,7 +357,8 @@ def test_help(capsys):
 
 
 def test_a_comparison_with_a_diverged_runs_nan_is_shown_with_a_warning(made, tmp_path):
-    """peftlab compare writes a NaN metric as NaN (json.dumps): the page shows it instead of refusing the folder."""
+    """Comparisons written before files.atomic_write_json turned NaN into "nan" hold a bare NaN: the page shows it
+    instead of refusing the folder."""
     folder = copy(made["compare"], tmp_path / "diverged")
     result = json.loads((folder / "compare.json").read_text())
     result["rows"][1]["mean"] = result["runs"][1]["value"] = float("nan")
@@ -367,6 +368,23 @@ def test_a_comparison_with_a_diverged_runs_nan_is_shown_with_a_warning(made, tmp
     page = read_page(folder / "report.html")
     assert page.table("Comparison")["lora"][2]["text"].startswith("nan ± ")
     assert page.table("Runs")["lora/seed-0"][2]["text"] == "nan"
+
+
+def test_json_files_peftlab_writes_are_standard_json_even_with_a_nan(tmp_path):
+    """A diverged run's NaN loss or metric reaches compare.json / metrics.json as the string "nan" (a strict
+    parser refuses a bare NaN), and a tensor scalar as a plain number."""
+    import torch
+
+    from peftlab import files
+
+    files.atomic_write_json(tmp_path / "c.json", {"rows": [{"mean": float("nan"), "std": float("inf")}],
+                                                  "loss": torch.tensor(0.5), 1: (float("-inf"),)})
+
+    def refuse(name: str) -> None:
+        raise ValueError(name)
+
+    data = json.loads((tmp_path / "c.json").read_text(), parse_constant=refuse)
+    assert data == {"rows": [{"mean": "nan", "std": "inf"}], "loss": 0.5, "1": ["-inf"]}
 
 
 def test_out_names_one_file_for_one_folder(made, tmp_path):

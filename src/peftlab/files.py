@@ -67,7 +67,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+    """Write ``data`` as standard JSON, atomically: numbers JSON cannot hold (NaN, ±inf: a diverged run's loss)
+    become the strings ``"nan"`` / ``"inf"`` / ``"-inf"`` and 0-d tensors / numpy scalars plain numbers, so
+    every reader (``jq``, JavaScript, strict parsers) can read the file."""
+    text = json.dumps(jsonable(data), indent=2, sort_keys=True, allow_nan=False)
+    atomic_write_bytes(path, (text + "\n").encode())
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with non-finite floats as strings and ``.item()``-able scalars as Python numbers (recursively)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item):
+        return jsonable(value.item())
+    return value
 
 
 def atomic_write_jsonl(path: str | os.PathLike, rows: Any) -> Path:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import re
 import shutil
@@ -35,19 +34,7 @@ EMPTY, IN_PROGRESS, FINISHED, FOREIGN = "empty", "in progress", "finished", "not
 def write_metrics(out: Path, metrics: dict[str, Any]) -> None:
     """Write ``metrics.json`` (the run's last file: the folder is a finished run once it is there); numbers that
     JSON cannot hold (tensors, NaN, inf) are written as plain numbers or strings."""
-    files.atomic_write_json(out / METRICS_FILE, _jsonable(metrics))
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if hasattr(value, "item") and callable(value.item):
-        return value.item()
-    return value
+    files.atomic_write_json(out / METRICS_FILE, metrics)
 
 
 def is_main_process() -> bool:
