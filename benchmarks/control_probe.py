@@ -7,10 +7,11 @@ held-out digits x with control c (and caption), fixed noise ε and timesteps t �
 
 A model that ignores the control has gap 0; one that uses it has gap > 0. Two modes:
 
-* default: train the condition encoder **alone** (frozen UNet, no adapters) on ``tiny-digits-edges`` with the
-  recipe's own loop (:func:`peftlab.recipes.image.training.fit`: AdamW, warm-up + linear decay, clipping 1.0,
-  the recipe's 50 % caption dropout) and report the gap before and after. ``--control target`` gives the encoder
-  the target image itself (an upper bound: the most informative control there is);
+* default: train the condition encoder (``--encoder hint``, or ``controlnet``) **alone** (frozen UNet, no
+  adapters) on ``tiny-digits-edges`` with the recipe's own loop (:func:`peftlab.recipes.image.training.fit`: AdamW,
+  warm-up + linear decay, clipping 1.0, the recipe's 50 % caption dropout) and report the gap before and after.
+  ``--control target`` gives the encoder the target image itself (an upper bound: the most informative control
+  there is);
 * ``--run RUN``: probe a trained controllable run (its adapters and encoder) on the same held-out digits.
 
     .venv/bin/python benchmarks/control_probe.py --control canny --steps 400
@@ -28,7 +29,12 @@ from typing import Any
 import torch
 from _harness import emit_report, header_lines, markdown_table
 
-from peftlab.diffusion.conditioning import attach_condition_encoder, condition_hook, new_condition_encoder
+from peftlab.diffusion.conditioning import (
+    attach_condition_encoder,
+    condition_hook,
+    new_condition_encoder,
+    new_controlnet,
+)
 from peftlab.diffusion.control import control_tensor
 from peftlab.recipes.image import data as image_data
 from peftlab.recipes.image import training as image_training
@@ -74,13 +80,15 @@ def main() -> None:
                         help="the encoder's input (default canny; target: the target image itself)")
     parser.add_argument("--steps", type=int, default=400, help="training steps of the encoder (default 400)")
     parser.add_argument("--lr", type=float, default=3e-3, help="the encoder's lr (default 3e-3, the recipe's)")
+    parser.add_argument("--encoder", default="hint", choices=["hint", "controlnet"],
+                        help="the condition path trained (default hint; controlnet: --control-encoder controlnet)")
     parser.add_argument("--run", help="probe this trained controllable run instead of training an encoder")
     parser.add_argument("--held-out", type=int, default=100, help="held-out digits (default 100)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="also write the report to this Markdown file")
     args = parser.parse_args()
 
-    from peftlab.diffusion.pipeline import load_pipeline_adapters
+    from peftlab.diffusion.pipeline import load_pipeline_adapters, with_control_encoder
 
     map_type = "canny" if args.control == "target" else args.control
     held_out = image_data.held_out_edges(map_type, SIZE, args.held_out)
@@ -96,8 +104,12 @@ def main() -> None:
                              output_dir="unused").resolved()
         torch.manual_seed(args.seed)
         pipe = image_training.load_base(options)
-        encoder = new_condition_encoder(pipe)
-        attach_condition_encoder(pipe, encoder)
+        if args.encoder == "controlnet":
+            pipe = with_control_encoder(pipe, new_controlnet(pipe))
+            encoder = pipe.controlnet
+        else:
+            encoder = new_condition_encoder(pipe)
+            attach_condition_encoder(pipe, encoder)
         examples = image_data.control_examples("tiny-digits-edges", map_type, SIZE, options.max_train_samples,
                                                args.seed)
         generator = torch.Generator().manual_seed(args.seed)
@@ -111,7 +123,8 @@ def main() -> None:
         for label, result in (("before (E_φ = 0)", before), (f"after {args.steps} steps", after)):
             rows.append([label, f"{training['final_loss']:.4f}" if label.startswith("after") else "—",
                          f"{result['own']:.4f}", f"{result['shuffled']:.4f}", f"{result['gap']:+.3%}"])
-        setting = (f"condition encoder alone, {args.control} controls, {args.steps} steps × batch "
+        setting = (f"{args.encoder} condition encoder alone ({sum(p.numel() for p in encoder.parameters()):,} "
+                   f"parameters), {args.control} controls, {args.steps} steps × batch "
                    f"{options.batch_size}, lr {args.lr}, {len(examples)} training digits, {wall:.0f} s")
     lines = header_lines() + [
         f"setting: {setting}; {args.held_out} held-out digits, t ∈ {list(TIMESTEPS)}",
