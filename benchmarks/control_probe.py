@@ -17,6 +17,8 @@ A model that ignores the control has gap 0; one that uses it has gap > 0. Two mo
     .venv/bin/python benchmarks/control_probe.py --control canny --steps 400
     .venv/bin/python benchmarks/control_probe.py --control target --steps 400
     .venv/bin/python benchmarks/control_probe.py --run runs/edges
+    .venv/bin/python benchmarks/control_probe.py --control canny --steps 400 --encoder controlnet
+    .venv/bin/python benchmarks/control_probe.py --edge-f1-range    # no model: the range edge F1 can take
 """
 
 from __future__ import annotations
@@ -74,6 +76,36 @@ def probe(pipe: Any, latents: torch.Tensor, ids: torch.Tensor, controls: torch.T
     return {**losses, "gap": (losses["shuffled"] - losses["own"]) / losses["own"]}
 
 
+def edge_f1_range(held_out: image_data.ControlExamples) -> list[list[str]]:
+    """How far edge F1 (1-pixel tolerance, as the recipe scores samples) can move on these digits, without a model:
+    edge F1 and edge SSIM against each digit's canny control of the target itself, of the target shifted, blurred or
+    thickened, of another digit of the same class (what a model that follows only the caption draws at best) and of
+    another class."""
+    import numpy as np
+    from scipy.ndimage import gaussian_filter, shift
+
+    from peftlab.data import glyphs
+    from peftlab.diffusion.image_metrics import control_fidelity
+
+    targets = glyphs.to_array(held_out.targets, None)
+    n = len(targets)  # held_out_edges gives the classes in turn: index i + 10 is another digit of i's class
+    cases = {
+        "the target itself": targets,
+        "the target shifted 1 px": np.stack([shift(t, (0, 1), order=1) for t in targets]),
+        "the target shifted 2 px": np.stack([shift(t, (0, 2), order=1) for t in targets]),
+        "the target blurred (Gaussian σ = 1 px)": np.stack([gaussian_filter(t, 1.0) for t in targets]),
+        "the target with thicker ink (× 1.5, clipped)": np.clip(targets * 1.5, 0, 1),
+        "another digit of the same class": targets[(np.arange(n) + 10) % n],
+        "a digit of another class": targets[(np.arange(n) + 1) % n],
+        "a blank image": np.zeros_like(targets),
+    }
+    rows = []
+    for name, images in cases.items():
+        values = control_fidelity(np.clip(images, 0, 1), held_out.controls, "canny").values
+        rows.append([name, f"{values['edge_f1']:.3f}", f"{values['edge_ssim']:.3f}"])
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--control", default="canny", choices=["canny", "segmentation", "target"],
@@ -82,6 +114,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3, help="the encoder's lr (default 3e-3, the recipe's)")
     parser.add_argument("--encoder", default="hint", choices=["hint", "controlnet"],
                         help="the condition path trained (default hint; controlnet: --control-encoder controlnet)")
+    parser.add_argument("--edge-f1-range", action="store_true",
+                        help="no model: how far edge F1 can move on the held-out digits (shifted, blurred, other "
+                             "digits)")
     parser.add_argument("--run", help="probe this trained controllable run instead of training an encoder")
     parser.add_argument("--held-out", type=int, default=100, help="held-out digits (default 100)")
     parser.add_argument("--seed", type=int, default=0)
@@ -94,6 +129,12 @@ def main() -> None:
     held_out = image_data.held_out_edges(map_type, SIZE, args.held_out)
     held = controls_of(held_out, args.control)
     rows: list[list[str]] = []
+    if args.edge_f1_range:
+        lines = header_lines() + [f"edge F1 / SSIM against the canny controls of {args.held_out} held-out digits", "",
+                                  *markdown_table(["output", "edge F1", "edge SSIM"], edge_f1_range(held_out),
+                                                  right={1, 2})]
+        emit_report(lines, Path(args.out) if args.out else None)
+        return
     if args.run:
         pipe = load_pipeline_adapters(args.run)
         result = probe(pipe, *held_out_inputs(pipe, held_out), held)
