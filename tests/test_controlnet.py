@@ -1,7 +1,7 @@
 """``--control-encoder controlnet``: the controllable recipe with a diffusers ControlNet (a trainable copy of the UNet's
 encoder whose zero-initialised outputs feed every skip connection and the mid block) instead of the small hint
 encoder on ``conv_in``. On a tiny random Stable Diffusion pipeline (16×16 images, 8×8 latents): it starts exactly at
-the base, it trains, it saves / loads / resumes, and ``peftlab generate --control`` uses it."""
+the base, it trains, it saves / loads / resumes / merges, and ``peftlab generate --control`` uses it."""
 
 from __future__ import annotations
 
@@ -131,9 +131,9 @@ def test_saved_controlnet_loads_back_and_generate_uses_it(pipe, tmp_path):
         Image.fromarray((glyphs.subject_images(letter, 1, size=SIZE)[0] > 0.4).astype(np.uint8) * 255).save(path)
         return path
 
-    def generated(control, name: str) -> list[np.ndarray]:
+    def generated(control, name: str, adapter=run) -> list[np.ndarray]:
         out = tmp_path / f"{name}.png"
-        assert main(["generate", "--adapter", str(run), "--prompt", "a photo of sks dog", "--num-images", "2",
+        assert main(["generate", "--adapter", str(adapter), "--prompt", "a photo of sks dog", "--num-images", "2",
                      "--steps", "2", "--guidance-scale", "2", "--seed", "0", "--control", str(control), "--out",
                      str(out)]) == 0
         return [np.asarray(Image.open(tmp_path / f"{name}-{i}.png"), dtype=np.int16) for i in range(2)]
@@ -149,6 +149,11 @@ def test_saved_controlnet_loads_back_and_generate_uses_it(pipe, tmp_path):
         assert np.abs(got_image - np.asarray(want_image, dtype=np.int16)).max() <= 1
     with_w = generated(edges_w, "gen-w")  # another control image gives other images: the ControlNet is used
     assert any(np.abs(a - b).max() > 2 for a, b in zip(with_k, with_w, strict=True))
+    # merged into a plain diffusers ControlNet pipeline folder: the same images
+    assert main(["merge", "--adapter", str(run), "--out", str(tmp_path / "merged")]) == 0
+    assert (tmp_path / "merged" / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
+    for got_image, want_image in zip(generated(edges_k, "merged-k", tmp_path / "merged"), with_k, strict=True):
+        assert np.abs(got_image - want_image).max() <= 1
 
 
 def write_digits(folder, count: int = 4) -> None:
