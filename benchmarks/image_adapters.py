@@ -42,23 +42,29 @@ CONTROL_METRICS = {"canny": (("edge_f1", "edge F1"), ("edge_ssim", "edge SSIM"))
                    "segmentation": (("segmentation_ssim", "segmentation SSIM"),)}
 
 
-def run_kind(task: str, control: str) -> str:
-    """The task, with the control when it is not canny (canny runs keep the keys and folders they had before
-    ``--control`` existed)."""
-    return f"{task}-{control}" if task == "controllable" and control != "canny" else task
+def run_kind(task: str, control: str, encoder: str = "hint") -> str:
+    """The task, with the control when it is not canny and the control encoder when it is not the hint encoder
+    (canny hint runs keep the keys and folders they had before ``--control`` / ``--control-encoder`` existed)."""
+    if task != "controllable":
+        return task
+    return task + (f"-{control}" if control != "canny" else "") + (f"-{encoder}" if encoder != "hint" else "")
 
 
-def run_key(task: str, method: str, seed: int, steps: int, lr: float | None, control: str = "canny") -> str:
+def run_key(task: str, method: str, seed: int, steps: int, lr: float | None, control: str = "canny",
+            encoder: str = "hint") -> str:
     """The run's key in the results cache."""
-    return f"{run_kind(task, control)}/{method}/seed{seed}/steps{steps}/lr{lr if lr is not None else 'default'}"
+    return (f"{run_kind(task, control, encoder)}/{method}/seed{seed}/steps{steps}/"
+            f"lr{lr if lr is not None else 'default'}")
 
 
 def run_once(task: str, method: str, seed: int, steps: int, lr: float | None, work: Path,
-             control: str = "canny") -> dict[str, Any]:
+             control: str = "canny", encoder: str = "hint") -> dict[str, Any]:
     """One training run; the metrics it writes."""
-    folder = work / f"{run_kind(task, control)}-{method}-lr{lr or 'default'}-steps{steps}-s{seed}"
+    folder = work / f"{run_kind(task, control, encoder)}-{method}-lr{lr or 'default'}-steps{steps}-s{seed}"
+    controllable = task == "controllable"
     options = RunOptions(task=task, method=method, seed=seed, max_steps=steps, lr=lr, output_dir=str(folder),
-                         overwrite=True, control=control if task == "controllable" else None)
+                         overwrite=True, control=control if controllable else None,
+                         control_encoder=encoder if controllable else None)
     start = time.perf_counter()
     metrics = train(options)
     return {**metrics, "wall_s": round(time.perf_counter() - start, 1), "folder": str(folder)}
@@ -100,11 +106,12 @@ def subject_table(results: dict[str, Any], rows: list[tuple[str, float | None]],
     return markdown_table(header, body, right=set(range(1, len(header))))
 
 
-def control_table(results: dict[str, Any], seeds: list[int], steps: int, control: str = "canny") -> list[str]:
+def control_table(results: dict[str, Any], seeds: list[int], steps: int, control: str = "canny",
+                  encoder: str = "hint") -> list[str]:
     metrics = CONTROL_METRICS[control]
     body = []
     for method in METHODS:
-        runs = [results[k] for s in seeds if (k := run_key("controllable", method, s, steps, None, control))
+        runs = [results[k] for s in seeds if (k := run_key("controllable", method, s, steps, None, control, encoder))
                 in results]
         if not runs:
             continue
@@ -129,7 +136,7 @@ def first_tiles(png: Path, count: int) -> list[np.ndarray]:
 
 
 def sample_grid(results: dict[str, Any], seed: int, steps: tuple[int, int], path: Path, per_task: int = 4,
-                control: str = "canny") -> None:
+                control: str = "canny", encoder: str = "hint") -> None:
     """One row per method: ``per_task`` subject samples (when those runs exist), then ``per_task`` control samples;
     on top the instance images and the controls of those samples. A grey PNG with 2-pixel grey gaps."""
     from PIL import Image
@@ -142,7 +149,7 @@ def sample_grid(results: dict[str, Any], seed: int, steps: tuple[int, int], path
     rows = [(list(glyphs.subject_images("K", per_task)) if subject else []) + controls]
     for method in METHODS:
         keys = ((run_key("subject-driven", method, seed, steps[0], None),) if subject else ()) + (
-            run_key("controllable", method, seed, steps[1], None, control),)
+            run_key("controllable", method, seed, steps[1], None, control, encoder),)
         if all(k in results for k in keys):
             rows.append([t for k in keys for t in first_tiles(Path(results[k]["folder"]) / "samples.png", per_task)])
     pad, n = 2, len(rows[0])
@@ -167,6 +174,8 @@ def main() -> None:
     parser.add_argument("--tasks", default="subject-driven,controllable", help="comma-separated tasks")
     parser.add_argument("--control", default="canny", choices=sorted(CONTROL_METRICS),
                         help="the controllable task's control (default canny)")
+    parser.add_argument("--control-encoder", default="hint", choices=["hint", "controlnet"],
+                        help="the controllable task's condition path (default hint)")
     parser.add_argument("--extra", default="", help="METHOD:LR pairs run on the subject task too, e.g. hra:1e-2")
     parser.add_argument("--work", type=Path, default=Path("runs/image-adapters"), help="run folders")
     parser.add_argument("--results", type=Path, help="per-run JSON cache (default WORK/results.json)")
@@ -186,11 +195,11 @@ def main() -> None:
     start = time.perf_counter()
     for i, (task, method, seed, lr) in enumerate(plan, 1):
         steps = args.subject_steps if task == "subject-driven" else args.control_steps
-        key = run_key(task, method, seed, steps, lr, args.control)
+        key = run_key(task, method, seed, steps, lr, args.control, args.control_encoder)
         if key in results:
             continue
         print(f"[{i}/{len(plan)}] {key}", flush=True)
-        results[key] = run_once(task, method, seed, steps, lr, args.work, args.control)
+        results[key] = run_once(task, method, seed, steps, lr, args.work, args.control, args.control_encoder)
         atomic_write_json(results_path, results)
     lines += ["", f"total wall time of this invocation: {time.perf_counter() - start:.0f} s "
               f"({len(results)} runs in {results_path})", ""]
@@ -198,10 +207,12 @@ def main() -> None:
         lines += [f"subject-driven (glyph:K, {args.subject_steps} steps, batch 4 instance + 4 class images, r 8):", ""]
         lines += subject_table(results, [(m, None) for m in methods] + extra, seeds, args.subject_steps) + [""]
     if "controllable" in tasks:
-        lines += [f"controllable (tiny-digits-edges, {args.control}, {args.control_steps} steps, batch 8, r 8):", ""]
-        lines += control_table(results, seeds, args.control_steps, args.control)
+        lines += [f"controllable (tiny-digits-edges, {args.control}, {args.control_encoder} encoder, "
+                  f"{args.control_steps} steps, batch 8, r 8):", ""]
+        lines += control_table(results, seeds, args.control_steps, args.control, args.control_encoder)
     if args.grid:
-        sample_grid(results, seeds[0], (args.subject_steps, args.control_steps), args.grid, control=args.control)
+        sample_grid(results, seeds[0], (args.subject_steps, args.control_steps), args.grid, control=args.control,
+                    encoder=args.control_encoder)
         lines += ["", f"wrote {args.grid} ({args.grid.stat().st_size:,} bytes)"]
     emit_report(lines, args.out)
 

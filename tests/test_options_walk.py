@@ -42,7 +42,8 @@ VALUES = {  # a value other than the default, valid for every task that uses the
     "gradient_checkpointing": True, "torch_dtype": "bfloat16", "load_in_4bit": True, "load_in_8bit": True,
     "torch_compile": True, "instance_data": "glyph:Q", "instance_prompt": "a photo of sks glyph",
     "class_prompt": "a glyph", "prior_loss_weight": 0.5, "num_class_images": 2, "train_text_encoder": True,
-    "control": "segmentation", "resolution": 8, "eval_encoder": "dino=facebook/dinov2-small", "num_eval_images": 3,
+    "control": "segmentation", "control_encoder": "controlnet", "resolution": 8,
+    "eval_encoder": "dino=facebook/dinov2-small", "num_eval_images": 3,
     "inference_steps": 3, "guidance_scale": 2.0, "max_new_tokens": 5, "num_beams": 3, "length_penalty": 1.0,
     "no_repeat_ngram_size": 2, "score_split": "validation",
 }

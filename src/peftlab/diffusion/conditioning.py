@@ -34,6 +34,7 @@ CONDITION_COMPONENT = "condition_encoder"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 ATTRIBUTE = "peftlab_condition"
+HINT_WIDTHS = (16, 32, 96, 256, 256, 256)  # ControlNet's hint encoder widths (diffusers' default: the first four)
 
 
 class ControlHook:
@@ -97,6 +98,31 @@ def new_condition_encoder(pipe: Any) -> ConditionEncoder:
     return ConditionEncoder.for_unet(pipe.unet, pipe.vae_scale_factor)
 
 
+def new_controlnet(pipe: Any) -> nn.Module:
+    """A ControlNet for ``pipe``'s UNet (diffusers ``ControlNetModel.from_unet``; Zhang et al. 2023): a trainable
+    copy of the UNet's conv_in, time embedding, down blocks and mid block, whose outputs reach the UNet through
+    zero-initialised 1×1 convolutions Z_i as ``down_block_additional_residuals`` (one per skip connection) and
+    ``mid_block_additional_residual``:
+
+        skip_i ← skip_i + Z_i(F_i(conv_in′(z_t) + H(c), t, τ)),    mid ← mid + Z_mid(F_mid(…))
+
+    (F, conv_in′: the copies) where H is ControlNet's hint encoder with the VAE's downscale f (log₂ f + 1 widths of
+    :data:`HINT_WIDTHS`; its last convolution is zero too). Because every Z_i = 0 at initialisation, the UNet's
+    output is exactly the base's until training moves them. It lives on the UNet's device and dtype and trains
+    (``requires_grad``)."""
+    import math
+
+    from diffusers import ControlNetModel
+
+    halvings = int(math.log2(pipe.vae_scale_factor))
+    controlnet = ControlNetModel.from_unet(pipe.unet,
+                                           conditioning_embedding_out_channels=HINT_WIDTHS[: halvings + 1])
+    controlnet.to(pipe.unet.device)
+    if controlnet.dtype != pipe.unet.dtype:  # (diffusers warns on a dtype move that changes nothing)
+        controlnet.to(pipe.unet.dtype)
+    return controlnet.requires_grad_(True)
+
+
 def save_condition_encoder(encoder: ConditionEncoder, folder: str | os.PathLike) -> Path:
     """Write ``config.json`` and ``model.safetensors`` into a temporary folder renamed to ``folder``."""
     config = {"out_channels": encoder.out_channels, "downscale": encoder.downscale,
@@ -129,4 +155,5 @@ def load_condition_encoder(folder: str | os.PathLike) -> ConditionEncoder:
 
 
 __all__ = ["CONDITION_COMPONENT", "ControlHook", "attach_condition_encoder", "condition_hook", "controlled",
-           "detach_condition_encoder", "load_condition_encoder", "new_condition_encoder", "save_condition_encoder"]
+           "detach_condition_encoder", "load_condition_encoder", "new_condition_encoder", "new_controlnet",
+           "save_condition_encoder"]

@@ -22,6 +22,7 @@ TEXT_TASKS = ("classification", "causal-lm", "data-to-text")
 IMAGE_TASKS = ("subject-driven", "controllable")  # diffusers pipelines: recipes/subject_driven.py, controllable.py
 TASKS = (*TEXT_TASKS, *IMAGE_TASKS)
 CONTROLS = ("canny", "landmarks", "segmentation")  # peftlab.diffusion.control.CONTROLS (diffusers-free here)
+CONTROL_ENCODERS = ("hint", "controlnet")  # peftlab.recipes.image.controllable: the condition path
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TORCH_DTYPES = ("float32", "bfloat16", "float16")  # the base model's weights; adapters stay float32
 LM_TASKS = ("causal-lm", "data-to-text")
@@ -48,8 +49,9 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "subject-driven": {"model": "tiny-digits", "instance_data": "glyph:K", "instance_prompt": "a handwritten sks glyph",
                        "class_prompt": "a handwritten letter", "num_class_images": 32, "batch_size": 4,
                        "max_steps": 300, "num_eval_images": 8},
-    "controllable": {"model": "tiny-digits", "data": "tiny-digits-edges", "control": "canny", "batch_size": 8,
-                     "max_steps": 400, "max_train_samples": 512, "num_eval_images": 20},
+    "controllable": {"model": "tiny-digits", "data": "tiny-digits-edges", "control": "canny",
+                     "control_encoder": "hint", "batch_size": 8, "max_steps": 400, "max_train_samples": 512,
+                     "num_eval_images": 20},
 }
 # Defaults of named data sets that need more than their task's (worked math solutions are long).
 DATA_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -167,6 +169,10 @@ class RunOptions:
                                       tasks=IMAGE_TASKS)
     control: str | None = option(None, "controllable: the control map computed from the targets", IMAGE,
                                  choices=CONTROLS, tasks=("controllable",))
+    control_encoder: str | None = option(None, "controllable: the condition path: hint (a small encoder added to "
+                                         "conv_in's output) or controlnet (a trainable copy of the UNet's encoder "
+                                         "feeding every down block and the mid block)", IMAGE,
+                                         choices=CONTROL_ENCODERS, tasks=("controllable",))
     resolution: int | None = option(None, "image size in pixels (default: the model's)", IMAGE, tasks=IMAGE_TASKS)
     eval_encoder: str | None = option(None, "CLIP encoder for CLIP-I / CLIP-T (NAME), and DINO (dino=NAME), e.g. "
                                       "openai/clip-vit-base-patch32,dino=facebook/dinov2-small", IMAGE,
@@ -249,6 +255,9 @@ class RunOptions:
             raise RecipeError(f"--prior-loss-weight must be a number >= 0; got {out.prior_loss_weight!r}")
         if out.control is not None and out.control not in CONTROLS:
             raise RecipeError(f"unknown --control {out.control!r}; choose one of: {', '.join(CONTROLS)}")
+        if out.control_encoder is not None and out.control_encoder not in CONTROL_ENCODERS:
+            raise RecipeError(f"unknown --control-encoder {out.control_encoder!r}; choose one of: "
+                              f"{', '.join(CONTROL_ENCODERS)}")
         if not isinstance(out.guidance_scale, (int, float)) or not math.isfinite(out.guidance_scale):
             raise RecipeError(f"--guidance-scale must be a finite number; got {out.guidance_scale!r}")
 

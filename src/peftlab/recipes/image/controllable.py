@@ -15,6 +15,12 @@ images (canny edges, dlib landmarks, or the multi-Otsu segmentation stand-in; se
 :mod:`peftlab.diffusion.control`). The encoder is saved with the adapters (``condition_encoder/``,
 safetensors), and ``peftlab generate --adapter RUN --control IMG`` loads it back.
 
+``--control-encoder controlnet`` replaces E_φ by a ControlNet (:func:`~peftlab.diffusion.conditioning.new_controlnet`:
+a trainable copy of the base UNet's encoder, made before the adapters go on, whose zero-initialised outputs are
+added to every skip connection and to the mid block): the pipeline becomes diffusers'
+``StableDiffusionControlNetPipeline``, the ControlNet is saved in ``controlnet/`` (``save_pretrained``,
+safetensors) and sampling passes the control as its ``image``.
+
 Metrics, sampled with the same seeds before (the base, which ignores the control) and after training, on
 ``--num-eval-images`` controls (held-out digits for ``tiny-digits-edges``, else the first training examples):
 ``edge_f1`` / ``edge_ssim`` between the control and the output's edges (canny; ``segmentation_ssim`` or
@@ -46,6 +52,7 @@ from peftlab.recipes.options import RunOptions, sample_seed
 from peftlab.recipes.rundir import owns_output_dir
 
 CAPTION_DROPOUT = 0.5  # ControlNet (Zhang et al. 2023): half the captions are "", so the control must be used
+CONTROLNET = "controlnet"  # --control-encoder controlnet: the pipeline's ControlNetModel component
 METRIC_BY_CONTROL = {"canny": "edge_f1", "segmentation": "segmentation_ssim", "landmarks": "landmark_error"}
 
 
@@ -61,7 +68,9 @@ class ControlRun(PreparedRun):
                 "num_examples": len(self.examples), "num_eval_images": len(self.held_out)}
 
     def score(self, options: RunOptions, trained: bool) -> Scores:
-        return evaluate_samples(self.pipe, options, self.size, self.held_out, control=trained)
+        # the untrained ControlNet adds exact zeros, so the base is scored through it (its pipeline needs an image)
+        control = trained or CONTROLNET in self.pipe.components
+        return evaluate_samples(self.pipe, options, self.size, self.held_out, control=control)
 
     def sample_prompts(self, options: RunOptions) -> list[str]:
         return list(self.held_out.captions)
@@ -69,11 +78,16 @@ class ControlRun(PreparedRun):
     def objective(self, options: RunOptions, generator: torch.Generator) -> tuple[Objective, str]:
         from peftlab.diffusion.conditioning import attach_condition_encoder, new_condition_encoder
 
-        encoder = new_condition_encoder(self.pipe)
-        hook = attach_condition_encoder(self.pipe, encoder)
+        hook = None
+        if CONTROLNET in self.pipe.components:
+            encoder = self.pipe.components[CONTROLNET]
+        else:
+            encoder = new_condition_encoder(self.pipe)
+            hook = attach_condition_encoder(self.pipe, encoder)
         controls = control_tensor(self.examples.controls, self.size)
         sample = control_sampler(self.pipe, self.examples, controls, options.batch_size, generator)
-        return (Objective(sample, [encoder], hook, {"condition_encoder_params": sum(p.numel() for p in
+        return (Objective(sample, [encoder], hook, {"control_encoder": options.control_encoder,
+                                                    "condition_encoder_params": sum(p.numel() for p in
                                                                                    encoder.parameters())}),
                 f"{len(self.examples)} {options.control} examples of {options.data}")
 
@@ -83,6 +97,12 @@ def prepare(options: RunOptions) -> ControlRun:
     control maps, the evaluation controls."""
     data = image_data.check_data_option(options.data)
     pipe = load_base(options)
+    if options.control_encoder == CONTROLNET:  # copied from the base UNet before any adapter is on it
+        from peftlab.diffusion.conditioning import new_controlnet
+        from peftlab.diffusion.pipeline import with_control_encoder
+
+        pipe = with_control_encoder(pipe, new_controlnet(pipe))
+        pipe.set_progress_bar_config(disable=True)
     size = resolution(pipe, options)
     examples = image_data.control_examples(data, options.control, size, options.max_train_samples, options.seed)
     captions = sorted(set(examples.captions))
@@ -135,5 +155,5 @@ def train(options: RunOptions, checkpoint: str | None = None) -> dict[str, Any]:
     return train_prepared(prepare(options), options, checkpoint, keys)
 
 
-__all__ = ["CAPTION_DROPOUT", "METRIC_BY_CONTROL", "ControlRun", "control_sampler", "evaluate", "evaluate_samples",
-           "prepare", "train"]
+__all__ = ["CAPTION_DROPOUT", "CONTROLNET", "METRIC_BY_CONTROL", "ControlRun", "control_sampler", "evaluate",
+           "evaluate_samples", "prepare", "train"]

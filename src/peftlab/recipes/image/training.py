@@ -154,10 +154,25 @@ def denoising_loss(pipe: Any, scheduler: Any, batch: Batch, hook: Any = None) ->
         states = pipe.text_encoder(batch.ids.to(device)).last_hidden_state  # no graph when it is frozen
     if hook is not None:
         hook.control = batch.control
-    prediction = pipe.unet(noisy, t, encoder_hidden_states=states.to(noisy.dtype), return_dict=False)[0]
+    prediction = unet_prediction(pipe, noisy, t, states.to(noisy.dtype), batch.control)
     target = denoising_target(scheduler, z0, noise, t)
     per_example = (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
     return (batch.weights.to(device) * per_example).sum()
+
+
+def unet_prediction(pipe: Any, noisy: Tensor, t: Tensor, states: Tensor, control: Tensor | None) -> Tensor:
+    """f_θ(x_t, t, τ): the UNet's output; with a ``controlnet`` component (``--control-encoder controlnet``) the
+    ControlNet's residuals of ``control`` are added to the UNet's skip connections and mid block, as diffusers'
+    ``StableDiffusionControlNetPipeline`` and its ControlNet training example do."""
+    extra: dict[str, Any] = {}
+    controlnet = pipe.components.get("controlnet")
+    if controlnet is not None:
+        if control is None:
+            raise RecipeError("this pipeline has a ControlNet: every training batch needs its control images")
+        down, mid = controlnet(noisy, t, encoder_hidden_states=states, controlnet_cond=control.to(noisy),
+                               return_dict=False)
+        extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+    return pipe.unet(noisy, t, encoder_hidden_states=states, return_dict=False, **extra)[0]
 
 
 # -- the loop ----------------------------------------------------------------------------------------------------
@@ -320,7 +335,8 @@ def example_sampler(latents: Tensor, ids: Tensor, weights: Tensor, batch_size: i
 # -- sampling and the end of a run -------------------------------------------------------------------------------
 def sample_images(pipe: Any, prompts: list[str], options: RunOptions, size: int, seed: int,
                   control: Tensor | None = None) -> list[Any]:
-    """One image per prompt (RGB PIL), seeded; ``control`` (one per prompt) goes to the condition encoder."""
+    """One image per prompt (RGB PIL), seeded; ``control`` (one per prompt, in [0, 1]) goes to the condition
+    encoder, or to the ControlNet pipeline as its ``image``."""
     import contextlib
 
     from peftlab.diffusion.conditioning import controlled
@@ -330,10 +346,12 @@ def sample_images(pipe: Any, prompts: list[str], options: RunOptions, size: int,
     images: list[Any] = []
     chunk = 16
     for i in range(0, len(prompts), chunk):
-        block = contextlib.nullcontext() if control is None else controlled(pipe, control[i:i + chunk])
+        image = {} if control is None or "controlnet" not in pipe.components else {"image": control[i:i + chunk]}
+        hooked = control is not None and not image
+        block = controlled(pipe, control[i:i + chunk]) if hooked else contextlib.nullcontext()
         with torch.inference_mode(), block:
             images += pipe(prompts[i:i + chunk], **sampling_kwargs(options), height=size, width=size,
-                           generator=generator, output_type="pil").images
+                           generator=generator, output_type="pil", **image).images
     return images
 
 
