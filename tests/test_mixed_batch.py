@@ -308,7 +308,7 @@ def test_padding_ranks_with_zeros_is_exact():
     x = integer_valued(2, 5, 6, seed=0)
     low = [LowRank(integer_valued(r, 6, seed=r), integer_valued(4, r, seed=10 + r)) for r in (1, 3, 5)]
     stack = LowRankStack(low)
-    assert stack.a.shape == (3, 5, 6)
+    assert stack.a.shape == (4, 5, 6) and not stack.a[3].any()  # 3 terms, then the zero entry
     for k, term in enumerate(low):
         got = torch.bmm(*stack.features(x, stack.gather(torch.tensor([k, k]), torch.float32)))
         assert torch.equal(got, (x @ term.a.t()) @ term.b.t())
