@@ -308,7 +308,7 @@ def test_padding_ranks_with_zeros_is_exact():
     x = integer_valued(2, 5, 6, seed=0)
     low = [LowRank(integer_valued(r, 6, seed=r), integer_valued(4, r, seed=10 + r)) for r in (1, 3, 5)]
     stack = LowRankStack(low)
-    assert stack.a.shape == (3, 5, 6)
+    assert stack.a.shape == (4, 5, 6) and not stack.a[3].any()  # 3 terms, then the zero entry
     for k, term in enumerate(low):
         got = torch.bmm(*stack.features(x, stack.gather(torch.tensor([k, k]), torch.float32)))
         assert torch.equal(got, (x @ term.a.t()) @ term.b.t())
@@ -354,7 +354,8 @@ def test_padded_hydralora_heads_get_exactly_zero_weight():
 
 @torch.no_grad()
 def test_rows_without_an_adapter_are_left_out_of_every_adapter_product():
-    """Base rows take no part in a slot (its row index leaves them out); a batch of base rows runs no adapter term.
+    """Base rows take no part in a slot used by at most half of the rows (its row index leaves them out); a batch
+    of base rows runs no adapter term.
     A row with one HRA adapter adds it as a low-rank term; rows composing two reflect their input first."""
     model = ranked_model(tiny_bert(), "hra", ["query"])
     layer = model.base_model.bert.encoder.layer[0].attention.self.query
@@ -369,3 +370,33 @@ def test_rows_without_an_adapter_are_left_out_of_every_adapter_product():
     run = RowPlan([(), ()]).run_for(layer, x[:2])
     assert not run.transforms and not run.deltas
     torch.testing.assert_close(run.forward(x[:2], layer.base_layer), layer.base_layer(x[:2]), rtol=0, atol=0)
+
+
+MAJORITY = [["a", "b"], BASE, ["c", "a"], "b", ["b", "c"], ["a", "c"], BASE]  # slots 0 and 1: 5 and 4 of 7 rows
+
+
+@pytest.mark.parametrize("method", sorted(RANKED))
+@torch.no_grad()
+def test_slots_used_by_most_rows_run_on_every_row(method):
+    """A slot used by more than half of the rows, not consecutive, runs on every row (its weights gathered for
+    all of them, the other rows on the stack's zero entry) instead of gathering its rows: HRA's reflections on
+    the composed rows, every other method's low-rank or routed slots. Ranks 2, 4, 6 padded into one stack. Base
+    rows come out of the layer exactly as from the base layer (zero entries add exact zeros / reflect by I),
+    and every row of the model equals its per-row run (tolerance as in the three-ranks test)."""
+    model = ranked_model(tiny_bert(), method, ["query", "value"])
+    layer = model.base_model.bert.encoder.layer[0].attention.self.query
+    from peftlab.mixed import RowPlan
+
+    entries = [(e,) if isinstance(e, str) else tuple(e) for e in MAJORITY]
+    x = torch.randn(len(entries), 3, 32, generator=torch.Generator().manual_seed(8))
+    run = RowPlan([() if e == (BASE,) else e for e in entries]).run_for(layer, x)
+    dense = run.transforms if method == "hra" else run.deltas  # (HRA's one single row: a low-rank span)
+    assert len(dense) == 2 and all(slot.index is None for slot in dense)
+    assert all(slot.weights[0].shape[0] == len(entries) for slot in dense)
+    out, base_out = run.forward(x, layer.base_layer), layer.base_layer(x)
+    for i in (1, 6):
+        assert torch.equal(out[i], base_out[i])
+
+    ids = torch.randint(1, 100, (len(MAJORITY), 6), generator=torch.Generator().manual_seed(9))
+    mixed = last_hidden(model, ids, adapter_names=MAJORITY)
+    assert_rows_match(model, MAJORITY, lambda: last_hidden(model, ids), mixed, atol=5e-5)

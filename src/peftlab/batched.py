@@ -19,10 +19,17 @@ For the n rows x_i (each (L, d_in)) of one layer's input:
     y    = base(x')            one base-layer call for all rows
     y_i += Δ_i(x_i)            rows with additive adapters
 
-each term computed for all of its rows at once, ``torch.bmm`` over weights gathered per row from the stacks.
-A row touches only the terms it uses: rows without an adapter cost the base layer and nothing else. A row
-that composes several adapters of one form uses one *slot* per adapter (slot j: the j-th), reflections in the
-order x·(H₁H₂)ᵀ = (x·H₂ᵀ)·H₁ᵀ.
+each term computed for all of its rows at once, ``torch.bmm`` over weights gathered per row from the stacks. A
+row that composes several adapters of one form uses one *slot* per adapter (slot j: the j-th), reflections in
+the order x·(H₁H₂)ᵀ = (x·H₂ᵀ)·H₁ᵀ. A slot runs on
+
+- its rows' slice of the batch when they are consecutive (views: no copy);
+- every row when more than half of the rows use it, the others on the stack's zero entry (Δ = 0, H = I,
+  exactly): copying the slot's rows out of x and adding their Δ back costs more than running the few others
+  (measured on SmolLM2's q_proj / v_proj, 8 rows × 128 tokens, r = 8: 6 of 8 rows gathered took ≈ 1.3× the
+  time of all 8 rows run dense);
+- its rows gathered (``index_select``) otherwise, their Δ added back with ``index_add``, so that a batch of
+  mostly base rows costs about the base layer alone.
 
 Stacks pad every rank to the largest r of their terms (and HydraLoRA's heads to the largest N, with router
 logits −∞ for the padded heads). Padding is exact: a zero row of A gives an exact 0 feature, a zero column of
@@ -90,20 +97,33 @@ def padded(t: Tensor, shape: Sequence[int]) -> Tensor:
     return out
 
 
-# -- stacks: one per form (and routing group) on a layer ----------------------------------------------------------
-class LowRankStack:
-    """K low-rank terms: A (K, r, d_in) and Bᵀ (K, r, d_out), ranks padded with zeros to the largest r.
+def with_zero(stack: Tensor) -> Tensor:
+    """``stack`` (K, …) with a zero entry appended at index K: the term of a row that has none in this stack."""
+    return torch.cat([stack, stack.new_zeros(1, *stack.shape[1:])])
 
-    (x·Aᵀ is computed with A in its (r, d_in) layout, transposed by strides: on CPU that GEMM layout is about
-    twice as fast as a contiguous (d_in, r) operand for these tall, narrow products; likewise below.)"""
+
+# -- stacks: one per form (and routing group) on a layer ----------------------------------------------------------
+def project(a: Tensor, x: Tensor) -> Tensor:
+    """x·Aᵀ per row for x (n, L, d_in), A (n, r, d_in), computed as (A·xᵀ)ᵀ: an (n, L, r) view of an (n, r, L)
+    product. On CPU (MKL) that GEMM, r × L outputs summed over d_in, runs these short, wide products about twice as
+    fast as the (n, L, r) one (x·Aᵀ with A transposed by strides; a contiguous (d_in, r) operand is slower still),
+    and the strided result is as fast an operand of the B product (measured: SmolLM2's q_proj/v_proj, r = 8,
+    8 rows × 128 tokens)."""
+    return torch.bmm(a, x.transpose(1, 2)).transpose(1, 2)
+
+
+class LowRankStack:
+    """K low-rank terms: A (K, r, d_in) and Bᵀ (K, r, d_out), ranks padded with zeros to the largest r, and a zero
+    entry at index K (:func:`with_zero`)."""
 
     multiplicative = False
 
     def __init__(self, terms: Sequence[LowRank]) -> None:
         r = max(t.a.shape[0] for t in terms)
-        self.a = torch.stack([padded(t.a, (r, t.a.shape[1])) for t in terms])
-        self.b_t = torch.stack([padded(t.b, (t.b.shape[0], r)).t() for t in terms])
+        self.a = with_zero(torch.stack([padded(t.a, (r, t.a.shape[1])) for t in terms]))
+        self.b_t = with_zero(torch.stack([padded(t.b, (t.b.shape[0], r)).t() for t in terms]))
         self.device = self.a.device
+        self.zero = len(terms)  # the index of the zero entry
 
     def gather(self, index: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
         return self.a.index_select(0, index), self.b_t.index_select(0, index)
@@ -111,12 +131,14 @@ class LowRankStack:
     def features(self, x: Tensor, weights: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
         """(h, Bᵀ) with Δ = h·Bᵀ for rows x (n, L, d_in), each with its own gathered (A, Bᵀ): h = x·Aᵀ."""
         a, b_t = weights
-        return torch.bmm(x.to(a.dtype), a.transpose(1, 2)), b_t
+        return project(a, x.to(a.dtype)), b_t
 
 
 class RoutedStack:
     """K routed terms of one group: A (K, r, d_in), W_g (K, N, d_in or r), [B_1 … B_N]ᵀ (K, N·r, d_out),
-    the padded heads masked with −∞ logits (K, N) and the temperatures (K,)."""
+    the padded heads masked with −∞ logits (K, N) and the temperatures (K,), and a zero entry at index K (zero
+    weights, no mask, T = 1: ω is finite and the zero heads give Δ = 0). Routers on x are stacked under A,
+    [A; W_g] (K, r + N, d_in), so that one product gives h and the logits."""
 
     multiplicative = False
 
@@ -126,26 +148,32 @@ class RoutedStack:
         r = max(t.a.shape[0] for t in terms)
         n = max(t.heads.shape[0] for t in terms)
         d_out, width = first.heads.shape[1], r if first.route_on_features else first.a.shape[1]
-        self.a = torch.stack([padded(t.a, (r, t.a.shape[1])) for t in terms])
-        self.router = torch.stack([padded(t.router, (n, width)) for t in terms])
+        self.r = r
+        self.a = with_zero(torch.stack([padded(t.a, (r, t.a.shape[1])) for t in terms]))
+        self.router = with_zero(torch.stack([padded(t.router, (n, width)) for t in terms]))
+        if not self.route_on_features:
+            self.a, self.router = torch.cat([self.a, self.router], dim=1), None
         # [B_1 … B_N] (d_out, N·r) transposed: row i·r + j is head i's column j
-        self.heads_t = torch.stack([padded(t.heads, (n, d_out, r)).transpose(1, 2).reshape(n * r, d_out)
-                                    for t in terms])
-        self.mask = torch.zeros(len(terms), n, dtype=first.a.dtype, device=first.a.device)
+        self.heads_t = with_zero(torch.stack([padded(t.heads, (n, d_out, r)).transpose(1, 2).reshape(n * r, d_out)
+                                              for t in terms]))
+        self.mask = torch.zeros(len(terms) + 1, n, dtype=first.a.dtype, device=first.a.device)
         for k, t in enumerate(terms):
             self.mask[k, t.heads.shape[0]:] = float("-inf")
-        self.temperature = torch.tensor([t.temperature for t in terms], dtype=first.a.dtype, device=first.a.device)
+        self.temperature = torch.tensor([t.temperature for t in terms] + [1.0], dtype=first.a.dtype,
+                                        device=first.a.device)
         self.device = first.a.device
+        self.zero = len(terms)  # the index of the zero entry
 
     def gather(self, index: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
-        return tuple(s.index_select(0, index) for s in (self.a, self.router, self.mask, self.temperature, self.heads_t))
+        return tuple(s if s is None else s.index_select(0, index)
+                     for s in (self.a, self.router, self.mask, self.temperature, self.heads_t))
 
     def features(self, x: Tensor, weights: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
         """(ω ⊗ h, [B_1 … B_N]ᵀ) per row: Δ = Σ_i ω_i·B_i·h is their product."""
         a, router, mask, temperature, heads_t = weights
-        x = x.to(a.dtype)
-        h = torch.bmm(x, a.transpose(1, 2))  # (n, L, r)
-        logits = torch.bmm(h if self.route_on_features else x, router.transpose(1, 2))  # (n, L, N)
+        projected = project(a, x.to(a.dtype))  # (n, L, r), or (n, L, r + N): h and the logits on x
+        h = projected[..., :self.r]
+        logits = torch.bmm(h, router.transpose(1, 2)) if self.route_on_features else projected[..., self.r:]
         omega = self.weights_of((logits + mask[:, None]) / temperature[:, None, None])
         return (omega.to(h.dtype).unsqueeze(-1) * h.unsqueeze(-2)).flatten(-2), heads_t  # ω ⊗ h, (n, L, N·r)
 
@@ -157,9 +185,10 @@ class ReflectionStack:
 
     def __init__(self, terms: Sequence[Reflections]) -> None:
         r = max(t.v.shape[1] for t in terms)
-        self.v_t = torch.stack([padded(t.v.t(), (r, t.v.shape[0])) for t in terms])
-        self.t_t = torch.stack([padded(t.t.t(), (r, r)) for t in terms])
+        self.v_t = with_zero(torch.stack([padded(t.v.t(), (r, t.v.shape[0])) for t in terms]))
+        self.t_t = with_zero(torch.stack([padded(t.t.t(), (r, r)) for t in terms]))
         self.device = self.v_t.device
+        self.zero = len(terms)  # the index of the zero entry
 
     def gather(self, index: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
         """Per-row (Vᵀ, Tᵀ) in the activations' dtype (HRA's activation path computes in it)."""
@@ -333,11 +362,17 @@ def layer_run(stacks: LayerStacks, entries: Sequence[tuple[str, ...]], available
             rows.append(i)
             index.append(k)
     transforms, deltas = [], []
+    n = len(entries)
     for (key, _), (rows, index) in sorted(slots.items(), key=lambda item: item[0][1]):  # slot 0 first
         stack = stacks.stacks[key]
-        every = rows == list(range(len(entries)))
         span = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else None
+        every = len(rows) == n or (span is None and 2 * len(rows) > n)  # (see the module docstring)
+        if every and len(rows) < n:  # the other rows get the stack's zero entry
+            full = [stack.zero] * n
+            for i, k in zip(rows, index, strict=True):
+                full[i] = k
+            index = full
         weights = stack.gather(torch.tensor(index, device=stack.device), dtype)
-        slot = Slot(stack, None if every else torch.tensor(rows, device=device), span, weights)
+        slot = Slot(stack, None if every else torch.tensor(rows, device=device), None if every else span, weights)
         (transforms if stack.multiplicative else deltas).append(slot)
     return LayerRun(transforms, deltas)
