@@ -203,6 +203,37 @@ def test_gsm_symbolic_split_and_missing_package(monkeypatch):
         generate_gsm_symbolic(2)
 
 
+# -- gsm-easy ----------------------------------------------------------------------------------------------------------
+def test_gsm_easy_is_deterministic_two_step_integer_problems():
+    from peftlab.data.instructions import generate_gsm_easy
+
+    data = generate_gsm_easy(30, seed=5)
+    assert data.column_names == ["instruction", "input", "output"] and len(set(data["instruction"])) == 30
+    assert generate_gsm_easy(30, seed=5)[:] == data[:] and generate_gsm_easy(10, seed=5)[:] == data[:10]
+    assert not set(generate_gsm_easy(30, seed=6)["instruction"]) & set(data["instruction"])
+    for row in data:
+        worked, last = row["output"].rsplit("\n", 1)
+        assert last.startswith("#### ") and row["output"].count("####") == 1
+        assert len(worked.splitlines()) == 2  # two steps
+        assert parse_number(last[5:]) == int(last[5:])  # an integer answer, which exact match reads back
+        assert causal_lm.score_answers([row["output"]], [row["output"]])["exact_match"] == 1.0
+
+
+def test_gsm_easy_splits_do_not_overlap_and_exact_match_reads_its_answers():
+    records = causal_lm.load_records("gsm-easy")
+    sizes = {k: len(v) for k, v in records.items()}
+    assert sizes == {"train": 1600, "validation": 200, "test": 200}
+    questions = [set(v["instruction"]) for v in records.values()]
+    assert sum(map(len, questions)) == 2000 and len(set.union(*questions)) == 2000  # no question in two splits
+    golds = records["test"]["output"][:3]
+    answers = [extract_answer(g) for g in golds]
+    right = [f"Some steps.\n#### {a}.0" for a in answers]  # 15.0 = 15
+    wrong = [f"#### {int(a) + 1}" for a in answers]
+    assert causal_lm.score_answers(right, golds)["exact_match"] == 1.0
+    assert causal_lm.score_answers(wrong, golds)["exact_match"] == 0.0
+    assert causal_lm.score_answers(answers, golds)["exact_match"] == 1.0  # a bare number counts
+
+
 @pytest.fixture(scope="module")
 def tiny_math_lm(tmp_path_factory) -> Path:
     """A 2-layer GPT-2 (hidden 32) with a byte-level BPE tokenizer trained on the prompts and gsm-symbolic text."""
@@ -234,5 +265,7 @@ def test_gsm_symbolic_has_its_own_length_defaults_and_flags_win():
     assert (worked.max_length, worked.max_new_tokens) == (512, 256)  # solutions are long: 64 tokens cut them
     plain = RunOptions(task="causal-lm", method="lora").resolved()
     assert (plain.data, plain.max_length, plain.max_new_tokens) == ("arithmetic", 256, 64)
+    easy = RunOptions(task="causal-lm", data="gsm-easy", method="lora").resolved()
+    assert (easy.max_length, easy.max_new_tokens) == (256, 128)  # two-step solutions: < 100 + 80 tokens
     given = RunOptions(task="causal-lm", data="gsm-symbolic", method="lora", max_new_tokens=32).resolved()
     assert (given.max_length, given.max_new_tokens) == (512, 32)

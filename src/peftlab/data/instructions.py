@@ -65,6 +65,27 @@ def generate_arithmetic(n: int, seed: int = 0) -> hf.Dataset:
 GSM_SYMBOLIC_SUFFIX = " Give the result as your final answer. Do not include units."  # reasoning-gym adds it
 
 
+def _reasoning_gym(name: str):
+    try:
+        import reasoning_gym
+    except ImportError as e:
+        raise DataError(f"{name} needs reasoning-gym ({e}); install it with "
+                        "pip install --no-deps -r requirements-assets.txt") from None
+    return reasoning_gym
+
+
+def _gsm_record(entry: dict) -> tuple[str, str]:
+    """(question without reasoning-gym's suffix, worked solution ending ``#### N``) of one gsm_symbolic item."""
+    question = entry["question"].removesuffix(GSM_SYMBOLIC_SUFFIX)
+    worked = entry["metadata"]["answer_cot"].rsplit("####", 1)[0].rstrip()  # its "#### N" may read 8.0
+    return question, f"{worked}\n{GSM8K_PREFIX}{entry['answer']}"
+
+
+def _rows(problems: dict[str, str]) -> hf.Dataset:
+    rows = [{"instruction": q, "input": "", "output": out} for q, out in problems.items()]
+    return hf.Dataset.from_list(rows, features=_FEATURES)
+
+
 def generate_gsm_symbolic(n: int, seed: int = 0) -> hf.Dataset:
     """``n`` distinct GSM8K-template word problems from reasoning-gym's ``gsm_symbolic`` generator (Apache-2.0).
 
@@ -73,24 +94,43 @@ def generate_gsm_symbolic(n: int, seed: int = 0) -> hf.Dataset:
     ``(n, seed)`` always gives the same rows (reasoning-gym seeds item ``i`` with ``seed + i``); a repeated
     question is skipped. Generation takes ~0.1 ms a row, so nothing is cached.
     """
-    try:
-        import reasoning_gym
-    except ImportError as e:
-        raise DataError(f"gsm-symbolic needs reasoning-gym ({e}); install it with "
-                        "pip install --no-deps -r requirements-assets.txt") from None
+    reasoning_gym = _reasoning_gym("gsm-symbolic")
     problems: dict[str, str] = {}  # question -> worked solution, in generation order
     size = n + n // 10 + 8  # a few spare items for repeated questions
     while len(problems) < n:  # items are prefix-stable, so a larger size only appends items
         problems = {}
         for entry in reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=seed):
-            question = entry["question"].removesuffix(GSM_SYMBOLIC_SUFFIX)
-            worked = entry["metadata"]["answer_cot"].rsplit("####", 1)[0].rstrip()  # its "#### N" may read 8.0
-            problems.setdefault(question, f"{worked}\n{GSM8K_PREFIX}{entry['answer']}")
+            question, solution = _gsm_record(entry)
+            problems.setdefault(question, solution)
             if len(problems) == n:
                 break
         size *= 2
-    rows = [{"instruction": q, "input": "", "output": out} for q, out in problems.items()]
-    return hf.Dataset.from_list(rows, features=_FEATURES)
+    return _rows(problems)
+
+
+# The easiest gsm_symbolic templates (reasoning-gym's generator numbers): a two-line worked solution of integer
+# arithmetic on numbers below ~300 (e.g. 43: "His cousin has 9 - 3 = 6 toys. Together, they have 9 + 6 = 15 toys.").
+GSM_EASY_TEMPLATES = (6, 10, 16, 20, 24, 39, 43, 54, 55, 72)
+
+
+def generate_gsm_easy(n: int, seed: int = 0) -> hf.Dataset:
+    """``n`` distinct problems from the ``GSM_EASY_TEMPLATES`` of reasoning-gym's ``gsm_symbolic``, in turn
+    (template ``GSM_EASY_TEMPLATES[i % 10]`` for item ``i``, so every template has n/10 rows); rows as in
+    ``generate_gsm_symbolic``. Item ``i`` is drawn with ``random.Random(f"{seed}-{i}")``, so the same
+    ``(n, seed)`` always gives the same rows; a repeated question is skipped (no question is in two splits).
+    """
+    generators = _reasoning_gym("gsm-easy").create_dataset("gsm_symbolic", size=1, seed=seed).generators
+    problems: dict[str, str] = {}
+    for i in range(100 * n + 1000):
+        if len(problems) == n:
+            break
+        template = GSM_EASY_TEMPLATES[i % len(GSM_EASY_TEMPLATES)]
+        entry = generators[template](random.Random(f"{seed}-{i}"), 1.0)
+        question, solution = _gsm_record(entry)
+        problems.setdefault(question, solution)
+    if len(problems) < n:
+        raise DataError(f"gsm-easy: only {len(problems)} distinct problems in {100 * n + 1000} draws; ask for fewer.")
+    return _rows(problems)
 
 
 SENTIMENT_INSTRUCTION = "Classify the sentiment of this movie review as positive or negative."
@@ -133,6 +173,7 @@ INSTRUCTION_TASKS: dict[str, Callable[[int, int], hf.Dataset]] = {
     "sentiment": generate_sentiment_instructions,
     "format": generate_format_tasks,
     "gsm-symbolic": generate_gsm_symbolic,
+    "gsm-easy": generate_gsm_easy,
 }
 
 

@@ -56,6 +56,7 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 # Defaults of named data sets that need more than their task's (worked math solutions are long).
 DATA_DEFAULTS: dict[str, dict[str, Any]] = {
     "gsm-symbolic": {"max_length": 512, "max_new_tokens": 256},
+    "gsm-easy": {"max_length": 256, "max_new_tokens": 128},
 }
 # Options that do not change what a run computes until it stops: they may differ when resuming.
 NOT_IDENTITY = frozenset({
