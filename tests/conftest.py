@@ -180,3 +180,42 @@ def save_tiny_lm(folder, texts: list[str], vocab_size: int) -> None:
                         bos_token_id=0, eos_token_id=0)
     GPT2LMHeadModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+class Crash(Exception):
+    """Raised by a test's patched step to stop a run as a crash would."""
+
+
+def crash_at_checkpoint(monkeypatch, run, step: int) -> None:
+    """``run()`` (an image-recipe training) stops with :class:`Crash` right after writing its step-``step``
+    checkpoint, as a killed run would; the patch is undone after."""
+    import pytest
+
+    from peftlab.recipes.image import training as image_training
+
+    save = image_training.save_checkpoint
+
+    def crash_after(out, at, *rest, **kwargs):
+        folder = save(out, at, *rest, **kwargs)
+        if at == step:
+            raise Crash
+        return folder
+
+    monkeypatch.setattr(image_training, "save_checkpoint", crash_after)
+    try:
+        with pytest.raises(Crash):
+            run()
+    finally:
+        monkeypatch.undo()
+
+
+def saved_tiny_sd(tmp_path_factory, image_size: int = 16):
+    """A folder holding the image recipes' test pipeline (16-px images, 8×8 latents), saved like a hub model."""
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    tiny_sd_pipeline(unet_widths=(16, 32), vae_widths=(8, 16), norm_groups=8, latent_size=image_size // 2,
+                     image_size=image_size).save_pretrained(folder)
+    return folder
+
+
+# The image recipes' fastest CLI settings (tests/test_image_recipes.py, tests/test_controlnet.py).
+FAST_IMAGE_ARGS = ["--inference-steps", "2", "--num-eval-images", "2", "--batch-size", "2", "--r", "2"]

@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("skimage")
 
-from conftest import tiny_sd_pipeline
+from conftest import FAST_IMAGE_ARGS, crash_at_checkpoint, saved_tiny_sd
 
 import peftlab.methods  # noqa: F401  (registers every built-in method)
 from peftlab.cli import main
@@ -27,19 +27,12 @@ from peftlab.recipes.image import training as image_training
 from peftlab.recipes.options import RunOptions
 
 SIZE = 16
-FAST = ["--inference-steps", "2", "--num-eval-images", "2", "--batch-size", "2", "--r", "2"]
-
-
-class Crash(Exception):
-    pass
+FAST = FAST_IMAGE_ARGS
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-sd")
-    tiny_sd_pipeline(unet_widths=(16, 32), vae_widths=(8, 16), norm_groups=8, latent_size=8,
-                     image_size=SIZE).save_pretrained(folder)
-    return folder
+    return saved_tiny_sd(tmp_path_factory, SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -178,18 +171,7 @@ def test_cli_controlnet_run_resumes_where_an_uninterrupted_run_ends(base_dir, tm
     assert metrics["control_encoder"] == "controlnet" and "edge_f1" in metrics["before"]
     assert metrics["trainable_params"] > metrics["condition_encoder_params"] > 0
     assert json.loads((straight / "pipeline.json").read_text())["control"] == "controlnet"
-    save = image_training.save_checkpoint
-
-    def crash_after_step_1(out, step, *rest, **kwargs):
-        folder = save(out, step, *rest, **kwargs)
-        if step == 1:
-            raise Crash
-        return folder
-
-    monkeypatch.setattr(image_training, "save_checkpoint", crash_after_step_1)
-    with pytest.raises(Crash):
-        main(args(crashed))
-    monkeypatch.undo()
+    crash_at_checkpoint(monkeypatch, lambda: main(args(crashed)), step=1)
     capsys.readouterr()
     assert main([*args(crashed), "--resume"]) == 0
     assert "resuming from" in capsys.readouterr().out

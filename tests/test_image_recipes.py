@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("skimage")
 
-from conftest import tiny_sd_pipeline
+from conftest import FAST_IMAGE_ARGS, crash_at_checkpoint, saved_tiny_sd
 
 import peftlab.methods  # noqa: F401  (registers every built-in method)
 from peftlab import stats
@@ -34,15 +34,12 @@ from peftlab.recipes.test_items import read_items
 
 SIZE = 16
 METHODS = ("hra", "lora", "hydralora", "mtlora")
-FAST = ["--inference-steps", "2", "--num-eval-images", "2", "--batch-size", "2", "--r", "2"]
+FAST = FAST_IMAGE_ARGS
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-sd")
-    tiny_sd_pipeline(unet_widths=(16, 32), vae_widths=(8, 16), norm_groups=8, latent_size=8,
-                     image_size=SIZE).save_pretrained(folder)
-    return folder
+    return saved_tiny_sd(tmp_path_factory, SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -354,10 +351,6 @@ def test_compare_runs_an_image_task(base_dir, tmp_path, capsys):
     assert [r["method"] for r in result["paired"]["rows"]] == ["hra"] and result["paired"]["baseline"] == "lora"
 
 
-class Crash(Exception):
-    """Stands for a crash right after a checkpoint was written."""
-
-
 def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(base_dir, tmp_path, monkeypatch, capsys):
     from safetensors.torch import load_file
 
@@ -373,18 +366,7 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(base_dir, tmp
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     assert main(args(straight)) == 0
     assert [p.name for p in checkpoint_folders(straight)] == ["checkpoint-4"]  # only the newest is kept
-    save = image_training.save_checkpoint
-
-    def crash_after_step_2(out, step, *rest, **kwargs):
-        folder = save(out, step, *rest, **kwargs)
-        if step == 2:
-            raise Crash
-        return folder
-
-    monkeypatch.setattr(image_training, "save_checkpoint", crash_after_step_2)
-    with pytest.raises(Crash):
-        main(args(crashed))
-    monkeypatch.undo()
+    crash_at_checkpoint(monkeypatch, lambda: main(args(crashed)), step=2)
     assert [p.name for p in checkpoint_folders(crashed)] == ["checkpoint-2"] and not (crashed / "metrics.json").exists()
     capsys.readouterr()
     assert main([*args(crashed), "--resume"]) == 0
@@ -433,16 +415,7 @@ def crashed_after_the_first_checkpoint(base_dir, tmp_path, monkeypatch, method: 
     args = ["train", "--task", "controllable", "--model", str(base_dir), "--data", str(tmp_path / "digits"),
             "--control", "canny", "--method", method, "--max-steps", "2", "--eval-steps", "1", "--output-dir",
             str(out), *FAST]
-    save = image_training.save_checkpoint
-
-    def crash_after_step_1(folder, step, *rest, **kwargs):
-        save(folder, step, *rest, **kwargs)
-        raise Crash
-
-    monkeypatch.setattr(image_training, "save_checkpoint", crash_after_step_1)
-    with pytest.raises(Crash):
-        main(args)
-    monkeypatch.undo()
+    crash_at_checkpoint(monkeypatch, lambda: main(args), step=1)
     return out, args
 
 
