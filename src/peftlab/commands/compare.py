@@ -228,7 +228,8 @@ def paired_table(paired: dict[str, Any], metric: str) -> list[str]:
         lines += ["", f"Paired difference to {paired['baseline']} (test {metric} of the method minus "
                   f"{paired['baseline']}'s, on the same {paired['seeds']} seed(s) and {paired['items']} test items; "
                   f"95 % interval: bootstrap over seeds and items, {paired['resamples']} resamples; p-value: paired "
-                  "permutation test, two-sided):", "",
+                  "permutation test over the test items, two-sided, given these seeds' trained models: unlike the "
+                  "interval it does not count seed-to-seed variation, so with few seeds read the interval):", "",
                   "| method | difference | 95 % interval | p-value |", "|---|---|---|---|"]
         lines += [f"| {r['method']} | {r['difference']:+.4f} | [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}] | "
                   f"{r['p_value']:.4f} |" for r in paired["rows"]]
