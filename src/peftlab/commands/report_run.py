@@ -14,6 +14,7 @@ from typing import Any
 
 from peftlab.commands.report_page import MISSING, Cell, Figure, Section, Table, cell
 from peftlab.errors import ReportError
+from peftlab.recipes.test_items import ITEMS_FILE
 
 PREDICTIONS_SHOWN = 20
 FOLD_ROWS = 30
@@ -130,9 +131,9 @@ def run_section(folder: Path, title: str, section_id: str, spectrum: bool = Fals
     if predictions:
         section.tables.append(predictions)
     section.tables += extra_json_tables(folder)
-    if (folder / "test_items.jsonl").is_file():
-        with open(folder / "test_items.jsonl", "rb") as f:
-            section.facts.append(("per-example test scores", cell(f"test_items.jsonl ({sum(1 for _ in f):,} rows)")))
+    if (folder / ITEMS_FILE).is_file():
+        with open(folder / ITEMS_FILE, "rb") as f:
+            section.facts.append(("per-example test scores", cell(f"{ITEMS_FILE} ({sum(1 for _ in f):,} rows)")))
     known = {"training_curve.png": "Training curve", "samples.png": "Samples after training (image grid)"}
     curve = figure(folder / "training_curve.png", known["training_curve.png"], section) or drawn_curve(history, metrics)
     samples = figure(folder / "samples.png", known["samples.png"], section)
