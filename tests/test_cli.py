@@ -310,9 +310,10 @@ def test_compare_runs_method_variants_with_their_config_fields(tiny, tmp_path, c
 
 
 def test_compare_reports_accuracy_per_domain_when_the_data_have_a_domain_column(tiny, tmp_path):
-    """A CSV with a ``domain`` column: every run reports accuracy and macro F1 per domain (test split), and compare
-    tabulates them as ``accuracy/<domain>``. The per-domain scores are recomputed here with scikit-learn from
-    test_items.jsonl (label, prediction per item), each item joined to its CSV row by the hash of its token ids."""
+    """A CSV with a ``domain`` column: every run reports accuracy and macro F1 per domain (test split), compare
+    tabulates them as ``accuracy/<domain>`` and ``eval`` reports them too. The per-domain scores are recomputed here
+    with scikit-learn from test_items.jsonl (label, prediction per item), each item joined to its CSV row by the hash
+    of its token ids."""
     import csv
 
     from sklearn.metrics import accuracy_score, f1_score
@@ -356,6 +357,9 @@ def test_compare_reports_accuracy_per_domain_when_the_data_have_a_domain_column(
         assert test["f1_macro_by_domain"][domain] == pytest.approx(f1_score(labels, predictions, average="macro"),
                                                                    abs=1e-12)
     assert len(set(test["accuracy_by_domain"].values())) > 1  # the domains differ, so a mix-up would show
+    assert main(["eval", "--adapter", str(run), "--output", str(tmp_path / "eval.json")]) == 0  # eval: the same
+    again = json.loads((tmp_path / "eval.json").read_text())["test"]
+    assert again["accuracy_by_domain"] == pytest.approx(test["accuracy_by_domain"], abs=1e-12)
     other = json.loads((out / "compare.json").read_text())["runs"][0]["other_metrics"]
     assert {k: v for k, v in other.items() if k.startswith("accuracy/")} == {
         f"accuracy/{d}": test["accuracy_by_domain"][d] for d in sorted(domains)}
