@@ -307,3 +307,64 @@ def test_compare_runs_method_variants_with_their_config_fields(tiny, tmp_path, c
                   "lora,mtlora-icfm:structure=shim", "--output-dir", str(tmp_path / "clash")])
     assert clash == 2 and "mtlora-icfm means structure='icfm'" in error_line(capsys)
     assert not (tmp_path / "clash").exists()  # refused before the first run
+
+
+def test_compare_reports_accuracy_per_domain_when_the_data_have_a_domain_column(tiny, tmp_path):
+    """A CSV with a ``domain`` column: every run reports accuracy and macro F1 per domain (test split), compare
+    tabulates them as ``accuracy/<domain>`` and ``eval`` reports them too. The per-domain scores are recomputed here
+    with scikit-learn from test_items.jsonl (label, prediction per item), each item joined to its CSV row by the hash
+    of its token ids."""
+    import csv
+
+    from sklearn.metrics import accuracy_score, f1_score
+    from transformers import AutoTokenizer
+
+    from peftlab.recipes.test_items import item_key
+
+    domains = ["movie", "tweets", "amazon", "nyt"]
+    keyword = write_keyword_csv(tmp_path / "kw.csv", 200, seed=2, labels={i: 1 - i % 2 for i in range(0, 200, 7)})
+    with open(keyword, newline="") as file:
+        rows = list(csv.DictReader(file))
+    for i, row in enumerate(rows):  # each domain holds both labels
+        row["domain"] = domains[(i // 2) % 4]
+    data = tmp_path / "kw-domains.csv"
+    with open(data, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=["text", "label", "domain"])
+        writer.writeheader()
+        writer.writerows(rows)
+    out = tmp_path / "compare"
+    code = main(["compare", "--model", str(tiny["model"]), "--data", str(data), "--methods", "hra", "--seeds", "1",
+                 "--max-steps", "40", "--batch-size", "16", "--lr", "2e-2", "--no-initial-eval", "--report-to", "none",
+                 "--output-dir", str(out)])
+    assert code == 0
+    run = out / "hra" / "seed-0"
+    test = json.loads((run / "metrics.json").read_text())["test"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
+    domain_of: dict[str, set[str]] = {}
+    for row in rows:
+        digest = item_key(0, tokenizer(row["text"])["input_ids"]).split("-")[1]
+        domain_of.setdefault(digest, set()).add(row["domain"])
+    items = [json.loads(line) for line in (run / "test_items.jsonl").read_text().splitlines()]
+    assert len(items) == 20
+    by_domain: dict[str, list[dict]] = {}
+    for item in items:
+        (domain,) = domain_of[item["key"].split("-")[1]]  # one CSV text (or same-domain duplicates) per item
+        by_domain.setdefault(domain, []).append(item)
+    assert sorted(by_domain) == sorted(domains) and sorted(test["accuracy_by_domain"]) == sorted(domains)
+    for domain, mine in by_domain.items():
+        labels, predictions = [r["label"] for r in mine], [r["prediction"] for r in mine]
+        assert test["accuracy_by_domain"][domain] == pytest.approx(accuracy_score(labels, predictions), abs=1e-12)
+        assert test["f1_macro_by_domain"][domain] == pytest.approx(f1_score(labels, predictions, average="macro"),
+                                                                   abs=1e-12)
+    assert len(set(test["accuracy_by_domain"].values())) > 1  # the domains differ, so a mix-up would show
+    assert main(["eval", "--adapter", str(run), "--output", str(tmp_path / "eval.json")]) == 0  # eval: the same
+    again = json.loads((tmp_path / "eval.json").read_text())["test"]
+    assert again["accuracy_by_domain"] == pytest.approx(test["accuracy_by_domain"], abs=1e-12)
+    other = json.loads((out / "compare.json").read_text())["runs"][0]["other_metrics"]
+    assert {k: v for k, v in other.items() if k.startswith("accuracy/")} == {
+        f"accuracy/{d}": test["accuracy_by_domain"][d] for d in sorted(domains)}
+    md = (out / "compare.md").read_text().split("Other test metrics")[1]
+    header, _, row = md.strip().splitlines()[2:5]
+    cells = dict(zip(header.split("|")[2:-1], row.split("|")[2:-1], strict=True))
+    for domain in domains:
+        assert cells[f" accuracy/{domain} "] == f" {test['accuracy_by_domain'][domain]:.4f} ± 0.0000 "

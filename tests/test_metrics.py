@@ -13,6 +13,7 @@ from peftlab.metrics import (
     exact_match,
     generation_metrics,
     lower_and_tokenize,
+    metrics_by_group,
     perplexity,
     trainer_compute_metrics,
 )
@@ -22,6 +23,22 @@ def test_default_accuracy_and_macro_f1():
     # class 1: tp 2, fp 1, fn 0 -> F1 0.8; class 0: tp 1, fp 0, fn 1 -> F1 2/3
     result = classification_metrics([1, 0, 1, 1], [1, 0, 0, 1])
     assert result == pytest.approx({"accuracy": 0.75, "f1_macro": (0.8 + 2 / 3) / 2})
+
+
+def test_metrics_per_group_are_each_groups_own_by_hand():
+    logits = np.array([[0.9, 0.1], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4], [0.1, 0.9], [0.7, 0.3]])  # 0, 1, 1, 0, 1, 0
+    labels, groups = [0, 1, 0, 1, 1, 1], ["nyt", "movie", "nyt", "movie", "nyt", "movie"]
+    # nyt: (0, 0), (1, 0), (1, 1) -> accuracy 2/3; class 0: tp 1, fp 0, fn 1 -> 2/3; class 1: tp 1, fp 1, fn 0 -> 2/3
+    # movie: (1, 1), (0, 1), (0, 1) -> accuracy 1/3; class 0 never a label -> F1 0; class 1: tp 1, fn 2 -> 1/2
+    result = metrics_by_group(logits, labels, groups)
+    assert list(result["accuracy_by_domain"]) == ["movie", "nyt"]
+    assert result == {"accuracy_by_domain": pytest.approx({"movie": 1 / 3, "nyt": 2 / 3}),
+                      "f1_macro_by_domain": pytest.approx({"movie": 0.25, "nyt": 2 / 3})}
+    assert metrics_by_group(logits, labels, groups, "sst2", name="task") == {
+        "accuracy_by_task": pytest.approx({"movie": 1 / 3, "nyt": 2 / 3})}
+    assert metrics_by_group([0.5, 0.1], [0.4, 0.2], ["a", "b"], "stsb") == {}  # regression: nothing per group
+    with pytest.raises(ValueError, match="5 groups for 6 labels"):
+        metrics_by_group(logits, labels, groups[:5])
 
 
 def test_matthews_of_known_confusion_matrix():

@@ -180,10 +180,20 @@ def test_compare_summary_reports_mean_and_sample_std():
 
 
 def test_compare_tabulates_the_other_test_metrics_per_task():
+    from peftlab.commands.report_run import flat
+
     test = {"exact_match": 0.5, "loss": 1.2, "perplexity": 3.3, "skipped": {"cider": "why"},
             "exact_match_by_task": {"arithmetic": 0.25, "format": 0.75}}
     assert other_metrics(test, "exact_match") == {"perplexity": 3.3, "exact_match/arithmetic": 0.25,
                                                   "exact_match/format": 0.75}
+    # any <metric>_by_<group> (classification's accuracy_by_domain); other nested entries (MMLU's by_subject) stay out
+    grouped = {"accuracy": 0.7, "f1_macro_by_domain": {"nyt": 0.5}, "accuracy_by_domain": {"movie": 0.8, "nyt": 0.6},
+               "by_subject": {"anatomy": {"accuracy": 1.0}}}
+    assert other_metrics(grouped, "accuracy") == {"f1_macro/nyt": 0.5, "accuracy/movie": 0.8, "accuracy/nyt": 0.6}
+    assert flat({**test, **grouped}) == {  # report's test-metrics table: the same names
+        "exact_match": 0.5, "loss": 1.2, "perplexity": 3.3, "skipped/cider": "why", "exact_match/arithmetic": 0.25,
+        "exact_match/format": 0.75, "accuracy": 0.7, "f1_macro/nyt": 0.5, "accuracy/movie": 0.8, "accuracy/nyt": 0.6,
+        "by_subject/anatomy/accuracy": 1.0}
     runs = [{"method": "lora", "seed": s, "lr": 1e-3, "metric": "exact_match", "value": 0.5, "trainable_params": 5,
              "total_params": 10, "seconds_per_step": 1.0, "peak_memory_mb": 1.0, "peak_memory_kind": "rss",
              "other_metrics": {"exact_match/format": v}} for s, v in ((0, 0.6), (1, 0.8))]

@@ -1,8 +1,10 @@
 """``peftlab compare --tune``: the search on validation, the chosen setting scored on test, pruning, resuming.
 
-The text searches train HRA on the tiny BERT of ``test_cli`` (300 keyword rows, 12 steps, evaluation every 4): its
-3-point grid (lr 1e-3, 1e-2, 1e-1) scores 0.5 / 0.87 / 0.73 on validation, so the middle one must be chosen. The
-killed search runs in a process of its own that SIGKILLs itself as trial 1 starts (before its run_config.json).
+The classification searches train HRA on the tiny BERT of ``test_cli`` (300 keyword rows, 12 steps, evaluation every
+4): its 3-point grid (lr 1e-3, 1e-2, 1e-1) scores 0.5 / 0.87 / 0.73 on validation, so the middle one must be chosen.
+The killed search runs in a process of its own that SIGKILLs itself as trial 1 starts (before its run_config.json).
+Every other task runs a 2-point grid on its tiny model (causal-lm and data-to-text: the GPT-2 of ``test_recipes``,
+whose scores tie at 0, so the lower validation loss decides; subject-driven: the Stable Diffusion of ``conftest``).
 """
 
 from __future__ import annotations
@@ -259,3 +261,115 @@ def test_bad_tune_requests_are_one_line_errors(assets, tmp_path, capsys, extra, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("peftlab compare: error: ") and message in err
     assert not out.exists()
+
+
+# -- (g) the other tasks: a 2-point grid on a tiny model, trials scored on validation, the chosen lr on test ---------
+def expected_choice(rows: list[dict[str, str]], lower_is_better: bool = False) -> dict[str, str]:
+    """The trial the search must choose, worked out here: the best validation score in the metric's direction; on
+    ties the lowest best validation loss the Trainer saw (text tasks), then the earliest."""
+    def key(row: dict[str, str]) -> tuple[float, float, int]:
+        score = float(row["validation_score"])
+        loss = float(row["best_eval"]) if row["best_eval"] else float("inf")
+        return (-score if lower_is_better else score), -loss, -int(row["trial"])
+
+    return max(rows, key=key)
+
+
+def check_tuned_search(out: Path, method: str, grid: list[float], metric: str) -> dict[str, str]:
+    """What every task's search must leave: one trials.csv row per grid lr with the task's metric, trial folders
+    scored on validation only, the chosen trial's lr in compare.json, the final seed-0 run scored on test, and the
+    Tuned row in compare.md. Returns the chosen row."""
+    rows = read_trials(out)
+    assert [float(r["lr"]) for r in rows] == grid and {r["state"] for r in rows} == {"complete"}
+    assert {r["metric"] for r in rows} == {metric}
+    for k, row in enumerate(rows):
+        trial = json.loads((out / "trials" / method / str(k) / "metrics.json").read_text())
+        assert trial["metric"] == metric and "test" not in trial and "initial_test" not in trial
+        assert trial["validation"][metric] == pytest.approx(float(row["validation_score"]), abs=1e-9)
+    chosen = expected_choice(rows)
+    result = json.loads((out / "compare.json").read_text())
+    assert result["tuned"][method]["lr"] == float(chosen["lr"]) and result["rows"][0]["lr"] == float(chosen["lr"])
+    assert result["metric"] == metric
+    final = json.loads((out / method / "seed-0" / "metrics.json").read_text())
+    assert final["metric"] == metric and metric in final["test"] and "validation" not in final
+    assert result["runs"][0]["value"] == final["test"][metric]
+    tuned = (out / "compare.md").read_text().split("Tuned (lr) on the validation split")[1]
+    assert f"| {method} | {float(chosen['lr']):.3g} | - | {metric} {float(chosen['validation_score']):.4f} | 2 (0) |" \
+        in tuned
+    return chosen
+
+
+def lm_search_args(model: Path, data: Path, out: Path, task: str, method: str, *extra: str) -> list[str]:
+    return ["compare", "--task", task, "--model", str(model), "--data", str(data), "--methods", method, "--seeds", "1",
+            "--tune", "lr", "--trials", "2", "--max-steps", "4", "--eval-steps", "2", "--batch-size", "8",
+            "--max-test-samples", "3", "--max-new-tokens", "6", "--report-to", "none",
+            "--output-dir", str(out), *extra]
+
+
+def check_loss_tie_break(out: Path, method: str, chosen: dict[str, str]) -> None:
+    """Causal-lm / data-to-text: the Trainer's evaluations are the validation loss (lower is better); each trial's
+    ``best_eval`` is the lowest eval_loss of its trainer_state.json, and a tie on the score goes to the lower one."""
+    rows = read_trials(out)
+    for k, row in enumerate(rows):
+        assert row["eval_metric"] == "loss"
+        state = json.loads((out / "trials" / method / str(k) / "trainer_state.json").read_text())
+        losses = [e["eval_loss"] for e in state["log_history"] if "eval_loss" in e]
+        assert len(losses) == 2 and float(row["best_eval"]) == pytest.approx(min(losses), rel=1e-6)
+    if rows[0]["validation_score"] == rows[1]["validation_score"]:  # the tiny LMs usually tie (score 0)
+        assert float(rows[0]["best_eval"]) != float(rows[1]["best_eval"])
+        assert chosen["trial"] == min(rows, key=lambda r: float(r["best_eval"]))["trial"]
+
+
+@pytest.fixture(scope="module")
+def tiny_causal_lm(tmp_path_factory) -> Path:
+    from test_recipes import tiny_lm
+
+    return tiny_lm.__wrapped__(tmp_path_factory)
+
+
+def test_tune_runs_causal_lm(tiny_causal_lm, tmp_path):
+    from test_recipes import write_instructions
+
+    out = tmp_path / "cmp"
+    data = write_instructions(tmp_path / "train.jsonl")
+    code, _ = run_main(lm_search_args(tiny_causal_lm, data, out, "causal-lm", "hra", "--no-initial-eval"))
+    assert code == 0
+    chosen = check_tuned_search(out, "hra", [1e-3, 1e-1], "exact_match")
+    check_loss_tie_break(out, "hra", chosen)
+    final = json.loads((out / "hra" / "seed-0" / "metrics.json").read_text())
+    assert final["num_test"] == 3 and "exact_match_by_task" in final["test"]
+
+
+def test_tune_runs_data_to_text(tiny_causal_lm, tmp_path):
+    from peftlab.data import generate_e2e
+
+    pairs = generate_e2e(30, seed=3)
+    data = tmp_path / "e2e.txt"
+    data.write_text("".join(f"{mr} || {ref}\n" for mr, ref in zip(pairs["mr"], pairs["ref"], strict=True)))
+    out = tmp_path / "cmp"
+    code, _ = run_main(lm_search_args(tiny_causal_lm, data, out, "data-to-text", "lora"))
+    assert code == 0
+    chosen = check_tuned_search(out, "lora", [3e-4, 3e-2], "bleu")
+    check_loss_tie_break(out, "lora", chosen)
+
+
+def test_tune_runs_subject_driven(tmp_path, tmp_path_factory, monkeypatch):
+    pytest.importorskip("diffusers")
+    from conftest import FAST_IMAGE_ARGS, saved_tiny_sd
+
+    from peftlab.data import glyphs
+    from peftlab.recipes.image import data as image_data
+
+    monkeypatch.setattr(image_data, "class_cache_root", lambda: tmp_path / "class-images")
+    glyphs.write_subject_folder("Q", tmp_path / "subject", count=3)
+    out = tmp_path / "cmp"
+    code, _ = run_main(["compare", "--task", "subject-driven", "--model", str(saved_tiny_sd(tmp_path_factory)),
+                        "--instance-data", str(tmp_path / "subject"), "--instance-prompt", "a photo of sks glyph",
+                        "--class-prompt", "a photo of a glyph", "--num-class-images", "2", "--methods", "lora",
+                        "--seeds", "1", "--tune", "lr", "--trials", "2", "--max-steps", "2", "--report-to", "none",
+                        "--output-dir", str(out), *FAST_IMAGE_ARGS])
+    assert code == 0
+    check_tuned_search(out, "lora", [3e-4, 3e-2], "subject_similarity")
+    trial = json.loads((out / "trials" / "lora" / "0" / "metrics.json").read_text())
+    final = json.loads((out / "lora" / "seed-0" / "metrics.json").read_text())
+    assert trial["before"] != final["before"]  # other noise seeds than the test score's

@@ -3,6 +3,7 @@ pycocoevalcap).
 
 * ``classification_metrics``: GLUE's metric per task (Matthews for CoLA, accuracy + F1 for MRPC/QQP,
   Pearson + Spearman for STS-B, accuracy otherwise); accuracy + macro F1 for other data sets.
+  ``metrics_by_group``: accuracy (and macro F1) per group of rows, e.g. per ``domain`` of a multi-domain set.
 * ``generation_metrics``: the E2E / WebNLG / DART metrics, multi-reference. BLEU, TER and chrF are
   sacrebleu's (13a tokenisation), NIST is nltk's (n = 5, on 13a tokens), ROUGE-L is rouge-score's F-measure,
   best over references; METEOR and CIDEr are pycocoevalcap's (METEOR runs its jar: needs ``java``).
@@ -77,6 +78,24 @@ def classification_metrics(preds: Sequence | np.ndarray, labels: Sequence | np.n
     names = GLUE_TASKS[task].metrics if task else DEFAULT_METRICS
     fns = _metric_fns()
     return {name: float(fns[name](labels, preds)) for name in names}
+
+
+def metrics_by_group(preds: Sequence | np.ndarray, labels: Sequence | np.ndarray, groups: Sequence[str],
+                     task: str | None = None, name: str = "domain") -> dict[str, dict[str, float]]:
+    """Per group, the accuracy (and, for data without a GLUE task, the macro F1) of the rows of that group alone:
+    ``{"accuracy_by_domain": {"amazon": …, "movie": …}, "f1_macro_by_domain": {…}}`` (groups sorted by name;
+    ``name`` names the grouping). Computed as :func:`classification_metrics` computes the overall ones
+    (scikit-learn); nothing for a regression task (STS-B)."""
+    if task is not None and GLUE_TASKS[task].num_labels == 1:
+        return {}
+    preds, labels = predictions(preds, labels, task)
+    groups = np.asarray(groups)
+    if groups.shape != labels.shape:
+        raise ValueError(f"{len(groups)} groups for {len(labels)} labels.")
+    fns = _metric_fns()
+    names = [n for n in ("accuracy", "f1_macro") if n == "accuracy" or task is None]
+    return {f"{metric}_by_{name}": {str(g): float(fns[metric](labels[groups == g], preds[groups == g]))
+                                    for g in sorted(set(groups.tolist()))} for metric in names}
 
 
 def predictions(preds: Sequence | np.ndarray, labels: Sequence | np.ndarray,

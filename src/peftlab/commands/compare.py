@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab import files, stats
+from peftlab.commands.report_run import flat, grouped_metric
 from peftlab.errors import PeftlabError, RecipeError
 from peftlab.recipes import train
 from peftlab.recipes.adapters import build_adapter_config, method_spec
@@ -129,19 +130,14 @@ SKIPPED_METRICS = frozenset({"loss", "perplexity_bound"})
 def other_metrics(test: dict[str, Any], main: str) -> dict[str, float]:
     """The test metrics besides the main one, flat: ``{"f1": …, "exact_match/arithmetic": …, "bleu": …}``.
 
-    Nested per-group scores (``exact_match_by_task``) become ``<metric>/<group>``; the loss and
-    non-numeric entries (the list of skipped metrics) are left out.
+    Nested per-group scores ``<metric>_by_<group>`` (``exact_match_by_task``, ``accuracy_by_domain``) become
+    ``<metric>/<value>`` (:func:`peftlab.commands.report_run.flat`); the loss, other nested entries (MMLU's
+    ``by_subject``) and non-numeric ones (the list of skipped metrics) are left out.
     """
-    flat: dict[str, float] = {}
-    for key, value in test.items():
-        if key == main or key in SKIPPED_METRICS:
-            continue
-        if isinstance(value, dict) and key.endswith("_by_task"):
-            flat.update({f"{key.removesuffix('_by_task')}/{k}": float(v) for k, v in value.items()
-                         if isinstance(v, (int, float))})
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            flat[key] = float(value)
-    return flat
+    kept = {key: value for key, value in test.items() if key != main and key not in SKIPPED_METRICS
+            and (not isinstance(value, dict) or grouped_metric(key))}
+    return {key: float(value) for key, value in flat(kept).items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 def summarize(runs: list[dict[str, Any]], methods: list[str]) -> list[dict[str, Any]]:

@@ -90,12 +90,21 @@ def figure(path: Path, title: str, section: Section) -> Figure | None:
         return Figure(title, missing=why)
 
 
+def grouped_metric(key: str) -> str | None:
+    """The metric of a per-group score ``<metric>_by_<group>`` (``"accuracy_by_domain"`` → ``"accuracy"``), else
+    ``None``."""
+    metric, sep, group = key.rpartition("_by_")
+    return metric if sep and metric and group else None
+
+
 def flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"exact_match_by_task": {"a": 1}}`` → ``{"exact_match_by_task/a": 1}``."""
+    """Nested dicts as ``outer/inner`` keys; a per-group score is named by its metric: ``{"accuracy_by_domain":
+    {"movie": 0.8}, "skipped": {"cider": "why"}}`` → ``{"accuracy/movie": 0.8, "skipped/cider": "why"}`` (what
+    ``compare`` and ``report`` both show)."""
     out: dict[str, Any] = {}
     for key, value in values.items():
         if isinstance(value, dict):
-            out.update(flat(value, f"{prefix}{key}/"))
+            out.update(flat(value, f"{prefix}{grouped_metric(key) or key}/"))
         else:
             out[f"{prefix}{key}"] = value
     return out

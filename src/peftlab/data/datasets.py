@@ -232,7 +232,8 @@ def read_json_records(path: str | Path) -> list[dict]:
 def _standardize(
     frame: pd.DataFrame, source: str, text_column: str | Sequence[str], label_column: str
 ) -> pd.DataFrame:
-    """Keep the text column(s) and the label as ``text`` (, ``text_pair``), ``label``; drop empty rows."""
+    """Keep the text column(s) and the label as ``text`` (, ``text_pair``), ``label``, and a ``domain`` column when
+    there is one (splits are stratified by it; classification reports its metrics per domain too); drop empty rows."""
     texts = [text_column] if isinstance(text_column, str) else list(text_column)
     if not 1 <= len(texts) <= 2:
         raise DataError(f"text_column takes one column or a pair of columns, got {texts}.")
@@ -242,9 +243,11 @@ def _standardize(
             f"{source}: missing column(s) {missing}; columns present: {list(map(str, frame.columns))}. "
             "Pass text_column=... and label_column=... to name the right ones."
         )
-    frame = frame[[*texts, label_column]].set_axis(["text", "text_pair"][: len(texts)] + ["label"], axis=1)
+    groups = ["domain"] if "domain" in frame.columns and "domain" not in (*texts, label_column) else []
+    frame = frame[[*texts, label_column, *groups]].set_axis(
+        ["text", "text_pair"][: len(texts)] + ["label", *groups], axis=1)
     keep = frame["label"].notna()
-    for c in frame.columns.drop("label"):
+    for c in frame.columns.drop(["label", *groups]):
         keep &= frame[c].notna() & (frame[c].astype(str).str.strip() != "")
     if not keep.all():
         warnings.warn(f"{source}: dropped {int((~keep).sum())} rows with an empty text or a missing label.",

@@ -6,7 +6,8 @@ with a new head, which trains with the adapter (``modules_to_save``). Metrics ar
 (scikit-learn / scipy): a GLUE task name (``glue_task``) selects its metrics (Matthews for CoLA,
 accuracy + F1 for MRPC/QQP, Pearson + Spearman for STS-B, accuracy otherwise); other data report
 accuracy + macro F1, or Pearson + Spearman for a real-valued label. Model selection uses the validation
-split; the reported numbers are on the held-out test split.
+split; the reported numbers are on the held-out test split. Data with a ``domain`` column (``sentiment-4domains``, a
+file with that column) also report accuracy (and macro F1) per domain: ``accuracy_by_domain``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from peftlab import files
 from peftlab.errors import PeftlabError, RecipeError
 from peftlab.layers import CLASSIFIER_HEADS
-from peftlab.metrics import GLUE_TASKS, trainer_compute_metrics
+from peftlab.metrics import GLUE_TASKS, metrics_by_group, trainer_compute_metrics
 from peftlab.model import AdapterModel
 from peftlab.recipes.adapters import count_parameters, prepare_model
 from peftlab.recipes.options import RunOptions
@@ -154,8 +155,12 @@ def _is_int(text: str) -> bool:
     return True
 
 
+GROUP_COLUMN = "domain"  # a data column whose groups get metrics of their own (``accuracy_by_domain``)
+
+
 def tokenize(data, tokenizer, max_length: int, sort: bool = False):
-    """Token ids (truncated to ``max_length``; padding is per batch), ``label`` and ``length`` (``sort``: by length).
+    """Token ids (truncated to ``max_length``; padding is per batch), ``label``, ``length`` (``sort``: by length) and
+    the data's :data:`GROUP_COLUMN` when it has one (take it off with :func:`pop_groups` before the Trainer sees it).
 
     The result's fingerprint is named from the rows' fingerprint, the tokenizer's name, class and vocabulary size and
     ``max_length``: ``datasets`` would otherwise pickle the whole tokenizer to hash the function (~3 s per split for
@@ -166,11 +171,29 @@ def tokenize(data, tokenizer, max_length: int, sort: bool = False):
     def encode(batch: dict[str, list]) -> dict[str, Any]:
         return tokenizer(batch["text"], batch.get("text_pair"), truncation=True, max_length=max_length)
 
-    key = f"{data._fingerprint} {type(tokenizer).__name__} {tokenizer.name_or_path} {len(tokenizer)} {max_length}"
+    key = (f"{data._fingerprint} {type(tokenizer).__name__} {tokenizer.name_or_path} {len(tokenizer)} {max_length} "
+           f"{GROUP_COLUMN}")
     with quiet_datasets():
-        encoded = data.map(encode, batched=True, remove_columns=[c for c in data.column_names if c != "label"],
+        encoded = data.map(encode, batched=True, remove_columns=[c for c in data.column_names
+                                                                 if c not in ("label", GROUP_COLUMN)],
                            new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:16])
     return with_length(encoded, sort=sort)
+
+
+def pop_groups(rows) -> tuple[Any, list[str] | None]:
+    """(the tokenised ``rows`` without their :data:`GROUP_COLUMN`, that column's values in the rows' order, or
+    ``None`` when the data have none)."""
+    if GROUP_COLUMN not in rows.column_names:
+        return rows, None
+    return rows.remove_columns(GROUP_COLUMN), list(rows[GROUP_COLUMN])
+
+
+def group_scores(seen: dict[str, Any], groups: list[str] | None, task: str | None) -> dict[str, dict[str, float]]:
+    """The last evaluation's metrics per group (``accuracy_by_domain``, ...; :func:`peftlab.metrics.metrics_by_group`)
+    when the scored rows have groups, else nothing."""
+    if groups is None or len(seen.get("labels", ())) != len(groups):
+        return {}
+    return metrics_by_group(seen["predictions"], seen["labels"], groups, task, GROUP_COLUMN)
 
 
 def metric_task(options: RunOptions, regression: bool) -> str | None:
@@ -216,6 +239,7 @@ class Setup:
     test_set: Any
     metric: str
     args: Any
+    groups: list[str] | None = None  # the scored rows' domains (GROUP_COLUMN), in test_set's order
 
 
 def setup(options: RunOptions) -> Setup:
@@ -234,21 +258,21 @@ def setup(options: RunOptions) -> Setup:
     if regression:
         model.config.problem_type = "regression"
     model = prepare_model(model, options, classification=True, texts=lambda: list(data["train"]["text"]))
-    train_set = tokenize(select(data["train"], options.max_train_samples, options.split_seed), tokenizer,
-                         options.max_length)
-    val_set = tokenize(select(data["validation"], options.max_eval_samples, options.split_seed), tokenizer,
-                       options.max_length, sort=True)
+    train_set, _ = pop_groups(tokenize(select(data["train"], options.max_train_samples, options.split_seed), tokenizer,
+                                       options.max_length))
+    val_set, groups = pop_groups(tokenize(select(data["validation"], options.max_eval_samples, options.split_seed),
+                                          tokenizer, options.max_length, sort=True))
     if options.score_split == "validation":  # a trial of `compare --tune`: the test split is never read
         test_set = val_set
     else:
-        test_set = tokenize(select(data["test"], options.max_test_samples, options.split_seed), tokenizer,
-                            options.max_length, sort=True)
+        test_set, groups = pop_groups(tokenize(select(data["test"], options.max_test_samples, options.split_seed),
+                                               tokenizer, options.max_length, sort=True))
     metric = main_metric(options, regression)
     # average_tokens_across_devices off: a classifier's loss is a mean per device already (HF would multiply it by
     # the number of processes, so DDP / ZeRO runs would take N times the gradient of a one-process run)
     args = training_arguments(options, len(train_set), metric, greater_is_better=True,
                               label_smoothing_factor=options.label_smoothing, average_tokens_across_devices=False)
-    return Setup(model, tokenizer, names, regression, train_set, val_set, test_set, metric, args)
+    return Setup(model, tokenizer, names, regression, train_set, val_set, test_set, metric, args, groups)
 
 
 @owns_output_dir
@@ -287,6 +311,7 @@ def train(options: RunOptions, checkpoint: str | None) -> dict[str, Any]:
         log(f"resuming from {checkpoint}", main)
     training = run_training(trainer, checkpoint)
     test = strip_prefix(trainer.evaluate(test_set, metric_key_prefix=split), split)
+    test.update(group_scores(seen, run.groups, metric_task(options, run.regression)))
     metrics = {
         "task": "classification",
         "method": options.method,
@@ -375,8 +400,8 @@ def evaluate(adapter: str | os.PathLike, options: RunOptions, split: str, max_sa
                           f"model in {adapter} has {count} output(s)")
     net, tokenizer, _ = load_trained(adapter, options.model, count)
     limit = max_samples or {"test": options.max_test_samples, "validation": options.max_eval_samples}.get(split)
-    rows = tokenize(select(split_rows(data_set, split), limit, options.split_seed), tokenizer, options.max_length,
-                    sort=True)
+    rows, groups = pop_groups(tokenize(select(split_rows(data_set, split), limit, options.split_seed), tokenizer,
+                                       options.max_length, sort=True))
     if not len(rows):
         raise RecipeError(f"{options.data}: the {split} split is empty")
     regression = data_names is None
@@ -388,6 +413,7 @@ def evaluate(adapter: str | os.PathLike, options: RunOptions, split: str, max_sa
                           data_collator=DataCollatorWithPadding(tokenizer),
                           compute_metrics=trainer_compute_metrics(metric_task(options, regression), seen))
         metrics = strip_prefix(trainer.evaluate(rows, metric_key_prefix=split), split)
+    metrics.update(group_scores(seen, groups, metric_task(options, regression)))
     metric = main_metric(options, regression)
     return {"task": "classification", "adapter": str(adapter), "model": options.model, "data": options.data,
             "split": split, "num_examples": len(rows), "metric": metric, split: metrics,
