@@ -108,7 +108,7 @@ def base_scores(args: argparse.Namespace) -> dict[str, float]:
     model, tokenizer = load_causal_lm("smollm2-135m")
     rows = test_rows(args)
     options = run_options("lora", 0, args).resolved()
-    scores, predictions = causal_lm.evaluate_answers(model, tokenizer, rows, options)
+    scores, predictions, _ = causal_lm.evaluate_answers(model, tokenizer, rows, options)
     generated = [row["prediction"] for row in predictions]
     return {"exact_match": scores["exact_match"], "last_number": last_number_match(generated, rows["output"]),
             "text_ppl": text_perplexity(model, tokenizer, args)}
