@@ -217,5 +217,11 @@ def saved_tiny_sd(tmp_path_factory, image_size: int = 16):
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """:func:`saved_tiny_sd` once per test session (every image test only reads it)."""
+    return saved_tiny_sd(tmp_path_factory)
+
+
 # The image recipes' fastest CLI settings (tests/test_image_recipes.py, tests/test_controlnet.py).
 FAST_IMAGE_ARGS = ["--inference-steps", "2", "--num-eval-images", "2", "--batch-size", "2", "--r", "2"]

@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("skimage")
 
-from conftest import FAST_IMAGE_ARGS, crash_at_checkpoint, saved_tiny_sd
+from conftest import FAST_IMAGE_ARGS, crash_at_checkpoint
 
 import peftlab.methods  # noqa: F401  (registers every built-in method)
 from peftlab.cli import main
@@ -31,13 +31,8 @@ FAST = FAST_IMAGE_ARGS
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    return saved_tiny_sd(tmp_path_factory, SIZE)
-
-
-@pytest.fixture(scope="module")
-def loaded(base_dir):
-    return image_training.load_base(RunOptions(task="controllable", model=str(base_dir), data="unused").resolved())
+def loaded(tiny_sd_dir):
+    return image_training.load_base(RunOptions(task="controllable", model=str(tiny_sd_dir), data="unused").resolved())
 
 
 @pytest.fixture
@@ -155,13 +150,13 @@ def write_digits(folder, count: int = 4) -> None:
         image.save(folder / f"d{i}.png")
 
 
-def test_cli_controlnet_run_resumes_where_an_uninterrupted_run_ends(base_dir, tmp_path, monkeypatch, capsys):
+def test_cli_controlnet_run_resumes_where_an_uninterrupted_run_ends(tiny_sd_dir, tmp_path, monkeypatch, capsys):
     from safetensors.torch import load_file
 
     write_digits(tmp_path / "digits")
 
     def args(out):
-        return ["train", "--task", "controllable", "--model", str(base_dir), "--data", str(tmp_path / "digits"),
+        return ["train", "--task", "controllable", "--model", str(tiny_sd_dir), "--data", str(tmp_path / "digits"),
                 "--control", "canny", "--control-encoder", "controlnet", "--method", "hra", "--max-steps", "2",
                 "--eval-steps", "1", "--output-dir", str(out), *FAST]
 

@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("skimage")
 
-from conftest import FAST_IMAGE_ARGS, crash_at_checkpoint, saved_tiny_sd
+from conftest import FAST_IMAGE_ARGS, crash_at_checkpoint
 
 import peftlab.methods  # noqa: F401  (registers every built-in method)
 from peftlab import stats
@@ -38,13 +38,8 @@ FAST = FAST_IMAGE_ARGS
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    return saved_tiny_sd(tmp_path_factory, SIZE)
-
-
-@pytest.fixture(scope="module")
-def loaded(base_dir):
-    return image_training.load_base(RunOptions(task="subject-driven", model=str(base_dir)).resolved())
+def loaded(tiny_sd_dir):
+    return image_training.load_base(RunOptions(task="subject-driven", model=str(tiny_sd_dir)).resolved())
 
 
 @pytest.fixture
@@ -59,8 +54,8 @@ def class_cache(tmp_path, monkeypatch):
     return tmp_path / "class-images"
 
 
-def options(base_dir, task: str, method: str = "hra", **changes) -> RunOptions:
-    values = {"task": task, "model": str(base_dir), "method": method, "r": 2, "batch_size": 2, "warmup": 0,
+def options(tiny_sd_dir, task: str, method: str = "hra", **changes) -> RunOptions:
+    values = {"task": task, "model": str(tiny_sd_dir), "method": method, "r": 2, "batch_size": 2, "warmup": 0,
               "max_steps": 1, "output_dir": "unused", **changes}
     return RunOptions(**values).resolved()
 
@@ -88,9 +83,9 @@ def setup(pipe, opts: RunOptions, control: bool, text_encoder: bool = False):
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("task", ["subject-driven", "controllable"])
-def test_one_step_changes_only_adapters_and_encoder(pipe, base_dir, task, method):
+def test_one_step_changes_only_adapters_and_encoder(pipe, tiny_sd_dir, task, method):
     control = task == "controllable"
-    opts = options(base_dir, task, method, lr=1e-2)
+    opts = options(tiny_sd_dir, task, method, lr=1e-2)
     frozen = {f"{name}.{k}": v.clone() for name in ("unet", "text_encoder", "vae")
               for k, v in pipe.components[name].state_dict().items()}
     modules, hook = setup(pipe, opts, control, text_encoder=not control)
@@ -117,9 +112,9 @@ def test_one_step_changes_only_adapters_and_encoder(pipe, base_dir, task, method
 
 
 @pytest.mark.parametrize("task", ["subject-driven", "controllable"])
-def test_twenty_steps_on_one_batch_lower_the_loss(pipe, base_dir, task):
+def test_twenty_steps_on_one_batch_lower_the_loss(pipe, tiny_sd_dir, task):
     control = task == "controllable"
-    opts = options(base_dir, task, "lora", lr=1e-2, max_steps=20)
+    opts = options(tiny_sd_dir, task, "lora", lr=1e-2, max_steps=20)
     modules, hook = setup(pipe, opts, control)
     batch = fixed_batch(pipe, control)
     losses = image_training.fit(pipe, modules, lambda: batch, opts, hook=hook, progress=False)["losses"]
@@ -189,9 +184,9 @@ def test_class_images_are_generated_once_and_reused(pipe, class_cache, monkeypat
     assert not [p for p in class_cache.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
-def control_run(pipe, base_dir, tmp_path):
+def control_run(pipe, tiny_sd_dir, tmp_path):
     """An in-memory control pipeline moved off its start (HRA adapters + encoder), and its saved run folder."""
-    opts = options(base_dir, "controllable", "hra", lr=3e-2, max_steps=3)
+    opts = options(tiny_sd_dir, "controllable", "hra", lr=3e-2, max_steps=3)
     modules, hook = setup(pipe, opts, control=True)
     batch = fixed_batch(pipe, control=True)
     image_training.fit(pipe, modules, lambda: batch, opts, hook=hook, progress=False)
@@ -219,10 +214,10 @@ def generated(run, tmp_path, edges_png, name: str) -> list[np.ndarray]:
     return [np.asarray(Image.open(tmp_path / f"{name}-{i}.png"), dtype=np.int16) for i in range(2)]
 
 
-def test_control_run_reloads_generates_and_merges_like_the_in_memory_model(pipe, base_dir, tmp_path):
+def test_control_run_reloads_generates_and_merges_like_the_in_memory_model(pipe, tiny_sd_dir, tmp_path):
     from PIL import Image
 
-    run = control_run(pipe, base_dir, tmp_path)
+    run = control_run(pipe, tiny_sd_dir, tmp_path)
     assert json.loads((run / "pipeline.json").read_text())["control"] == "condition_encoder"
     assert (run / "condition_encoder" / "model.safetensors").is_file()
     edges = tmp_path / "edges.png"
@@ -248,12 +243,12 @@ def test_control_run_reloads_generates_and_merges_like_the_in_memory_model(pipe,
         assert np.abs(got - want).max() <= 1
 
 
-def test_generate_computes_the_control_map_of_a_target_image(pipe, base_dir, tmp_path, capsys):
+def test_generate_computes_the_control_map_of_a_target_image(pipe, tiny_sd_dir, tmp_path, capsys):
     from PIL import Image
 
     from peftlab.diffusion.control import canny
 
-    run = control_run(pipe, base_dir, tmp_path)
+    run = control_run(pipe, tiny_sd_dir, tmp_path)
     target = tmp_path / "target.png"
     glyphs.to_pil(glyphs.subject_images("K", 1, size=2 * SIZE))[0].save(target)  # not the output size
     args = ["generate", "--adapter", str(run), "--prompt", "a photo of sks dog", "--num-images", "2", "--steps", "2",
@@ -281,11 +276,12 @@ def write_digits(folder, count: int = 6, size: int = SIZE) -> None:
     (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
 
 
-def test_cli_subject_driven_end_to_end(base_dir, tmp_path, capsys, class_cache):
+def test_cli_subject_driven_end_to_end(tiny_sd_dir, tmp_path, capsys, class_cache):
     out = tmp_path / "run"
     glyphs.write_subject_folder("Q", tmp_path / "subject", count=3)
-    args = ["train", "--task", "subject-driven", "--model", str(base_dir), "--instance-data", str(tmp_path / "subject"),
-            "--instance-prompt", "a photo of sks glyph", "--class-prompt", "a photo of a glyph", "--method", "lora",
+    args = ["train", "--task", "subject-driven", "--model", str(tiny_sd_dir),
+            "--instance-data", str(tmp_path / "subject"), "--instance-prompt", "a photo of sks glyph",
+            "--class-prompt", "a photo of a glyph", "--method", "lora",
             "--num-class-images", "2", "--max-steps", "2", "--train-text-encoder", "--output-dir", str(out), *FAST]
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -298,7 +294,7 @@ def test_cli_subject_driven_end_to_end(base_dir, tmp_path, capsys, class_cache):
     assert items.aggregate == "mean" and len(items.rows) == metrics["num_eval_images"]
     assert np.mean([r["value"] for r in items.rows]) == pytest.approx(metrics["test"]["subject_similarity"], abs=1e-12)
     info = json.loads((out / "pipeline.json").read_text())
-    assert info["components"] == ["text_encoder", "unet"] and info["base_model"] == str(base_dir)
+    assert info["components"] == ["text_encoder", "unet"] and info["base_model"] == str(tiny_sd_dir)
     assert json.loads((out / "run_config.json").read_text())["options"]["task"] == "subject-driven"
     assert (out / "samples.png").is_file()
     assert main([*args, "--overwrite"]) == 0  # the same class images, from the cache
@@ -308,10 +304,10 @@ def test_cli_subject_driven_end_to_end(base_dir, tmp_path, capsys, class_cache):
                  "--steps", "2", "--out", str(tmp_path / "g.png")]) == 0
 
 
-def test_cli_controllable_end_to_end(base_dir, tmp_path, capsys):
+def test_cli_controllable_end_to_end(tiny_sd_dir, tmp_path, capsys):
     out = tmp_path / "run"
     write_digits(tmp_path / "digits")
-    assert main(["train", "--task", "controllable", "--model", str(base_dir), "--data", str(tmp_path / "digits"),
+    assert main(["train", "--task", "controllable", "--model", str(tiny_sd_dir), "--data", str(tmp_path / "digits"),
                  "--control", "canny", "--method", "hydralora", "--max-steps", "2", "--output-dir", str(out),
                  *FAST]) == 0
     assert "edge_f1" in capsys.readouterr().out
@@ -327,10 +323,10 @@ def test_cli_controllable_end_to_end(base_dir, tmp_path, capsys):
     assert [json.loads(line) for line in (tmp_path / "items.jsonl").read_text().splitlines()] == items.rows
 
 
-def test_compare_runs_an_image_task(base_dir, tmp_path, capsys):
+def test_compare_runs_an_image_task(tiny_sd_dir, tmp_path, capsys):
     write_digits(tmp_path / "digits")
     out = tmp_path / "cmp"
-    assert main(["compare", "--task", "controllable", "--model", str(base_dir), "--data", str(tmp_path / "digits"),
+    assert main(["compare", "--task", "controllable", "--model", str(tiny_sd_dir), "--data", str(tmp_path / "digits"),
                  "--control", "canny", "--methods", "hra,lora", "--seeds", "1", "--max-steps", "2", "--output-dir",
                  str(out), *FAST]) == 0
     result = json.loads((out / "compare.json").read_text())
@@ -351,7 +347,7 @@ def test_compare_runs_an_image_task(base_dir, tmp_path, capsys):
     assert [r["method"] for r in result["paired"]["rows"]] == ["hra"] and result["paired"]["baseline"] == "lora"
 
 
-def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(base_dir, tmp_path, monkeypatch, capsys):
+def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(tiny_sd_dir, tmp_path, monkeypatch, capsys):
     from safetensors.torch import load_file
 
     from peftlab.recipes.rundir import checkpoint_folders
@@ -359,7 +355,7 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(base_dir, tmp
     write_digits(tmp_path / "digits")
 
     def args(out):
-        return ["train", "--task", "controllable", "--model", str(base_dir), "--data", str(tmp_path / "digits"),
+        return ["train", "--task", "controllable", "--model", str(tiny_sd_dir), "--data", str(tmp_path / "digits"),
                 "--control", "canny", "--method", "lora", "--max-steps", "4", "--eval-steps", "2", "--output-dir",
                 str(out), *FAST]
 
@@ -408,19 +404,19 @@ def test_resume_after_a_crash_ends_where_an_uninterrupted_run_ends(base_dir, tmp
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
 
 
-def crashed_after_the_first_checkpoint(base_dir, tmp_path, monkeypatch, method: str) -> tuple[Path, list[str]]:
+def crashed_after_the_first_checkpoint(tiny_sd_dir, tmp_path, monkeypatch, method: str) -> tuple[Path, list[str]]:
     """A 2-step controllable run that crashed right after writing checkpoint-1: (its folder, its arguments)."""
     write_digits(tmp_path / "digits")
     out = tmp_path / "run"
-    args = ["train", "--task", "controllable", "--model", str(base_dir), "--data", str(tmp_path / "digits"),
+    args = ["train", "--task", "controllable", "--model", str(tiny_sd_dir), "--data", str(tmp_path / "digits"),
             "--control", "canny", "--method", method, "--max-steps", "2", "--eval-steps", "1", "--output-dir",
             str(out), *FAST]
     crash_at_checkpoint(monkeypatch, lambda: main(args), step=1)
     return out, args
 
 
-def test_resume_from_a_corrupt_checkpoint_is_a_one_line_error(base_dir, tmp_path, monkeypatch, capsys):
-    out, args = crashed_after_the_first_checkpoint(base_dir, tmp_path, monkeypatch, "hra")
+def test_resume_from_a_corrupt_checkpoint_is_a_one_line_error(tiny_sd_dir, tmp_path, monkeypatch, capsys):
+    out, args = crashed_after_the_first_checkpoint(tiny_sd_dir, tmp_path, monkeypatch, "hra")
     (out / "checkpoint-1" / image_training.CHECKPOINT_WEIGHTS).write_bytes(b"not safetensors")
     capsys.readouterr()
     assert main([*args, "--resume"]) == 2
@@ -441,14 +437,14 @@ class Planted:
         return Path.touch, (Path(self.marker),)
 
 
-def test_resume_never_unpickles_a_planted_checkpoint_file(base_dir, tmp_path, monkeypatch, capsys):
+def test_resume_never_unpickles_a_planted_checkpoint_file(tiny_sd_dir, tmp_path, monkeypatch, capsys):
     """accelerate reads its optimiser, schedule and RNG files with weights_only=True (an RNG file it cannot read it
     would skip silently: peftlab refuses it), and peftlab registers no custom object (those accelerate unpickles
     fully): a checkpoint file holding Python objects is a one-line error, and its code never runs. So is one holding
     the tensors of other parameters."""
     from safetensors.torch import save_file
 
-    out, args = crashed_after_the_first_checkpoint(base_dir, tmp_path, monkeypatch, "lora")
+    out, args = crashed_after_the_first_checkpoint(tiny_sd_dir, tmp_path, monkeypatch, "lora")
     checkpoint = out / "checkpoint-1"
     marker = tmp_path / "the planted code ran"
     for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", "custom_checkpoint_0.pkl"):
@@ -475,7 +471,7 @@ def test_resume_never_unpickles_a_planted_checkpoint_file(base_dir, tmp_path, mo
     assert json.loads((out / "metrics.json").read_text())["global_step"] == 2
 
 
-def bad_cases(tmp_path, base_dir):
+def bad_cases(tmp_path, tiny_sd_dir):
     empty = tmp_path / "empty"
     empty.mkdir()
     broken = tmp_path / "broken"
@@ -498,8 +494,8 @@ def bad_cases(tmp_path, base_dir):
     for row, control in zip(rows, ("c0.png", "c1.png"), strict=True):
         row["control_file"] = control
     (sizes / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    subject = ["--task", "subject-driven", "--model", str(base_dir), "--num-class-images", "2"]
-    control = ["--task", "controllable", "--model", str(base_dir)]
+    subject = ["--task", "subject-driven", "--model", str(tiny_sd_dir), "--num-class-images", "2"]
+    control = ["--task", "controllable", "--model", str(tiny_sd_dir)]
     return {
         "no images": ([*subject, "--instance-data", str(empty)], "holds no images"),
         "unreadable image": ([*subject, "--instance-data", str(broken)], "a.png is not a readable image"),
@@ -525,7 +521,7 @@ def bad_cases(tmp_path, base_dir):
 @pytest.mark.parametrize("case", ["no images", "unreadable image", "long prompt", "not a pipeline", "bad glyph",
                                   "blank controls", "landmarks without dlib", "image option on a text task",
                                   "resume without a run", "control size", "some controls"])
-def test_bad_input_is_one_line_and_leaves_no_run_folder(base_dir, tmp_path, capsys, case):
+def test_bad_input_is_one_line_and_leaves_no_run_folder(tiny_sd_dir, tmp_path, capsys, case):
     if case == "landmarks without dlib":
         pytest.importorskip("skimage")
         try:
@@ -534,7 +530,7 @@ def test_bad_input_is_one_line_and_leaves_no_run_folder(base_dir, tmp_path, caps
             pytest.skip("dlib is installed")
         except ImportError:
             pass
-    args, message = bad_cases(tmp_path, base_dir)[case]
+    args, message = bad_cases(tmp_path, tiny_sd_dir)[case]
     out = tmp_path / "out"
     assert main(["train", *args, "--output-dir", str(out), *FAST]) == 2
     err = capsys.readouterr().err.strip()

@@ -218,17 +218,14 @@ def without_seconds(rows: list[dict[str, str]]) -> list[dict[str, str]]:
 
 
 # -- (e) an image task: 2 trials on validation samples, the chosen one scored on test ---------------------------------
-def test_tune_runs_an_image_task(tmp_path):
+def test_tune_runs_an_image_task(tmp_path, tiny_sd_dir):
     pytest.importorskip("diffusers")
     pytest.importorskip("skimage")
-    from conftest import tiny_sd_pipeline
     from test_image_recipes import FAST, write_digits
 
-    tiny_sd_pipeline(unet_widths=(16, 32), vae_widths=(8, 16), norm_groups=8, latent_size=8,
-                     image_size=16).save_pretrained(tmp_path / "sd")
     write_digits(tmp_path / "digits")
     out = tmp_path / "cmp"
-    code, _ = run_main(["compare", "--task", "controllable", "--model", str(tmp_path / "sd"), "--data",
+    code, _ = run_main(["compare", "--task", "controllable", "--model", str(tiny_sd_dir), "--data",
                         str(tmp_path / "digits"), "--control", "canny", "--methods", "lora", "--seeds", "1",
                         "--tune", "lr", "--trials", "2", "--max-steps", "2", "--report-to", "none",
                         "--output-dir", str(out), *FAST])
@@ -353,9 +350,9 @@ def test_tune_runs_data_to_text(tiny_causal_lm, tmp_path):
     check_loss_tie_break(out, "lora", chosen)
 
 
-def test_tune_runs_subject_driven(tmp_path, tmp_path_factory, monkeypatch):
+def test_tune_runs_subject_driven(tmp_path, tiny_sd_dir, monkeypatch):
     pytest.importorskip("diffusers")
-    from conftest import FAST_IMAGE_ARGS, saved_tiny_sd
+    from conftest import FAST_IMAGE_ARGS
 
     from peftlab.data import glyphs
     from peftlab.recipes.image import data as image_data
@@ -363,7 +360,7 @@ def test_tune_runs_subject_driven(tmp_path, tmp_path_factory, monkeypatch):
     monkeypatch.setattr(image_data, "class_cache_root", lambda: tmp_path / "class-images")
     glyphs.write_subject_folder("Q", tmp_path / "subject", count=3)
     out = tmp_path / "cmp"
-    code, _ = run_main(["compare", "--task", "subject-driven", "--model", str(saved_tiny_sd(tmp_path_factory)),
+    code, _ = run_main(["compare", "--task", "subject-driven", "--model", str(tiny_sd_dir),
                         "--instance-data", str(tmp_path / "subject"), "--instance-prompt", "a photo of sks glyph",
                         "--class-prompt", "a photo of a glyph", "--num-class-images", "2", "--methods", "lora",
                         "--seeds", "1", "--tune", "lr", "--trials", "2", "--max-steps", "2", "--report-to", "none",
