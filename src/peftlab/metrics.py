@@ -86,9 +86,9 @@ def metrics_by_group(preds: Sequence | np.ndarray, labels: Sequence | np.ndarray
     ``{"accuracy_by_domain": {"amazon": …, "movie": …}, "f1_macro_by_domain": {…}}`` (groups sorted by name;
     ``name`` names the grouping). Computed as :func:`classification_metrics` computes the overall ones
     (scikit-learn); nothing for a regression task (STS-B)."""
+    preds, labels = predictions(preds, labels, task)  # checks the task name first
     if task is not None and GLUE_TASKS[task].num_labels == 1:
         return {}
-    preds, labels = predictions(preds, labels, task)
     groups = np.asarray(groups)
     if groups.shape != labels.shape:
         raise ValueError(f"{len(groups)} groups for {len(labels)} labels.")
