@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 import pytest
-from test_image_recipes import SIZE, base_dir, class_cache, loaded, options, pipe, setup  # noqa: F401  (fixtures)
+from test_image_recipes import SIZE, class_cache, loaded, options, pipe, setup  # noqa: F401  (fixtures)
 from test_recipes import tiny_lm  # noqa: F401  (the module-scoped fixture)
 
 from peftlab.cli import main
@@ -43,14 +43,14 @@ PROMPT = ["--prompt", "a photo of sks dog", "--steps", "2"]
 
 
 @pytest.fixture
-def segmentation_run(pipe, base_dir, tmp_path):  # noqa: F811
+def segmentation_run(pipe, tiny_sd_dir, tmp_path):  # noqa: F811
     """A saved controllable run (HRA adapters + condition encoder, untrained) whose run_config says segmentation."""
     from peftlab.diffusion.pipeline import save_pipeline_adapters
 
-    setup(pipe, options(base_dir, "controllable"), control=True)
+    setup(pipe, options(tiny_sd_dir, "controllable"), control=True)
     run = save_pipeline_adapters(pipe, tmp_path / "run")
     (run / "run_config.json").write_text(json.dumps({"kind": "train", "options": {
-        "task": "controllable", "model": str(base_dir), "control": "segmentation", "method": "hra"}}))
+        "task": "controllable", "model": str(tiny_sd_dir), "control": "segmentation", "method": "hra"}}))
     return run
 
 
@@ -69,7 +69,7 @@ def test_generate_refuses_an_absurd_image_count_before_loading_anything(tmp_path
     assert not list(tmp_path.iterdir())
 
 
-def test_generate_denoises_batch_size_images_at_a_time(base_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_generate_denoises_batch_size_images_at_a_time(tiny_sd_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
     from diffusers import StableDiffusionPipeline
 
     counts = []
@@ -81,17 +81,17 @@ def test_generate_denoises_batch_size_images_at_a_time(base_dir, tmp_path, monke
 
     monkeypatch.setattr(StableDiffusionPipeline, "__call__", counting)
     out = tmp_path / "grid.png"
-    assert main(["generate", "--model", str(base_dir), *PROMPT, "--num-images", "5", "--batch-size", "2",
+    assert main(["generate", "--model", str(tiny_sd_dir), *PROMPT, "--num-images", "5", "--batch-size", "2",
                  "--out", str(out)]) == 0
     assert counts == [2, 2, 1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid-0.png", "grid-1.png", "grid-2.png", "grid-3.png",
                                                           "grid-4.png", "grid.png"]
 
 
-def test_generate_checks_that_out_is_writable_before_generating(base_dir, tmp_path, capsys):  # noqa: F811
+def test_generate_checks_that_out_is_writable_before_generating(tiny_sd_dir, tmp_path, capsys):  # noqa: F811
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    args = ["generate", "--model", str(base_dir), *PROMPT, "--num-images", "1"]
+    args = ["generate", "--model", str(tiny_sd_dir), *PROMPT, "--num-images", "1"]
     assert main([*args, "--out", str(blocker / "sub" / "grid.png")]) == 2
     assert f"{blocker} is a file, not a folder" in one_error_line(capsys, "generate")
     if os.geteuid() == 0:
@@ -154,7 +154,7 @@ def test_a_16_bit_control_image_gives_the_control_map_of_its_8_bit_equivalent(tm
                                       err_msg=path.name)
 
 
-def test_images_over_the_decompression_bomb_limit_are_one_line_errors(segmentation_run, base_dir, tmp_path,  # noqa: F811
+def test_images_over_the_decompression_bomb_limit_are_one_line_errors(segmentation_run, tiny_sd_dir, tmp_path,  # noqa: F811
                                                                      monkeypatch, capsys):
     from PIL import Image
 
@@ -170,7 +170,7 @@ def test_images_over_the_decompression_bomb_limit_are_one_line_errors(segmentati
     instances.mkdir()
     target.rename(instances / "big.png")
     out = tmp_path / "out"
-    assert main(["train", "--task", "subject-driven", "--model", str(base_dir), "--instance-data", str(instances),
+    assert main(["train", "--task", "subject-driven", "--model", str(tiny_sd_dir), "--instance-data", str(instances),
                  "--num-class-images", "2", "--max-steps", "1", "--output-dir", str(out)]) == 2
     assert "big.png is too large to open safely" in one_error_line(capsys, "train") and not out.exists()
 
